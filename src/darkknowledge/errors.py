@@ -1,0 +1,5 @@
+"""The one exception type users see: its message is a single line that names the problem and the fix."""
+
+
+class DarkKnowledgeError(Exception):
+    """A problem with the user's input or files; the CLI prints it as one line, never a traceback."""
