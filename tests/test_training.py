@@ -1,0 +1,219 @@
+"""The training loop: learning, determinism, early stopping on validation, distillation sources, resume."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from darkknowledge import checkpoint
+from darkknowledge.errors import DarkKnowledgeError
+from darkknowledge.evaluation import evaluate, predict_logits
+from darkknowledge.jobs import DataChoice
+from darkknowledge.models import build_model
+from darkknowledge.training import Distillation, TrainConfig, fit
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return DataChoice("digits").load()
+
+
+def quiet(**kwargs):
+    return TrainConfig(progress=False, **kwargs)
+
+
+def test_fit_learns_digits(digits):
+    train, val, test = digits
+    model = build_model("mlp:64", train.image_shape, train.num_classes)
+    before = evaluate(model, test).errors
+    result = fit(model, train, val, quiet(epochs=8, lr=0.1), log=lambda _: None)
+    after = evaluate(model, test).errors
+    assert before > 0.7 * len(test) and after < 0.1 * len(test)
+    assert [r["epoch"] for r in result.history] == list(range(1, 9))
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(digits):
+    train, val, _ = digits
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(1234 + seed)  # the model's initialisation is the caller's: seed it like a user would
+        model = build_model("mlp:32,dropout=0.3", train.image_shape, train.num_classes)
+        result = fit(model, train, val, quiet(epochs=3, jitter=1, seed=seed), log=lambda _: None)
+        runs.append((result.history, [p.detach().clone() for p in model.parameters()]))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    assert strip(runs[0][0]) == strip(runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[2][1]))
+
+
+def test_early_stopping_uses_validation_and_restores_the_best_epoch(digits):
+    train, val, _ = digits
+    # A validation set with shuffled labels cannot keep improving: patience must stop the run.
+    noisy_val = val.subset(torch.arange(len(val)))
+    object.__setattr__(noisy_val, "labels", val.labels[torch.randperm(len(val), generator=torch.Generator().manual_seed(0))])
+    model = build_model("mlp:64", train.image_shape, train.num_classes)
+    result = fit(model, train, noisy_val, quiet(epochs=40, patience=2, lr=0.1), log=lambda _: None)
+    assert result.stopped_early and len(result.history) < 40
+    val_errors = [r["val_errors"] for r in result.history]
+    assert result.best_val_errors == min(val_errors)
+    assert result.best_epoch == val_errors.index(min(val_errors)) + 1
+    assert evaluate(model, noisy_val).errors == result.best_val_errors  # best weights are the ones returned
+
+
+def test_cached_teacher_logits_train_like_the_online_teacher(digits):
+    train, val, _ = digits
+    teacher = build_model("mlp:64", train.image_shape, train.num_classes)
+    fit(teacher, train, None, quiet(epochs=3, lr=0.1), log=lambda _: None)
+    students = []
+    for online in (True, False):
+        torch.manual_seed(0)
+        student = build_model("mlp:16", train.image_shape, train.num_classes)
+        cached = None if online else predict_logits(teacher, train.images)
+        objective = Distillation(4.0, 1.0, 0.5, teacher=teacher if online else None, teacher_logits=cached)
+        fit(student, train, val, quiet(epochs=2), objective, log=lambda _: None)
+        students.append(student)
+    for a, b in zip(students[0].parameters(), students[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_cached_logits_with_jitter_are_refused(digits):
+    train, val, _ = digits
+    cached = torch.zeros(len(train), train.num_classes)
+    student = build_model("mlp:16", train.image_shape, train.num_classes)
+    with pytest.raises(DarkKnowledgeError, match="jitter"):
+        fit(student, train, val, quiet(epochs=1, jitter=2), Distillation(2.0, teacher_logits=cached))
+    with pytest.raises(DarkKnowledgeError, match="rows"):
+        fit(student, train, val, quiet(epochs=1), Distillation(2.0, teacher_logits=cached[:-1]))
+
+
+def test_bf16_training_keeps_accuracy(digits):
+    train, val, test = digits
+    errors = []
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = build_model("mlp:128", train.image_shape, train.num_classes)
+        fit(model, train, val, quiet(epochs=8, lr=0.1, bf16=bf16), log=lambda _: None)
+        errors.append(evaluate(model, test).errors)
+    assert errors[1] <= errors[0] + 0.01 * len(test)
+
+
+@pytest.mark.parametrize("name,value", [("epochs", 0), ("lr", -1.0), ("batch_size", 0), ("schedule", "linear"),
+                                        ("jitter", -1), ("momentum", 1.0), ("patience", 0)])
+def test_bad_training_options_raise(name, value):
+    with pytest.raises(DarkKnowledgeError, match=name):
+        TrainConfig(**{name: value})
+
+
+def test_one_cycle_schedule_warms_up_then_anneals_to_zero():
+    config = TrainConfig(lr=1.0)
+    lrs = [config.learning_rate(s, 100) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.04) and max(lrs) == pytest.approx(1.0)
+    assert lrs.index(max(lrs)) == 10 and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert TrainConfig(lr=0.3, schedule="constant").learning_rate(50, 100) == 0.3
+
+
+def test_run_dir_refuses_to_overwrite_and_to_resume_other_settings(digits, tmp_path):
+    train, val, _ = digits
+    model = build_model("mlp:16", train.image_shape, train.num_classes)
+    fit(model, train, val, quiet(epochs=1), run_dir=tmp_path, log=lambda _: None)
+    with pytest.raises(DarkKnowledgeError, match="--resume"):
+        fit(model, train, val, quiet(epochs=1), run_dir=tmp_path)
+    with pytest.raises(DarkKnowledgeError, match="other settings"):
+        fit(model, train, val, quiet(epochs=1, lr=0.2), run_dir=tmp_path, resume=True)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+RUN_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch
+    from darkknowledge.jobs import DataChoice
+    from darkknowledge.models import build_model
+    from darkknowledge.training import TrainConfig, fit
+    out, kill_at_step = sys.argv[1], int(sys.argv[2])
+    train, val, _ = DataChoice("digits").load()
+    torch.manual_seed(0)
+    spec = "mlp:48,dropout=0.2,max_norm=2"
+    model = build_model(spec, train.image_shape, train.num_classes)
+    meta = {"spec": spec, "image_shape": list(train.image_shape), "classes": list(train.classes)}
+    calls = 0
+    def hook(module, inputs):
+        global calls
+        calls += module.training
+        if calls == kill_at_step:  # die like a SIGKILLed process: mid-epoch, no clean-up
+            os.kill(os.getpid(), signal.SIGKILL)
+    model.register_forward_pre_hook(hook)
+    fit(model, train, val, TrainConfig(epochs=5, batch_size=64, jitter=1, progress=False), run_dir=out,
+        resume=True, meta=meta, log=lambda _: None)
+""")
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RUN_SCRIPT)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+
+    def run(out, kill_at_step):
+        return subprocess.run([sys.executable, str(script), str(out), str(kill_at_step)], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    whole = run(tmp_path / "whole", 0)
+    assert whole.returncode == 0, whole.stderr
+    # digits: ~1222 training cases, batch 64 -> 20 steps an epoch; step 50 is in the middle of epoch 3.
+    killed = run(tmp_path / "killed", 50)
+    assert killed.returncode == -9
+    assert json.loads((tmp_path / "killed" / "state.json").read_text())["epoch"] == 2
+    resumed = run(tmp_path / "killed", 0)
+    assert resumed.returncode == 0, resumed.stderr
+
+    final = [json.loads((tmp_path / d / "model.json").read_text()) for d in ("whole", "killed")]
+    assert final[0]["metrics"]["val_errors"] == final[1]["metrics"]["val_errors"]
+    assert final[0]["epoch"] == final[1]["epoch"]
+    assert final[0]["weights_sha256"] == final[1]["weights_sha256"]  # bit-identical weights
+    history = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+
+
+def test_checkpoint_round_trip_and_corruption_detected(digits, tmp_path):
+    train, val, test = digits
+    model = build_model("mlp:16,max_norm=3", train.image_shape, train.num_classes)
+    meta = {"spec": "mlp:16,max_norm=3", "image_shape": list(train.image_shape), "classes": list(train.classes)}
+    checkpoint.save_model(tmp_path, model, meta)
+    loaded, loaded_meta = checkpoint.load_model(tmp_path)
+    assert torch.equal(predict_logits(model, test.images), predict_logits(loaded, test.images))
+    assert loaded_meta["provenance"]["torch"] == torch.__version__
+
+    weights = tmp_path / checkpoint.MODEL_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DarkKnowledgeError, match="checksum"):
+        checkpoint.load_model(tmp_path)
+    weights.unlink()
+    with pytest.raises(DarkKnowledgeError, match="missing"):
+        checkpoint.load_model(tmp_path)
+    (tmp_path / checkpoint.MODEL_META).write_text("{not json")
+    with pytest.raises(DarkKnowledgeError, match="not valid JSON"):
+        checkpoint.load_model(tmp_path)
+    with pytest.raises(DarkKnowledgeError, match="not found"):
+        checkpoint.load_model(tmp_path / "nowhere")
+
+
+def test_training_state_restores_optimizer_momentum(digits, tmp_path):
+    train, val, _ = digits
+    model = build_model("mlp:16", train.image_shape, train.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(4, 8, 8)).sum().backward()
+    optimizer.step()
+    checkpoint.save_training_state(tmp_path, 1, model, optimizer, {"note": "x"})
+    fresh = build_model("mlp:16", train.image_shape, train.num_classes)
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.5, momentum=0.9)
+    state = checkpoint.load_training_state(tmp_path, fresh, fresh_opt)
+    assert state["note"] == "x" and fresh_opt.param_groups[0]["lr"] == 0.1
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], fresh_opt.state[q]["momentum_buffer"])
