@@ -1,0 +1,211 @@
+"""The ``darkknowledge`` command: parses and validates options, then calls the library. Nothing else here.
+
+Options may come from a TOML file (``--config FILE``, keys named like the long options) and are overridden by
+the command line. Every user-facing problem ends as one line on stderr and a non-zero exit, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+from . import __version__
+from .data import available_datasets
+from .errors import DarkKnowledgeError
+from .training import SCHEDULES, TrainConfig
+
+EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
+
+
+def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = "digits") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=default_dataset, choices=available_datasets(),
+                   help="dataset to train on (default: %(default)s)")
+    g.add_argument("--data-dir", help="folder holding one sub-folder per dataset; default: $DARKKNOWLEDGE_DATA, "
+                                      "else the user cache folder")
+    g.add_argument("--download", action="store_true", help="fetch missing dataset files (checksums verified)")
+    g.add_argument("--val-size", type=float, default=None,
+                   help="validation cases cut from the training set (a count, or a fraction < 1; 0 for none); "
+                        "default: the dataset's (mnist 10000)")
+    g.add_argument("--val-seed", type=int, default=0, help="seed of the validation split (default: 0)")
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of SGD (default: %(default)s)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty (default: %(default)s)")
+    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="learning-rate schedule (default: %(default)s: warm-up then cosine to zero)")
+    g.add_argument("--jitter", type=int, default=d.jitter,
+                   help="translate inputs randomly by up to N pixels (the paper's teacher: 2; default: 0)")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast: faster matmuls on CPUs that have them")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    g.add_argument("--patience", type=int, default=None,
+                   help="stop after N epochs without a better validation error (default: train all epochs)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+
+
+def _add_distillation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distillation (§2)")
+    g.add_argument("--temperature", "-T", type=float, default=None,
+                   help="softmax temperature of the soft targets (the paper's MNIST student: 20)")
+    g.add_argument("--soft-weight", type=float, default=1.0, help="weight of the T^2-scaled soft term (default: 1)")
+    g.add_argument("--hard-weight", type=float, default=0.0,
+                   help="weight of the hard-label cross-entropy, relative to the soft term (default: 0; "
+                        "the paper's speech run used 0.5)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="darkknowledge", epilog=EPILOG,
+        description="Knowledge distillation: train a teacher, distil it into a small student, evaluate both.")
+    parser.add_argument("--version", action="version", version=f"darkknowledge {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (a teacher, or a baseline) on hard labels",
+                       description="Train a model on a dataset's training split; saves the model with the best "
+                                   "validation error in --out.", epilog=EPILOG)
+    p.add_argument("--config", type=Path, help="TOML file of options (keys as the long options)")
+    p.add_argument("--model", default="mlp:1200x2,dropout=0.5,input_dropout=0.2,max_norm=3.5",
+                   help="model spec, e.g. mlp:800x2, mlp:500-300,dropout=0.5, cnn:small (default: the paper's "
+                        "teacher, %(default)s)")
+    p.add_argument("--out", type=Path, help="run directory to write (required)")
+    _add_data_options(p)
+    _add_training_options(p)
+
+    p = sub.add_parser("distill", help="distil a trained teacher into a student",
+                       description="Train a student to match a teacher's soft targets at a temperature (§2) on "
+                                   "the teacher's training split.", epilog=EPILOG)
+    p.add_argument("--config", type=Path, help="TOML file of options (keys as the long options)")
+    p.add_argument("--teacher", type=Path, help="run directory of the teacher (required)")
+    p.add_argument("--student", default="mlp:800x2", help="student model spec (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="run directory to write (required)")
+    _add_data_options(p, default_dataset=None)
+    _add_training_options(p)
+    _add_distillation_options(p)
+
+    p = sub.add_parser("evaluate", help="print a saved model's errors as JSON",
+                       description="Evaluate a run directory's model; prints JSON with errors, accuracy and "
+                                   "per-class errors.", epilog=EPILOG)
+    p.add_argument("run", type=Path, help="run directory (or its model.json)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="(default: %(default)s)")
+    p.add_argument("--jitter", type=int, default=0, help="translate test inputs by up to N pixels (default: 0)")
+    _add_data_options(p, default_dataset=None)
+
+    p = sub.add_parser("demo", help="teacher, baseline and distilled student on the embedded digits, in a minute",
+                       description="Train a teacher, a small baseline and a distilled student on scikit-learn's "
+                                   "8x8 digits (no download) and print their test errors.", epilog=EPILOG)
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="where the three runs go; finished runs are reused (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(commands=sub.choices)  # the subparsers, for reading a config file's keys
+    return parser
+
+
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse twice: once to find --config, then with the file's values as defaults under the command line."""
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    try:
+        with open(args.config, "rb") as f:
+            values = tomllib.load(f)
+    except FileNotFoundError:
+        raise DarkKnowledgeError(f"config file {args.config} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise DarkKnowledgeError(f"config file {args.config} is not valid TOML: {e}") from None
+    subparser = args.commands[args.command]
+    known = set(vars(args)) - {"command", "commands", "config"}
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DarkKnowledgeError(f"config file {args.config}: unknown option(s) {', '.join(unknown)}; "
+                                 f"allowed: {', '.join(sorted(known))}")
+    subparser.set_defaults(**values)
+    return parser.parse_args(argv)
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) is None:
+            raise DarkKnowledgeError(f"{args.command} needs --{name.replace('_', '-')} "
+                                     "(on the command line or in the --config file)")
+
+
+def _data_choice(args: argparse.Namespace, default_dataset: str | None = None):
+    from .jobs import DataChoice
+    val_size = args.val_size
+    if val_size is not None and val_size >= 1:
+        if val_size != int(val_size):
+            raise DarkKnowledgeError(f"--val-size must be a whole count or a fraction below 1, got {val_size}")
+        val_size = int(val_size)
+    return DataChoice(args.dataset or default_dataset, args.data_dir, args.download, val_size, args.val_seed)
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                       weight_decay=args.weight_decay, schedule=args.schedule, jitter=args.jitter, bf16=args.bf16,
+                       seed=args.seed, patience=args.patience, progress=not args.no_progress)
+
+
+def _summary(model, result, out: Path) -> str:
+    from .models import count_parameters
+    best = f", best validation errors {result.best_val_errors} at epoch {result.best_epoch}" \
+        if result.best_val_errors is not None else ""
+    return f"saved {count_parameters(model):,}-parameter model to {out}{best} ({result.seconds:.0f}s)"
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import jobs
+    if args.command == "train":
+        _require(args, "out")
+        model, result = jobs.train_run(args.model, _data_choice(args), _train_config(args), args.out, args.resume)
+        print(_summary(model, result, args.out))
+    elif args.command == "distill":
+        _require(args, "teacher", "out", "temperature")
+        from .checkpoint import read_model_meta
+        teacher_dataset = read_model_meta(args.teacher)["dataset"]
+        model, result = jobs.distill_run(args.teacher, args.student, _data_choice(args, teacher_dataset),
+                                         _train_config(args), args.temperature, args.soft_weight, args.hard_weight,
+                                         args.out, args.resume)
+        print(_summary(model, result, args.out))
+    elif args.command == "evaluate":
+        data = _data_choice(args) if args.dataset else None
+        print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter), indent=2))
+    elif args.command == "demo":
+        from .experiments.demo import run_demo
+        print(run_demo(args.out, seed=args.seed, progress=not args.no_progress))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = _apply_config_file(parser, sys.argv[1:] if argv is None else argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return run(args)
+    except DarkKnowledgeError as e:
+        print(f"darkknowledge: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permission denied, ...: say which file
+        print(f"darkknowledge: error: {e.strerror or e} ({e.filename})", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("darkknowledge: interrupted; finished epochs are saved: rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
