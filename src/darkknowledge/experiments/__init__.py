@@ -1,0 +1,1 @@
+"""Experiments: one module per paper section; they compose library calls and write reports."""
