@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from . import checkpoint
 from .data import DEFAULT_VALIDATION_SIZE, LabeledImages, load_dataset, validation_split
 from .errors import DarkKnowledgeError
@@ -20,26 +22,42 @@ from .training import Distillation, FitResult, HardTargets, TrainConfig, cache_t
 
 @dataclass
 class DataChoice:
-    """Which data a job uses: dataset name, where its files are, and how the validation split is cut."""
+    """Which data a job uses: dataset name, where its files are, how the validation split is cut, and
+    optionally a smaller or class-restricted training (transfer) set."""
 
     dataset: str = "digits"
     data_dir: str | None = None
     download: bool = False
     val_size: int | float | None = None  # None: the dataset's documented default; 0: no validation split
     val_seed: int = 0
+    subset: int | None = None  # use only this many training cases (a seeded random choice), before the split
+    train_classes: tuple[int, ...] | None = None  # keep only these labels in the training part (§3's "no 3s")
 
     def load(self) -> tuple[LabeledImages, LabeledImages | None, LabeledImages]:
-        """(train, validation or None, test)."""
+        """(train, validation or None, test). Validation keeps every class, even with ``train_classes``."""
         splits = load_dataset(self.dataset, self.data_dir, self.download)
+        train = splits.train
+        if self.subset is not None:
+            if not 0 < self.subset <= len(train):
+                raise DarkKnowledgeError(f"subset must be between 1 and {len(train)}, got {self.subset}")
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.val_seed))
+            train = train.subset(order[:self.subset].sort().values)
         size = DEFAULT_VALIDATION_SIZE[self.dataset] if self.val_size is None else self.val_size
-        if not size:
-            return splits.train, None, splits.test
-        train, val = validation_split(splits.train, size, self.val_seed)
+        val = None
+        if size:
+            train, val = validation_split(train, size, self.val_seed)
+        if self.train_classes is not None:
+            train = train.where_labels(self.train_classes)
         return train, val, splits.test
 
     def describe(self, train: LabeledImages) -> dict[str, Any]:
-        return {"dataset": self.dataset, "data_fingerprint": train.fingerprint(),
-                "validation": {"size": self.val_size, "seed": self.val_seed}}
+        described = {"dataset": self.dataset, "data_fingerprint": train.fingerprint(),
+                     "validation": {"size": self.val_size, "seed": self.val_seed}}
+        if self.subset is not None:
+            described["subset"] = self.subset
+        if self.train_classes is not None:
+            described["train_classes"] = list(self.train_classes)
+        return described
 
 
 def _model_meta(spec: str, train: LabeledImages, data: DataChoice) -> dict[str, Any]:
@@ -92,8 +110,10 @@ def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str
                  jitter: int = 0) -> dict[str, Any]:
     """Errors of a saved model on a split of its dataset (or ``data``'s), as a JSON-ready dict."""
     model, meta = checkpoint.load_model(run_dir)
-    data = data or DataChoice(meta["dataset"], val_size=meta["validation"]["size"],
-                              val_seed=meta["validation"]["seed"])
+    if data is None:  # the data the model was trained with, as its sidecar records it
+        classes = meta.get("train_classes")
+        data = DataChoice(meta["dataset"], val_size=meta["validation"]["size"], val_seed=meta["validation"]["seed"],
+                          subset=meta.get("subset"), train_classes=tuple(classes) if classes else None)
     train, val, test = data.load()
     chosen = {"train": train, "val": val, "test": test}.get(split)
     if split not in ("train", "val", "test"):
