@@ -111,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the three runs go; finished runs are reused (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("reproduce", help="rerun one of the paper's experiments and write a report",
+                       description="Train and evaluate every model of an experiment, with checkpoints (a rerun "
+                                   "reuses finished stages), then write OUT/results.json, OUT/report.md and plots.",
+                       epilog=EPILOG)
+    p.add_argument("experiment", choices=("mnist",), help="mnist: every MNIST result of §3")
+    p.add_argument("--out", type=Path, help="output folder (default: results/EXPERIMENT)")
+    p.add_argument("--quick", action="store_true", help="tiny models on a subset: a smoke test in a few minutes")
+    p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage logs")
     parser.set_defaults(commands=sub.choices)  # the subparsers, for reading a config file's keys
     return parser
 
@@ -185,6 +195,13 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset else None
         print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter), indent=2))
+    elif args.command == "reproduce":
+        from .experiments.mnist import reproduce_mnist
+        out = args.out or Path("results") / (args.experiment + "-quick" * args.quick)
+        command = "darkknowledge " + " ".join(args.argv)
+        reproduce_mnist(out, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress,
+                        command=command, log=(lambda _: None) if args.no_progress else print)
+        print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     elif args.command == "demo":
         from .experiments.demo import run_demo
         print(run_demo(args.out, seed=args.seed, progress=not args.no_progress))
@@ -194,7 +211,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = _apply_config_file(parser, sys.argv[1:] if argv is None else argv)
+        argv = sys.argv[1:] if argv is None else argv
+        args = _apply_config_file(parser, argv)
+        args.argv = argv  # recorded in reports as the command that made them
         if args.command is None:
             parser.print_help()
             return 2
