@@ -1,0 +1,347 @@
+"""Shipping a trained model (§1's reason to distil: a small model that answers fast): ONNX or TorchScript files
+checked to answer like the PyTorch model, each with a model card beside it.
+
+An exported graph takes what every model here takes: float32 images ``[B, H, W]`` with pixels scaled to
+[0, 1] (uint8 / 255, as :func:`darkknowledge.evaluation.as_inputs` does), and returns float32 scores
+``[B, classes]`` (logits; for an ensemble, what its forward returns). B is dynamic. The ONNX file records
+this in its metadata (``preprocessing``, ``classes``, ``image_shape``).
+
+Loading a TorchScript file runs the code stored in it: load only files you trust. This module loads only
+the file it has just written, to check it. ONNX files hold no code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint
+from .data import load_dataset
+from .errors import DarkKnowledgeError
+from .evaluation import as_inputs, predict_logits
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+DEFAULT_ATOL = 1e-4  # max |logit difference| allowed between PyTorch and the exported file (float32 reorderings)
+ONNX_OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+PREPROCESSING = "float32 images [batch, height, width], pixels scaled to [0, 1] (uint8 / 255); no other " \
+                "normalisation"
+PARITY_BATCH_SIZES = (1, 7, 1000)  # the parity check runs the exported file at each: the batch is dynamic
+
+
+def _extra_missing(package: str) -> DarkKnowledgeError:
+    return DarkKnowledgeError(f"{package} is not installed; install the export extra: "
+                              "pip install 'darkknowledge[export]'")
+
+
+# --- what can be exported -------------------------------------------------------------------------------------
+
+@dataclass
+class Deployable:
+    """A model ready to ship, with what a user of the exported file needs to know about it."""
+
+    model: nn.Module
+    name: str  # the run folder, as given
+    kind: str  # "model" or "ensemble"
+    spec: str  # model spec, or a description of the ensemble
+    image_shape: tuple[int, int]
+    classes: list[str]
+    dataset: str
+    weight_files: list[Path]  # the safetensors files that hold its weights, for size on disk
+    meta: dict[str, Any] = field(default_factory=dict)  # model.json, or the ensemble's manifest
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.weight_files)
+
+
+def load_deployable(path: str | os.PathLike) -> Deployable:
+    """A run directory (``model.json`` + weights) or an ensemble folder (one run per member in sub-folders,
+    loaded with :class:`darkknowledge.ensemble.Ensemble` when that module is present)."""
+    path = Path(path)
+    if not path.exists():
+        raise DarkKnowledgeError(f"run {path} does not exist; give a run directory written by 'darkknowledge "
+                                 "train' or 'distill' (it holds model.json)")
+    run_dir = checkpoint.resolve_run_dir(path)
+    if (run_dir / checkpoint.MODEL_META).exists():
+        model, meta = checkpoint.load_model(run_dir)
+        return Deployable(model.eval(), str(path), "model", meta["spec"], tuple(meta["image_shape"]),
+                          list(meta["classes"]), meta.get("dataset", "unknown"), [run_dir / meta["weights"]], meta)
+    members = sorted(p.parent for p in run_dir.glob("*/" + checkpoint.MODEL_META))
+    if run_dir.is_dir() and members:
+        return _load_ensemble(run_dir, members)
+    raise DarkKnowledgeError(f"{path} is not a run directory (no {checkpoint.MODEL_META}) nor an ensemble folder "
+                             "(no member runs in its sub-folders); give a folder written by 'darkknowledge train' "
+                             "or 'distill'")
+
+
+def _load_ensemble(folder: Path, members: list[Path]) -> Deployable:
+    try:
+        from .ensemble import Ensemble  # written alongside; optional until it lands
+    except ImportError:
+        raise DarkKnowledgeError(f"{folder} holds {len(members)} member runs but this version has no "
+                                 "darkknowledge.ensemble module to combine them; export one member's folder") \
+            from None
+    metas = [checkpoint.read_model_meta(m) for m in members]
+    first = metas[0]
+    for member, meta in zip(members, metas):
+        if meta["classes"] != first["classes"] or meta["image_shape"] != first["image_shape"]:
+            raise DarkKnowledgeError(f"ensemble {folder}: member {member} differs from {members[0]} in classes or "
+                                     "image size; every member must be trained on the same dataset")
+    model = Ensemble.from_runs([str(m) for m in members])
+    specs = sorted({m["spec"] for m in metas})
+    spec = f"ensemble of {len(members)} x {specs[0]}" if len(specs) == 1 else f"ensemble of {len(members)}: " \
+        + " + ".join(m["spec"] for m in metas)
+    manifest = {}
+    for candidate in sorted(folder.glob("*.json")):
+        try:
+            manifest[candidate.name] = json.loads(candidate.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            continue
+    return Deployable(model.eval(), str(folder), "ensemble", spec, tuple(first["image_shape"]),
+                      list(first["classes"]), first.get("dataset", "unknown"),
+                      [m / meta["weights"] for m, meta in zip(members, metas)],
+                      {"members": [str(m) for m in members], "member_meta": metas, "manifest": manifest})
+
+
+def load_test_split(dataset: str, data_dir: str | os.PathLike | None = None):
+    """The test split of a run's dataset: the real inputs that exported files are checked and timed on."""
+    if dataset == "unknown":
+        raise DarkKnowledgeError("the run does not record its dataset; it cannot be checked on test inputs")
+    return load_dataset(dataset, data_dir).test
+
+
+# --- writing the files ----------------------------------------------------------------------------------------
+
+@contextmanager
+def _quiet_exporter():
+    """The exporters narrate and warn about things irrelevant here (torchvision ops, torch.jit deprecation)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _example(image_shape: tuple[int, int], example: torch.Tensor | None) -> torch.Tensor:
+    # Batch 4: torch.export would specialise a batch of 1 to a constant.
+    if example is None:
+        return torch.rand(4, *image_shape)
+    return as_inputs(example[:4].clone())
+
+
+def export_onnx(model: nn.Module, out: str | os.PathLike, image_shape: tuple[int, int],
+                metadata: dict[str, str] | None = None, example: torch.Tensor | None = None) -> Path:
+    """Write ``model`` as one self-contained ONNX file with a dynamic batch dimension (``images`` -> ``logits``)."""
+    try:
+        import onnx
+    except ImportError:
+        raise _extra_missing("onnx") from None
+    try:
+        import onnxscript  # noqa: F401  (torch's exporter needs it)
+    except ImportError:
+        raise _extra_missing("onnxscript") from None
+    out = Path(out)
+    model = model.eval()
+    x = _example(image_shape, example)
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(model, (x,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=ONNX_OPSET,
+                                    verbose=False)
+    proto = program.model_proto
+    props = {"preprocessing": PREPROCESSING, "image_shape": json.dumps(list(image_shape)),
+             **(metadata or {})}
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    proto.producer_name = "darkknowledge"
+    onnx.checker.check_model(proto)
+    checkpoint.atomic_write(out, lambda tmp: onnx.save_model(proto, tmp))
+    return out
+
+
+def export_torchscript(model: nn.Module, out: str | os.PathLike, image_shape: tuple[int, int],
+                       example: torch.Tensor | None = None) -> Path:
+    """Write ``model`` as a TorchScript archive (scripted; traced when it cannot be scripted)."""
+    out = Path(out)
+    model = model.eval()
+    with _quiet_exporter(), torch.no_grad():
+        try:
+            scripted = torch.jit.script(model)
+        except Exception:  # scripting rejects some Python (e.g. loops over a list of members): tracing records it
+            scripted = torch.jit.trace(model, (_example(image_shape, example),), check_trace=False)
+        checkpoint.atomic_write(out, lambda tmp: scripted.save(tmp))
+    return out
+
+
+def export_model(model: nn.Module, out: str | os.PathLike, format: str, image_shape: tuple[int, int],
+                 metadata: dict[str, str] | None = None, example: torch.Tensor | None = None) -> Path:
+    """Export any ``nn.Module`` that maps float images ``[B, H, W]`` to scores ``[B, classes]``."""
+    check_format(format)
+    if format == "onnx":
+        return export_onnx(model, out, image_shape, metadata, example)
+    return export_torchscript(model, out, image_shape, example)
+
+
+def check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise DarkKnowledgeError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
+
+
+# --- running the files ----------------------------------------------------------------------------------------
+
+def onnx_session(path: str | os.PathLike, threads: int = 1):
+    """An onnxruntime CPU session using ``threads`` threads for each operator, none across operators."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise _extra_missing("onnxruntime") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, inputs: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Scores of an ONNX session for float inputs ``[N, H, W]``, ``batch_size`` at a time."""
+    name = session.get_inputs()[0].name
+    chunks = [session.run(None, {name: inputs[i:i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+    return np.concatenate(chunks) if chunks else np.empty((0,), np.float32)
+
+
+@torch.no_grad()
+def run_torchscript(path: str | os.PathLike, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    with _quiet_exporter():
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    return torch.cat([module(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+@dataclass
+class Parity:
+    """How closely an exported file reproduces the PyTorch model on real inputs, at several batch sizes."""
+
+    format: str
+    cases: int
+    batch_sizes: list[int]
+    max_abs_diff: float
+    argmax_mismatches: int
+    atol: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.atol and self.argmax_mismatches == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def describe(self) -> str:
+        return (f"{self.cases} test cases, batch sizes {', '.join(map(str, self.batch_sizes))}: max |logit "
+                f"difference| {self.max_abs_diff:.2e} (tolerance {self.atol:g}), {self.argmax_mismatches} "
+                "different predictions")
+
+
+def check_parity(path: str | os.PathLike, format: str, model: nn.Module, images: torch.Tensor,
+                 atol: float = DEFAULT_ATOL, batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES,
+                 threads: int = 1) -> Parity:
+    """Run the exported file on uint8 ``images`` at each batch size and compare with the PyTorch model."""
+    check_format(format)
+    expected = predict_logits(model, images).numpy()
+    inputs = as_inputs(images.clone())
+    if format == "onnx":
+        session = onnx_session(path, threads)
+        run = lambda n, b: run_onnx(session, inputs[:n].numpy(), b)  # noqa: E731
+    else:
+        run = lambda n, b: run_torchscript(path, inputs[:n], b).numpy()  # noqa: E731
+    worst, mismatches = 0.0, 0
+    for b in batch_sizes:
+        n = len(images) if b >= 100 else min(len(images), 8 * b)  # small batches on a few cases: many calls
+        got = run(n, b)
+        if got.shape != expected[:n].shape:
+            raise DarkKnowledgeError(f"exported {format} file {path} returned shape {list(got.shape)} for "
+                                     f"{n} cases in batches of {b}; expected {list(expected[:n].shape)}")
+        worst = max(worst, float(np.abs(got - expected[:n]).max()) if n else 0.0)
+        mismatches += int((got.argmax(1) != expected[:n].argmax(1)).sum())
+    return Parity(format, len(images), list(batch_sizes), worst, mismatches, atol)
+
+
+# --- the whole job --------------------------------------------------------------------------------------------
+
+@dataclass
+class ExportResult:
+    out: Path
+    card: Path | None
+    parity: Parity
+    accuracy: dict[str, Any]
+    speed: dict[str, Any] | None
+
+
+def card_path(out: str | os.PathLike) -> Path:
+    """Where the model card of an exported file goes: beside it, ``student.onnx`` -> ``student.onnx.model_card.md``
+    (one card per file, so two exports in one folder never overwrite each other's card)."""
+    out = Path(out)
+    return out.with_name(out.name + ".model_card.md")
+
+
+def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data_dir: str | None = None,
+               atol: float = DEFAULT_ATOL, card: bool = True, command: str | None = None, threads: int = 1,
+               speed: bool = True) -> ExportResult:
+    """Export a run (or ensemble folder), check it against PyTorch on the test set, write its model card.
+
+    The file is moved into place only after the parity check passes: a file at ``out`` is always a checked one.
+    """
+    check_format(format)
+    out = Path(out)
+    if atol <= 0:
+        raise DarkKnowledgeError(f"atol must be positive, got {atol}")
+    if out.is_dir():
+        raise DarkKnowledgeError(f"--out {out} is a folder; give a file name, e.g. {out / ('model' + FORMATS[format])}")
+    deployable = load_deployable(run)
+    test = load_test_split(deployable.dataset, data_dir)
+    if list(test.classes) != deployable.classes or test.image_shape != deployable.image_shape:
+        raise DarkKnowledgeError(f"{run} does not match the {deployable.dataset} test set (classes or image size)")
+    metadata = {"classes": json.dumps(deployable.classes), "model": deployable.spec, "dataset": deployable.dataset,
+                "source": deployable.name}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staged = export_model(deployable.model, staging / out.name, format, deployable.image_shape, metadata,
+                              example=test.images)
+        parity = check_parity(staged, format, deployable.model, test.images, atol, threads=threads)
+        if not parity.passed:
+            raise DarkKnowledgeError(f"the exported {format} model does not reproduce PyTorch: {parity.describe()}; "
+                                     "nothing written")
+        os.chmod(staged, 0o644)  # a file to ship: readable by the service that loads it (temp files are 0600)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    from .evaluation import evaluate
+    accuracy = evaluate(deployable.model, test).to_dict()
+    measured = None
+    if speed:
+        from .bench import BenchConfig, measure_speed  # bench builds on this module, so it is imported late
+        measured = measure_speed(deployable.model, test.images, BenchConfig.quick(threads),
+                                 onnx_path=out if format == "onnx" else None)
+    card_file = None
+    if card:
+        from .model_card import write_model_card
+        card_file = write_model_card(card_path(out), deployable, out, format, parity, accuracy, measured, command)
+    return ExportResult(out, card_file, parity, accuracy, measured)

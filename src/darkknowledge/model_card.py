@@ -1,0 +1,157 @@
+"""The model card written beside every exported file: what the model is, what it was trained on and by whom
+(which teacher, at what temperature), how to feed it, how accurate and how fast it is, and how it was made."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint
+from .export import INPUT_NAME, OUTPUT_NAME, PREPROCESSING, Deployable, Parity
+
+
+def _teacher_lines(meta: dict[str, Any]) -> list[str]:
+    teacher = meta.get("teacher")
+    if meta.get("objective") != "distillation" and not teacher:
+        return ["Not distilled: trained on the hard labels of its training set (a teacher or a baseline)."]
+    lines = []
+    if isinstance(teacher, dict):
+        lines.append(f"- Teacher: `{teacher.get('run', '?')}`, spec `{teacher.get('spec', '?')}`, weights SHA-256 "
+                     f"`{str(teacher.get('weights_sha256', '?'))[:16]}...`")
+    elif teacher:
+        lines.append(f"- Teacher: {teacher}")
+    for key, label in (("temperature", "Temperature T"), ("soft_weight", "Soft-target weight (x T^2, §2)"),
+                       ("hard_weight", "Hard-label weight")):
+        if key in meta:
+            lines.append(f"- {label}: {meta[key]:g}")
+    return lines
+
+
+def _data_lines(deployable: Deployable) -> list[str]:
+    meta = deployable.meta if deployable.kind == "model" else deployable.meta["member_meta"][0]
+    lines = [f"- Dataset: {deployable.dataset}; classes in output order: {', '.join(deployable.classes)}"]
+    if "data_fingerprint" in meta:
+        lines.append(f"- Training data fingerprint (SHA-256 of pixels and labels): `{meta['data_fingerprint']}`")
+    validation = meta.get("validation")
+    if validation:
+        size = "the dataset's default number of" if validation.get("size") is None else validation["size"]
+        lines.append(f"- Validation split (model selection only): {size} cases cut from the training set, "
+                     f"seed {validation.get('seed')}")
+    if "subset" in meta:
+        lines.append(f"- Training subset: {meta['subset']} cases")
+    if "train_classes" in meta:
+        lines.append(f"- Transfer set restricted to classes {meta['train_classes']}")
+    training = meta.get("training")
+    if training:
+        lines.append(f"- Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, lr "
+                     f"{training.get('lr')}, jitter {training.get('jitter')} px, seed {training.get('seed')}; "
+                     f"best validation epoch {meta.get('epoch', '?')}")
+    return lines
+
+
+def _speed_lines(speed: dict[str, Any] | None) -> list[str]:
+    if not speed:
+        return ["Not measured (run `darkknowledge bench` on the run folder)."]
+    from .bench import machine
+    info = machine()
+    first = next(iter(speed.values()))
+    lines = [f"Quick measurement at export time on {info['cpu']} ({info['cpu_count']} cores), "
+             f"{first['latency_calls']} batch-1 calls and {first['throughput_calls']} calls at batch "
+             f"{first['batch_size']}; `darkknowledge bench` measures longer.", "",
+             "| runtime | latency ms, batch 1 (median / p99) | throughput, cases/s |", "|---|---:|---:|"]
+    for runtime, s in speed.items():
+        name = {"pytorch": f"PyTorch {info['torch']}", "onnxruntime": f"onnxruntime {info.get('onnxruntime', '')}"}
+        lines.append(f"| {name.get(runtime, runtime)} | {s['latency_ms_median']:.3f} / {s['latency_ms_p99']:.3f} | "
+                     f"{s['throughput_per_s']:,.0f} |")
+    return lines
+
+
+def _usage(format: str, file: str, image_shape: tuple[int, int]) -> list[str]:
+    h, w = image_shape
+    if format == "onnx":
+        code = ["import numpy as np, onnxruntime as ort",
+                f"session = ort.InferenceSession({file!r})",
+                f"images = np.asarray(uint8_images, dtype=np.float32).reshape(-1, {h}, {w}) / 255",
+                f"logits = session.run(None, {{{INPUT_NAME!r}: images}})[0]",
+                "predictions = logits.argmax(1)"]
+    else:
+        code = ["import torch  # a TorchScript file runs the code inside it: load only files you trust",
+                f"model = torch.jit.load({file!r})",
+                f"images = torch.as_tensor(uint8_images).reshape(-1, {h}, {w}).float() / 255",
+                "predictions = model(images).argmax(1)"]
+    return ["```python", *code, "```"]
+
+
+def render_model_card(deployable: Deployable, exported: Path, format: str, parity: Parity,
+                      accuracy: dict[str, Any], speed: dict[str, Any] | None, command: str | None) -> str:
+    meta = deployable.meta
+    h, w = deployable.image_shape
+    now = checkpoint.provenance()
+    trained = (meta.get("provenance") or {}) if deployable.kind == "model" else \
+        (meta["member_meta"][0].get("provenance") or {})
+    from .models import count_parameters
+    errors, total = accuracy["errors"], accuracy["total"]
+    per_class = accuracy.get("per_class_errors")
+    per_class_text = ", ".join(f"{c}: {e}" for c, e in zip(deployable.classes, per_class)) if per_class else ""
+    lines = [
+        f"# Model card: {exported.name}",
+        "",
+        f"{'An ensemble' if deployable.kind == 'ensemble' else 'A model'} exported by darkknowledge "
+        f"(knowledge distillation, Hinton, Vinyals & Dean 2015) as {format} from `{deployable.name}`.",
+        "",
+        "## Model",
+        f"- Architecture: `{deployable.spec}`, {count_parameters(deployable.model):,} parameters",
+        f"- File: `{exported.name}` ({format}, {exported.stat().st_size:,} bytes, SHA-256 "
+        f"`{checkpoint.sha256_file(exported)}`)",
+    ]
+    if deployable.kind == "ensemble":
+        lines.append(f"- Members: {', '.join(f'`{m}`' for m in meta['members'])}")
+    else:
+        lines.append(f"- Weights it was exported from: `{meta['weights']}` (SHA-256 `{meta['weights_sha256']}`)")
+    lines += [
+        "",
+        "## Inputs and outputs",
+        f"- Input `{INPUT_NAME}`: {PREPROCESSING}; shape [batch, {h}, {w}], batch size free.",
+        f"- Output `{OUTPUT_NAME}`: float32 [batch, {len(deployable.classes)}], one score per class in the order "
+        f"{', '.join(deployable.classes)}; the prediction is the argmax, probabilities are softmax(logits) (temperature 1: T > 1 is only "
+        "for training).",
+        "",
+        *_usage(format, exported.name, deployable.image_shape),
+        "",
+        "## Training data",
+        *_data_lines(deployable),
+        "",
+        "## Teacher",
+        *(_teacher_lines(meta) if deployable.kind == "model" else
+          ["An ensemble: its members were trained on hard labels; it is meant to be a teacher."]),
+        "",
+        "## Accuracy",
+        f"- {deployable.dataset} test set: {errors} errors in {total} cases ({100 * errors / max(total, 1):.2f}% "
+        f"error, accuracy {100 * accuracy['accuracy']:.2f}%), measured with PyTorch at export time",
+    ]
+    if per_class_text:
+        lines.append(f"- Errors per true class: {per_class_text}")
+    lines += [
+        f"- The exported file against PyTorch: {parity.describe()}",
+        "",
+        "## Speed",
+        *_speed_lines(speed),
+        "",
+        "## Provenance",
+        f"- Command: `{command or 'darkknowledge.export.export_run (Python)'}`",
+        f"- Exported with darkknowledge {now.get('darkknowledge')} at git commit `{now.get('git_commit')}`, "
+        f"torch {now.get('torch')}",
+        f"- Model trained at git commit `{trained.get('git_commit')}`, torch {trained.get('torch')}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(path: str | os.PathLike, deployable: Deployable, exported: Path, format: str, parity: Parity,
+                     accuracy: dict[str, Any], speed: dict[str, Any] | None, command: str | None) -> Path:
+    path = Path(path)
+    text = render_model_card(deployable, Path(exported), format, parity, accuracy, speed, command)
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    os.chmod(path, 0o644)
+    return path
