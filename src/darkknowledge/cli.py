@@ -121,8 +121,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny models on a subset: a smoke test in a few minutes")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage logs")
+    _add_export_parsers(sub)
     parser.set_defaults(commands=sub.choices)  # the subparsers, for reading a config file's keys
     return parser
+
+
+def _add_export_parsers(sub) -> None:
+    """``export`` and ``bench``: ship a trained model, and measure what shipping it costs."""
+    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, checked, with a model card",
+                       description="Export a run directory's model (or an ensemble folder, as one graph) with a "
+                                   "dynamic batch size; check it against PyTorch on the test set; write "
+                                   "FILE.model_card.md beside it. Inputs: float32 [batch, H, W] in [0, 1] "
+                                   "(uint8 / 255).", epilog=EPILOG)
+    p.add_argument("run", type=Path, help="run directory (or its model.json), or an ensemble folder")
+    p.add_argument("--format", default="onnx", help="onnx or torchscript (default: %(default)s)")
+    p.add_argument("--out", type=Path, help="file to write, e.g. student.onnx (required)")
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="largest |logit difference| from PyTorch accepted on the test set (default: %(default)g)")
+    p.add_argument("--threads", type=int, default=1, help="threads for the check and the quick speed measurement "
+                                                          "(default: %(default)s)")
+    p.add_argument("--no-card", action="store_true", help="skip the model card (and its speed measurement)")
+    p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
+
+    p = sub.add_parser("bench", help="size, FLOPs, accuracy, latency and throughput of runs, side by side",
+                       description="For each run: parameters, size on disk, FLOPs per example, test errors, batch-1 "
+                                   "latency (median, p99) and large-batch throughput in PyTorch and onnxruntime. "
+                                   "Prints a Markdown table; --json saves every number.", epilog=EPILOG)
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories or ensemble folders")
+    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    p.add_argument("--threads", type=int, default=1, help="threads for both runtimes (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=1024, help="batch for throughput (default: %(default)s)")
+    p.add_argument("--calls", type=int, default=300, help="batch-1 calls timed (default: %(default)s)")
+    p.add_argument("--no-onnx", action="store_true", help="time PyTorch only")
+    p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
+
+
+def _run_export_or_bench(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        from .export import check_format, export_run
+        check_format(args.format)
+        if args.out is None:
+            raise DarkKnowledgeError("export needs --out FILE, e.g. --out student.onnx")
+        result = export_run(args.run, args.format, args.out, args.data_dir, atol=args.atol, card=not args.no_card,
+                            command="darkknowledge " + " ".join(args.argv), threads=args.threads)
+        print(f"wrote {result.out}" + (f" and {result.card}" if result.card else "") + f"; {result.parity.describe()}")
+        return 0
+    from .bench import BenchConfig, bench_runs, format_table
+    from .checkpoint import write_json
+    config = BenchConfig(threads=args.threads, batch_size=args.batch_size, latency_calls=args.calls,
+                         onnx=not args.no_onnx)
+    result = bench_runs(args.runs, config, args.data_dir, log=lambda line: print(line, file=sys.stderr))
+    result["command"] = "darkknowledge " + " ".join(args.argv)
+    print(format_table(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -205,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from .experiments.demo import run_demo
         print(run_demo(args.out, seed=args.seed, progress=not args.no_progress))
+    elif args.command in ("export", "bench"):
+        return _run_export_or_bench(args)
     return 0
 
 
