@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import checkpoint
 from .errors import DarkKnowledgeError
 from .evaluation import as_inputs, evaluate, predict_logits
-from .export import export_onnx, load_deployable, load_test_split, onnx_session, run_onnx
+from .export import export_onnx, load_deployable, locate, load_test_split, onnx_session, run_onnx
 from .models import count_parameters
 
 
@@ -179,6 +179,8 @@ def bench_runs(runs: list[str | os.PathLike], config: BenchConfig | None = None,
     config = config or BenchConfig()
     if not runs:
         raise DarkKnowledgeError("bench needs at least one run directory")
+    for run in runs:  # a typo in the last run should not cost the minutes spent timing the first ones
+        locate(run)
     models = []
     for run in runs:
         if log:

@@ -70,18 +70,26 @@ class Deployable:
 def load_deployable(path: str | os.PathLike) -> Deployable:
     """A run directory (``model.json`` + weights) or an ensemble folder (one run per member in sub-folders,
     loaded with :class:`darkknowledge.ensemble.Ensemble` when that module is present)."""
+    kind, run_dir, members = locate(path)
+    if kind == "model":
+        model, meta = checkpoint.load_model(run_dir)
+        return Deployable(model.eval(), str(path), "model", meta["spec"], tuple(meta["image_shape"]),
+                          list(meta["classes"]), meta.get("dataset", "unknown"), [run_dir / meta["weights"]], meta)
+    return _load_ensemble(run_dir, members)
+
+
+def locate(path: str | os.PathLike) -> tuple[str, Path, list[Path]]:
+    """("model", run dir, []) or ("ensemble", folder, member run dirs); a cheap check before any long work."""
     path = Path(path)
     if not path.exists():
         raise DarkKnowledgeError(f"run {path} does not exist; give a run directory written by 'darkknowledge "
                                  "train' or 'distill' (it holds model.json)")
     run_dir = checkpoint.resolve_run_dir(path)
     if (run_dir / checkpoint.MODEL_META).exists():
-        model, meta = checkpoint.load_model(run_dir)
-        return Deployable(model.eval(), str(path), "model", meta["spec"], tuple(meta["image_shape"]),
-                          list(meta["classes"]), meta.get("dataset", "unknown"), [run_dir / meta["weights"]], meta)
+        return "model", run_dir, []
     members = sorted(p.parent for p in run_dir.glob("*/" + checkpoint.MODEL_META))
     if run_dir.is_dir() and members:
-        return _load_ensemble(run_dir, members)
+        return "ensemble", run_dir, members
     raise DarkKnowledgeError(f"{path} is not a run directory (no {checkpoint.MODEL_META}) nor an ensemble folder "
                              "(no member runs in its sub-folders); give a folder written by 'darkknowledge train' "
                              "or 'distill'")
