@@ -44,7 +44,7 @@ def _data_lines(deployable: Deployable) -> list[str]:
         lines.append(f"- Transfer set restricted to classes {meta['train_classes']}")
     training = meta.get("training")
     if training:
-        lines.append(f"- Training: {training.get('epochs')} epochs, batch {training.get('batch_size')}, lr "
+        lines.append(f"- Training: {training.get('epochs')} epoch(s), batch {training.get('batch_size')}, lr "
                      f"{training.get('lr')}, jitter {training.get('jitter')} px, seed {training.get('seed')}; "
                      f"best validation epoch {meta.get('epoch', '?')}")
     return lines
