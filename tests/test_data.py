@@ -141,11 +141,11 @@ def test_resolve_data_dir_precedence(tmp_path, monkeypatch):
 
 
 def test_unknown_dataset_lists_the_available_ones():
-    assert available_datasets() == ["digits", "fashion-mnist", "mnist"]
+    assert available_datasets() == ["digits", "fashion-mnist", "mnist", "mnist-100"]
     assert set(DEFAULT_VALIDATION_SIZE) == set(available_datasets())
     with pytest.raises(DarkKnowledgeError) as error:
         load_dataset("cifar10")
-    assert "cifar10" in assert_one_line(error) and "digits, fashion-mnist, mnist" in str(error.value)
+    assert "cifar10" in assert_one_line(error) and "digits, fashion-mnist, mnist, mnist-100" in str(error.value)
 
 
 def test_missing_files_name_the_folder_and_the_fixes(tmp_path):

@@ -11,13 +11,18 @@ from ..errors import DarkKnowledgeError
 from .base import DatasetSplits, LabeledImages
 from .digits import load_digits_splits
 from .idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
+from .mnist100 import make_mnist_100
 from .sources import SOURCES, IdxSource, RemoteFile, ensure_files
 
 DATA_ENV = "DARKKNOWLEDGE_DATA"
 
-# Validation cases cut at random from each training set by default: for MNIST and Fashion-MNIST 10000 of the
-# 60000 training images (as many as the test set); for digits 15% of its 1348 training images (202).
-DEFAULT_VALIDATION_SIZE: dict[str, int | float] = {"digits": 0.15, "fashion-mnist": 10000, "mnist": 10000}
+# Validation cases cut at random from each training set by default: for MNIST, Fashion-MNIST and MNIST-100 10000
+# of the 60000 training images (as many as the test set); for digits 15% of its 1348 training images (202).
+DEFAULT_VALIDATION_SIZE: dict[str, int | float] = {"digits": 0.15, "fashion-mnist": 10000, "mnist": 10000,
+                                                   "mnist-100": 10000}
+
+# Datasets made from another one's files: name -> (source dataset, builder of the splits from the source's).
+DERIVED = {"mnist-100": ("mnist", make_mnist_100)}
 
 # (name, folder, file stats) -> splits. Experiments and tests load the same data many times; the tensors are
 # shared, which is safe because nothing writes to them. File stats in the key notice replaced files.
@@ -26,7 +31,7 @@ _loaded: dict[tuple, DatasetSplits] = {}
 
 def available_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
-    return sorted(["digits", *SOURCES])
+    return sorted(["digits", *SOURCES, *DERIVED])
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -43,7 +48,15 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> DatasetSplits:
-    """The official train and test sets of dataset ``name``; ``digits`` needs no files."""
+    """The official train and test sets of dataset ``name``; ``digits`` needs no files, ``mnist-100`` MNIST's."""
+    if name in DERIVED:
+        source, build = DERIVED[name]
+        splits = load_dataset(source, data_dir, download)
+        # The source's splits stay in _loaded for good, so their id names them (and changes with their files).
+        key = (name, id(splits))
+        if key not in _loaded:
+            _loaded[key] = build(splits)
+        return _loaded[key]
     if name == "digits":
         key: tuple = (name,)
     elif name in SOURCES:
