@@ -1,0 +1,370 @@
+"""§5: a specialist model for a subset of classes plus one dustbin class, and how it is trained.
+
+- Initialised from the generalist: a copy of its body, and a new output layer whose rows for the subset's
+  classes are the generalist's rows for them. The dustbin row is the mean of the other classes' rows, with
+  ``log(number of other classes)`` added to its bias: its logit is then ``mean(z_rest) + log(n_rest)``, which is
+  exactly ``logsumexp(z_rest)`` (the generalist's summed probability of the other classes) when those logits are
+  equal and a lower bound otherwise (Jensen). So the untrained specialist starts close to the generalist's
+  distribution collapsed onto subset + dustbin.
+- Trained on batches half from its subset and half drawn at random from the other classes
+  (:class:`BalancedSampler`).
+- Oversampling shifts its prior: its subset odds are (s / (1 - s)) in training against (f / (1 - f)) in the
+  data, s the subset's share of a batch and f its share of the data. After training the dustbin logit is raised
+  by the log of that proportion, :func:`dustbin_offset`, which restores the data's prior (§5).
+- Optionally trained on soft targets from the generalist (the paper's §6.1 proposal) instead of hard labels:
+  the generalist's logits collapsed onto subset + dustbin (the dustbin logit is the log-sum-exp of the other
+  classes' logits), with the same prior shift applied so that targets and batches agree, softened at T.
+
+Training is a compact loop of its own because of the 50/50 batches; it reuses the models, the training
+config and learning-rate schedule, evaluation and the atomic checkpoints of the rest of the library, and a run
+killed between epochs resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import checkpoint
+from ..augment import jitter
+from ..data import LabeledImages
+from ..errors import DarkKnowledgeError
+from ..evaluation import as_inputs, autocast, predict_logits
+from ..losses import distillation_loss
+from ..training import TrainConfig
+
+DUSTBIN = "dustbin"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+
+def output_layer(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The model's output layer: its last ``nn.Linear`` (the last layer of every model in models.py)."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise DarkKnowledgeError(f"{type(model).__name__} has no nn.Linear output layer to turn into a specialist "
+                                 "head; a specialist needs a model whose last layer is nn.Linear")
+    return linears[-1]
+
+
+def _check_subset(subset, num_classes: int) -> tuple[int, ...]:
+    subset = tuple(sorted({int(c) for c in subset}))
+    if not subset or subset[0] < 0 or subset[-1] >= num_classes:
+        raise DarkKnowledgeError(f"a specialist's subset must be non-empty class indices in 0..{num_classes - 1}, "
+                                 f"got {list(subset)}")
+    if len(subset) == num_classes:
+        raise DarkKnowledgeError("a specialist's subset must leave out at least one class for its dustbin")
+    return subset
+
+
+def make_specialist(generalist: nn.Module, subset) -> nn.Module:
+    """A copy of ``generalist`` whose output covers ``subset`` (sorted) plus a last, dustbin class.
+
+    Head rows for the subset are copied from the generalist's; the dustbin row is the mean of the remaining rows,
+    its bias the mean of the remaining biases plus ``log(n_rest)`` (see the module docstring).
+    """
+    name, head = output_layer(generalist)
+    subset = _check_subset(subset, head.out_features)
+    rest = [c for c in range(head.out_features) if c not in set(subset)]
+    specialist = copy.deepcopy(generalist)
+    new = nn.Linear(head.in_features, len(subset) + 1, bias=True,
+                    device=head.weight.device, dtype=head.weight.dtype)
+    with torch.no_grad():
+        bias = head.bias if head.bias is not None else torch.zeros(head.out_features, dtype=head.weight.dtype)
+        new.weight[:-1] = head.weight[list(subset)]
+        new.bias[:-1] = bias[list(subset)]
+        new.weight[-1] = head.weight[rest].mean(0)
+        new.bias[-1] = bias[rest].mean() + math.log(len(rest))
+    parent_name, _, attr = name.rpartition(".")
+    setattr(specialist.get_submodule(parent_name) if parent_name else specialist, attr, new)
+    return specialist
+
+
+def relabel(labels: Tensor, subset, num_classes: int) -> Tensor:
+    """Labels in the specialist's numbering: position in the (sorted) subset, or ``len(subset)`` for the dustbin."""
+    subset = _check_subset(subset, num_classes)
+    table = torch.full((num_classes,), len(subset), dtype=torch.int64)
+    table[list(subset)] = torch.arange(len(subset))
+    return table[labels.long()]
+
+
+def collapse_logits(logits: Tensor, subset) -> Tensor:
+    """Full-softmax logits ``[N, C]`` -> logits ``[N, k + 1]`` over subset + dustbin with the same probabilities:
+    the subset's logits, and the log-sum-exp of the others' (softmax of the result sums the rest's probabilities)."""
+    subset = _check_subset(subset, logits.shape[1])
+    rest = [c for c in range(logits.shape[1]) if c not in set(subset)]
+    return torch.cat([logits[:, list(subset)], torch.logsumexp(logits[:, rest], 1, keepdim=True)], 1)
+
+
+def dustbin_offset(natural_fraction: float, subset_fraction: float = 0.5) -> float:
+    """What to add to the dustbin logit after training: log of the proportion by which the subset was oversampled.
+
+    ``natural_fraction``: the subset's share of the data (f); ``subset_fraction``: its share of each training batch
+    (s, §5: 0.5). The offset is ``log[(s / (1 - s)) / (f / (1 - f))]``, the log of the odds ratio; with s = 0.5 it
+    is ``log((1 - f) / f)``. Adding it to the dustbin logit divides every subset class's odds against the dustbin
+    by the oversampling ratio (probabilities within the subset keep their ratios).
+    """
+    for name, value in (("natural_fraction", natural_fraction), ("subset_fraction", subset_fraction)):
+        if not 0 < value < 1:
+            raise DarkKnowledgeError(f"{name} must be in (0, 1), got {value!r}")
+    return math.log(subset_fraction / (1 - subset_fraction)) - math.log(natural_fraction / (1 - natural_fraction))
+
+
+def add_to_dustbin(model: nn.Module, offset: float) -> nn.Module:
+    """Raise the dustbin logit (the output layer's last bias) by ``offset``, in place."""
+    _, head = output_layer(model)
+    with torch.no_grad():
+        head.bias[-1] += offset
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches: half from the subset, half from the rest
+# ---------------------------------------------------------------------------------------------------------------
+
+class BalancedSampler:
+    """Batches with exactly ``round(batch_size * subset_fraction)`` cases from ``inside`` (the subset's cases) and
+    the rest of the batch from ``outside``.
+
+    An epoch is one pass over the subset's cases in a random order (the last batch wraps around to fill up);
+    the outside cases are drawn at random without replacement, a fresh permutation whenever they run out.
+    """
+
+    def __init__(self, inside: Tensor, outside: Tensor, batch_size: int, subset_fraction: float = 0.5):
+        if not 0 < subset_fraction < 1:
+            raise DarkKnowledgeError(f"subset_fraction must be in (0, 1), got {subset_fraction!r}")
+        self.per_batch_inside = min(max(1, round(batch_size * subset_fraction)), batch_size - 1)
+        self.per_batch_outside = batch_size - self.per_batch_inside
+        if batch_size < 2:
+            raise DarkKnowledgeError(f"a specialist's batch needs room for both halves: batch_size >= 2, "
+                                     f"got {batch_size}")
+        if len(inside) == 0 or len(outside) == 0:
+            raise DarkKnowledgeError(f"a specialist needs training cases inside its subset and outside it; got "
+                                     f"{len(inside)} inside and {len(outside)} outside")
+        self.inside, self.outside = inside.long(), outside.long()
+        self.steps = math.ceil(len(self.inside) / self.per_batch_inside)
+
+    def epoch(self, generator: torch.Generator) -> Tensor:
+        """Dataset indices ``[steps, batch_size]``: each row one batch, inside cases first."""
+        need_in = self.steps * self.per_batch_inside
+        order = self.inside[torch.randperm(len(self.inside), generator=generator)]
+        inside = order.repeat(math.ceil(need_in / len(order)))[:need_in]
+        need_out = self.steps * self.per_batch_outside
+        draws = [self.outside[torch.randperm(len(self.outside), generator=generator)]
+                 for _ in range(math.ceil(need_out / len(self.outside)))]
+        outside = torch.cat(draws)[:need_out]
+        return torch.cat([inside.view(self.steps, -1), outside.view(self.steps, -1)], 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SpecialistConfig:
+    """How to train a specialist. ``temperature`` set: soft targets from the generalist (§6.1) with
+    ``soft_weight`` (x T^2) and ``hard_weight`` (relative, as in §2); unset: hard labels only."""
+
+    training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.02, schedule="cosine"))
+    subset_fraction: float = 0.5  # share of each batch from the subset (§5: half)
+    temperature: float | None = None
+    soft_weight: float = 1.0
+    hard_weight: float = 0.0
+
+    def __post_init__(self):
+        if not 0 < self.subset_fraction < 1:
+            raise DarkKnowledgeError(f"subset_fraction must be in (0, 1), got {self.subset_fraction!r}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise DarkKnowledgeError(f"temperature must be a positive number or unset, got {self.temperature!r}")
+        if self.soft_weight < 0 or self.hard_weight < 0 or (self.temperature is not None and
+                                                            self.soft_weight == self.hard_weight == 0):
+            raise DarkKnowledgeError("soft_weight and hard_weight must be >= 0 and not both 0")
+
+    @property
+    def targets(self) -> str:
+        return "hard" if self.temperature is None else "soft"
+
+    def describe(self) -> dict[str, Any]:
+        out = {"targets": self.targets, "subset_fraction": self.subset_fraction,
+               "training": {k: v for k, v in asdict(self.training).items() if k != "progress"}}
+        if self.temperature is not None:
+            out.update(temperature=self.temperature, soft_weight=self.soft_weight, hard_weight=self.hard_weight)
+        return out
+
+
+@dataclass
+class SpecialistResult:
+    subset: tuple[int, ...]
+    dustbin_offset: float
+    natural_fraction: float
+    history: list[dict[str, Any]]
+    best_epoch: int
+    seconds: float
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch + 7_919) % (2**63)
+
+
+def validation_scores(model: nn.Module, val: LabeledImages, subset, offset: float = 0.0,
+                      bf16: bool = False) -> dict[str, Any]:
+    """Cross-entropy and errors of a specialist on natural-frequency data, its dustbin raised by ``offset``
+    (0 for a saved specialist, whose weights already carry it); errors also on the subset's cases alone."""
+    logits = predict_logits(model, val.images, bf16=bf16)
+    logits[:, -1] += offset
+    labels = relabel(val.labels, subset, val.num_classes)
+    wrong = logits.argmax(1) != labels
+    inside = labels < len(tuple(subset))
+    return {"loss": F.cross_entropy(logits, labels).item(), "errors": int(wrong.sum()),
+            "subset_errors": int(wrong[inside].sum()), "subset_cases": int(inside.sum()), "cases": len(labels)}
+
+
+def _run_key(meta, train: LabeledImages, val, subset, config: SpecialistConfig) -> str:
+    parts = [json.dumps(meta, sort_keys=True, default=str), train.fingerprint(),
+             val.fingerprint() if val is not None else "", json.dumps(list(subset)),
+             json.dumps(config.describe(), sort_keys=True)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: LabeledImages | None = None,
+                     config: SpecialistConfig | None = None, *, generalist_logits: Tensor | None = None,
+                     run_dir: str | Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
+                     log: Callable[[str], None] | None = None) -> tuple[nn.Module, SpecialistResult]:
+    """Train the specialist for ``subset`` from ``generalist`` on ``train`` (labels in the generalist's numbering).
+
+    The epoch kept is the one with the lowest validation cross-entropy on ``val`` (natural class frequencies,
+    dustbin corrected), else the last. The returned model (eval mode) and the saved one carry the dustbin
+    correction in their weights. ``generalist_logits``: the generalist's logits over ``train``, for soft targets
+    (computed here when needed and not given). With ``run_dir``: ``model.safetensors`` + ``model.json``
+    (``meta`` must hold the generalist's ``spec`` and ``image_shape`` so the file loads with
+    :func:`darkknowledge.checkpoint.load_model`), resume state every epoch, and ``resume=True`` continues.
+    """
+    config = config or SpecialistConfig()
+    cfg = config.training
+    log = log or (lambda line: print(line, file=sys.stderr))
+    _, head = output_layer(generalist)
+    num_classes = head.out_features
+    if num_classes != train.num_classes:
+        raise DarkKnowledgeError(f"the generalist predicts {num_classes} classes but {train.name} has "
+                                 f"{train.num_classes}")
+    subset = _check_subset(subset, num_classes)
+    in_subset = torch.zeros(num_classes, dtype=torch.bool)
+    in_subset[list(subset)] = True
+    inside = torch.nonzero(in_subset[train.labels]).flatten()
+    outside = torch.nonzero(~in_subset[train.labels]).flatten()
+    sampler = BalancedSampler(inside, outside, cfg.batch_size, config.subset_fraction)
+    natural = len(inside) / len(train)
+    offset = dustbin_offset(natural, config.subset_fraction)
+    targets = relabel(train.labels, subset, num_classes)
+    teacher = None
+    if config.temperature is not None:
+        if generalist_logits is None:
+            generalist_logits = predict_logits(generalist, train.images, bf16=cfg.bf16)
+        if generalist_logits.shape != (len(train), num_classes):
+            raise DarkKnowledgeError(f"generalist_logits must be [{len(train)}, {num_classes}], got "
+                                     f"{list(generalist_logits.shape)}")
+        teacher = collapse_logits(generalist_logits.float(), subset)
+        teacher[:, -1] -= offset  # the generalist's posterior under the batches' prior, as the hard labels have it
+
+    model = make_specialist(generalist, subset)
+    names = [train.classes[c] for c in subset] + [DUSTBIN]
+    meta = {**(meta or {}), "classes": names,
+            "specialist": {"subset": list(subset), "subset_names": names[:-1], "dustbin_offset": offset,
+                           "natural_fraction": natural, **config.describe()}}
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    constrain = getattr(model, "apply_constraints", None)
+    total_steps = sampler.steps * cfg.epochs
+    run_dir = Path(run_dir) if run_dir is not None else None
+    run_key = _run_key(meta, train, val, subset, config)
+
+    start, history, elapsed, best = 0, [], 0.0, {"epoch": 0, "val_loss": None, "stale": 0}
+    best_state = None
+    if run_dir is not None and (run_dir / checkpoint.STATE_META).exists():
+        if not resume:
+            raise DarkKnowledgeError(f"{run_dir} already holds a specialist run; pass --resume to continue it or "
+                                     "choose another output directory")
+        state = checkpoint.load_training_state(run_dir, model, optimizer)
+        if state["run_key"] != run_key:
+            raise DarkKnowledgeError(f"{run_dir} holds a specialist run with other settings, subset or data; "
+                                     "choose another output directory")
+        start, history, best, elapsed = state["epoch"], state["history"], state["best"], state["seconds"]
+        best_state = checkpoint.load_model(run_dir)[0].state_dict() if (run_dir / checkpoint.MODEL_META).exists() \
+            else None
+        if start < cfg.epochs:
+            log(f"resuming {run_dir} after epoch {start}")
+
+    stopped = best["stale"] >= (cfg.patience or math.inf)
+    for epoch in range(start, cfg.epochs):
+        if stopped:
+            break
+        started = time.perf_counter()
+        torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout masks
+        generator = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
+        batches = sampler.epoch(generator)
+        model.train()
+        sums: dict[str, Tensor] = {}
+        for step, indices in enumerate(batches):
+            inputs = as_inputs(jitter(train.images[indices], cfg.jitter, generator))
+            labels = targets[indices]
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.learning_rate(epoch * sampler.steps + step, total_steps)
+            with autocast(cfg.bf16):
+                logits = model(inputs).float()
+            if teacher is None:
+                loss = F.cross_entropy(logits, labels)
+                parts = {"loss": loss}
+            else:
+                out = distillation_loss(logits, teacher[indices], labels, temperature=config.temperature,
+                                        soft_weight=config.soft_weight, hard_weight=config.hard_weight)
+                loss, parts = out.total, {"loss": out.total, "soft": out.soft, "hard": out.hard}
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if constrain is not None:
+                constrain()
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0) + value.detach()
+        record = {"epoch": epoch + 1, **{f"train_{k}": float(v) / sampler.steps for k, v in sums.items()}}
+        improved = True
+        if val is not None:
+            scores = validation_scores(model, val, subset, offset, cfg.bf16)
+            record.update({f"val_{k}": v for k, v in scores.items() if k not in ("cases", "subset_cases")})
+            improved = best["val_loss"] is None or scores["loss"] < best["val_loss"]
+        elapsed += time.perf_counter() - started
+        record["seconds"] = round(elapsed, 3)
+        history.append(record)
+        if improved:
+            best = {"epoch": epoch + 1, "val_loss": record.get("val_loss"), "stale": 0}
+            best_state = add_to_dustbin(copy.deepcopy(model), offset).state_dict()
+        else:
+            best["stale"] += 1
+        stopped = best["stale"] >= (cfg.patience or math.inf)
+        if run_dir is not None:
+            if improved:
+                saved = add_to_dustbin(copy.deepcopy(model), offset)
+                checkpoint.save_model(run_dir, saved, {**meta, "epoch": best["epoch"], "metrics": record,
+                                                       "seconds": round(elapsed, 3)})
+            checkpoint.save_training_state(run_dir, epoch + 1, model, optimizer, {
+                "run_key": run_key, "history": history, "best": best, "seconds": elapsed,
+                "done": epoch + 1 == cfg.epochs or stopped})
+        val_text = f"  val loss {record['val_loss']:.4f}  val errors {record['val_errors']}" if val is not None else ""
+        log(f"specialist {list(subset)} epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}{val_text}  "
+            f"{elapsed:.1f}s")
+
+    if best_state is None:  # no epoch to train (epochs already done but no model file): keep the correction
+        best_state = add_to_dustbin(model, offset).state_dict()
+    model.load_state_dict(best_state)
+    return model.eval(), SpecialistResult(subset, offset, natural, history, best["epoch"], elapsed)
