@@ -116,12 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train and evaluate every model of an experiment, with checkpoints (a rerun "
                                    "reuses finished stages), then write OUT/results.json, OUT/report.md and plots.",
                        epilog=EPILOG)
-    p.add_argument("experiment", choices=("mnist",), help="mnist: every MNIST result of §3")
+    p.add_argument("experiment", choices=("mnist", "specialists"),
+                   help="mnist: every MNIST result of §3; specialists: §5 on MNIST-100 and Fashion-MNIST")
     p.add_argument("--out", type=Path, help="output folder (default: results/EXPERIMENT)")
     p.add_argument("--quick", action="store_true", help="tiny models on a subset: a smoke test in a few minutes")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage logs")
     _add_export_parsers(sub)
+    from .specialists.cli import add_specialists_parser  # CLI code of the specialists package
+    add_specialists_parser(sub)
     parser.set_defaults(commands=sub.choices)  # the subparsers, for reading a config file's keys
     return parser
 
@@ -249,6 +252,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset else None
         print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter), indent=2))
+    elif args.command == "reproduce" and args.experiment == "specialists":
+        from .specialists.cli import reproduce
+        return reproduce(args)
+    elif args.command == "specialists":
+        from .specialists.cli import run_specialists
+        return run_specialists(args)
     elif args.command == "reproduce":
         from .experiments.mnist import reproduce_mnist
         out = args.out or Path("results") / (args.experiment + "-quick" * args.quick)
