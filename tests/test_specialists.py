@@ -13,10 +13,13 @@ from darkknowledge import checkpoint
 from darkknowledge.data import load_dataset
 from darkknowledge.errors import DarkKnowledgeError
 from darkknowledge.models import build_model
+from darkknowledge.specialists.clustering import class_profiles
 from darkknowledge.specialists import (BalancedSampler, ClassSubsets, SpecialistConfig, active_specialists,
                                        cluster_classes, combine, combine_objective, confusion_matrix, dustbin_offset,
                                        make_specialist, prediction_covariance, relabel, train_specialist)
-from darkknowledge.specialists.specialist import add_to_dustbin, collapse_logits, output_layer, validation_scores
+from darkknowledge.evaluation import predict_logits
+from darkknowledge.specialists.specialist import (add_to_dustbin, calibrate_dustbin, collapse_logits, output_layer,
+                                                  validation_scores)
 from darkknowledge.training import TrainConfig, fit
 
 PLANTED = [(0, 4, 8), (1, 5, 9), (2, 6, 10), (3, 7, 11)]  # interleaved, so index order gives nothing away
@@ -76,6 +79,15 @@ def test_a_class_between_two_groups_joins_one_of_them(correlation):
         found = cluster_classes(prediction_covariance(probs, correlation=correlation), 3, seed=seed)
         assert len(found) == 3 and {tuple(c for c in s if c != 9) for s in found.subsets} == groups
         assert found.subsets[0] in ((0, 1, 2, 9), (0, 1, 2)) and found.membership()[:, 9].sum() == 1
+
+
+def test_profiles_drop_the_diagonal_and_have_unit_length():
+    probs, _ = planted_predictions(500)
+    profiles = class_profiles(prediction_covariance(probs))
+    assert torch.equal(profiles.diagonal(), torch.zeros(12, dtype=torch.float64))
+    assert torch.allclose(profiles.norm(dim=0), torch.ones(12, dtype=torch.float64))
+    raw = cluster_classes(prediction_covariance(probs), 4, normalize=False, seed=0)  # the paper, literally
+    assert sorted(raw.subsets) == sorted(PLANTED) and raw.params["normalize"] is False
 
 
 def test_overlap_lets_the_bridging_class_join_both_groups():
@@ -222,6 +234,24 @@ def digits_generalist():
     return model.eval(), train, val, splits.test
 
 
+def test_calibrated_dustbin_reproduces_the_generalist(digits_generalist):
+    generalist, train, _, test = digits_generalist
+    subset = [3, 5, 8]
+    target = torch.softmax(collapse_logits(predict_logits(generalist, test.images), subset), 1)
+
+    def divergence(model):  # KL(collapsed generalist || specialist) on test images
+        log_q = torch.log_softmax(predict_logits(model, test.images), 1)
+        return (target * (target.clamp_min(1e-30).log() - log_q)).sum(1).mean().item()
+
+    start = make_specialist(generalist, subset)
+    before = divergence(start)
+    calibrated = calibrate_dustbin(start, generalist, subset, train.images)
+    after = divergence(calibrated)
+    assert after < before / 5 and after < 0.1  # 0.84 -> 0.06 nats on digits
+    _, head = output_layer(calibrated)
+    assert torch.equal(head.weight[:3], output_layer(generalist)[1].weight[subset])  # only the dustbin row moved
+
+
 def test_train_specialist_saves_a_corrected_loadable_model(digits_generalist, tmp_path):
     generalist, train, val, _ = digits_generalist
     config = SpecialistConfig(TrainConfig(epochs=2, batch_size=32, lr=0.02, progress=False))
@@ -236,7 +266,7 @@ def test_train_specialist_saves_a_corrected_loadable_model(digits_generalist, tm
     x = torch.rand(4, 8, 8)
     assert torch.allclose(loaded(x), model(x))
     # The saved weights carry the correction: scored with no further offset they give the logged numbers.
-    best = result.history[result.best_epoch - 1]
+    best = next(h for h in result.history if h["epoch"] == result.best_epoch)
     assert validation_scores(loaded, val, [3, 5, 8])["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
     # A finished run is reused, not retrained; a second start without resume is refused.
     again, _ = train_specialist(generalist, [3, 5, 8], train, val, config, run_dir=tmp_path / "s", meta=meta,
@@ -250,7 +280,7 @@ def test_soft_target_specialist_trains(digits_generalist):
     generalist, train, val, _ = digits_generalist
     config = SpecialistConfig(TrainConfig(epochs=1, batch_size=32, lr=0.02, progress=False), temperature=2.0)
     model, result = train_specialist(generalist, [1, 7], train, val, config, log=lambda _: None)
-    assert "train_soft" in result.history[0] and output_layer(model)[1].out_features == 3
+    assert "train_soft" in result.history[-1] and output_layer(model)[1].out_features == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------

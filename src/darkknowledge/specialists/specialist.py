@@ -4,8 +4,9 @@
   classes are the generalist's rows for them. The dustbin row is the mean of the other classes' rows, with
   ``log(number of other classes)`` added to its bias: its logit is then ``mean(z_rest) + log(n_rest)``, which is
   exactly ``logsumexp(z_rest)`` (the generalist's summed probability of the other classes) when those logits are
-  equal and a lower bound otherwise (Jensen). So the untrained specialist starts close to the generalist's
-  distribution collapsed onto subset + dustbin.
+  equal and a lower bound otherwise (Jensen). Before training, :func:`calibrate_dustbin` then fits that row
+  to the generalist on training images, so the untrained specialist gives nearly the generalist's distribution
+  collapsed onto subset + dustbin.
 - Trained on batches half from its subset and half drawn at random from the other classes
   (:class:`BalancedSampler`).
 - Oversampling shifts its prior: its subset odds are (s / (1 - s)) in training against (f / (1 - f)) in the
@@ -131,6 +132,53 @@ def add_to_dustbin(model: nn.Module, offset: float) -> nn.Module:
     return model
 
 
+def calibrate_dustbin(specialist: nn.Module, generalist: nn.Module, subset, images: Tensor, max_cases: int = 10000,
+                      seed: int = 0, max_iter: int = 100) -> nn.Module:
+    """Fit the dustbin row of a fresh specialist (in place) so that it reproduces the generalist's summed
+    probability of the other classes on ``images`` as well as one linear row can.
+
+    The mean-row start of :func:`make_specialist` is exact only when the other classes' logits agree; for an
+    MLP they spread widely, and its dustbin logit falls far below their log-sum-exp (on MNIST-100 the start
+    called most images of other classes subset classes). Here the dustbin weights and bias minimise the
+    cross-entropy between the generalist's distribution collapsed onto subset + dustbin and the specialist's,
+    with every other parameter fixed: a convex problem, solved with L-BFGS on the output layer's inputs for at
+    most ``max_cases`` images (seeded choice). The specialist then starts where the generalist is.
+    """
+    name, head = output_layer(specialist)
+    _, generalist_head = output_layer(generalist)
+    subset = _check_subset(subset, generalist_head.out_features)
+    if len(images) > max_cases:
+        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_cases]]
+    captured: list[Tensor] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach().float()))
+    try:
+        predict_logits(specialist, images)
+    finally:
+        hook.remove()
+    features = torch.cat(captured)
+    with torch.no_grad():
+        generalist_logits = features @ generalist_head.weight.float().T
+        if generalist_head.bias is not None:
+            generalist_logits += generalist_head.bias.float()
+        target = torch.softmax(collapse_logits(generalist_logits, subset), 1)
+        fixed = features @ head.weight[:-1].float().T + head.bias[:-1].float()
+    row = torch.cat([head.weight[-1].detach().float(), head.bias[-1:].detach().float()]).requires_grad_(True)
+    optimizer = torch.optim.LBFGS([row], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def closure():
+        optimizer.zero_grad()
+        dustbin = features @ row[:-1] + row[-1]
+        loss = -(target * torch.log_softmax(torch.cat([fixed, dustbin.unsqueeze(1)], 1), 1)).sum(1).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        head.weight[-1] = row[:-1].to(head.weight.dtype)
+        head.bias[-1] = row[-1].to(head.bias.dtype)
+    return specialist
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Batches: half from the subset, half from the rest
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,6 +228,7 @@ class SpecialistConfig:
 
     training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=5, lr=0.02, schedule="cosine"))
     subset_fraction: float = 0.5  # share of each batch from the subset (§5: half)
+    calibrate_dustbin: bool = True  # fit the dustbin row to the generalist before training (calibrate_dustbin)
     temperature: float | None = None
     soft_weight: float = 1.0
     hard_weight: float = 0.0
@@ -199,6 +248,7 @@ class SpecialistConfig:
 
     def describe(self) -> dict[str, Any]:
         out = {"targets": self.targets, "subset_fraction": self.subset_fraction,
+               "calibrate_dustbin": self.calibrate_dustbin,
                "training": {k: v for k, v in asdict(self.training).items() if k != "progress"}}
         if self.temperature is not None:
             out.update(temperature=self.temperature, soft_weight=self.soft_weight, hard_weight=self.hard_weight)
@@ -246,7 +296,7 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     """Train the specialist for ``subset`` from ``generalist`` on ``train`` (labels in the generalist's numbering).
 
     The epoch kept is the one with the lowest validation cross-entropy on ``val`` (natural class frequencies,
-    dustbin corrected), else the last. The returned model (eval mode) and the saved one carry the dustbin
+    dustbin corrected), the untrained start (epoch 0) included; without ``val``, the last. The returned model (eval mode) and the saved one carry the dustbin
     correction in their weights. ``generalist_logits``: the generalist's logits over ``train``, for soft targets
     (computed here when needed and not given). With ``run_dir``: ``model.safetensors`` + ``model.json``
     (``meta`` must hold the generalist's ``spec`` and ``image_shape`` so the file loads with
@@ -280,6 +330,8 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
         teacher[:, -1] -= offset  # the generalist's posterior under the batches' prior, as the hard labels have it
 
     model = make_specialist(generalist, subset)
+    if config.calibrate_dustbin:
+        calibrate_dustbin(model, generalist, subset, train.images, seed=cfg.seed)
     names = [train.classes[c] for c in subset] + [DUSTBIN]
     meta = {**(meta or {}), "classes": names,
             "specialist": {"subset": list(subset), "subset_names": names[:-1], "dustbin_offset": offset,
@@ -306,6 +358,16 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
         if start < cfg.epochs:
             log(f"resuming {run_dir} after epoch {start}")
 
+    if start == 0 and val is not None:
+        # The untrained specialist is the first candidate: it already matches the generalist's prior, so it is
+        # scored and kept without the oversampling offset. Training must beat it on validation to replace it.
+        scores = validation_scores(model, val, subset, 0.0, cfg.bf16)
+        best = {"epoch": 0, "val_loss": scores["loss"], "stale": 0}
+        best_state = copy.deepcopy(model).state_dict()
+        history.append({"epoch": 0, **{f"val_{k}": v for k, v in scores.items() if k not in ("cases", "subset_cases")},
+                        "seconds": 0.0})
+        if run_dir is not None:
+            checkpoint.save_model(run_dir, model, {**meta, "epoch": 0, "metrics": history[-1], "seconds": 0.0})
     stopped = best["stale"] >= (cfg.patience or math.inf)
     for epoch in range(start, cfg.epochs):
         if stopped:
