@@ -79,10 +79,10 @@ def _full() -> Plan:
 def _quick() -> Plan:
     specialists = TrainConfig(epochs=3, batch_size=64, lr=0.05, schedule="cosine")
     return Plan(datasets=(
-        DatasetPlan("mnist-100", "mlp:64", TrainConfig(epochs=4, batch_size=64, lr=0.1), 10, specialists,
-                    overlap=2, overlap_ratio=1.2, subset=11000, val_size=1000),
+        DatasetPlan("mnist-100", "mlp:64", TrainConfig(epochs=4, batch_size=64, lr=0.1), 8, specialists,
+                    overlap=2, overlap_ratio=1.2, subset=9000, val_size=1000),
         DatasetPlan("fashion-mnist", "mlp:32", TrainConfig(epochs=3, batch_size=64, lr=0.1), 4, specialists,
-                    overlap=1, overlap_ratio=1.2, subset=6000, val_size=1000),
+                    overlap=1, overlap_ratio=1.2, subset=5000, val_size=1000),
     ))
 
 

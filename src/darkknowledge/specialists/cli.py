@@ -66,6 +66,9 @@ def add_specialists_parser(sub) -> None:
     p.add_argument("--patience", type=int, default=None, help="stop after N epochs without a lower validation loss")
     p.add_argument("--subset-fraction", type=float, default=d.subset_fraction,
                    help="share of each batch drawn from the specialist's subset (§5: %(default)s)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="start the dustbin row from the mean of the other classes' rows only, without fitting it "
+                        "to the generalist first")
     p.add_argument("--temperature", "-T", type=float, default=None,
                    help="train on the generalist's soft targets at this temperature (§6.1) instead of labels")
     p.add_argument("--soft-weight", type=float, default=d.soft_weight, help="with -T (default: %(default)s)")
@@ -106,7 +109,9 @@ def run_specialists(args: argparse.Namespace) -> int:
         training = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                                weight_decay=args.weight_decay, schedule=args.schedule, jitter=args.jitter,
                                seed=args.seed, patience=args.patience, progress=False)
-        config = SpecialistConfig(training, args.subset_fraction, args.temperature, args.soft_weight, args.hard_weight)
+        config = SpecialistConfig(training, subset_fraction=args.subset_fraction, temperature=args.temperature,
+                                  soft_weight=args.soft_weight, hard_weight=args.hard_weight,
+                                  calibrate_dustbin=not args.no_calibration)
         quiet = (lambda _: None) if args.no_progress else (lambda line: print(line, file=sys.stderr))
 
         def report(index: int, done: dict) -> None:  # printed as soon as each specialist is done
