@@ -82,7 +82,8 @@ def test_separate_processes_train_different_specialists(generalist, tmp_path, ca
 def test_soft_targets_and_user_errors(generalist, tmp_path, capsys):
     folder = tmp_path / "soft"
     assert run_cli(capsys, "specialists", "cluster", "--generalist", generalist, "--out", folder, "--clusters", "3",
-                   "--method", "confusion")[0] == 0
+                   "--method", "confusion", "--raw-columns")[0] == 0
+    assert json.loads((folder / "subsets.json").read_text())["params"]["normalize"] is False
     code, _, _ = run_cli(capsys, "specialists", "train", folder, "--index", "0", "-T", "2", *FAST)
     assert code == 0
     meta = checkpoint.read_model_meta(folder / "specialist-00")

@@ -43,6 +43,8 @@ def add_specialists_parser(sub) -> None:
                    help="... only those within this multiple of its distance to its own cluster's centre")
     p.add_argument("--min-size", type=int, default=2,
                    help="drop clusters with fewer classes; their classes get no specialist (default: %(default)s)")
+    p.add_argument("--raw-columns", action="store_true",
+                   help="cluster the matrix's columns as they are, not without the diagonal at unit length")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
 
@@ -100,7 +102,8 @@ def run_specialists(args: argparse.Namespace) -> int:
         return 2
     if step == "cluster":
         subsets = jobs.cluster_run(args.generalist, args.out, args.clusters, args.method, args.overlap,
-                                   args.overlap_ratio, args.min_size, args.seed, args.data_dir)
+                                   args.overlap_ratio, args.min_size, args.seed, args.data_dir,
+                                   normalize=not args.raw_columns)
         print("\n".join(f"subset {line}" for line in subsets.describe()))
         print(f"wrote {args.out / jobs.SUBSETS_FILE} ({len(subsets)} subsets)")
     elif step == "train":

@@ -54,7 +54,7 @@ def _load_generalist(run: str | Path, data_dir: str | None):
 
 def cluster_run(generalist: str | Path, out: str | Path, n_clusters: int, method: str = "covariance",
                 overlap: int = 0, overlap_ratio: float | None = None, min_size: int = 2, seed: int = 0,
-                data_dir: str | None = None) -> ClassSubsets:
+                data_dir: str | None = None, normalize: bool = True) -> ClassSubsets:
     """Find class subsets for a saved generalist and write ``out/subsets.json``.
 
     ``covariance`` (§5): the generalist's predictions on its training split, no labels used; ``correlation``: the
@@ -76,7 +76,8 @@ def cluster_run(generalist: str | Path, out: str | Path, n_clusters: int, method
               "weights_sha256": meta["weights_sha256"], "dataset": meta["dataset"], "split": data.name,
               "cases": len(data)}
     subsets = cluster_classes(matrix_of(probs), n_clusters, overlap=overlap, overlap_ratio=overlap_ratio,
-                              min_size=min_size, seed=seed, class_names=train.classes, method=method, source=source)
+                              min_size=min_size, normalize=normalize, seed=seed, class_names=train.classes,
+                              method=method, source=source)
     subsets.save(Path(out) / SUBSETS_FILE)
     return subsets
 
