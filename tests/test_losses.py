@@ -257,9 +257,9 @@ INVALID = {
         lambda: soft_target_cross_entropy(Z, softmax_with_temperature(V, 2) - nan_at(torch.zeros_like(V), 0.5), 2),
         r"soft_targets must be non-negative"),
     "teacher and soft targets": (lambda: distillation_loss(Z, V, temperature=2, soft_targets=torch.softmax(V, -1)),
-                                 r"exactly one of teacher_logits or soft_targets, got both"),
+                                 r"exactly one of teacher_logits, soft_targets or topk_targets, got more than one"),
     "neither teacher nor soft targets": (lambda: distillation_loss(Z, temperature=2),
-                                         r"exactly one of teacher_logits or soft_targets, got neither"),
+                                         r"exactly one of teacher_logits, soft_targets or topk_targets, got none"),
     "integer logits": (lambda: distillation_loss(Z.long(), V, temperature=2), r"student logits must be a floating"),
 }
 
