@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .augment import jitter
 from .errors import DarkKnowledgeError
+from .ensemble import Ensemble, distillation_targets
 from .evaluation import as_inputs, autocast, evaluate, predict_logits
 from .losses import distillation_loss
 
@@ -98,9 +99,12 @@ class Distillation:
     """§2: match the teacher's soft targets at ``temperature`` (x T^2), plus ``hard_weight`` x cross-entropy
     with the labels. Weights are relative, as in the paper: soft 1, hard 0.5 is the speech run's setting.
 
-    The teacher's outputs come from ``teacher_logits`` (computed once over the training set: fast) or from
-    ``teacher`` run on every batch (needed when the inputs are jittered, since the teacher must see what the
-    student sees).
+    The teacher's outputs come from ``teacher_logits`` (computed once over the training set: fast), from
+    ``store`` (a :class:`darkknowledge.soft_targets.SoftTargets` over the training set: computed once, on disk,
+    any temperature, ensembles combined exactly, top-k for many classes) or from ``teacher`` run on every batch
+    (needed when the inputs are jittered, since the teacher must see what the student sees; cached logits or a
+    store are then set aside and the loop says so). A ``teacher`` that is an
+    :class:`darkknowledge.ensemble.Ensemble` run online gives its combine rule's targets at the temperature.
     """
 
     temperature: float
@@ -108,42 +112,72 @@ class Distillation:
     hard_weight: float = 0.0
     teacher: nn.Module | None = None
     teacher_logits: torch.Tensor | None = None
+    store: Any = None  # a SoftTargets over the training set
     bf16: bool = field(default=False, init=False)
+    online_reason: str | None = field(default=None, init=False)
 
     def prepare(self, train, config: TrainConfig) -> None:
-        if self.teacher is None and self.teacher_logits is None:
-            raise DarkKnowledgeError("distillation needs a teacher module or precomputed teacher_logits")
+        if self.teacher is None and self.teacher_logits is None and self.store is None:
+            raise DarkKnowledgeError("distillation needs a teacher module, precomputed teacher_logits or a "
+                                     "soft-target store")
+        if self.teacher_logits is not None and self.store is not None:
+            raise DarkKnowledgeError("give teacher_logits or a soft-target store, not both")
         if self.teacher_logits is not None and len(self.teacher_logits) != len(train):
             raise DarkKnowledgeError(f"teacher_logits has {len(self.teacher_logits)} rows but the transfer set has "
                                      f"{len(train)} cases; compute them over the same transfer set")
+        if self.store is not None and (len(self.store) != len(train)
+                                       or self.store.transfer_fingerprint != train.fingerprint()):
+            raise DarkKnowledgeError(f"the soft-target store ({len(self.store)} cases) was computed over another "
+                                     f"transfer set than this one ({len(train)} cases, {train.name}); compute it "
+                                     "over the same transfer set")
         if config.jitter > 0 and self.teacher is None:
             raise DarkKnowledgeError("cached teacher logits were computed on un-jittered inputs; pass the teacher "
                                      "module so it runs on the jittered batches, or set jitter to 0")
         if config.jitter > 0:
-            self.teacher_logits = None  # jittered inputs: the teacher must run online
+            # Jittered inputs: the teacher must run online.
+            if self.teacher_logits is not None or self.store is not None:
+                self.online_reason = (f"jitter {config.jitter}: the teacher must see the jittered inputs, so the "
+                                      "cached outputs are not used")
+            self.teacher_logits = None
+            self.store = None
         self.bf16 = config.bf16
         if self.teacher is not None:
             self.teacher.eval()
 
     def soft_source(self) -> str:
-        return "cached logits" if self.teacher_logits is not None else "teacher run on every batch"
+        if self.store is not None:
+            return f"soft-target store {self.store.path or '(in memory)'}"
+        if self.teacher_logits is not None:
+            return "cached logits"
+        return "teacher run on every batch" + (f" ({self.online_reason})" if self.online_reason else "")
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.teacher_logits is not None:
-            teacher_logits = self.teacher_logits[batch.indices]
+        if self.store is not None:
+            targets = self.store.targets(batch.indices, self.temperature)
+        elif self.teacher_logits is not None:
+            targets = {"teacher_logits": self.teacher_logits[batch.indices]}
         else:
             with torch.no_grad(), autocast(self.bf16):
-                teacher_logits = self.teacher(batch.inputs).float()
-        out = distillation_loss(logits, teacher_logits, batch.labels, temperature=self.temperature,
-                                soft_weight=self.soft_weight, hard_weight=self.hard_weight)
+                if isinstance(self.teacher, Ensemble):
+                    targets = distillation_targets(self.teacher.member_logits(batch.inputs).float(),
+                                                   self.teacher.combine, self.temperature)
+                else:
+                    targets = {"teacher_logits": self.teacher(batch.inputs).float()}
+        out = distillation_loss(logits, labels=batch.labels, temperature=self.temperature,
+                                soft_weight=self.soft_weight, hard_weight=self.hard_weight, **targets)
         parts = {"loss": out.total, "soft": out.soft}
         if out.hard is not None:
             parts["hard"] = out.hard
         return out.total, parts
 
     def describe(self) -> dict[str, Any]:
-        return {"objective": "distillation", "temperature": self.temperature, "soft_weight": self.soft_weight,
-                "hard_weight": self.hard_weight}
+        described = {"objective": "distillation", "temperature": self.temperature, "soft_weight": self.soft_weight,
+                     "hard_weight": self.hard_weight}
+        if self.store is not None:
+            described["soft_targets"] = self.store.describe()
+        elif isinstance(self.teacher, Ensemble):
+            described["combine"] = self.teacher.combine
+        return described
 
 
 @dataclass
@@ -193,7 +227,7 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     run_dir = Path(run_dir) if run_dir is not None else None
     objective.prepare(train, config)
-    if isinstance(objective, Distillation) and objective.teacher is not None:
+    if isinstance(objective, Distillation) and (objective.teacher is not None or objective.store is not None):
         log(f"distillation: soft targets from the {objective.soft_source()}")
 
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,

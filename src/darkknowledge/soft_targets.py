@@ -1,0 +1,518 @@
+"""The soft-target store: a teacher's (or an ensemble's) outputs over a transfer set, computed once, on disk.
+
+**What is stored: logits, so any temperature can be used later.**
+
+- ``full`` layout: every member's logits ``[N, M, C]`` (M = 1 for one teacher). Soft targets at any T and under
+  any combine rule are computed per batch from these (``ensemble.distillation_targets``), exactly: one store
+  serves a whole temperature sweep and all three combine rules. (One logit vector per case could not: the
+  arithmetic mean of the members' softened distributions does not commute with T; see ``ensemble.py``.)
+- ``topk`` layout (many classes): the k largest logits, their class indices and two numbers summarising the
+  rest (:class:`darkknowledge.losses.TopKTargets`; exact at T = 1, documented estimate at other T). For an
+  ensemble under ``arithmetic`` each member's top-k is kept (``[N, M, k]``: the loss averages the members'
+  cross-entropies, which equals the cross-entropy with their mean); under ``geometric`` or ``logits`` (the same
+  targets at every T) the top-k of the mean logits is kept (``[N, 1, k]``).
+
+**Keyed so a stale store is never used.** The key is the SHA-256 of: each member's weights (a hash of its
+state_dict tensors, names, shapes and dtypes, and its architecture's repr: what the logits depend on, even for a
+model changed in memory), the transfer set's fingerprint (pixels, labels, classes), the preprocessing (uint8 / 255,
+no jitter, bf16 autocast or not), the layout with k and the storage dtype, the combine rule where the stored numbers
+depend on it (top-k of several members), and the format version. The key names the files, so a changed teacher or
+data finds no store and computes a new one; stores of other keys are left alone (delete the folder to reclaim).
+
+**Files.** ``STORE_DIR/<key[:16]>.bin`` holds the arrays back to back (page-aligned); ``<key[:16]>.json`` is the
+header: full key and what went into it, shapes, dtypes, offsets, and the SHA-256 of every array. The data file is
+written under a temporary name and renamed, then the header is written the same way, so a crash leaves no header
+or an intact store. Opening checks the format, the key, the data file's size (truncation) and, by default, every
+array's checksum (corruption; one streaming read, no copy kept); :meth:`SoftTargets.compute` rebuilds a store that
+fails any check and says why.
+
+**Reading does not load the file**: it is memory-mapped; a batch is a gather of its rows into a fresh tensor.
+Pages the kernel brought in are file-backed page cache (reclaimable, shared), not the process's own memory;
+:meth:`SoftTargets.iter_batches` also hands them back as it goes, for passes over stores larger than RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import mmap
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint
+from .ensemble import COMBINE_RULES, Ensemble, check_combine, distillation_targets
+from .errors import DarkKnowledgeError
+from .evaluation import as_inputs, autocast
+from .losses import TopKTargets, topk_targets
+
+FORMAT = "darkknowledge/soft-targets-1"
+LAYOUTS = ("full", "topk")
+STORAGE_DTYPES = {"float32": "<f4", "float16": "<f2"}
+PREPROCESSING = "uint8 / 255"
+ALIGN = 4096  # arrays start on page boundaries
+_CHUNK = 1 << 20  # bytes per read when hashing
+
+
+def module_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's architecture (its repr) and every state_dict tensor (name, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    h.update(f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}\n".encode())
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}\n".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def teacher_members(teacher: nn.Module) -> list[nn.Module]:
+    return list(teacher.members) if isinstance(teacher, Ensemble) else [teacher]
+
+
+def _default_combine(teacher: nn.Module) -> str:
+    return teacher.combine if isinstance(teacher, Ensemble) else "arithmetic"
+
+
+class SoftTargets:
+    """Teacher outputs over a transfer set, memory-mapped (or in memory), read per batch by case index.
+
+    Make one with :meth:`compute` (reuses an intact store of the same key, else computes and writes it), open an
+    existing one with :meth:`open`. ``combine`` is the rule applied when reading (``full`` layout: any rule).
+    """
+
+    def __init__(self, header: dict[str, Any], arrays: dict[str, np.ndarray], combine: str,
+                 path: Path | None = None, mapping: mmap.mmap | None = None):
+        self.header = header
+        self._arrays = arrays
+        self._mapping = mapping
+        self.path = path
+        if header["stored_combine"] is not None and combine not in _compatible_rules(header["stored_combine"]):
+            raise DarkKnowledgeError(
+                f"this top-k store holds {header['stored_combine']} targets of {header['members_in_teacher']} members "
+                f"and cannot give {combine!r} ones; compute a store with combine={combine!r}")
+        self.combine = check_combine(combine)
+
+    # -- what it holds -----------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.header["num_cases"]
+
+    def __repr__(self) -> str:
+        where = str(self.path) if self.path is not None else "in memory"
+        k = f", k={self.top_k}" if self.top_k else ""
+        return (f"SoftTargets({where}: {len(self)} cases x {self.num_classes} classes, {self.layout}{k}, "
+                f"{self.header['members_in_teacher']} member(s), combine={self.combine!r})")
+
+    @property
+    def key(self) -> str:
+        return self.header["key"]
+
+    @property
+    def layout(self) -> str:
+        return self.header["layout"]
+
+    @property
+    def top_k(self) -> int | None:
+        return self.header["top_k"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.header["num_classes"]
+
+    @property
+    def num_members(self) -> int:
+        """Members whose outputs are stored (1 for a single teacher or a top-k store of mean logits)."""
+        return self.header["num_members"]
+
+    @property
+    def transfer_fingerprint(self) -> str:
+        return self.header["key_parts"]["transfer_set"]
+
+    @property
+    def nbytes(self) -> int:
+        return self.header["data_bytes"]
+
+    def with_combine(self, combine: str) -> SoftTargets:
+        """The same stored numbers read under another rule (full layout: any rule)."""
+        return SoftTargets(self.header, self._arrays, combine, self.path, self._mapping)
+
+    def describe(self) -> dict[str, Any]:
+        """For sidecars and the run key: what the targets are, not where the file happens to be."""
+        return {"key": self.key, "layout": self.layout, "top_k": self.top_k, "combine": self.combine,
+                "members": self.header["members_in_teacher"], "dtype": self.header["dtype"]}
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def _rows(self, name: str, indices: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.take(self._arrays[name], indices, axis=0))
+
+    def _as_index(self, indices) -> np.ndarray:
+        if isinstance(indices, slice):
+            return np.arange(len(self))[indices]
+        if isinstance(indices, Tensor):
+            indices = indices.numpy()
+        return np.asarray(indices, dtype=np.int64)
+
+    def member_logits(self, indices) -> Tensor:
+        """Stored logits ``[B, M, C]`` (float32) of the cases at ``indices`` (full layout only)."""
+        if self.layout != "full":
+            raise DarkKnowledgeError("a top-k store keeps only the k largest logits; use targets() or "
+                                     "probabilities(), or compute a full store")
+        return self._rows("logits", self._as_index(indices)).float()
+
+    def topk(self, indices) -> TopKTargets:
+        """The stored top-k summary ``[B, M, k]`` (top-k layout only)."""
+        if self.layout != "topk":
+            raise DarkKnowledgeError("this store holds full logits, not a top-k summary")
+        rows = self._as_index(indices)
+        indices = torch.from_numpy(np.take(self._arrays["topk_indices"], rows, axis=0).astype(np.int64))
+        return TopKTargets(self._rows("topk_logits", rows).float(), indices, self._rows("tail_logsumexp", rows),
+                           self._rows("tail_mean", rows))
+
+    def targets(self, indices, temperature: float) -> dict[str, Any]:
+        """Keyword arguments for :func:`darkknowledge.losses.distillation_loss` giving the targets at T:
+        ``teacher_logits``, ``soft_targets`` (arithmetic mean of several members) or ``topk_targets``."""
+        if self.layout == "topk":
+            return {"topk_targets": self.topk(indices)}
+        return distillation_targets(self.member_logits(indices), self.combine, temperature)
+
+    def probabilities(self, indices, temperature: float) -> Tensor:
+        """Dense soft targets ``[B, C]`` at ``temperature`` (top-k: the tail mass spread evenly over the tail)."""
+        from .losses import _tail_logsumexp, softmax_with_temperature
+        targets = self.targets(indices, temperature)
+        if "soft_targets" in targets:
+            return targets["soft_targets"]
+        if "teacher_logits" in targets:
+            return softmax_with_temperature(targets["teacher_logits"], temperature)
+        t = targets["topk_targets"]
+        batch, members, k = t.logits.shape
+        top = t.logits / temperature
+        tail = self.num_classes - k
+        if tail == 0:
+            dense = torch.zeros(batch, members, self.num_classes).scatter_(-1, t.indices, torch.softmax(top, -1))
+            return dense.mean(1)
+        tail_lse = _tail_logsumexp(t, 1 / temperature, torch.float32, tail)
+        log_z = torch.logaddexp(top.logsumexp(-1), tail_lse)
+        dense = (torch.exp(tail_lse - log_z) / tail).unsqueeze(-1).expand(batch, members, self.num_classes).clone()
+        dense.scatter_(-1, t.indices, torch.exp(top - log_z.unsqueeze(-1)))
+        return dense.mean(1)
+
+    def iter_batches(self, batch_size: int = 4096) -> Iterator[tuple[slice, dict[str, Tensor]]]:
+        """Every row in order, ``batch_size`` at a time, as (slice, {array name: tensor}); pages already read are
+        handed back to the kernel every ~64 MB, so a pass over a store larger than RAM stays small."""
+        row_bytes = sum(a[:1].nbytes for a in self._arrays.values())
+        release_every = max(1, (64 << 20) // max(row_bytes * batch_size, 1))
+        for step, start in enumerate(range(0, len(self), batch_size)):
+            rows = slice(start, min(start + batch_size, len(self)))
+            yield rows, {name: torch.from_numpy(np.array(a[rows])) for name, a in self._arrays.items()}
+            if (step + 1) % release_every == 0:
+                self.release()
+        self.release()
+
+    def release(self) -> None:
+        """Drop this process's mapping of pages read so far (they stay in the page cache; no data is lost)."""
+        if self._mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mapping.madvise(mmap.MADV_DONTNEED)
+
+    # -- making one --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def compute(cls, teacher: nn.Module, transfer_set, store_dir: str | os.PathLike | None = None, *,
+                top_k: int | None = None, dtype: str = "float32", combine: str | None = None,
+                batch_size: int = 2048, bf16: bool = False,
+                log: Callable[[str], None] | None = None) -> SoftTargets:
+        """The teacher's outputs over ``transfer_set`` (a LabeledImages), from ``store_dir`` if an intact store of
+        the same key is there, else computed in one batched pass of each member and written there.
+
+        ``teacher``: any module mapping images to logits, or an :class:`Ensemble` (its members' logits are kept;
+        ``combine`` defaults to the ensemble's rule). ``top_k``: keep only the k largest logits per case (and
+        member). ``dtype``: ``float32`` or ``float16`` for the stored logits. ``store_dir=None``: in memory only.
+        """
+        log = log or (lambda _: None)
+        combine = check_combine(combine or _default_combine(teacher))
+        if dtype not in STORAGE_DTYPES:
+            raise DarkKnowledgeError(f"store dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+        if len(transfer_set) == 0:
+            raise DarkKnowledgeError("the transfer set is empty; soft targets need at least one case")
+        members = teacher_members(teacher)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise DarkKnowledgeError(f"top_k must be an integer >= 1 (and at most the number of classes), "
+                                     f"got {top_k!r}")
+        layout = "full" if top_k is None else "topk"
+        # Top-k of several members: per-member top-k for the arithmetic mean, top-k of the mean logits otherwise.
+        stored_combine = None
+        if layout == "topk" and len(members) > 1:
+            stored_combine = "arithmetic" if combine == "arithmetic" else "mean-logits"
+        key_parts = {
+            "format": FORMAT,
+            "teacher": [module_sha256(m) for m in members],
+            "transfer_set": transfer_set.fingerprint(),
+            "preprocessing": {"inputs": PREPROCESSING, "jitter": 0, "bf16": bool(bf16)},
+            "layout": layout, "top_k": top_k, "dtype": dtype, "stored_combine": stored_combine,
+        }
+        key = _key(key_parts)
+        header_path = Path(store_dir) / f"{key[:16]}.json" if store_dir is not None else None
+        if header_path is not None and (header_path.exists() or header_path.with_suffix(".bin").exists()):
+            try:
+                store = cls.open(header_path, combine=combine, expected_key=key)
+                log(f"soft targets: reusing {header_path} ({store.nbytes / 1e6:.1f} MB)")
+                return store
+            except DarkKnowledgeError as problem:
+                log(f"soft targets: not using {header_path}: {problem}; computing it again")
+
+        # The first batch tells the number of classes (the arrays' shapes); the pass goes on from there.
+        started = time.perf_counter()
+        chunks = _teacher_chunks(teacher, transfer_set.images, batch_size, bf16)
+        first = next(chunks)
+        num_classes = _check_classes(first, transfer_set)
+        if top_k is not None and top_k > num_classes:
+            raise DarkKnowledgeError(f"top_k must be at most the number of classes ({num_classes}), got {top_k}")
+        chunks = itertools.chain([first], chunks)
+        stored_members = 1 if stored_combine == "mean-logits" else len(members)
+        if stored_combine == "mean-logits":
+            chunks = (c.mean(1, keepdim=True) for c in chunks)
+        describe = teacher.describe() if isinstance(teacher, Ensemble) else {"module": type(teacher).__name__}
+        store = cls.write(chunks, header_path, key_parts=key_parts, num_cases=len(transfer_set),
+                          num_members=stored_members, num_classes=num_classes, combine=combine,
+                          extra={"teacher": describe, "members_in_teacher": len(members),
+                                 "transfer_set": {"name": transfer_set.name, "cases": len(transfer_set),
+                                                  "classes": list(transfer_set.classes)}})
+        seconds = time.perf_counter() - started
+        where = str(header_path) if header_path is not None else "memory"
+        log(f"soft targets: computed {len(transfer_set)} cases x {len(members)} member(s) in {seconds:.1f}s "
+            f"(one batched pass of each member), {store.nbytes / 1e6:.1f} MB {layout} store in {where}")
+        return store
+
+    @classmethod
+    def write(cls, chunks: Iterable[Tensor | dict[str, Any]], header_path: str | os.PathLike | None, *,
+              key_parts: dict[str, Any], num_cases: int, num_members: int, num_classes: int,
+              combine: str = "arithmetic", extra: dict[str, Any] | None = None) -> SoftTargets:
+        """Stream ``chunks`` (in case order) into a store; nothing is held in memory beyond one chunk.
+
+        Each chunk is either member logits ``[b, M, C]`` (turned into the layout ``key_parts`` names) or, for a
+        top-k store, a dict with ``topk_logits``/``topk_indices`` ``[b, M, k]`` and ``tail_logsumexp``/
+        ``tail_mean`` ``[b, M]`` already made. ``header_path=None`` keeps the arrays in memory.
+        """
+        layout, top_k, dtype = key_parts["layout"], key_parts["top_k"], key_parts["dtype"]
+        specs = _array_specs(layout, num_cases, num_members, num_classes, top_k, dtype)
+        key = _key(key_parts)
+        writer = _Writer(specs, Path(header_path).with_suffix(".bin") if header_path is not None else None)
+        try:
+            if header_path is not None:
+                Path(header_path).unlink(missing_ok=True)  # the old header must not vouch for the new data
+            for chunk in chunks:
+                writer.append(_chunk_arrays(chunk, layout, top_k))
+            arrays_meta, arrays = writer.finish(num_cases)
+        except BaseException:
+            writer.abort()
+            raise
+        header = {"format": FORMAT, "key": key, "key_parts": key_parts, "layout": layout, "top_k": top_k,
+                  "dtype": dtype, "num_cases": num_cases, "num_members": num_members, "num_classes": num_classes,
+                  "stored_combine": key_parts.get("stored_combine"), "members_in_teacher": num_members,
+                  **(extra or {}), "data_file": None, "data_bytes": writer.total_bytes, "arrays": arrays_meta,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "provenance": checkpoint.provenance()}
+        if header_path is None:
+            return cls(header, arrays, combine)
+        header["data_file"] = Path(header_path).with_suffix(".bin").name
+        checkpoint.write_json(Path(header_path), header)
+        return cls.open(header_path, combine=combine, verify=False)  # just hashed while writing
+
+    @classmethod
+    def open(cls, header_path: str | os.PathLike, *, combine: str | None = None, verify: bool = True,
+             expected_key: str | None = None) -> SoftTargets:
+        """Memory-map a store. Checks format, key, size and (``verify``) each array's SHA-256; raises a one-line
+        :class:`DarkKnowledgeError` naming what is wrong (``compute`` catches it and rebuilds)."""
+        header_path = Path(header_path)
+        if header_path.suffix == ".bin":
+            header_path = header_path.with_suffix(".json")
+        if not header_path.exists():
+            raise DarkKnowledgeError(f"soft-target store header {header_path} is missing")
+        try:
+            header = json.loads(header_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DarkKnowledgeError(f"soft-target store header {header_path} is not valid JSON ({e})") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise DarkKnowledgeError(f"{header_path} is not a {FORMAT} soft-target store header")
+        try:
+            if _key(header["key_parts"]) != header["key"] or (expected_key and header["key"] != expected_key):
+                raise DarkKnowledgeError(f"soft-target store {header_path} was made for another teacher, transfer "
+                                         "set or settings (key mismatch)")
+            data_path = header_path.parent / header["data_file"]
+            arrays_meta = header["arrays"]
+        except (KeyError, TypeError):
+            raise DarkKnowledgeError(f"soft-target store header {header_path} is incomplete") from None
+        if not data_path.exists():
+            raise DarkKnowledgeError(f"soft-target store data {data_path} is missing")
+        size = data_path.stat().st_size
+        if size != header["data_bytes"]:
+            raise DarkKnowledgeError(f"soft-target store data {data_path} has {size} bytes, its header says "
+                                     f"{header['data_bytes']} (truncated or replaced)")
+        with open(data_path, "rb") as f:
+            if verify:
+                for name, meta in arrays_meta.items():
+                    if _sha256_range(f, meta["offset"], meta["nbytes"]) != meta["sha256"]:
+                        raise DarkKnowledgeError(f"soft-target store data {data_path}: array {name} does not match "
+                                                 "the checksum in its header (corrupt)")
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        arrays = {name: np.frombuffer(mapping, dtype=np.dtype(meta["dtype"]), count=int(np.prod(meta["shape"])),
+                                      offset=meta["offset"]).reshape(meta["shape"])
+                  for name, meta in arrays_meta.items()}
+        default = header["stored_combine"] if header["stored_combine"] in COMBINE_RULES else "arithmetic"
+        if header["stored_combine"] == "mean-logits":
+            default = "logits"
+        return cls(header, arrays, combine or default, header_path, mapping)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _compatible_rules(stored_combine: str) -> tuple[str, ...]:
+    return ("arithmetic",) if stored_combine == "arithmetic" else ("geometric", "logits")
+
+
+def _key(key_parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256_range(f, offset: int, nbytes: int) -> str:
+    h = hashlib.sha256()
+    f.seek(offset)
+    left = nbytes
+    while left > 0:
+        block = f.read(min(_CHUNK, left))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()
+
+
+def _array_specs(layout: str, n: int, m: int, c: int, k: int | None, dtype: str) -> dict[str, tuple[str, tuple]]:
+    if layout not in LAYOUTS:
+        raise DarkKnowledgeError(f"store layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    logit_dtype = STORAGE_DTYPES[dtype]
+    if layout == "full":
+        return {"logits": (logit_dtype, (n, m, c))}
+    index_dtype = "<u2" if c <= 1 << 16 else "<i4"  # 10,000 classes: 2 bytes per index
+    return {"topk_logits": (logit_dtype, (n, m, k)), "topk_indices": (index_dtype, (n, m, k)),
+            "tail_logsumexp": ("<f4", (n, m)), "tail_mean": ("<f4", (n, m))}
+
+
+def _chunk_arrays(chunk, layout: str, top_k: int | None) -> dict[str, np.ndarray]:
+    if isinstance(chunk, dict):
+        return {name: (value.numpy() if isinstance(value, Tensor) else np.asarray(value))
+                for name, value in chunk.items()}
+    chunk = chunk.detach().float()
+    if layout == "full":
+        return {"logits": chunk.numpy()}
+    t = topk_targets(chunk, top_k)
+    return {"topk_logits": t.logits.numpy(), "topk_indices": t.indices.numpy(),
+            "tail_logsumexp": t.tail_logsumexp.numpy(), "tail_mean": t.tail_mean.numpy()}
+
+
+def _check_classes(member_logits: Tensor, transfer_set) -> int:
+    classes = member_logits.shape[-1]
+    if classes != transfer_set.num_classes:
+        raise DarkKnowledgeError(f"the teacher predicts {classes} classes but the transfer set "
+                                 f"{transfer_set.name} has {transfer_set.num_classes}")
+    return classes
+
+
+@torch.no_grad()
+def _teacher_chunks(teacher: nn.Module, images: Tensor, batch_size: int, bf16: bool) -> Iterator[Tensor]:
+    """Member logits ``[b, M, C]`` batch by batch: one eval pass of each member over the transfer set."""
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            inputs = as_inputs(images[start:start + batch_size])
+            with autocast(bf16):
+                out = teacher.member_logits(inputs) if isinstance(teacher, Ensemble) else teacher(inputs)
+            if out.dim() != (3 if isinstance(teacher, Ensemble) else 2):
+                raise DarkKnowledgeError(f"the teacher must return logits [batch, classes], got shape "
+                                         f"{tuple(out.shape)}")
+            yield (out if isinstance(teacher, Ensemble) else out.unsqueeze(1)).float()
+    finally:
+        teacher.train(was_training)
+
+
+class _Writer:
+    """Arrays laid out back to back (page-aligned) in one file, filled in row order and hashed as they go."""
+
+    def __init__(self, specs: dict[str, tuple[str, tuple]], data_path: Path | None):
+        self.specs = specs
+        self.data_path = data_path
+        self.offsets, offset = {}, 0
+        for name, (dtype, shape) in specs.items():
+            offset = -(-offset // ALIGN) * ALIGN
+            self.offsets[name] = offset
+            offset += np.dtype(dtype).itemsize * int(np.prod(shape))
+        self.total_bytes = offset
+        self.row_bytes = {name: np.dtype(dtype).itemsize * int(np.prod(shape[1:]))
+                          for name, (dtype, shape) in specs.items()}
+        self.hashes = {name: hashlib.sha256() for name in specs}
+        self.rows = 0
+        self.fd = self.tmp = None
+        self.memory: dict[str, np.ndarray] | None = None
+        if data_path is None:
+            self.memory = {name: np.empty(shape, dtype=dtype) for name, (dtype, shape) in specs.items()}
+        else:
+            data_path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd, self.tmp = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=data_path.parent)
+
+    def append(self, arrays: dict[str, np.ndarray]) -> None:
+        if set(arrays) != set(self.specs):
+            raise DarkKnowledgeError(f"a store chunk must hold {', '.join(sorted(self.specs))}, got "
+                                     f"{', '.join(sorted(arrays))}")
+        rows = {len(a) for a in arrays.values()}
+        if len(rows) != 1:
+            raise DarkKnowledgeError("the arrays of a store chunk have different numbers of rows")
+        count = rows.pop()
+        for name, (dtype, shape) in self.specs.items():
+            if self.rows + count > shape[0]:
+                raise DarkKnowledgeError(f"store chunks hold more than the {shape[0]} cases announced")
+            data = np.ascontiguousarray(arrays[name], dtype=dtype)
+            if data.shape[1:] != shape[1:]:
+                raise DarkKnowledgeError(f"store chunk array {name} has rows of shape {data.shape[1:]}, expected "
+                                         f"{shape[1:]}")
+            self.hashes[name].update(memoryview(data).cast("B"))
+            if self.memory is not None:
+                self.memory[name][self.rows:self.rows + count] = data
+            else:
+                view, position = memoryview(data).cast("B"), self.offsets[name] + self.rows * self.row_bytes[name]
+                while view:
+                    written = os.pwrite(self.fd, view, position)
+                    view, position = view[written:], position + written
+        self.rows += count
+
+    def finish(self, num_cases: int) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+        if self.rows != num_cases:
+            raise DarkKnowledgeError(f"store chunks held {self.rows} cases, expected {num_cases}")
+        meta = {name: {"dtype": dtype, "shape": list(shape), "offset": self.offsets[name],
+                       "nbytes": self.row_bytes[name] * shape[0], "sha256": self.hashes[name].hexdigest()}
+                for name, (dtype, shape) in self.specs.items()}
+        if self.memory is not None:
+            return meta, self.memory
+        os.ftruncate(self.fd, self.total_bytes)  # padding after the last array, if any
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        os.replace(self.tmp, self.data_path)
+        return meta, None
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.tmp is not None:
+            Path(self.tmp).unlink(missing_ok=True)
