@@ -67,6 +67,31 @@ def _add_distillation_options(p: argparse.ArgumentParser) -> None:
                         "the paper's speech run used 0.5)")
 
 
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    from .ensemble import COMBINE_RULES
+    g = p.add_argument_group("ensemble and soft-target store (§4)")
+    g.add_argument("--combine", choices=COMBINE_RULES, default="arithmetic",
+                   help="how an ensemble's members are combined: mean of probabilities (the paper's, default), "
+                        "normalized geometric mean, or mean of logits (the last two give the same targets)")
+    g.add_argument("--store-dir", type=Path, default=None,
+                   help="folder of soft-target stores (teacher outputs computed once, keyed by teacher, data and "
+                        "settings, reused by later students); default: OUT/../soft-targets")
+    g.add_argument("--top-k", type=int, default=None,
+                   help="store only the K largest logits per case and a summary of the rest (for many classes)")
+    g.add_argument("--store-dtype", choices=("float32", "float16"), default="float32",
+                   help="precision of the stored logits (default: %(default)s)")
+
+
+class _Repeatable(argparse.Action):
+    """``action="append"``, except that the command line replaces a --config file's list instead of extending it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        if current is None or current is self.default or not isinstance(current, list):
+            current = []
+        setattr(namespace, self.dest, [*current, values])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="darkknowledge", epilog=EPILOG,
@@ -82,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model spec, e.g. mlp:800x2, mlp:500-300,dropout=0.5, cnn:small (default: the paper's "
                         "teacher, %(default)s)")
     p.add_argument("--out", type=Path, help="run directory to write (required)")
+    p.add_argument("--members", type=int, default=None,
+                   help="train an ensemble of N members differing only in seed (--seed, --seed+1, ...) into "
+                        "OUT/member-00, ...; with --resume, finished members are skipped and missing ones trained")
     _add_data_options(p)
     _add_training_options(p)
 
@@ -89,12 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a student to match a teacher's soft targets at a temperature (§2) on "
                                    "the teacher's training split.", epilog=EPILOG)
     p.add_argument("--config", type=Path, help="TOML file of options (keys as the long options)")
-    p.add_argument("--teacher", type=Path, help="run directory of the teacher (required)")
+    p.add_argument("--teacher", type=Path, action=_Repeatable,
+                   help="run directory of the teacher; repeat for an ensemble of several runs (required, or "
+                        "--ensemble)")
+    p.add_argument("--ensemble", type=Path, help="ensemble folder written by 'train --members N', as the teacher")
     p.add_argument("--student", default="mlp:800x2", help="student model spec (default: %(default)s)")
     p.add_argument("--out", type=Path, help="run directory to write (required)")
     _add_data_options(p, default_dataset=None)
     _add_training_options(p)
     _add_distillation_options(p)
+    _add_store_options(p)
 
     p = sub.add_parser("evaluate", help="print a saved model's errors as JSON",
                        description="Evaluate a run directory's model; prints JSON with errors, accuracy and "
@@ -235,19 +267,42 @@ def _summary(model, result, out: Path) -> str:
     return f"saved {count_parameters(model):,}-parameter model to {out}{best} ({result.seconds:.0f}s)"
 
 
+def _teachers(args: argparse.Namespace) -> list[Path]:
+    """--teacher (repeatable; a config file may give one path or a list) or --ensemble, not both."""
+    teachers = args.teacher
+    if isinstance(teachers, (str, Path)):
+        teachers = [teachers]
+    teachers = [Path(t) for t in teachers or []]
+    if teachers and args.ensemble is not None:
+        raise DarkKnowledgeError("give --teacher (one or more runs) or --ensemble FOLDER, not both")
+    if args.ensemble is not None:
+        return [Path(args.ensemble)]
+    if not teachers:
+        raise DarkKnowledgeError("distill needs --teacher RUN (repeat it for an ensemble) or --ensemble FOLDER "
+                                 "(on the command line or in the --config file)")
+    return teachers
+
+
 def run(args: argparse.Namespace) -> int:
     from . import jobs
-    if args.command == "train":
+    if args.command == "train" and args.members is not None:
+        _require(args, "out")
+        done = jobs.train_ensemble(args.model, _data_choice(args), _train_config(args), args.out, args.members,
+                                   args.resume)
+        print(f"saved an ensemble of {args.members} members to {args.out} ({len(done.trained)} trained now, "
+              f"{len(done.skipped)} already finished); use it with 'distill --ensemble {args.out}'")
+    elif args.command == "train":
         _require(args, "out")
         model, result = jobs.train_run(args.model, _data_choice(args), _train_config(args), args.out, args.resume)
         print(_summary(model, result, args.out))
     elif args.command == "distill":
-        _require(args, "teacher", "out", "temperature")
-        from .checkpoint import read_model_meta
-        teacher_dataset = read_model_meta(args.teacher)["dataset"]
-        model, result = jobs.distill_run(args.teacher, args.student, _data_choice(args, teacher_dataset),
-                                         _train_config(args), args.temperature, args.soft_weight, args.hard_weight,
-                                         args.out, args.resume)
+        teachers = _teachers(args)
+        _require(args, "out", "temperature")
+        model, result = jobs.distill_run(
+            teachers, args.student, _data_choice(args, jobs.teacher_dataset(teachers)), _train_config(args),
+            args.temperature, args.soft_weight, args.hard_weight, args.out, args.resume, combine=args.combine,
+            store_dir=args.store_dir or Path(args.out).parent / "soft-targets", top_k=args.top_k,
+            store_dtype=args.store_dtype)
         print(_summary(model, result, args.out))
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset else None

@@ -6,18 +6,24 @@ They glue data, models, the training loop and checkpoints together with the book
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from . import checkpoint
 from .data import DEFAULT_VALIDATION_SIZE, LabeledImages, load_dataset, validation_split
+from .ensemble import Ensemble, is_ensemble_dir, read_manifest, write_manifest
 from .errors import DarkKnowledgeError
 from .evaluation import evaluate
 from .models import build_model, count_parameters, parse_spec
-from .training import Distillation, FitResult, HardTargets, TrainConfig, cache_teacher_logits, fit
+from .soft_targets import SoftTargets
+from .training import Distillation, FitResult, HardTargets, TrainConfig, _run_key, cache_teacher_logits, fit
 
 
 @dataclass
@@ -67,11 +73,24 @@ def _model_meta(spec: str, train: LabeledImages, data: DataChoice) -> dict[str, 
 
 def train_run(spec: str, data: DataChoice, config: TrainConfig, out: str | Path | None = None,
               resume: bool = False, log: Callable[[str], None] | None = None) -> tuple[Any, FitResult]:
-    """Train a model from scratch on hard labels (a teacher, an ensemble member or a baseline)."""
+    """Train a model from scratch on hard labels (a teacher, an ensemble member or a baseline).
+
+    The initial weights come from ``config.seed`` (as do the order of cases and dropout), so a run is repeatable.
+    """
     train, val, _ = data.load()
-    model = build_model(spec, train.image_shape, train.num_classes)
+    model = _seeded_model(spec, train, config.seed)
     result = fit(model, train, val, config, HardTargets(), out, resume, _model_meta(spec, train, data), log)
     return model, result
+
+
+def _log_to_stderr(line: str) -> None:
+    tqdm.write(line, file=sys.stderr)  # between progress bars, as the training loop logs
+
+
+def _seeded_model(spec: str, train: LabeledImages, seed: int):
+    with torch.random.fork_rng():  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        return build_model(spec, train.image_shape, train.num_classes)
 
 
 def check_compatible(model_meta: dict[str, Any], data: LabeledImages, run_dir: Path) -> None:
@@ -86,24 +105,152 @@ def check_compatible(model_meta: dict[str, Any], data: LabeledImages, run_dir: P
             f"{data.image_shape}; use a model trained on this dataset")
 
 
-def distill_run(teacher_dir: str | Path, spec: str, data: DataChoice, config: TrainConfig, temperature: float,
-                soft_weight: float = 1.0, hard_weight: float = 0.0, out: str | Path | None = None,
-                resume: bool = False, log: Callable[[str], None] | None = None) -> tuple[Any, FitResult]:
-    """Distil a saved teacher into a new ``spec`` student on the dataset's training split (§2, §3).
+TeacherSource = str | os.PathLike | Sequence[str | os.PathLike]
 
-    Without jitter the teacher's logits are computed once over the transfer set; with jitter it runs online.
+
+def load_teacher(teacher: TeacherSource, combine: str = "arithmetic") -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """A saved teacher: one run directory, several (an :class:`Ensemble` of them) or an ensemble folder (its
+    ``ensemble.json``). Returns (module, what the student's sidecar records about it, a member's model.json)."""
+    sources = [teacher] if isinstance(teacher, (str, os.PathLike)) else list(teacher)
+    if not sources:
+        raise DarkKnowledgeError("distillation needs a teacher: a run directory, several, or an ensemble folder")
+    if len(sources) == 1 and is_ensemble_dir(sources[0]):
+        ensemble = Ensemble.from_dir(sources[0], combine)
+        return ensemble, {"ensemble": str(sources[0]), **ensemble.describe()}, ensemble.member_meta[0]
+    if len(sources) == 1:
+        model, meta = checkpoint.load_model(sources[0])
+        return model, {"run": str(sources[0]), "spec": meta["spec"], "weights_sha256": meta["weights_sha256"]}, meta
+    ensemble = Ensemble.from_runs(sources, combine)
+    return ensemble, ensemble.describe(), ensemble.member_meta[0]
+
+
+def teacher_dataset(teacher: TeacherSource) -> str:
+    """The dataset a saved teacher (or the first member of an ensemble) was trained on."""
+    first = teacher if isinstance(teacher, (str, os.PathLike)) else (list(teacher) or [None])[0]
+    if first is None:
+        raise DarkKnowledgeError("distillation needs a teacher: a run directory, several, or an ensemble folder")
+    if is_ensemble_dir(first):
+        return read_manifest(first)["dataset"]
+    return checkpoint.read_model_meta(first)["dataset"]
+
+
+def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config: TrainConfig, temperature: float,
+                soft_weight: float = 1.0, hard_weight: float = 0.0, out: str | Path | None = None,
+                resume: bool = False, log: Callable[[str], None] | None = None, *, combine: str = "arithmetic",
+                store_dir: str | Path | None = None, top_k: int | None = None,
+                store_dtype: str = "float32") -> tuple[Any, FitResult]:
+    """Distil a saved teacher (a run, several runs or an ensemble folder) into a new ``spec`` student on the
+    dataset's training split (§2, §3, §4).
+
+    Without jitter the teacher's outputs are computed once over the transfer set: into the soft-target store in
+    ``store_dir`` (reused by every later student of the same teacher and data) when it is given, an ensemble's
+    or a top-k store in memory otherwise, and a single teacher's logits in memory when neither. With jitter the
+    teacher runs online on every batch.
     """
-    teacher, teacher_meta = checkpoint.load_model(teacher_dir)
+    log = log or _log_to_stderr
+    teacher, teacher_info, member_meta = load_teacher(teacher_dir, combine)
     train, val, _ = data.load()
-    check_compatible(teacher_meta, train, Path(teacher_dir))
-    cached = cache_teacher_logits(teacher, train, config.bf16) if config.jitter == 0 else None
-    objective = Distillation(temperature, soft_weight, hard_weight, teacher=teacher, teacher_logits=cached)
-    model = build_model(spec, train.image_shape, train.num_classes)
-    meta = {**_model_meta(spec, train, data),
-            "teacher": {"run": str(teacher_dir), "spec": teacher_meta["spec"],
-                        "weights_sha256": teacher_meta["weights_sha256"]}}
+    sources = [teacher_dir] if isinstance(teacher_dir, (str, os.PathLike)) else list(teacher_dir)
+    check_compatible(member_meta, train, Path(sources[0]))
+    cached = store = None
+    if config.jitter == 0:
+        if store_dir is not None or isinstance(teacher, Ensemble) or top_k is not None:
+            store = SoftTargets.compute(teacher, train, store_dir, top_k=top_k, dtype=store_dtype, combine=combine,
+                                        bf16=config.bf16, log=log)
+        else:
+            cached = cache_teacher_logits(teacher, train, config.bf16)
+    objective = Distillation(temperature, soft_weight, hard_weight, teacher=teacher, teacher_logits=cached,
+                             store=store)
+    model = _seeded_model(spec, train, config.seed)
+    meta = {**_model_meta(spec, train, data), "teacher": teacher_info}
     result = fit(model, train, val, config, objective, out, resume, meta, log)
     return model, result
+
+
+def member_dir(index: int) -> str:
+    return f"member-{index:02d}"
+
+
+@dataclass
+class EnsembleResult:
+    folder: Path
+    trained: list[int]  # members trained (or finished) by this call
+    skipped: list[int]  # members already finished
+    results: dict[int, FitResult]
+
+
+def train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: str | Path, members: int,
+                   resume: bool = False, log: Callable[[str], None] | None = None) -> EnsembleResult:
+    """§4: ``members`` models of one spec and recipe differing only in seed (``config.seed + i`` for the
+    initial weights, the order of cases and dropout), in ``out/member-00``, ``member-01``, ...
+
+    ``out/ensemble.json`` lists them and is rewritten atomically after each one, so ``Ensemble.from_dir`` can
+    load the finished ensemble. With ``resume`` a rerun skips finished members, resumes a half-finished one from
+    its last epoch and trains the missing ones; the same call with a larger ``members`` grows the ensemble.
+    """
+    log = log or _log_to_stderr
+    if isinstance(members, bool) or not isinstance(members, int) or members < 1:
+        raise DarkKnowledgeError(f"members must be an integer >= 1, got {members!r}")
+    out = Path(out)
+    if is_ensemble_dir(out):
+        if not resume:
+            raise DarkKnowledgeError(f"{out} already holds an ensemble; pass --resume to finish or grow it, or "
+                                     "choose another output directory")
+        old = read_manifest(out)
+        if len(old["members"]) > members:
+            raise DarkKnowledgeError(f"{out} holds an ensemble of {len(old['members'])} members; asking for "
+                                     f"{members} would leave some out: pass --members {len(old['members'])} or more")
+        if old.get("spec") != str(parse_spec(spec)):
+            raise DarkKnowledgeError(f"{out} holds an ensemble of {old.get('spec')} members, not {spec}; train "
+                                     "the same spec or choose another output directory")
+    elif out.exists() and checkpoint.MODEL_META in {p.name for p in out.iterdir()}:
+        raise DarkKnowledgeError(f"{out} holds a single run, not an ensemble; choose another output directory")
+
+    train, val, _ = data.load()
+    meta = _model_meta(spec, train, data)
+    entries = [{"run": member_dir(i), "seed": config.seed + i, "done": False} for i in range(members)]
+
+    def record() -> None:
+        for entry in entries:
+            run_dir = out / entry["run"]
+            state_path = run_dir / checkpoint.STATE_META
+            state = checkpoint.read_json(state_path, "training state") if state_path.exists() else {}
+            entry["done"] = bool(state.get("done")) and (run_dir / checkpoint.MODEL_META).exists()
+            entry["epochs"] = state.get("epoch", 0)
+            if entry["done"]:
+                entry["weights_sha256"] = checkpoint.read_model_meta(run_dir)["weights_sha256"]
+        write_manifest(out, {"spec": meta["spec"], "dataset": data.dataset, "classes": meta["classes"],
+                             "image_shape": meta["image_shape"], "combine": "arithmetic",
+                             "complete": all(e["done"] for e in entries), "members": entries,
+                             "training": {k: v for k, v in vars(config).items() if k not in ("progress", "seed")},
+                             "data": data.describe(train)})
+
+    record()
+    trained, skipped, results = [], [], {}
+    for i, entry in enumerate(entries):
+        run_dir = out / entry["run"]
+        member_config = replace(config, seed=entry["seed"])
+        if not entry["done"] and (run_dir / checkpoint.STATE_META).exists() \
+                and not (run_dir / checkpoint.MODEL_META).exists():
+            # A run whose model file was deleted cannot be resumed: train that member again from the start.
+            log(f"member {i + 1}/{members} ({entry['run']}): model missing, training it again")
+            for stale in [run_dir / checkpoint.STATE_META, *run_dir.glob("state-e*.safetensors")]:
+                stale.unlink(missing_ok=True)
+        if entry["done"]:
+            state = checkpoint.read_json(run_dir / checkpoint.STATE_META, "training state")
+            if state.get("run_key") != _run_key(meta, train, val, member_config, HardTargets()):
+                raise DarkKnowledgeError(f"{run_dir} was trained with other settings, model or data; finish the "
+                                         "ensemble with the options it was started with, or choose another "
+                                         "output directory")
+            log(f"member {i + 1}/{members} ({entry['run']}): finished, skipped")
+            skipped.append(i)
+            continue
+        log(f"member {i + 1}/{members} ({entry['run']}, seed {entry['seed']})")
+        model = _seeded_model(spec, train, entry["seed"])  # the member's initial weights come from its seed
+        results[i] = fit(model, train, val, member_config, HardTargets(), run_dir, resume, meta, log)
+        trained.append(i)
+        record()
+    return EnsembleResult(out, trained, skipped, results)
 
 
 def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str = "test",
