@@ -51,14 +51,14 @@ def test_train_then_evaluate_prints_errors_accuracy_and_per_class_errors(teacher
 
 def test_distill_records_its_teacher_and_learns(teacher_run, tmp_path, capsys):
     code, out, err = run_cli(capsys, "distill", "--teacher", teacher_run, "--student", "mlp:16", "-T", "4",
-                             "--hard-weight", "0.5", "--out", tmp_path / "student", *FAST)
+                             "--hard-weight", "0.5", "--out", tmp_path / "student", *FAST, "--epochs", "6")
     assert code == 0, err
     assert "saved" in out
     meta = checkpoint.read_model_meta(tmp_path / "student")
     assert meta["teacher"]["weights_sha256"] == checkpoint.read_model_meta(teacher_run)["weights_sha256"]
     assert meta["temperature"] == 4 and meta["hard_weight"] == 0.5 and meta["dataset"] == "digits"
     _, out, _ = run_cli(capsys, "evaluate", tmp_path / "student", "--split", "val")
-    assert json.loads(out)["errors"] < 150  # of 202; chance is ~182
+    assert json.loads(out)["errors"] < 120  # of 202; chance is ~182
 
 
 def test_toml_config_gives_defaults_and_the_command_line_overrides_them(tmp_path, capsys):
