@@ -255,3 +255,18 @@ def test_cli_refuses_a_half_finished_ensemble_in_one_line(tmp_path, capsys):
     (ens / MANIFEST).write_text(json.dumps(manifest))
     code, _, err = run_cli(capsys, "distill", "--ensemble", ens, "-T", "2", "--out", tmp_path / "s")
     assert code == 1 and err.count("\n") == 1 and "half-finished" in err and "--resume" in err
+    code, _, err = run_cli(capsys, "export", ens, "--out", tmp_path / "ens.onnx", "--no-card")
+    assert code == 1 and err.count("\n") == 1 and "half-finished" in err
+
+
+def test_teachers_from_a_config_file_are_replaced_not_extended_by_the_command_line(tmp_path):
+    from darkknowledge.cli import _apply_config_file, _teachers, build_parser
+    config = tmp_path / "distill.toml"
+    config.write_text('teacher = ["runs/a", "runs/b"]\ncombine = "geometric"\n')
+    args = _apply_config_file(build_parser(), ["distill", "--config", str(config)])
+    assert [str(t) for t in _teachers(args)] == ["runs/a", "runs/b"] and args.combine == "geometric"
+    args = _apply_config_file(build_parser(), ["distill", "--config", str(config), "--teacher", "runs/c"])
+    assert [str(t) for t in _teachers(args)] == ["runs/c"]
+    config.write_text('teacher = "runs/a"\n')
+    args = _apply_config_file(build_parser(), ["distill", "--config", str(config)])
+    assert [str(t) for t in _teachers(args)] == ["runs/a"]

@@ -30,6 +30,7 @@ gives the softened ensemble, not the paper's targets: use :meth:`Ensemble.soft_t
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -229,7 +230,12 @@ def _describe_classes(classes: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 def is_ensemble_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """Whether ``path`` holds an ensemble manifest written by ``train --members`` (another ensemble.json is not)."""
+    try:
+        with open(Path(path) / MANIFEST) as f:
+            return json.load(f).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:

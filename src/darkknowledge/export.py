@@ -102,13 +102,22 @@ def _load_ensemble(folder: Path, members: list[Path]) -> Deployable:
         raise DarkKnowledgeError(f"{folder} holds {len(members)} member runs but this version has no "
                                  "darkknowledge.ensemble module to combine them; export one member's folder") \
             from None
+    try:
+        from .ensemble import is_ensemble_dir
+    except ImportError:  # an Ensemble without manifests (a stand-in)
+        def is_ensemble_dir(_):
+            return False
+    ensemble = None
+    if is_ensemble_dir(folder):  # from 'train --members': members as its manifest lists them; half-finished refused
+        ensemble = Ensemble.from_dir(folder)
+        members = [Path(run) for run in ensemble.runs]
     metas = [checkpoint.read_model_meta(m) for m in members]
     first = metas[0]
     for member, meta in zip(members, metas):
         if meta["classes"] != first["classes"] or meta["image_shape"] != first["image_shape"]:
             raise DarkKnowledgeError(f"ensemble {folder}: member {member} differs from {members[0]} in classes or "
                                      "image size; every member must be trained on the same dataset")
-    model = Ensemble.from_runs([str(m) for m in members])
+    model = ensemble if ensemble is not None else Ensemble.from_runs([str(m) for m in members])
     specs = sorted({m["spec"] for m in metas})
     spec = f"ensemble of {len(members)} x {specs[0]}" if len(specs) == 1 else f"ensemble of {len(members)}: " \
         + " + ".join(m["spec"] for m in metas)

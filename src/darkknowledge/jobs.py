@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .data import DEFAULT_VALIDATION_SIZE, LabeledImages, load_dataset, validation_split
-from .ensemble import Ensemble, is_ensemble_dir, read_manifest, write_manifest
+from .ensemble import MANIFEST, Ensemble, is_ensemble_dir, read_manifest, write_manifest
 from .errors import DarkKnowledgeError
 from .evaluation import evaluate
 from .models import build_model, count_parameters, parse_spec
@@ -114,7 +114,7 @@ def load_teacher(teacher: TeacherSource, combine: str = "arithmetic") -> tuple[A
     sources = [teacher] if isinstance(teacher, (str, os.PathLike)) else list(teacher)
     if not sources:
         raise DarkKnowledgeError("distillation needs a teacher: a run directory, several, or an ensemble folder")
-    if len(sources) == 1 and is_ensemble_dir(sources[0]):
+    if len(sources) == 1 and (Path(sources[0]) / MANIFEST).exists():  # read_manifest says what is wrong with it
         ensemble = Ensemble.from_dir(sources[0], combine)
         return ensemble, {"ensemble": str(sources[0]), **ensemble.describe()}, ensemble.member_meta[0]
     if len(sources) == 1:
@@ -129,7 +129,7 @@ def teacher_dataset(teacher: TeacherSource) -> str:
     first = teacher if isinstance(teacher, (str, os.PathLike)) else (list(teacher) or [None])[0]
     if first is None:
         raise DarkKnowledgeError("distillation needs a teacher: a run directory, several, or an ensemble folder")
-    if is_ensemble_dir(first):
+    if (Path(first) / MANIFEST).exists():
         return read_manifest(first)["dataset"]
     return checkpoint.read_model_meta(first)["dataset"]
 
