@@ -38,6 +38,8 @@ class DataChoice:
     val_seed: int = 0
     subset: int | None = None  # use only this many training cases (a seeded random choice), before the split
     train_classes: tuple[int, ...] | None = None  # keep only these labels in the training part (§3's "no 3s")
+    train_subset: int | None = None  # keep only this many cases of the training part, after the validation split
+    # (a seeded random choice, so the validation split is the one the whole training set has: §6's 3%)
 
     def load(self) -> tuple[LabeledImages, LabeledImages | None, LabeledImages]:
         """(train, validation or None, test). Validation keeps every class, even with ``train_classes``."""
@@ -52,6 +54,11 @@ class DataChoice:
         val = None
         if size:
             train, val = validation_split(train, size, self.val_seed)
+        if self.train_subset is not None:
+            if not 0 < self.train_subset <= len(train):
+                raise DarkKnowledgeError(f"train_subset must be between 1 and {len(train)}, got {self.train_subset}")
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.val_seed + 1))
+            train = train.subset(order[:self.train_subset].sort().values)
         if self.train_classes is not None:
             train = train.where_labels(self.train_classes)
         return train, val, splits.test
@@ -61,6 +68,8 @@ class DataChoice:
                      "validation": {"size": self.val_size, "seed": self.val_seed}}
         if self.subset is not None:
             described["subset"] = self.subset
+        if self.train_subset is not None:
+            described["train_subset"] = self.train_subset
         if self.train_classes is not None:
             described["train_classes"] = list(self.train_classes)
         return described
@@ -72,14 +81,17 @@ def _model_meta(spec: str, train: LabeledImages, data: DataChoice) -> dict[str, 
 
 
 def train_run(spec: str, data: DataChoice, config: TrainConfig, out: str | Path | None = None,
-              resume: bool = False, log: Callable[[str], None] | None = None) -> tuple[Any, FitResult]:
+              resume: bool = False, log: Callable[[str], None] | None = None,
+              monitor: Callable | None = None) -> tuple[Any, FitResult]:
     """Train a model from scratch on hard labels (a teacher, an ensemble member or a baseline).
 
     The initial weights come from ``config.seed`` (as do the order of cases and dropout), so a run is repeatable.
+    ``monitor(train, val, test)`` may return sets whose errors ``fit`` logs every epoch (its ``monitor``).
     """
-    train, val, _ = data.load()
+    train, val, test = data.load()
     model = _seeded_model(spec, train, config.seed)
-    result = fit(model, train, val, config, HardTargets(), out, resume, _model_meta(spec, train, data), log)
+    result = fit(model, train, val, config, HardTargets(), out, resume, _model_meta(spec, train, data), log,
+                 monitor=monitor(train, val, test) if monitor else None)
     return model, result
 
 
@@ -138,18 +150,18 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
                 soft_weight: float = 1.0, hard_weight: float = 0.0, out: str | Path | None = None,
                 resume: bool = False, log: Callable[[str], None] | None = None, *, combine: str = "arithmetic",
                 store_dir: str | Path | None = None, top_k: int | None = None,
-                store_dtype: str = "float32") -> tuple[Any, FitResult]:
+                store_dtype: str = "float32", monitor: Callable | None = None) -> tuple[Any, FitResult]:
     """Distil a saved teacher (a run, several runs or an ensemble folder) into a new ``spec`` student on the
     dataset's training split (§2, §3, §4).
 
     Without jitter the teacher's outputs are computed once over the transfer set: into the soft-target store in
     ``store_dir`` (reused by every later student of the same teacher and data) when it is given, an ensemble's
     or a top-k store in memory otherwise, and a single teacher's logits in memory when neither. With jitter the
-    teacher runs online on every batch.
+    teacher runs online on every batch. ``monitor`` as for :func:`train_run`.
     """
     log = log or _log_to_stderr
     teacher, teacher_info, member_meta = load_teacher(teacher_dir, combine)
-    train, val, _ = data.load()
+    train, val, test = data.load()
     sources = [teacher_dir] if isinstance(teacher_dir, (str, os.PathLike)) else list(teacher_dir)
     check_compatible(member_meta, train, Path(sources[0]))
     cached = store = None
@@ -163,7 +175,8 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
                              store=store)
     model = _seeded_model(spec, train, config.seed)
     meta = {**_model_meta(spec, train, data), "teacher": teacher_info}
-    result = fit(model, train, val, config, objective, out, resume, meta, log)
+    result = fit(model, train, val, config, objective, out, resume, meta, log,
+                 monitor=monitor(train, val, test) if monitor else None)
     return model, result
 
 
@@ -260,7 +273,8 @@ def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str
     if data is None:  # the data the model was trained with, as its sidecar records it
         classes = meta.get("train_classes")
         data = DataChoice(meta["dataset"], val_size=meta["validation"]["size"], val_seed=meta["validation"]["seed"],
-                          subset=meta.get("subset"), train_classes=tuple(classes) if classes else None)
+                          subset=meta.get("subset"), train_classes=tuple(classes) if classes else None,
+                          train_subset=meta.get("train_subset"))
     train, val, test = data.load()
     chosen = {"train": train, "val": val, "test": test}.get(split)
     if split not in ("train", "val", "test"):

@@ -214,8 +214,13 @@ def _tensorboard(run_dir: Path | None):
 
 def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, objective=None,
         run_dir: str | Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
-        log: Callable[[str], None] | None = None) -> FitResult:
+        log: Callable[[str], None] | None = None, monitor=None) -> FitResult:
     """Train ``model`` on ``train`` (LabeledImages), validating on ``val`` each epoch.
+
+    ``monitor``: extra sets evaluated after every epoch only to log their errors (a LabeledImages, logged as
+    ``monitor_errors`` / ``monitor_error_rate``, or a dict name -> LabeledImages, logged as ``NAME_errors`` /
+    ``NAME_error_rate``), e.g. for learning curves on the test set. They never choose the epoch or stop training:
+    only ``val`` does.
 
     With ``run_dir``, saves the best model (by validation errors; the last one without ``val``) as
     model.safetensors + model.json with ``meta``, the resume state after every epoch, and metrics.jsonl.
@@ -226,6 +231,11 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     meta = dict(meta or {})
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     run_dir = Path(run_dir) if run_dir is not None else None
+    if monitor is not None and not isinstance(monitor, dict):
+        monitor = {"monitor": monitor}
+    if monitor and {"train", "val"} & set(monitor):
+        raise DarkKnowledgeError("monitor names train and val are taken by fit's own metrics; name the sets "
+                                 "otherwise (e.g. train_eval)")
     objective.prepare(train, config)
     if isinstance(objective, Distillation) and (objective.teacher is not None or objective.store is not None):
         log(f"distillation: soft targets from the {objective.soft_source()}")
@@ -294,6 +304,9 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
             result = evaluate(model, val, bf16=config.bf16)
             record.update(val_errors=result.errors, val_error_rate=1 - result.accuracy, val_loss=result.loss)
             improved = best["val_errors"] is None or result.errors < best["val_errors"]
+        for name, data in (monitor or {}).items():  # logged only: selection above uses val alone
+            watched = evaluate(model, data, bf16=config.bf16)
+            record.update({f"{name}_errors": watched.errors, f"{name}_error_rate": 1 - watched.accuracy})
         elapsed += time.perf_counter() - started
         record["seconds"] = round(elapsed, 3)
         history.append(record)
