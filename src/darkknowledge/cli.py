@@ -155,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or stage logs")
     _add_export_parsers(sub)
+    p = sub.add_parser("report", help="one self-contained HTML page (and a Markdown twin) from reproduce folders",
+                       description="Gather 'darkknowledge reproduce' output folders into one HTML page with every "
+                                   "image embedded (and FILE.md with PNG files beside it): tables beside the "
+                                   "paper's, temperature curves, per-class errors, confusion matrices, reliability "
+                                   "diagrams and training curves.", epilog=EPILOG)
+    p.add_argument("folders", type=Path, nargs="+", metavar="RUN_DIR", help="folders holding results.json")
+    p.add_argument("--out", type=Path, help="HTML file to write (required); the Markdown twin goes beside it")
+    p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
     from .specialists.cli import add_specialists_parser  # CLI code of the specialists package
     add_specialists_parser(sub)
     parser.set_defaults(commands=sub.choices)  # the subparsers, for reading a config file's keys
@@ -323,6 +331,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from .experiments.demo import run_demo
         print(run_demo(args.out, seed=args.seed, progress=not args.no_progress))
+    elif args.command == "report":
+        from .html_report import run_report
+        return run_report(args)
     elif args.command in ("export", "bench"):
         return _run_export_or_bench(args)
     return 0

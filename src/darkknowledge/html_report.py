@@ -1,0 +1,748 @@
+"""``darkknowledge report``: one self-contained HTML page (and its Markdown twin) from reproduce output folders.
+
+Each folder holds ``results.json`` written by ``darkknowledge reproduce``; the experiment is recognised from its
+keys (``table1``: MNIST §3, ``datasets``: specialists §5). For a kind not known here the folder's ``report.md``
+is rendered as it is. Beside the tables of ``results.json`` (with the paper's numbers), the saved models in
+``RUN_DIR/runs`` are evaluated again on their test set for confusion matrices and reliability (calibration)
+diagrams, and each run's ``metrics.jsonl`` gives its training curves.
+
+The page is built once as a list of blocks (headings, paragraphs, tables, figures, preformatted text) and
+written twice: HTML with every figure as a base64 PNG data URI and inline CSS (no external file or address),
+and Markdown with the figures as PNG files beside it. Every text is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from . import checkpoint  # noqa: E402
+from .errors import DarkKnowledgeError  # noqa: E402
+
+RELIABILITY_BINS = 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Blocks: what a page is made of
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Para:
+    text: str  # plain text; `code` spans are kept as code
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[Any]]
+    caption: str = ""
+
+
+@dataclass
+class Figure:
+    name: str  # file-name stem for the Markdown twin
+    png: bytes
+    alt: str
+
+
+@dataclass
+class Pre:
+    text: str
+
+
+@dataclass
+class Markdown:
+    """A Markdown text from elsewhere (an unknown experiment's report.md), rendered as it is; ``folder`` resolves
+    its relative image paths (embedded in the HTML when the file exists)."""
+    text: str
+    folder: Path
+
+
+@dataclass
+class Page:
+    title: str
+    blocks: list[Any] = field(default_factory=list)
+
+    def add(self, *blocks: Any) -> None:
+        self.blocks.extend(blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------------------------
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def temperature_figure(sweep: dict[str, Any]) -> bytes:
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for spec, found in sweep.items():
+        ts = [r["temperature"] for r in found["rows"]]
+        means = [r["test_errors_mean"] for r in found["rows"]]
+        sds = [r["test_errors_sd"] for r in found["rows"]]
+        seeds = len(found["rows"][0]["seeds"])
+        ax.errorbar(ts, means, yerr=sds if seeds > 1 else None, marker="o", capsize=3,
+                    label=f"{spec} ({seeds} seed{'s' * (seeds > 1)})")
+        chosen = found.get("chosen_on_validation")
+        if chosen is not None:
+            ax.axvline(chosen, ls=":", lw=1, color=ax.lines[-1].get_color())
+    ax.set_xscale("log")
+    ax.set_xticks([1, 2, 3, 5, 10, 20], labels=["1", "2", "3", "5", "10", "20"])
+    ax.set_xlabel("temperature T (dotted: chosen on validation)")
+    ax.set_ylabel("test errors")
+    ax.set_title("Distilled students across temperatures")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def bias_figure(studies: dict[str, Any]) -> bytes:
+    fig, axes = plt.subplots(1, len(studies), figsize=(10, 3.4), dpi=100, squeeze=False)
+    for ax, (name, study) in zip(axes[0], studies.items()):
+        ax.plot(study["offsets"], study["val_errors_by_offset"], label="validation")
+        ax.plot(study["offsets"], study["test_errors_by_offset"], label="test", alpha=0.7)
+        ax.axvline(study["chosen_on_validation"]["offset"], color="k", ls="--", lw=1, label="chosen on validation")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"offset added to the bias of class {', '.join(map(str, study['classes']))}")
+        ax.set_ylabel("errors")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def per_class_figure(per_class: dict[str, dict[str, int]], classes: list[str]) -> bytes:
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(classes) * len(per_class)), 3.4), dpi=100)
+    width = 0.8 / max(len(per_class), 1)
+    x = np.arange(len(classes))
+    for i, (name, errors) in enumerate(per_class.items()):
+        ax.bar(x + (i - (len(per_class) - 1) / 2) * width, [errors.get(c, 0) for c in classes], width, label=name)
+    ax.set_xticks(x, labels=classes)
+    ax.set_xlabel("true class")
+    ax.set_ylabel("test errors")
+    ax.set_title("Errors per class")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def confusion_figure(evaluations: dict[str, "ModelEvaluation"]) -> bytes:
+    n = len(evaluations)
+    classes = len(next(iter(evaluations.values())).classes)
+    size = 3.6 if classes <= 12 else 4.6
+    fig, axes = plt.subplots(1, n, figsize=(size * n + 0.4, size + 0.4), dpi=100, squeeze=False)
+    for ax, (name, ev) in zip(axes[0], evaluations.items()):
+        matrix = ev.confusion
+        rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        if classes <= 12:
+            for i in range(classes):
+                for j in range(classes):
+                    if matrix[i, j]:
+                        ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
+                                color="white" if rates[i, j] > 0.5 else "black")
+            ax.set_xticks(range(classes), labels=ev.classes, fontsize=7)
+            ax.set_yticks(range(classes), labels=ev.classes, fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{name}: {ev.errors} errors", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def reliability_figure(evaluations: dict[str, "ModelEvaluation"]) -> bytes:
+    n = len(evaluations)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 0.4, 3.6), dpi=100, squeeze=False)
+    edges = np.linspace(0, 1, RELIABILITY_BINS + 1)
+    for ax, (name, ev) in zip(axes[0], evaluations.items()):
+        centers = (edges[:-1] + edges[1:]) / 2
+        acc = np.array([a if a is not None else np.nan for a in ev.bin_accuracy])
+        ax.bar(centers, np.nan_to_num(acc), width=1 / RELIABILITY_BINS, edgecolor="k", alpha=0.7, label="accuracy")
+        ax.plot([0, 1], [0, 1], "r--", lw=1, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top probability)")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{name}: ECE {100 * ev.ece:.2f}%", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def training_figure(histories: dict[str, list[dict[str, Any]]]) -> bytes:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    for name, rows in histories.items():
+        epochs = [r["epoch"] for r in rows]
+        line, = axes[0].plot(epochs, [r.get("train_error_rate", np.nan) for r in rows], ls="--", marker=".",
+                             label=f"{name} train")
+        val = [r.get("val_error_rate") for r in rows]
+        if any(v is not None for v in val):
+            axes[0].plot(epochs, [np.nan if v is None else v for v in val], color=line.get_color(), marker=".",
+                         label=f"{name} validation")
+            axes[1].plot(epochs, [r.get("val_loss", np.nan) for r in rows], color=line.get_color(), marker=".",
+                         label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_title("error rate (dashed: training, solid: validation)", fontsize=9)
+    axes[1].set_title("validation cross-entropy", fontsize=9)
+    for ax in axes:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluating saved runs again: confusion matrices and calibration
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelEvaluation:
+    classes: list[str]
+    errors: int
+    total: int
+    confusion: np.ndarray  # [true, predicted] counts
+    nll: float
+    ece: float  # expected calibration error of the top probability, RELIABILITY_BINS equal-width bins
+    bin_accuracy: list[float | None]
+    bin_confidence: list[float | None]
+    bin_counts: list[int]
+
+
+def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = RELIABILITY_BINS):
+    """(ECE, accuracy per bin, mean confidence per bin, cases per bin) of the top-class probability."""
+    confidence, predicted = probs.max(1)
+    correct = (predicted == labels).double()
+    index = torch.clamp((confidence * bins).long(), max=bins - 1)
+    accs, confs, counts, ece = [], [], [], 0.0
+    for b in range(bins):
+        mask = index == b
+        count = int(mask.sum())
+        counts.append(count)
+        if count:
+            acc, conf = float(correct[mask].mean()), float(confidence[mask].double().mean())
+            ece += count / len(labels) * abs(acc - conf)
+            accs.append(acc)
+            confs.append(conf)
+        else:
+            accs.append(None)
+            confs.append(None)
+    return ece, accs, confs, counts
+
+
+class _Datasets:
+    """Test sets loaded once per dataset name."""
+
+    def __init__(self, data_dir: str | None):
+        self.data_dir = data_dir
+        self.loaded: dict[str, Any] = {}
+
+    def test(self, meta: dict[str, Any]):
+        from .jobs import DataChoice
+        name = meta["dataset"]
+        if name not in self.loaded:
+            classes = meta.get("train_classes")
+            choice = DataChoice(name, self.data_dir, val_size=meta["validation"]["size"],
+                                val_seed=meta["validation"]["seed"], subset=meta.get("subset"),
+                                train_classes=tuple(classes) if classes else None)
+            self.loaded[name] = choice.load()[2]
+        return self.loaded[name]
+
+
+def evaluate_saved(run: Path, datasets: _Datasets) -> ModelEvaluation:
+    """Test-set confusion matrix and calibration of a saved run, from its weights (as ``jobs.evaluate_run``)."""
+    from .evaluation import predict_logits
+    from .jobs import check_compatible
+    model, meta = checkpoint.load_model(run)
+    test = datasets.test(meta)
+    check_compatible(meta, test, run)
+    logits = predict_logits(model, test.images)
+    labels = test.labels.long()
+    k = len(meta["classes"])
+    predicted = logits.argmax(1)
+    confusion = torch.bincount(labels * k + predicted, minlength=k * k).reshape(k, k).numpy()
+    probs = torch.softmax(logits.double(), 1)
+    ece, accs, confs, counts = calibration(probs, labels)
+    nll = float(torch.nn.functional.cross_entropy(logits.double(), labels))
+    return ModelEvaluation([str(c) for c in meta["classes"]], int((predicted != labels).sum()), len(labels),
+                           confusion, nll, ece, accs, confs, counts)
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    return [r for r in rows if isinstance(r, dict) and "epoch" in r]
+
+
+def model_sections(page: Page, prefix: str, runs: dict[str, Path], datasets: _Datasets,
+                   log: Callable[[str], None]) -> None:
+    """Confusion matrices, reliability diagrams and training curves of the named runs (those that exist)."""
+    evaluations: dict[str, ModelEvaluation] = {}
+    problems = []
+    for name, run in runs.items():
+        if not (run / checkpoint.MODEL_META).exists():
+            problems.append(f"{name}: no saved model in {run}")
+            continue
+        try:
+            evaluations[name] = evaluate_saved(run, datasets)
+        except DarkKnowledgeError as e:
+            problems.append(f"{name}: {e}")
+    for problem in problems:
+        log(f"report: {problem}")
+    if evaluations:
+        page.add(Heading(3, "Confusion matrices (test set)"),
+                 Para("Rows: true class, columns: predicted class; shade: fraction of the row. Computed again from "
+                      "the saved weights."),
+                 Figure(f"{prefix}-confusion", confusion_figure(evaluations), "confusion matrices"),
+                 Heading(3, "Calibration (test set)"),
+                 Para(f"Reliability diagrams: test cases grouped into {RELIABILITY_BINS} bins of the top "
+                      "probability (at T = 1); the bar is the accuracy within the bin. ECE: expected calibration "
+                      "error, the case-weighted mean |accuracy - confidence| over bins."),
+                 Figure(f"{prefix}-reliability", reliability_figure(evaluations), "reliability diagrams"),
+                 Table(["model", "test errors", "test cases", "cross-entropy (nats)", "ECE"],
+                       [[name, ev.errors, ev.total, f"{ev.nll:.4f}", f"{100 * ev.ece:.2f}%"]
+                        for name, ev in evaluations.items()]))
+    if problems:
+        page.add(Para("Not evaluated: " + "; ".join(problems)))
+    histories = {name: rows for name, run in runs.items() if (rows := read_metrics(run))}
+    if histories:
+        page.add(Heading(3, "Training curves"),
+                 Para("From each run's metrics.jsonl, one point per epoch."),
+                 Figure(f"{prefix}-training", training_figure(histories), "training curves"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections per experiment kind
+# ---------------------------------------------------------------------------------------------------------------
+
+def detect_kind(results: dict[str, Any]) -> str:
+    if "table1" in results and "temperature_sweep" in results:
+        return "mnist"
+    if isinstance(results.get("datasets"), dict) and all(
+            isinstance(d, dict) and "variants" in d for d in results["datasets"].values()):
+        return "specialists"
+    return "unknown"
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def mnist_section(page: Page, folder: Path, r: dict[str, Any], prefix: str, datasets: _Datasets,
+                  log: Callable[[str], None]) -> None:
+    paper, t1, plan = r["paper"], r["table1"], r.get("plan", {})
+    page.add(Heading(2, f"MNIST (§3){' — QUICK smoke run' if r.get('quick') else ''}: {folder}"),
+             Para(f"Command: `{r.get('command') or 'darkknowledge reproduce mnist'}`. Numbers from results.json; "
+                  "the paper's beside them."))
+    names = [k for k in ("teacher", "small", "distilled") if k in t1]
+    page.add(Heading(3, "Table 1: test errors"),
+             Table(["model", "spec", "parameters", "test errors", "paper", "validation errors", "epoch kept"],
+                   [[k, t1[k]["spec"], f"{t1[k]['parameters']:,}", t1[k]["test_errors"], paper.get(k, "-"),
+                     "-" if t1[k].get("val_errors") is None else t1[k]["val_errors"], t1[k]["epoch"]]
+                    for k in names]))
+    if "jittered_test" in r:
+        jit = r["jittered_test"]
+        page.add(Table(["model", "test errors", f"test errors, images shifted up to {jit['max_shift']} px"],
+                       [[k, jit["unjittered_errors"][k], jit["errors"][k]] for k in names if k in jit["errors"]],
+                       caption="Translation invariance"))
+
+    sweep = r.get("temperature_sweep") or {}
+    if sweep:
+        rows = []
+        for spec, found in sweep.items():
+            for row in found["rows"]:
+                sd = f" ± {row['test_errors_sd']:.1f}" if len(row["seeds"]) > 1 else ""
+                rows.append([spec, f"{row['temperature']:g}", f"{row['test_errors_mean']:.1f}{sd}",
+                             " ".join(map(str, row["val_errors"])),
+                             "chosen" if row["temperature"] == found.get("chosen_on_validation") else ""])
+        page.add(Heading(3, "Temperature"),
+                 Figure(f"{prefix}-temperature", temperature_figure(sweep), "test errors against temperature"),
+                 Para("The paper: temperatures above 8 give similar results with 300 or more units per layer; with "
+                      "30 units per layer, 2.5 to 4 work best."),
+                 Table(["student", "T", "test errors (mean ± sd over seeds)", "validation errors per seed",
+                        "on validation"], rows))
+
+    per_class = {k: t1[k]["per_class_test_errors"] for k in names if "per_class_test_errors" in t1[k]}
+    if per_class:
+        classes = list(next(iter(per_class.values())))
+        page.add(Heading(3, "Per-class test errors"),
+                 Figure(f"{prefix}-per-class", per_class_figure(per_class, classes), "errors per class"),
+                 Table(["model", *classes, "total"],
+                       [[k, *[v.get(c, 0) for c in classes], sum(v.values())] for k, v in per_class.items()]))
+
+    studies = {title: r[key] for key, title in (("no_threes", "no 3s in the transfer set"),
+                                                 ("only_7_8", "only 7s and 8s in the transfer set")) if key in r}
+    if studies:
+        page.add(Heading(3, "Classes missing from the transfer set"))
+        p3, p78 = paper.get("no_threes", {}), paper.get("only_7_8", {})
+        for key, title in (("no_threes", "no 3s in the transfer set"), ("only_7_8", "only 7s and 8s")):
+            if key not in r:
+                continue
+            s = r[key]
+
+            def fmt(x: dict) -> str:
+                on = ", ".join(f"{n} on {c}s" for c, n in x["errors_on_classes"].items())
+                return f"{x['errors']} ({_pct(x['error_rate'], 1)}; {on})"
+            if key == "no_threes":
+                paper_before = f"{p3.get('errors', '-')} ({p3.get('errors_on_3', '-')} on 3s)"
+                paper_after = f"{p3.get('corrected_errors', '-')} ({p3.get('corrected_errors_on_3', '-')} on 3s), " \
+                              f"offset {p3.get('offset', '-')}"
+            else:
+                paper_before = _pct(p78.get("error_rate"), 1)
+                paper_after = f"{_pct(p78.get('corrected_error_rate'), 1)}, offset {p78.get('offset', '-')}"
+            page.add(Table(["", "offset", "test errors", "paper"],
+                           [["no correction", "0", fmt(s["before"]), paper_before],
+                            ["offset chosen on validation", f"{s['chosen_on_validation']['offset']:+g}",
+                             fmt(s["chosen_on_validation"]), ""],
+                            ["offset chosen on test (the paper's protocol)",
+                             f"{s['chosen_on_test_paper_protocol']['offset']:+g}",
+                             fmt(s["chosen_on_test_paper_protocol"]), paper_after]],
+                           caption=f"{title} ({s.get('transfer_cases')} transfer cases)"))
+        page.add(Figure(f"{prefix}-bias", bias_figure(studies), "errors against bias offset"))
+
+    runs = folder / "runs"
+    model_sections(page, prefix, {k: runs / k for k in ("teacher", "small", "distilled")}, datasets, log)
+    if r.get("stage_seconds"):
+        page.add(Table(["stage", "training seconds"], [[k, v] for k, v in r["stage_seconds"].items()],
+                       caption="Time"))
+    _machine(page, r)
+
+
+def specialists_section(page: Page, folder: Path, r: dict[str, Any], prefix: str, datasets: _Datasets,
+                        log: Callable[[str], None]) -> None:
+    paper = r.get("paper", {})
+    p3, p4 = paper.get("table3", {}), paper.get("table4", {})
+    page.add(Heading(2, f"Specialists (§5){' — QUICK smoke run' if r.get('quick') else ''}: {folder}"),
+             Para(f"Command: `{r.get('command') or 'darkknowledge reproduce specialists'}`. The paper's numbers are "
+                  "for JFT (15,000 classes, 61 specialists): shown for the shape of the result."))
+    for name, d in r["datasets"].items():
+        g = d.get("generalist", {})
+        page.add(Heading(3, f"{name}"),
+                 Para(f"Generalist `{g.get('spec')}`: {g.get('test_errors')} test errors "
+                      f"({_pct(g.get('test_accuracy'))} accuracy)."))
+        rows = []
+        variants = d["variants"]
+        if variants:
+            first = next(iter(variants.values()))["test"]
+            rows.append(["generalist", _pct(first["conditional"]["generalist_accuracy"]),
+                         _pct(first["overall"]["generalist_accuracy"]), "",
+                         f"{_pct(p3.get('baseline', {}).get('conditional_accuracy'), 1)} / "
+                         f"{_pct(p3.get('baseline', {}).get('accuracy'), 1)}"])
+        for variant, v in variants.items():
+            t = v["test"]
+            ps = p3.get("specialists", {})
+            rows.append([f"+ specialists ({variant} targets)", _pct(t["conditional"]["combined_accuracy"]),
+                         _pct(t["overall"]["combined_accuracy"]), f"{100 * t['overall']['relative_gain']:+.1f}%",
+                         f"{_pct(ps.get('conditional_accuracy'), 1)} / {_pct(ps.get('accuracy'), 1)}"
+                         if variant == "hard" else ""])
+        page.add(Table(["system", "conditional test accuracy", "test accuracy", "relative gain",
+                        "paper: conditional / overall"], rows, caption="Table 3"))
+        for variant, v in variants.items():
+            cover = v["test"].get("by_coverage", {})
+            page.add(Table(["specialists covering the correct class", "test cases", "change in correct",
+                            "relative gain", "paper"],
+                           [[k, c["cases"], c["delta_correct"], f"{100 * c['relative_gain']:+.1f}%"
+                             if c.get("relative_gain") is not None else "-",
+                             f"{100 * p4[k]:+.1f}%" if k in p4 else (f"{100 * p4['10+']:+.1f}%"
+                                                                      if "10+" in p4 and k.isdigit() and int(k) >= 10
+                                                                      else "-")]
+                            for k, c in cover.items()], caption=f"Table 4, {variant} targets"))
+        model_sections(page, f"{prefix}-{_slug(name)}", {"generalist": folder / "runs" / name / "generalist"},
+                       datasets, log)
+    _machine(page, r)
+
+
+def unknown_section(page: Page, folder: Path, r: dict[str, Any] | None) -> None:
+    page.add(Heading(2, f"{folder}"))
+    report = folder / "report.md"
+    if report.exists():
+        page.add(Para("An experiment this report does not know; its report.md as written:"),
+                 Markdown(report.read_text(errors="replace"), folder))
+    elif r is not None:
+        page.add(Para("An experiment this report does not know, with no report.md; its results.json:"),
+                 Pre(json.dumps(r, indent=2)[:20000]))
+
+
+def _machine(page: Page, r: dict[str, Any]) -> None:
+    m = r.get("machine")
+    if isinstance(m, dict):
+        page.add(Para(f"Machine: {m.get('cpus')} CPUs ({m.get('processor')}, {m.get('platform')}), torch "
+                      f"{m.get('torch')}, {m.get('threads')} threads; finished {m.get('finished')}."))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
+
+
+def build_page(folders: list[str | Path], data_dir: str | None = None,
+               log: Callable[[str], None] = lambda _: None) -> Page:
+    page = Page("darkknowledge: reproduction report")
+    page.add(Heading(1, page.title),
+             Para("Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network. "
+                  f"{len(folders)} result folder(s): " + ", ".join(str(f) for f in folders) + "."))
+    datasets = _Datasets(data_dir)
+    used: set[str] = set()
+    for i, folder in enumerate(map(Path, folders)):
+        if not folder.is_dir():
+            raise DarkKnowledgeError(f"report: {folder} is not a folder; give folders written by "
+                                     "'darkknowledge reproduce'")
+        path = folder / "results.json"
+        r = checkpoint.read_json(path, "results") if path.exists() else None
+        if r is None and not (folder / "report.md").exists():
+            raise DarkKnowledgeError(f"report: {folder} holds neither results.json nor report.md; give folders "
+                                     "written by 'darkknowledge reproduce'")
+        kind = detect_kind(r) if isinstance(r, dict) else "unknown"
+        prefix = f"{i + 1}-{_slug(folder.resolve().name)}"
+        while prefix in used:
+            prefix += "x"
+        used.add(prefix)
+        log(f"report: {folder}: {kind}")
+        if kind == "mnist":
+            mnist_section(page, folder, r, prefix, datasets, log)
+        elif kind == "specialists":
+            specialists_section(page, folder, r, prefix, datasets, log)
+        else:
+            unknown_section(page, folder, r if isinstance(r, dict) else None)
+    return page
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------------------------
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { border-bottom: 2px solid #446; padding-bottom: .2em; }
+h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+table { border-collapse: collapse; margin: .8em 0; font-size: 0.9em; }
+caption { text-align: left; font-weight: bold; padding: .3em 0; }
+th, td { border: 1px solid #bbb; padding: .25em .6em; text-align: right; }
+th { background: #eef; }
+td:first-child, th:first-child { text-align: left; }
+tr:nth-child(even) td { background: #f8f8fb; }
+img { max-width: 100%; height: auto; display: block; margin: .6em 0; }
+code { background: #f2f2f2; padding: 0 .2em; }
+pre { background: #f6f6f6; padding: .6em; overflow-x: auto; }
+"""
+
+
+def _inline_html(text: str) -> str:
+    """Escape, then `code` and **bold**: the markers survive escaping unchanged."""
+    out = html.escape(str(text))
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _table_html(header: list[str], rows: list[list[Any]], caption: str = "") -> str:
+    parts = ["<table>"]
+    if caption:
+        parts.append(f"<caption>{_inline_html(caption)}</caption>")
+    parts.append("<tr>" + "".join(f"<th>{_inline_html(h)}</th>" for h in header) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in rows]
+    return "\n".join(parts) + "\n</table>"
+
+
+def markdown_to_html(text: str, folder: Path | None = None) -> str:
+    """A small Markdown subset (headings, paragraphs, lists, tables, fenced code, images) to escaped HTML.
+    Images are embedded when the PNG exists in ``folder``; links become their text."""
+    out: list[str] = []
+    lines = text.splitlines()
+    i = 0
+    para: list[str] = []
+
+    def flush() -> None:
+        if para:
+            out.append(f"<p>{_inline_html(' '.join(para))}</p>")
+            para.clear()
+
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    while i < len(lines):
+        line = lines[i]
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            flush()
+            block = []
+            i += 1
+            while i < len(lines) and not lines[i].strip().startswith("```"):
+                block.append(lines[i])
+                i += 1
+            out.append(f"<pre>{html.escape(chr(10).join(block))}</pre>")
+        elif m := re.match(r"^(#{1,6})\s+(.*)", stripped):
+            flush()
+            level = min(len(m.group(1)) + 1, 6)  # the page's own h1/h2 stay above
+            out.append(f"<h{level}>{_inline_html(m.group(2))}</h{level}>")
+        elif stripped.startswith("|"):
+            flush()
+            rows = []
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                if not re.match(r"^\|?\s*:?-+", lines[i].strip()):
+                    rows.append(cells(lines[i]))
+                i += 1
+            out.append(_table_html(rows[0], rows[1:]) if rows else "")
+            continue
+        elif m := re.match(r"^!\[([^\]]*)\]\(([^)\s]+)\)", stripped):
+            flush()
+            target = (folder / m.group(2)) if folder is not None else None
+            if target is not None and "://" not in m.group(2) and target.suffix.lower() == ".png" \
+                    and target.is_file():
+                out.append(f'<img alt="{html.escape(m.group(1))}" src="{_data_uri(target.read_bytes())}">')
+            else:
+                out.append(f"<p>[image: {_inline_html(m.group(1))}]</p>")
+        elif re.match(r"^[-*]\s+", stripped):
+            flush()
+            items = []
+            while i < len(lines) and re.match(r"^\s*[-*]\s+", lines[i]):
+                items.append(re.sub(r"^\s*[-*]\s+", "", lines[i]))
+                i += 1
+            out.append("<ul>" + "".join(f"<li>{_inline_html(_plain_links(t))}</li>" for t in items) + "</ul>")
+            continue
+        elif not stripped:
+            flush()
+        else:
+            para.append(_plain_links(stripped))
+        i += 1
+    flush()
+    return "\n".join(out)
+
+
+def _plain_links(text: str) -> str:
+    """[text](address) -> text: the page links to nothing outside itself."""
+    return re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r"\1", text)
+
+
+def to_html(page: Page) -> str:
+    body = []
+    for block in page.blocks:
+        if isinstance(block, Heading):
+            body.append(f"<h{block.level}>{_inline_html(block.text)}</h{block.level}>")
+        elif isinstance(block, Para):
+            body.append(f"<p>{_inline_html(block.text)}</p>")
+        elif isinstance(block, Table):
+            body.append(_table_html(block.header, block.rows, block.caption))
+        elif isinstance(block, Figure):
+            body.append(f'<img alt="{html.escape(block.alt)}" src="{_data_uri(block.png)}">')
+        elif isinstance(block, Pre):
+            body.append(f"<pre>{html.escape(block.text)}</pre>")
+        elif isinstance(block, Markdown):
+            body.append(markdown_to_html(block.text, block.folder))
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>{html.escape(page.title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(page: Page, image_name: Callable[[Figure], str]) -> str:
+    parts = []
+    for block in page.blocks:
+        if isinstance(block, Heading):
+            parts.append("#" * block.level + " " + block.text)
+        elif isinstance(block, Para):
+            parts.append(block.text)
+        elif isinstance(block, Table):
+            lines = [f"**{_md_cell(block.caption)}**", ""] if block.caption else []
+            lines += ["| " + " | ".join(map(_md_cell, block.header)) + " |", "|" + "---|" * len(block.header)]
+            lines += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in block.rows]
+            parts.append("\n".join(lines))
+        elif isinstance(block, Figure):
+            parts.append(f"![{block.alt}]({image_name(block)})")
+        elif isinstance(block, Pre):
+            parts.append("```\n" + block.text + "\n```")
+        elif isinstance(block, Markdown):
+            parts.append(block.text.strip())
+    return "\n\n".join(parts) + "\n"
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Atomically, readable by others (a report is meant to be shared; temp files are created 0600)."""
+    def write(tmp: str) -> None:
+        Path(tmp).write_bytes(data)
+        os.chmod(tmp, 0o644)
+    checkpoint.atomic_write(path, write)
+
+
+@dataclass
+class ReportFiles:
+    html: Path
+    markdown: Path
+    images: list[Path]
+
+
+def write_report(folders: list[str | Path], out: str | Path, data_dir: str | None = None,
+                 log: Callable[[str], None] = lambda _: None) -> ReportFiles:
+    """Write ``out`` (.html, self-contained), ``out`` with .md (its twin) and the twin's PNG files beside it."""
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise DarkKnowledgeError(f"report: --out must name an .html file, got {out}")
+    page = build_page(folders, data_dir, log)
+    markdown_path = out.with_suffix(".md")
+    images: list[Path] = []
+
+    def image_name(figure: Figure) -> str:
+        name = f"{out.stem}-{figure.name}.png"
+        images.append(out.parent / name)
+        _write(out.parent / name, figure.png)
+        return name
+
+    markdown = to_markdown(page, image_name)
+    _write(markdown_path, markdown.encode("utf-8"))
+    _write(out, to_html(page).encode("utf-8"))
+    return ReportFiles(out, markdown_path, images)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI (the parser is in cli.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_report(args) -> int:
+    import sys
+    if args.out is None:
+        raise DarkKnowledgeError("report needs --out FILE.html")
+    files = write_report(args.folders, args.out, args.data_dir, log=lambda line: print(line, file=sys.stderr))
+    print(f"wrote {files.html} and {files.markdown} ({len(files.images)} images beside it)")
+    return 0
