@@ -148,8 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train and evaluate every model of an experiment, with checkpoints (a rerun "
                                    "reuses finished stages), then write OUT/results.json, OUT/report.md and plots.",
                        epilog=EPILOG)
-    p.add_argument("experiment", choices=("mnist", "specialists"),
-                   help="mnist: every MNIST result of §3; specialists: §5 on MNIST-100 and Fashion-MNIST")
+    p.add_argument("experiment", choices=("mnist", "specialists", "ensemble", "regularizer"),
+                   help="mnist: every MNIST result of §3; specialists: §5 on MNIST-100 and Fashion-MNIST; "
+                        "ensemble: §4, a 10-member ensemble distilled into one model, on Fashion-MNIST; "
+                        "regularizer: §6, 3%% of the data with hard or soft targets, on MNIST and Fashion-MNIST")
     p.add_argument("--out", type=Path, help="output folder (default: results/EXPERIMENT)")
     p.add_argument("--quick", action="store_true", help="tiny models on a subset: a smoke test in a few minutes")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
@@ -322,11 +324,16 @@ def run(args: argparse.Namespace) -> int:
         from .specialists.cli import run_specialists
         return run_specialists(args)
     elif args.command == "reproduce":
-        from .experiments.mnist import reproduce_mnist
+        if args.experiment == "ensemble":
+            from .experiments.ensemble import reproduce_ensemble as reproduce
+        elif args.experiment == "regularizer":
+            from .experiments.regularizer import reproduce_regularizer as reproduce
+        else:
+            from .experiments.mnist import reproduce_mnist as reproduce
         out = args.out or Path("results") / (args.experiment + "-quick" * args.quick)
         command = "darkknowledge " + " ".join(args.argv)
-        reproduce_mnist(out, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress,
-                        command=command, log=(lambda _: None) if args.no_progress else print)
+        reproduce(out, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress,
+                  command=command, log=(lambda _: None) if args.no_progress else print)
         print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     elif args.command == "demo":
         from .experiments.demo import run_demo

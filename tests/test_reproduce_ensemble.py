@@ -1,0 +1,93 @@
+"""``darkknowledge reproduce ensemble --quick`` (§4): every stage runs, the files are written, the numbers come from
+the evaluation code, one soft-target store serves every student, and a rerun reuses finished stages."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from darkknowledge import checkpoint
+from darkknowledge.cli import main
+from darkknowledge.ensemble import COMBINE_RULES, Ensemble
+from darkknowledge.evaluation import evaluate
+from darkknowledge.experiments.ensemble import QUICK, _share
+from darkknowledge.jobs import DataChoice, evaluate_run
+
+DATA = Path(os.environ.get("DARKKNOWLEDGE_DATA", Path(__file__).parents[2] / "shared" / "data"))
+pytestmark = pytest.mark.skipif(not (DATA / "fashion-mnist").is_dir(),
+                                reason="Fashion-MNIST files not found; set DARKKNOWLEDGE_DATA")
+
+
+def _run(out):
+    return main(["reproduce", "ensemble", "--quick", "--out", str(out), "--data-dir", str(DATA), "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce-ensemble")
+    assert _run(out) == 0
+    return out
+
+
+def test_writes_results_report_and_plot(quick_run):
+    for name in ("results.json", "report.md", "ensemble.png"):
+        assert (quick_run / name).stat().st_size > 0
+    assert (quick_run / "ensemble.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = json.loads((quick_run / "results.json").read_text())
+    assert r["quick"] is True and "reproduce ensemble --quick" in r["command"]
+    assert [(s["combine"], s["temperature"]) for s in r["students"]] == \
+        [(rule, t) for rule in COMBINE_RULES for t in (1, 2, 5, 10)]
+    assert set(r["ensemble"]) == set(COMBINE_RULES) and len(r["members"]) == QUICK.members
+    assert set(r["stage_seconds"]) == {"baseline", "ensemble", "students"}
+    report = (quick_run / "report.md").read_text()
+    assert "identical soft targets" in report and "share of the ensemble's gain transferred" in report
+    assert report.count("| geometric |") == 5 and report.count("| logits |") == 5  # 4 students + the ensemble
+
+
+def test_one_store_serves_every_student(quick_run):
+    r = json.loads((quick_run / "results.json").read_text())
+    assert r["store"]["students_using_it"] == len(r["students"]) == 12
+    assert r["store"]["members"] == QUICK.members
+    assert len(list((quick_run / "runs" / "soft-targets").glob("*.bin"))) == 1
+
+
+def test_numbers_come_from_the_evaluation_code(quick_run):
+    r = json.loads((quick_run / "results.json").read_text())
+    runs = quick_run / "runs"
+    assert r["baseline"]["test_errors"] == evaluate_run(runs / "baseline")["errors"]
+    assert r["members"][1]["test_errors"] == evaluate_run(runs / "ensemble" / "member-01")["errors"]
+    student = r["students"][5]
+    assert student["test_errors"] == evaluate_run(runs / student["run"])["errors"]
+    assert student["val_errors"] == evaluate_run(runs / student["run"], split="val")["errors"]
+    _, _, test = DataChoice("fashion-mnist", str(DATA), val_size=QUICK.val_size, subset=QUICK.subset).load()
+    for rule in COMBINE_RULES:
+        assert r["ensemble"][rule]["test"]["errors"] == evaluate(Ensemble.from_dir(runs / "ensemble", rule),
+                                                                 test).errors
+    assert r["ensemble"]["geometric"]["test"]["errors"] == r["ensemble"]["logits"]["test"]["errors"]
+    chosen = r["chosen_on_validation"]
+    assert min(s["val_errors"] for s in r["students"]) == \
+        next(s["val_errors"] for s in r["students"] if s["run"] == chosen["run"])
+    assert chosen["share_transferred"] == _share(chosen["test_accuracy"], r["baseline"]["test_accuracy"],
+                                                 r["ensemble"][chosen["combine"]]["test"]["accuracy"])
+    meta = checkpoint.read_model_meta(runs / chosen["run"])
+    assert meta["hard_weight"] == 0.5 and meta["temperature"] == chosen["temperature"]
+    assert meta["spec"] == r["baseline"]["spec"]  # a single model of the same size
+
+
+def test_share_of_the_gain():
+    assert _share(0.608, 0.589, 0.611) == pytest.approx(19 / 22)
+    assert _share(0.6, 0.6, 0.6) is None and _share(0.6, 0.7, 0.65) is None
+
+
+def test_a_rerun_reuses_every_finished_stage(quick_run):
+    weights = sorted((quick_run / "runs").rglob("model.safetensors")) + \
+        sorted((quick_run / "runs" / "soft-targets").glob("*"))
+    assert len(weights) >= 1 + QUICK.members + 12
+    stamps = [w.stat().st_mtime_ns for w in weights]
+    before = json.loads((quick_run / "results.json").read_text())
+    assert _run(quick_run) == 0
+    assert [w.stat().st_mtime_ns for w in weights] == stamps
+    after = json.loads((quick_run / "results.json").read_text())
+    for key in ("baseline", "members", "ensemble", "students", "stage_seconds", "store"):
+        assert after[key] == before[key]
