@@ -87,11 +87,12 @@ def test_markdown_twin_has_sibling_pngs(report):
     md = report["html"].with_suffix(".md")
     text = md.read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(images) >= 6
-    for name in images:
-        if name.endswith("plot.png") or name.endswith("elsewhere.png"):
-            continue  # the unknown experiment's own report.md, kept as it is
+    assert len(images) >= 8
+    assert "../elsewhere.png" in images  # a missing image of the unknown experiment's report.md: left as it is
+    images.remove("../elsewhere.png")
+    for name in images:  # every other figure, the unknown's own plot.png included, is a PNG file beside the twin
         assert "/" not in name and (md.parent / name).read_bytes()[:8] == PNG
+    assert any(name.endswith("-plot.png") for name in images)
     results = json.loads((report["mnist"] / "results.json").read_text())
     assert f"| teacher | {results['table1']['teacher']['spec']} |" in text
 
@@ -142,4 +143,4 @@ def test_calibration_and_markdown_subset():
     assert calibration(sure, labels)[0] == pytest.approx(0.0)
     wrong = torch.tensor([[0.0, 1.0]] * 4)
     assert calibration(wrong, torch.zeros(4, dtype=torch.long))[0] == pytest.approx(1.0)
-    assert markdown_to_html("# T & <x>") == "<h2>T &amp; &lt;x&gt;</h2>"
+    assert markdown_to_html("# T & <x>") == "<h3>T &amp; &lt;x&gt;</h3>"

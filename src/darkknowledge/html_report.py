@@ -77,6 +77,7 @@ class Markdown:
     its relative image paths (embedded in the HTML when the file exists)."""
     text: str
     folder: Path
+    prefix: str = "md"  # file-name stem of its images copied beside the Markdown twin
 
 
 @dataclass
@@ -169,7 +170,8 @@ def confusion_figure(evaluations: dict[str, "ModelEvaluation"]) -> bytes:
                     if matrix[i, j]:
                         ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=6,
                                 color="white" if rates[i, j] > 0.5 else "black")
-            ax.set_xticks(range(classes), labels=ev.classes, fontsize=7)
+            ax.set_xticks(range(classes), labels=ev.classes, fontsize=7,
+                          rotation=90 if max(map(len, ev.classes)) > 2 else 0)
             ax.set_yticks(range(classes), labels=ev.classes, fontsize=7)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
@@ -488,12 +490,12 @@ def specialists_section(page: Page, folder: Path, r: dict[str, Any], prefix: str
     _machine(page, r)
 
 
-def unknown_section(page: Page, folder: Path, r: dict[str, Any] | None) -> None:
+def unknown_section(page: Page, folder: Path, r: dict[str, Any] | None, prefix: str) -> None:
     page.add(Heading(2, f"{folder}"))
     report = folder / "report.md"
     if report.exists():
         page.add(Para("An experiment this report does not know; its report.md as written:"),
-                 Markdown(report.read_text(errors="replace"), folder))
+                 Markdown(report.read_text(errors="replace"), folder, prefix))
     elif r is not None:
         page.add(Para("An experiment this report does not know, with no report.md; its results.json:"),
                  Pre(json.dumps(r, indent=2)[:20000]))
@@ -538,7 +540,7 @@ def build_page(folders: list[str | Path], data_dir: str | None = None,
         elif kind == "specialists":
             specialists_section(page, folder, r, prefix, datasets, log)
         else:
-            unknown_section(page, folder, r if isinstance(r, dict) else None)
+            unknown_section(page, folder, r if isinstance(r, dict) else None, prefix)
     return page
 
 
@@ -612,7 +614,7 @@ def markdown_to_html(text: str, folder: Path | None = None) -> str:
             out.append(f"<pre>{html.escape(chr(10).join(block))}</pre>")
         elif m := re.match(r"^(#{1,6})\s+(.*)", stripped):
             flush()
-            level = min(len(m.group(1)) + 1, 6)  # the page's own h1/h2 stay above
+            level = min(len(m.group(1)) + 2, 6)  # below the page's h1 and the folder's h2
             out.append(f"<h{level}>{_inline_html(m.group(2))}</h{level}>")
         elif stripped.startswith("|"):
             flush()
@@ -673,6 +675,17 @@ def to_html(page: Page) -> str:
             + "\n".join(body) + "\n</body>\n</html>\n")
 
 
+def _relink_images(block: Markdown, image_name: Callable[[Figure], str]) -> str:
+    """A report.md's images that exist as PNG files in its folder are copied beside the twin and relinked."""
+    def relink(m: re.Match) -> str:
+        alt, target = m.group(1), m.group(2)
+        path = block.folder / target
+        if "://" in target or path.suffix.lower() != ".png" or not path.is_file():
+            return m.group(0)
+        return f"![{alt}]({image_name(Figure(f'{block.prefix}-{_slug(path.stem)}', path.read_bytes(), alt))})"
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", relink, block.text)
+
+
 def _md_cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -694,7 +707,7 @@ def to_markdown(page: Page, image_name: Callable[[Figure], str]) -> str:
         elif isinstance(block, Pre):
             parts.append("```\n" + block.text + "\n```")
         elif isinstance(block, Markdown):
-            parts.append(block.text.strip())
+            parts.append(_relink_images(block, image_name).strip())
     return "\n\n".join(parts) + "\n"
 
 
