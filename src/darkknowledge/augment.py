@@ -1,6 +1,8 @@
 """Batched input jitter (§3: the teacher saw inputs "jittered by up to two pixels in any direction").
 
-One gather for the whole batch: no per-sample Python, so it costs little next to the forward pass.
+One gather for the whole batch: no per-sample Python, so it costs little next to the forward pass. The random
+shifts are drawn apart from applying them, so several processes sharing one batch (``distributed``) can draw
+the whole batch's shifts, as one process would, and each apply only its own rows'.
 """
 
 from __future__ import annotations
@@ -9,15 +11,27 @@ import torch
 import torch.nn.functional as F
 
 
-def jitter(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Translate each image in ``[B, H, W]`` by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
+def jitter_offsets(batch: int, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Random offsets ``[2, batch, 1]`` into the zero-padded images (None when ``max_shift`` <= 0: nothing drawn)."""
     if max_shift <= 0:
+        return None
+    return torch.randint(0, 2 * max_shift + 1, (2, batch, 1), generator=generator)
+
+
+def translate(images: torch.Tensor, offsets: torch.Tensor | None, max_shift: int) -> torch.Tensor:
+    """Shift each image in ``[B, H, W]`` by its offsets from :func:`jitter_offsets`, zero-filled."""
+    if offsets is None:
         return images
     b, h, w = images.shape
     padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
     # Offsets into the padded image: 0 means shifted by +max_shift, 2*max_shift by -max_shift.
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, b, 1), generator=generator, device=images.device)
+    offsets = offsets.to(images.device)
     rows = offsets[0] + torch.arange(h, device=images.device)  # [B, H]
     cols = offsets[1] + torch.arange(w, device=images.device)  # [B, W]
     batch = torch.arange(b, device=images.device)[:, None, None]
     return padded[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def jitter(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Translate each image in ``[B, H, W]`` by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
+    return translate(images, jitter_offsets(len(images), max_shift, generator), max_shift)

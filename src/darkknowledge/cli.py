@@ -2,12 +2,16 @@
 
 Options may come from a TOML file (``--config FILE``, keys named like the long options) and are overridden by
 the command line. Every user-facing problem ends as one line on stderr and a non-zero exit, not a traceback.
+
+Under ``torchrun`` the commands that train (``train``, ``distill``, ``specialists train``) join torchrun's process
+group (:mod:`darkknowledge.distributed`); rank 0 alone prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,11 +21,13 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from . import __version__
+from . import distributed
 from .data import available_datasets
 from .errors import DarkKnowledgeError
 from .training import SCHEDULES, TrainConfig
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
+DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train")  # what runs under torchrun
 
 
 def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = "digits") -> None:
@@ -295,16 +301,17 @@ def _teachers(args: argparse.Namespace) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     from . import jobs
+    say = print if distributed.current().is_main else (lambda *_: None)
     if args.command == "train" and args.members is not None:
         _require(args, "out")
         done = jobs.train_ensemble(args.model, _data_choice(args), _train_config(args), args.out, args.members,
                                    args.resume)
-        print(f"saved an ensemble of {args.members} members to {args.out} ({len(done.trained)} trained now, "
+        say(f"saved an ensemble of {args.members} members to {args.out} ({len(done.trained)} trained now, "
               f"{len(done.skipped)} already finished); use it with 'distill --ensemble {args.out}'")
     elif args.command == "train":
         _require(args, "out")
         model, result = jobs.train_run(args.model, _data_choice(args), _train_config(args), args.out, args.resume)
-        print(_summary(model, result, args.out))
+        say(_summary(model, result, args.out))
     elif args.command == "distill":
         teachers = _teachers(args)
         _require(args, "out", "temperature")
@@ -313,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
             args.temperature, args.soft_weight, args.hard_weight, args.out, args.resume, combine=args.combine,
             store_dir=args.store_dir or Path(args.out).parent / "soft-targets", top_k=args.top_k,
             store_dtype=args.store_dtype)
-        print(_summary(model, result, args.out))
+        say(_summary(model, result, args.out))
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset else None
         print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter), indent=2))
@@ -355,7 +362,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return run(args)
+        command = " ".join(filter(None, (args.command, getattr(args, "specialists_command", None))))
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and command not in DISTRIBUTED_COMMANDS:
+            raise DarkKnowledgeError(f"'{command}' runs as one process: start it without torchrun (under torchrun: "
+                                     f"{', '.join(DISTRIBUTED_COMMANDS)})")
+        if command in DISTRIBUTED_COMMANDS:
+            distributed.init_from_env()
+        code = run(args)
+        distributed.shutdown()
+        return code
     except DarkKnowledgeError as e:
         print(f"darkknowledge: error: {e}", file=sys.stderr)
         return 1
@@ -366,3 +381,5 @@ def main(argv: list[str] | None = None) -> int:
         print("darkknowledge: interrupted; finished epochs are saved: rerun with --resume to continue",
               file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown(finished=False)  # after an error (after success: done above)

@@ -16,8 +16,13 @@ def as_inputs(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255) if images.dtype == torch.uint8 else images
 
 
-def autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+def autocast(bf16: bool, device: torch.device | str = "cpu"):
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights are (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
 
 
 @torch.no_grad()
@@ -29,12 +34,13 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 409
     """
     was_training = model.training
     model.eval()
+    device = device_of(model)
     generator = torch.Generator().manual_seed(seed)
     chunks = []
-    with autocast(bf16):
+    with autocast(bf16, device):
         for start in range(0, len(images), batch_size):
             batch = jitter_images(images[start:start + batch_size], jitter, generator)
-            chunks.append(model(as_inputs(batch)).float())
+            chunks.append(model(as_inputs(batch.to(device))).float().cpu())
     model.train(was_training)
     return torch.cat(chunks) if chunks else torch.empty(0)
 

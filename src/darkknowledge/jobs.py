@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .distributed import current
 from .data import DEFAULT_VALIDATION_SIZE, LabeledImages, load_dataset, validation_split
 from .ensemble import MANIFEST, Ensemble, is_ensemble_dir, read_manifest, write_manifest
 from .errors import DarkKnowledgeError
@@ -205,6 +206,61 @@ def train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: str | 
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise DarkKnowledgeError(f"members must be an integer >= 1, got {members!r}")
     out = Path(out)
+    # Under torchrun every rank trains every member (data-parallel); rank 0 reads and writes the folder and
+    # tells the others which members are left, so they need not see it.
+    workers = current()
+    if not workers.is_main:
+        log = _quiet
+    train, val, _ = data.load()
+    meta = _model_meta(spec, train, data)
+    entries = [{"run": member_dir(i), "seed": config.seed + i, "done": False} for i in range(members)]
+
+    def record() -> None:
+        problem = None
+        if workers.is_main:
+            try:
+                _record_members(out, entries, meta, data, train, val, config)
+            except DarkKnowledgeError as e:
+                problem = str(e)
+        workers.agree(problem)
+        entries[:] = workers.broadcast_json(entries)
+
+    problem = None
+    if workers.is_main:
+        try:
+            _check_ensemble_folder(out, spec, members, resume)
+        except DarkKnowledgeError as e:
+            problem = str(e)
+    workers.agree(problem)
+    record()
+    trained, skipped, results = [], [], {}
+    for i, entry in enumerate(entries):
+        run_dir = out / entry["run"]
+        member_config = replace(config, seed=entry["seed"])
+        if entry["done"]:
+            log(f"member {i + 1}/{members} ({entry['run']}): finished, skipped")
+            skipped.append(i)
+            continue
+        if entry.get("model_missing"):
+            # A run whose model file was deleted cannot be resumed: train that member again from the start.
+            log(f"member {i + 1}/{members} ({entry['run']}): model missing, training it again")
+            if workers.is_main:
+                for stale in [run_dir / checkpoint.STATE_META, *run_dir.glob("state-e*.safetensors")]:
+                    stale.unlink(missing_ok=True)
+        log(f"member {i + 1}/{members} ({entry['run']}, seed {entry['seed']})")
+        model = _seeded_model(spec, train, entry["seed"])  # the member's initial weights come from its seed
+        results[i] = fit(model, train, val, member_config, HardTargets(), run_dir, resume, meta, log)
+        trained.append(i)
+        record()
+    return EnsembleResult(out, trained, skipped, results)
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _check_ensemble_folder(out: Path, spec: str, members: int, resume: bool) -> None:
+    """``out`` may hold nothing, or (with ``resume``) an ensemble of the same spec and at most ``members``."""
     if is_ensemble_dir(out):
         if not resume:
             raise DarkKnowledgeError(f"{out} already holds an ensemble; pass --resume to finish or grow it, or "
@@ -219,51 +275,31 @@ def train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: str | 
     elif out.exists() and checkpoint.MODEL_META in {p.name for p in out.iterdir()}:
         raise DarkKnowledgeError(f"{out} holds a single run, not an ensemble; choose another output directory")
 
-    train, val, _ = data.load()
-    meta = _model_meta(spec, train, data)
-    entries = [{"run": member_dir(i), "seed": config.seed + i, "done": False} for i in range(members)]
 
-    def record() -> None:
-        for entry in entries:
-            run_dir = out / entry["run"]
-            state_path = run_dir / checkpoint.STATE_META
-            state = checkpoint.read_json(state_path, "training state") if state_path.exists() else {}
-            entry["done"] = bool(state.get("done")) and (run_dir / checkpoint.MODEL_META).exists()
-            entry["epochs"] = state.get("epoch", 0)
-            if entry["done"]:
-                entry["weights_sha256"] = checkpoint.read_model_meta(run_dir)["weights_sha256"]
-        write_manifest(out, {"spec": meta["spec"], "dataset": data.dataset, "classes": meta["classes"],
-                             "image_shape": meta["image_shape"], "combine": "arithmetic",
-                             "complete": all(e["done"] for e in entries), "members": entries,
-                             "training": {k: v for k, v in vars(config).items() if k not in ("progress", "seed")},
-                             "data": data.describe(train)})
-
-    record()
-    trained, skipped, results = [], [], {}
-    for i, entry in enumerate(entries):
+def _record_members(out: Path, entries: list[dict[str, Any]], meta: dict[str, Any], data: DataChoice, train, val,
+                    config: TrainConfig) -> None:
+    """Update ``entries`` from the member folders (finished? model file missing?) and rewrite ``ensemble.json``.
+    A finished member trained with other settings is refused."""
+    for entry in entries:
         run_dir = out / entry["run"]
-        member_config = replace(config, seed=entry["seed"])
-        if not entry["done"] and (run_dir / checkpoint.STATE_META).exists() \
-                and not (run_dir / checkpoint.MODEL_META).exists():
-            # A run whose model file was deleted cannot be resumed: train that member again from the start.
-            log(f"member {i + 1}/{members} ({entry['run']}): model missing, training it again")
-            for stale in [run_dir / checkpoint.STATE_META, *run_dir.glob("state-e*.safetensors")]:
-                stale.unlink(missing_ok=True)
+        state_path = run_dir / checkpoint.STATE_META
+        state = checkpoint.read_json(state_path, "training state") if state_path.exists() else {}
+        entry["done"] = bool(state.get("done")) and (run_dir / checkpoint.MODEL_META).exists()
+        entry["model_missing"] = bool(state) and not (run_dir / checkpoint.MODEL_META).exists()
+        entry["epochs"] = state.get("epoch", 0)
         if entry["done"]:
-            state = checkpoint.read_json(run_dir / checkpoint.STATE_META, "training state")
-            if state.get("run_key") != _run_key(meta, train, val, member_config, HardTargets()):
+            if state.get("run_key") != _run_key(meta, train, val, replace(config, seed=entry["seed"]),
+                                                HardTargets()):
                 raise DarkKnowledgeError(f"{run_dir} was trained with other settings, model or data; finish the "
                                          "ensemble with the options it was started with, or choose another "
                                          "output directory")
-            log(f"member {i + 1}/{members} ({entry['run']}): finished, skipped")
-            skipped.append(i)
-            continue
-        log(f"member {i + 1}/{members} ({entry['run']}, seed {entry['seed']})")
-        model = _seeded_model(spec, train, entry["seed"])  # the member's initial weights come from its seed
-        results[i] = fit(model, train, val, member_config, HardTargets(), run_dir, resume, meta, log)
-        trained.append(i)
-        record()
-    return EnsembleResult(out, trained, skipped, results)
+            entry["weights_sha256"] = checkpoint.read_model_meta(run_dir)["weights_sha256"]
+    write_manifest(out, {"spec": meta["spec"], "dataset": data.dataset, "classes": meta["classes"],
+                         "image_shape": meta["image_shape"], "combine": "arithmetic",
+                         "complete": all(e["done"] for e in entries),
+                         "members": [{k: v for k, v in e.items() if k != "model_missing"} for e in entries],
+                         "training": {k: v for k, v in vars(config).items() if k not in ("progress", "seed")},
+                         "data": data.describe(train)})
 
 
 def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str = "test",

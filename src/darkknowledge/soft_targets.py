@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
+from .distributed import Workers, current
 from .ensemble import COMBINE_RULES, Ensemble, check_combine, distillation_targets
 from .errors import DarkKnowledgeError
 from .evaluation import as_inputs, autocast
@@ -260,50 +261,121 @@ class SoftTargets:
         }
         key = _key(key_parts)
         header_path = Path(store_dir) / f"{key[:16]}.json" if store_dir is not None else None
-        if header_path is not None and (header_path.exists() or header_path.with_suffix(".bin").exists()):
+        workers = current()
+        # Rank 0 looks for an intact store of this key (one checksum pass); every rank follows what it found.
+        found = None
+        if workers.is_main and header_path is not None and (header_path.exists()
+                                                             or header_path.with_suffix(".bin").exists()):
             try:
-                store = cls.open(header_path, combine=combine, expected_key=key)
-                log(f"soft targets: reusing {header_path} ({store.nbytes / 1e6:.1f} MB)")
-                return store
+                cls.open(header_path, combine=combine, expected_key=key)
+                found = "intact"
             except DarkKnowledgeError as problem:
-                log(f"soft targets: not using {header_path}: {problem}; computing it again")
+                found = f"not using {header_path}: {problem}; computing it again"
+        found = workers.broadcast_json(found)
+        if found == "intact":
+            store = cls.open(header_path, combine=combine, expected_key=key, verify=False)  # verified just now
+            log(f"soft targets: reusing {header_path} ({store.nbytes / 1e6:.1f} MB)")
+            return store
+        if found:
+            log(f"soft targets: {found}")
 
-        # The first batch tells the number of classes (the arrays' shapes); the pass goes on from there.
         started = time.perf_counter()
-        chunks = _teacher_chunks(teacher, transfer_set.images, batch_size, bf16)
-        first = next(chunks)
-        num_classes = _check_classes(first, transfer_set)
-        if top_k is not None and top_k > num_classes:
-            raise DarkKnowledgeError(f"top_k must be at most the number of classes ({num_classes}), got {top_k}")
-        chunks = itertools.chain([first], chunks)
-        stored_members = 1 if stored_combine == "mean-logits" else len(members)
-        if stored_combine == "mean-logits":
-            chunks = (c.mean(1, keepdim=True) for c in chunks)
         describe = teacher.describe() if isinstance(teacher, Ensemble) else {"module": type(teacher).__name__}
-        store = cls.write(chunks, header_path, key_parts=key_parts, num_cases=len(transfer_set),
-                          num_members=stored_members, num_classes=num_classes, combine=combine,
-                          extra={"teacher": describe, "members_in_teacher": len(members),
-                                 "transfer_set": {"name": transfer_set.name, "cases": len(transfer_set),
-                                                  "classes": list(transfer_set.classes)}})
+        header = {"key_parts": key_parts, "num_cases": len(transfer_set), "combine": combine,
+                  "extra": {"teacher": describe, "members_in_teacher": len(members),
+                            "transfer_set": {"name": transfer_set.name, "cases": len(transfer_set),
+                                             "classes": list(transfer_set.classes)}}}
+        if workers.distributed and header_path is not None:
+            store = cls._compute_sharded(teacher, transfer_set, header_path, workers, batch_size, bf16, **header)
+            how = f"{workers.world_size} ranks, each one batched pass of each member over its share"
+        else:
+            num_classes, chunks = _stored_logits(teacher, transfer_set, transfer_set.images, key_parts, batch_size,
+                                                 bf16)
+            store = cls.write(chunks, header_path, num_classes=num_classes, **header)
+            how = "one batched pass of each member"
         seconds = time.perf_counter() - started
         where = str(header_path) if header_path is not None else "memory"
         log(f"soft targets: computed {len(transfer_set)} cases x {len(members)} member(s) in {seconds:.1f}s "
-            f"(one batched pass of each member), {store.nbytes / 1e6:.1f} MB {layout} store in {where}")
+            f"({how}), {store.nbytes / 1e6:.1f} MB {layout} store in {where}")
         return store
 
     @classmethod
+    def _compute_sharded(cls, teacher: nn.Module, transfer_set, header_path: Path, workers: Workers,
+                         batch_size: int, bf16: bool, *, key_parts: dict[str, Any], num_cases: int, combine: str,
+                         extra: dict[str, Any]) -> SoftTargets:
+        """Every rank computes its contiguous share of the cases and writes those rows in place into one data file;
+        rank 0 then hashes it, renames it and writes the one header. ``header_path`` must be on a file system every
+        rank sees: each rank leaves a marker, and rank 0 refuses to finish without all of them."""
+        data_path = header_path.with_suffix(".bin")
+        tmp = data_path.with_name(f".{data_path.name}.sharded.tmp")
+        header_path.parent.mkdir(parents=True, exist_ok=True)  # on every rank: each may see its own disk
+        if workers.is_main:
+            header_path.unlink(missing_ok=True)  # the old header must not vouch for the new data
+            for stale in header_path.parent.glob(f"{tmp.name}*"):
+                stale.unlink()
+        workers.barrier()
+
+        rows = workers.shard(num_cases)
+        num_classes, chunks = _stored_logits(teacher, transfer_set, transfer_set.images[rows], key_parts,
+                                             batch_size, bf16)
+        num_classes = next(c for c in workers.all_gather_json(num_classes) if c is not None)
+        specs = _array_specs(key_parts["layout"], num_cases, _stored_members(teacher, key_parts), num_classes,
+                             key_parts["top_k"], key_parts["dtype"])
+        problem = None
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                row = rows.start
+                for chunk in chunks:
+                    row += _write_rows(fd, specs, row, _chunk_arrays(chunk, key_parts["layout"], key_parts["top_k"]))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            tmp.with_name(f"{tmp.name}.rank{workers.rank}").touch()
+        except DarkKnowledgeError as e:
+            problem = str(e)
+        except OSError as e:
+            problem = f"rank {workers.rank} could not write its share of the soft-target store: {e.strerror} " \
+                      f"({e.filename})"
+        workers.agree(problem)
+
+        if workers.is_main:
+            missing = [r for r in range(workers.world_size) if not tmp.with_name(f"{tmp.name}.rank{r}").exists()]
+            if missing:
+                problem = (f"ranks {missing} wrote their share of the soft-target store where rank 0 cannot see it; "
+                           "give --store-dir on a file system that every rank (every node) sees")
+            else:
+                offsets, row_bytes, total = _layout(specs)
+                with open(tmp, "r+b") as f:
+                    os.ftruncate(f.fileno(), total)
+                    arrays_meta = {name: {"dtype": dtype, "shape": list(shape), "offset": offsets[name],
+                                          "nbytes": row_bytes[name] * shape[0],
+                                          "sha256": _sha256_range(f, offsets[name], row_bytes[name] * shape[0])}
+                                   for name, (dtype, shape) in specs.items()}
+                    os.fsync(f.fileno())
+                os.replace(tmp, data_path)
+                for marker in header_path.parent.glob(f"{tmp.name}.rank*"):
+                    marker.unlink()
+                checkpoint.write_json(header_path, _header(key_parts, num_cases, specs, num_classes, extra,
+                                                           arrays_meta, total, data_path.name))
+        workers.agree(problem)
+        return cls.open(header_path, combine=combine, verify=False)  # rank 0 just hashed it
+
+    @classmethod
     def write(cls, chunks: Iterable[Tensor | dict[str, Any]], header_path: str | os.PathLike | None, *,
-              key_parts: dict[str, Any], num_cases: int, num_members: int, num_classes: int,
+              key_parts: dict[str, Any], num_cases: int, num_members: int | None = None, num_classes: int,
               combine: str = "arithmetic", extra: dict[str, Any] | None = None) -> SoftTargets:
         """Stream ``chunks`` (in case order) into a store; nothing is held in memory beyond one chunk.
 
         Each chunk is either member logits ``[b, M, C]`` (turned into the layout ``key_parts`` names) or, for a
         top-k store, a dict with ``topk_logits``/``topk_indices`` ``[b, M, k]`` and ``tail_logsumexp``/
-        ``tail_mean`` ``[b, M]`` already made. ``header_path=None`` keeps the arrays in memory.
+        ``tail_mean`` ``[b, M]`` already made. ``header_path=None`` keeps the arrays in memory. ``num_members``:
+        M (default: the members the stored layout keeps of the teacher described in ``key_parts``).
         """
         layout, top_k, dtype = key_parts["layout"], key_parts["top_k"], key_parts["dtype"]
+        if num_members is None:
+            num_members = 1 if key_parts.get("stored_combine") == "mean-logits" else len(key_parts["teacher"])
         specs = _array_specs(layout, num_cases, num_members, num_classes, top_k, dtype)
-        key = _key(key_parts)
         writer = _Writer(specs, Path(header_path).with_suffix(".bin") if header_path is not None else None)
         try:
             if header_path is not None:
@@ -314,15 +386,10 @@ class SoftTargets:
         except BaseException:
             writer.abort()
             raise
-        header = {"format": FORMAT, "key": key, "key_parts": key_parts, "layout": layout, "top_k": top_k,
-                  "dtype": dtype, "num_cases": num_cases, "num_members": num_members, "num_classes": num_classes,
-                  "stored_combine": key_parts.get("stored_combine"), "members_in_teacher": num_members,
-                  **(extra or {}), "data_file": None, "data_bytes": writer.total_bytes, "arrays": arrays_meta,
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "provenance": checkpoint.provenance()}
+        data_file = Path(header_path).with_suffix(".bin").name if header_path is not None else None
+        header = _header(key_parts, num_cases, specs, num_classes, extra, arrays_meta, writer.total_bytes, data_file)
         if header_path is None:
             return cls(header, arrays, combine)
-        header["data_file"] = Path(header_path).with_suffix(".bin").name
         checkpoint.write_json(Path(header_path), header)
         return cls.open(header_path, combine=combine, verify=False)  # just hashed while writing
 
@@ -375,6 +442,85 @@ class SoftTargets:
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
+
+def _header(key_parts: dict[str, Any], num_cases: int, specs: dict[str, tuple[str, tuple]], num_classes: int,
+            extra: dict[str, Any] | None, arrays_meta: dict[str, Any], data_bytes: int,
+            data_file: str | None) -> dict[str, Any]:
+    num_members = next(iter(specs.values()))[1][1]
+    return {"format": FORMAT, "key": _key(key_parts), "key_parts": key_parts, "layout": key_parts["layout"],
+            "top_k": key_parts["top_k"], "dtype": key_parts["dtype"], "num_cases": num_cases,
+            "num_members": num_members, "num_classes": num_classes,
+            "stored_combine": key_parts.get("stored_combine"), "members_in_teacher": num_members,
+            **(extra or {}), "data_file": data_file, "data_bytes": data_bytes, "arrays": arrays_meta,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "provenance": checkpoint.provenance()}
+
+
+def _stored_members(teacher: nn.Module, key_parts: dict[str, Any]) -> int:
+    return 1 if key_parts["stored_combine"] == "mean-logits" else len(teacher_members(teacher))
+
+
+def _stored_logits(teacher: nn.Module, transfer_set, images: Tensor, key_parts: dict[str, Any], batch_size: int,
+                   bf16: bool) -> tuple[int | None, Iterator[Tensor]]:
+    """(number of classes, chunks of the logits the store keeps ``[b, M, C]``) of ``images`` (a part of
+    ``transfer_set``); the number of classes is None when ``images`` is empty."""
+    chunks = _teacher_chunks(teacher, images, batch_size, bf16)
+    first = next(chunks, None)
+    if first is None:
+        return None, iter(())
+    num_classes = _check_classes(first, transfer_set)
+    top_k = key_parts["top_k"]
+    if top_k is not None and top_k > num_classes:
+        raise DarkKnowledgeError(f"top_k must be at most the number of classes ({num_classes}), got {top_k}")
+    chunks = itertools.chain([first], chunks)
+    if key_parts["stored_combine"] == "mean-logits":
+        chunks = (c.mean(1, keepdim=True) for c in chunks)
+    return num_classes, chunks
+
+
+def _layout(specs: dict[str, tuple[str, tuple]]) -> tuple[dict[str, int], dict[str, int], int]:
+    """Each array's byte offset (page-aligned, back to back) and bytes per row, and the file's size."""
+    offsets, row_bytes, offset = {}, {}, 0
+    for name, (dtype, shape) in specs.items():
+        offset = -(-offset // ALIGN) * ALIGN
+        offsets[name] = offset
+        row_bytes[name] = np.dtype(dtype).itemsize * int(np.prod(shape[1:]))
+        offset += row_bytes[name] * shape[0]
+    return offsets, row_bytes, offset
+
+
+def _checked_rows(specs: dict[str, tuple[str, tuple]], first_row: int,
+                  arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``arrays`` as contiguous arrays of the store's dtypes, after checking they fit rows ``first_row..``."""
+    if set(arrays) != set(specs):
+        raise DarkKnowledgeError(f"a store chunk must hold {', '.join(sorted(specs))}, got "
+                                 f"{', '.join(sorted(arrays))}")
+    rows = {len(a) for a in arrays.values()}
+    if len(rows) != 1:
+        raise DarkKnowledgeError("the arrays of a store chunk have different numbers of rows")
+    count = rows.pop()
+    checked = {}
+    for name, (dtype, shape) in specs.items():
+        if first_row + count > shape[0]:
+            raise DarkKnowledgeError(f"store chunks hold more than the {shape[0]} cases announced")
+        checked[name] = np.ascontiguousarray(arrays[name], dtype=dtype)
+        if checked[name].shape[1:] != shape[1:]:
+            raise DarkKnowledgeError(f"store chunk array {name} has rows of shape {checked[name].shape[1:]}, "
+                                     f"expected {shape[1:]}")
+    return checked
+
+
+def _write_rows(fd: int, specs: dict[str, tuple[str, tuple]], first_row: int, arrays: dict[str, np.ndarray]) -> int:
+    """Write ``arrays`` as rows ``first_row..`` of the store file ``fd``; returns the number of rows."""
+    offsets, row_bytes, _ = _layout(specs)
+    count = 0
+    for name, data in _checked_rows(specs, first_row, arrays).items():
+        view, position = memoryview(data).cast("B"), offsets[name] + first_row * row_bytes[name]
+        while view:
+            written = os.pwrite(fd, view, position)
+            view, position = view[written:], position + written
+        count = len(data)
+    return count
+
 
 def _compatible_rules(stored_combine: str) -> tuple[str, ...]:
     return ("arithmetic",) if stored_combine == "arithmetic" else ("geometric", "logits")
@@ -452,14 +598,7 @@ class _Writer:
     def __init__(self, specs: dict[str, tuple[str, tuple]], data_path: Path | None):
         self.specs = specs
         self.data_path = data_path
-        self.offsets, offset = {}, 0
-        for name, (dtype, shape) in specs.items():
-            offset = -(-offset // ALIGN) * ALIGN
-            self.offsets[name] = offset
-            offset += np.dtype(dtype).itemsize * int(np.prod(shape))
-        self.total_bytes = offset
-        self.row_bytes = {name: np.dtype(dtype).itemsize * int(np.prod(shape[1:]))
-                          for name, (dtype, shape) in specs.items()}
+        self.offsets, self.row_bytes, self.total_bytes = _layout(specs)
         self.hashes = {name: hashlib.sha256() for name in specs}
         self.rows = 0
         self.fd = self.tmp = None
@@ -471,29 +610,14 @@ class _Writer:
             self.fd, self.tmp = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=data_path.parent)
 
     def append(self, arrays: dict[str, np.ndarray]) -> None:
-        if set(arrays) != set(self.specs):
-            raise DarkKnowledgeError(f"a store chunk must hold {', '.join(sorted(self.specs))}, got "
-                                     f"{', '.join(sorted(arrays))}")
-        rows = {len(a) for a in arrays.values()}
-        if len(rows) != 1:
-            raise DarkKnowledgeError("the arrays of a store chunk have different numbers of rows")
-        count = rows.pop()
-        for name, (dtype, shape) in self.specs.items():
-            if self.rows + count > shape[0]:
-                raise DarkKnowledgeError(f"store chunks hold more than the {shape[0]} cases announced")
-            data = np.ascontiguousarray(arrays[name], dtype=dtype)
-            if data.shape[1:] != shape[1:]:
-                raise DarkKnowledgeError(f"store chunk array {name} has rows of shape {data.shape[1:]}, expected "
-                                         f"{shape[1:]}")
+        arrays = _checked_rows(self.specs, self.rows, arrays)
+        for name, data in arrays.items():
             self.hashes[name].update(memoryview(data).cast("B"))
             if self.memory is not None:
-                self.memory[name][self.rows:self.rows + count] = data
-            else:
-                view, position = memoryview(data).cast("B"), self.offsets[name] + self.rows * self.row_bytes[name]
-                while view:
-                    written = os.pwrite(self.fd, view, position)
-                    view, position = view[written:], position + written
-        self.rows += count
+                self.memory[name][self.rows:self.rows + len(data)] = data
+        if self.fd is not None:
+            _write_rows(self.fd, self.specs, self.rows, arrays)
+        self.rows += len(next(iter(arrays.values())))
 
     def finish(self, num_cases: int) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
         if self.rows != num_cases:

@@ -4,10 +4,17 @@ objective: the targets the student learns from and the loss that compares them w
 Read top to bottom: config, objectives, then ``fit``. Data stays in memory as uint8 tensors; a batch is one
 index_select, one batched jitter and one forward/backward. Every epoch draws its randomness from
 (seed, epoch) alone, so a run resumed from its last saved epoch ends exactly where an uninterrupted one does.
+
+Under torchrun (:mod:`darkknowledge.distributed`) the same loop is data-parallel: every rank draws the same
+order of cases and the same global batches, takes its own slice of each (its shard of the data and of the
+soft-target store), and DistributedDataParallel averages the gradients, weighted so the step is the one a single
+process takes on the whole batch. Nothing in a checkpoint depends on the number of workers, so a run stopped with
+N workers resumes with any other number. Rank 0 alone writes checkpoints and logs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -20,13 +27,15 @@ from typing import Any, Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .augment import jitter
+from .augment import jitter_offsets, translate
+from .distributed import Workers, current
 from .errors import DarkKnowledgeError
 from .ensemble import Ensemble, distillation_targets
-from .evaluation import as_inputs, autocast, evaluate, predict_logits
+from .evaluation import Evaluation, as_inputs, autocast, evaluate, predict_logits
 from .losses import distillation_loss
 
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -83,7 +92,7 @@ class Batch(NamedTuple):
 class HardTargets:
     """Plain cross-entropy with the true labels: how teachers and the small baseline net are trained."""
 
-    def prepare(self, train, config: TrainConfig) -> None:
+    def prepare(self, train, config: TrainConfig, device: torch.device = torch.device("cpu")) -> None:
         pass
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -116,7 +125,7 @@ class Distillation:
     bf16: bool = field(default=False, init=False)
     online_reason: str | None = field(default=None, init=False)
 
-    def prepare(self, train, config: TrainConfig) -> None:
+    def prepare(self, train, config: TrainConfig, device: torch.device = torch.device("cpu")) -> None:
         if self.teacher is None and self.teacher_logits is None and self.store is None:
             raise DarkKnowledgeError("distillation needs a teacher module, precomputed teacher_logits or a "
                                      "soft-target store")
@@ -142,7 +151,7 @@ class Distillation:
             self.store = None
         self.bf16 = config.bf16
         if self.teacher is not None:
-            self.teacher.eval()
+            self.teacher.to(device).eval()
 
     def soft_source(self) -> str:
         if self.store is not None:
@@ -153,11 +162,11 @@ class Distillation:
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.store is not None:
-            targets = self.store.targets(batch.indices, self.temperature)
+            targets = _to_device(self.store.targets(batch.indices, self.temperature), logits.device)
         elif self.teacher_logits is not None:
-            targets = {"teacher_logits": self.teacher_logits[batch.indices]}
+            targets = {"teacher_logits": self.teacher_logits[batch.indices].to(logits.device)}
         else:
-            with torch.no_grad(), autocast(self.bf16):
+            with torch.no_grad(), autocast(self.bf16, logits.device):
                 if isinstance(self.teacher, Ensemble):
                     targets = distillation_targets(self.teacher.member_logits(batch.inputs).float(),
                                                    self.teacher.combine, self.temperature)
@@ -178,6 +187,15 @@ class Distillation:
         elif isinstance(self.teacher, Ensemble):
             described["combine"] = self.teacher.combine
         return described
+
+
+def _to_device(targets: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Targets read from a store (tensors, or a TopKTargets of tensors) on the student's device."""
+    if device.type == "cpu":
+        return targets
+    return {name: value.to(device) if isinstance(value, torch.Tensor) else dataclasses.replace(
+        value, **{f.name: getattr(value, f.name).to(device) for f in dataclasses.fields(value)})
+        for name, value in targets.items()}
 
 
 @dataclass
@@ -214,7 +232,7 @@ def _tensorboard(run_dir: Path | None):
 
 def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, objective=None,
         run_dir: str | Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
-        log: Callable[[str], None] | None = None, monitor=None) -> FitResult:
+        log: Callable[[str], None] | None = None, monitor=None, workers: Workers | None = None) -> FitResult:
     """Train ``model`` on ``train`` (LabeledImages), validating on ``val`` each epoch.
 
     ``monitor``: extra sets evaluated after every epoch only to log their errors (a LabeledImages, logged as
@@ -225,18 +243,29 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     With ``run_dir``, saves the best model (by validation errors; the last one without ``val``) as
     model.safetensors + model.json with ``meta``, the resume state after every epoch, and metrics.jsonl.
     ``resume=True`` continues from the last saved epoch. Returns with the best weights loaded in ``model``.
+
+    ``workers``: the process group to train with (default: torchrun's, if this process joined one; see the
+    module doc). Every rank calls ``fit`` with the same arguments; all return the same model.
     """
     config = config or TrainConfig()
     objective = objective or HardTargets()
+    workers = workers or current()
     meta = dict(meta or {})
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
+    if not workers.is_main:
+        log = _silent
     run_dir = Path(run_dir) if run_dir is not None else None
     if monitor is not None and not isinstance(monitor, dict):
         monitor = {"monitor": monitor}
     if monitor and {"train", "val"} & set(monitor):
         raise DarkKnowledgeError("monitor names train and val are taken by fit's own metrics; name the sets "
                                  "otherwise (e.g. train_eval)")
-    objective.prepare(train, config)
+    if workers.world_size > min(len(train), config.batch_size):
+        raise DarkKnowledgeError(f"{workers.world_size} workers need a batch size and a training set of at least "
+                                 f"{workers.world_size} cases (batch size {config.batch_size}, {len(train)} cases); "
+                                 "use fewer workers or a larger batch")
+    model.to(workers.device)
+    objective.prepare(train, config, workers.device)
     if isinstance(objective, Distillation) and (objective.teacher is not None or objective.store is not None):
         log(f"distillation: soft targets from the {objective.soft_source()}")
 
@@ -248,45 +277,69 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     total_steps = steps_per_epoch * config.epochs
     run_key = _run_key(meta, train, val, config, objective)
 
+    # Rank 0 reads the saved state (the others may not see run_dir) and tells everyone where to start.
+    problem, resumed, best_state = None, None, None
+    if workers.is_main and run_dir is not None and (run_dir / checkpoint.STATE_META).exists():
+        try:
+            if not resume:
+                raise DarkKnowledgeError(f"{run_dir} already holds a training run; pass --resume to continue it "
+                                         "or choose another output directory")
+            state = checkpoint.load_training_state(run_dir, model, optimizer)
+            if state["run_key"] != run_key:
+                raise DarkKnowledgeError(f"{run_dir} holds a run with other settings, model or data; resume it "
+                                         "with the same options, or choose another output directory")
+            resumed = {k: state[k] for k in ("epoch", "history", "best", "seconds")}
+            if resumed["best"]["val_errors"] is not None:
+                best_state = checkpoint.load_model(run_dir)[0].state_dict()
+        except DarkKnowledgeError as e:
+            problem = str(e)
+    workers.agree(problem)
+    resumed = workers.broadcast_json(resumed)
     start_epoch, history, elapsed = 0, [], 0.0
     best = {"epoch": 0, "val_errors": None, "stale": 0}
-    best_state = None
-    if run_dir is not None and (run_dir / checkpoint.STATE_META).exists():
-        if not resume:
-            raise DarkKnowledgeError(f"{run_dir} already holds a training run; pass --resume to continue it "
-                                     "or choose another output directory")
-        state = checkpoint.load_training_state(run_dir, model, optimizer)
-        if state["run_key"] != run_key:
-            raise DarkKnowledgeError(f"{run_dir} holds a run with other settings, model or data; resume it with "
-                                     "the same options, or choose another output directory")
-        start_epoch, history, best, elapsed = state["epoch"], state["history"], state["best"], state["seconds"]
-        if best["val_errors"] is not None:
-            best_state = checkpoint.load_model(run_dir)[0].state_dict()
+    if resumed is not None:
+        start_epoch, history, best, elapsed = (resumed[k] for k in ("epoch", "history", "best", "seconds"))
         log(f"resuming {run_dir} after epoch {start_epoch}")
+    net = model
+    if workers.distributed:
+        _share_weights_and_momentum(model, optimizer, workers)
+        net = DistributedDataParallel(model, device_ids=[workers.device.index] if workers.device.type == "cuda"
+                                      else None)
 
-    writer = _tensorboard(run_dir)
+    writer = _tensorboard(run_dir) if workers.is_main else None
     stopped_early = best["stale"] >= (config.patience or math.inf)
     for epoch in range(start_epoch, config.epochs):
         if stopped_early:
             break
         started = time.perf_counter()
-        torch.manual_seed(_epoch_seed(config.seed, epoch))  # dropout masks
+        torch.manual_seed(_epoch_seed(config.seed, epoch) + workers.rank)  # dropout masks
         generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
         order = torch.randperm(n, generator=generator)
         model.train()
         sums: dict[str, torch.Tensor] = {}
-        train_errors = torch.zeros((), dtype=torch.long)
+        train_errors = torch.zeros((), dtype=torch.long, device=workers.device)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not config.progress, file=sys.stderr, mininterval=0.5)
+                   disable=not (config.progress and workers.is_main), file=sys.stderr, mininterval=0.5)
         for step in bar:
-            indices = order[step * config.batch_size:(step + 1) * config.batch_size]
-            inputs = as_inputs(jitter(train.images[indices], config.jitter, generator))
-            labels = train.labels[indices]
+            batch = order[step * config.batch_size:(step + 1) * config.batch_size]
+            offsets = jitter_offsets(len(batch), config.jitter, generator)  # the whole batch's, as one process
+            mine = workers.shard(len(batch))
+            indices = batch[mine]
+            inputs = as_inputs(translate(train.images[indices], offsets[:, mine] if offsets is not None else None,
+                                         config.jitter).to(workers.device))
+            labels = train.labels[indices].to(workers.device)
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate(epoch * steps_per_epoch + step, total_steps)
-            with autocast(config.bf16):
-                logits = model(inputs)
-            loss, parts = objective.loss(logits, Batch(inputs, labels, indices))
+            with autocast(config.bf16, workers.device):
+                logits = net(inputs)
+            if len(indices):
+                loss, parts = objective.loss(logits, Batch(inputs, labels, indices))
+            else:  # a last batch smaller than the number of workers: this rank still joins the gradient sum
+                loss, parts = logits.sum() * 0.0, {}
+            if workers.distributed:
+                # DDP averages the ranks' gradients; weighting each rank's mean loss by its share of the batch
+                # makes that average the gradient of the whole batch's mean loss, as one process computes it.
+                loss = loss * (len(indices) * workers.world_size / len(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -296,16 +349,18 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
                 sums[key] = sums.get(key, 0) + value.detach() * len(indices)
             train_errors += (logits.detach().argmax(1) != labels).sum()
 
+        names = sorted(sums)  # the same on every rank: each had cases in the first batch
+        totals = workers.all_sum(torch.stack([*(sums[k].double() for k in names), train_errors.double()]))
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                  **{f"train_{k}": float(v) / n for k, v in sums.items()},
-                  "train_errors": int(train_errors), "train_error_rate": int(train_errors) / n}
+                  **{f"train_{k}": float(v) / n for k, v in zip(names, totals)},
+                  "train_errors": int(totals[-1]), "train_error_rate": int(totals[-1]) / n}
         improved = True
         if val is not None:
-            result = evaluate(model, val, bf16=config.bf16)
+            result = _evaluate(model, val, config.bf16, workers)
             record.update(val_errors=result.errors, val_error_rate=1 - result.accuracy, val_loss=result.loss)
             improved = best["val_errors"] is None or result.errors < best["val_errors"]
         for name, data in (monitor or {}).items():  # logged only: selection above uses val alone
-            watched = evaluate(model, data, bf16=config.bf16)
+            watched = _evaluate(model, data, config.bf16, workers)
             record.update({f"{name}_errors": watched.errors, f"{name}_error_rate": 1 - watched.accuracy})
         elapsed += time.perf_counter() - started
         record["seconds"] = round(elapsed, 3)
@@ -317,7 +372,7 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
             best["stale"] += 1
         stopped_early = best["stale"] >= (config.patience or math.inf)
 
-        if run_dir is not None:
+        if run_dir is not None and workers.is_main:
             if improved:
                 checkpoint.save_model(run_dir, model, _sidecar(meta, config, objective, best, record))
             checkpoint.save_training_state(run_dir, epoch + 1, model, optimizer, {
@@ -336,7 +391,37 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
         writer.close()
     if best_state is not None:
         model.load_state_dict(best_state)
+    workers.broadcast_tensors(model.state_dict().values())  # rank 0's best, which it saved, everywhere
     return FitResult(history, best["epoch"], best["val_errors"], stopped_early, elapsed)
+
+
+def _silent(line: str) -> None:
+    pass
+
+
+def _share_weights_and_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, workers: Workers) -> None:
+    """Rank 0's weights and SGD momentum (fresh, or resumed from its checkpoint) on every rank."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    has_momentum = workers.broadcast_json([optimizer.state.get(p, {}).get("momentum_buffer") is not None
+                                           for p in params])
+    buffers = []
+    for p, has in zip(params, has_momentum):
+        if has:
+            state = optimizer.state[p]
+            state.setdefault("momentum_buffer", torch.zeros_like(p))
+            buffers.append(state["momentum_buffer"])
+    workers.broadcast_tensors([*model.state_dict().values(), *buffers])
+
+
+def _evaluate(model: nn.Module, data, bf16: bool, workers: Workers) -> Evaluation:
+    """``evaluate`` with each rank taking its shard of ``data`` and the counts summed over ranks."""
+    if not workers.distributed:
+        return evaluate(model, data, bf16=bf16)
+    part = evaluate(model, data.subset(torch.arange(len(data))[workers.shard(len(data))]), bf16=bf16)
+    totals = workers.all_sum(torch.tensor([part.errors, part.total, part.loss * part.total if part.total else 0.0,
+                                           *part.per_class_errors], dtype=torch.float64))
+    total = int(totals[1])
+    return Evaluation(int(totals[0]), total, [int(x) for x in totals[3:]], float(totals[2]) / max(total, 1))
 
 
 def _sidecar(meta, config, objective, best, record) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..distributed import current
+from ..errors import DarkKnowledgeError
 from ..training import SCHEDULES, TrainConfig
 from .combine import DEFAULT_TOL
 from .specialist import SpecialistConfig
@@ -53,9 +55,12 @@ def add_specialists_parser(sub) -> None:
     p = steps.add_parser("train", help="train one, some or all specialists of a folder",
                          description="Train specialists from the generalist named in FOLDER/subsets.json, each "
                                      "into FOLDER/specialist-NN. Separate processes can train different "
-                                     "--index values at the same time.", epilog=EPILOG)
+                                     "--index values at the same time; under torchrun (--nproc-per-node N) the "
+                                     "ranks share the chosen specialists, balanced by their subsets' sizes.",
+                         epilog=EPILOG)
     p.add_argument("folder", type=Path, help="specialists folder (holds subsets.json)")
     p.add_argument("--index", default="all", help="'all', one index or a list such as 0,2,5-7 (default: all)")
+    p.add_argument("--all", action="store_true", help="every specialist (the same as --index all)")
     p.add_argument("--epochs", type=int, default=t.epochs, help="epochs; one epoch passes over the subset's cases "
                                                                 "once (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=t.batch_size, help="(default: %(default)s)")
@@ -108,7 +113,10 @@ def run_specialists(args: argparse.Namespace) -> int:
         print(f"wrote {args.out / jobs.SUBSETS_FILE} ({len(subsets)} subsets)")
     elif step == "train":
         subsets = jobs.read_subsets(args.folder)
+        if args.all and args.index != "all":
+            raise DarkKnowledgeError(f"give --all or --index {args.index}, not both")
         indices = jobs.parse_indices(args.index, len(subsets))
+        workers = current()
         training = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                                weight_decay=args.weight_decay, schedule=args.schedule, jitter=args.jitter,
                                seed=args.seed, patience=args.patience, progress=False)
@@ -119,11 +127,17 @@ def run_specialists(args: argparse.Namespace) -> int:
 
         def report(index: int, done: dict) -> None:  # printed as soon as each specialist is done
             names = " ".join(subsets.class_names[c] for c in done["subset"])
+            by = f" by rank {workers.rank}" if workers.distributed else ""
             print(f"specialist {index} ({names}): best epoch {done['best_epoch']}, dustbin offset "
                   f"{done['dustbin_offset']:+.3f}, {done['seconds']:.1f}s, saved to "
-                  f"{jobs.specialist_dir(args.folder, index)}", flush=True)
+                  f"{jobs.specialist_dir(args.folder, index)}{by}", flush=True)
 
-        jobs.train_specialists(args.folder, indices, config, args.resume, args.data_dir, quiet, on_done=report)
+        done = jobs.train_specialists(args.folder, indices, config, args.resume, args.data_dir, quiet,
+                                      on_done=report)
+        if workers.distributed and workers.is_main:
+            shares = {rank: [i for i, row in done.items() if row["rank"] == rank] for rank in range(workers.world_size)}
+            print(f"trained {len(done)} specialists on {workers.world_size} ranks: "
+                  + "; ".join(f"rank {rank}: {share}" for rank, share in shares.items()), flush=True)
     elif step == "evaluate":
         result = jobs.evaluate_specialists(args.folder, args.split, args.top_n, args.tol, args.data_dir)
         print(json.dumps(result, indent=2))

@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import checkpoint
 from ..data import LabeledImages
+from ..distributed import Workers, current
 from ..errors import DarkKnowledgeError
 from ..evaluation import predict_logits
 from ..jobs import DataChoice, check_compatible
@@ -118,13 +119,32 @@ def parse_indices(text: str, count: int) -> list[int]:
     return sorted(chosen)
 
 
+def share_specialists(sizes: dict[int, int], world_size: int) -> list[list[int]]:
+    """Specialist indices shared among ``world_size`` ranks so each gets about the same work: ``sizes`` maps an
+    index to its subset's training cases (an epoch is one pass over them); the largest goes first, each to the
+    rank with the fewest cases so far."""
+    shares: list[list[int]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for index in sorted(sizes, key=lambda i: (-sizes[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        shares[rank].append(index)
+        loads[rank] += sizes[index]
+    return [sorted(share) for share in shares]
+
+
 def train_specialists(folder: str | Path, indices: Sequence[int] | None = None, config: SpecialistConfig | None = None,
                       resume: bool = True, data_dir: str | None = None,
                       log: Callable[[str], None] | None = None,
-                      on_done: Callable[[int, dict[str, Any]], None] | None = None) -> dict[int, dict[str, Any]]:
+                      on_done: Callable[[int, dict[str, Any]], None] | None = None,
+                      workers: Workers | None = None) -> dict[int, dict[str, Any]]:
     """Train the specialists ``indices`` (default: all) of ``folder/subsets.json``, each into its own run
     directory; with ``resume`` finished ones are reused and interrupted ones continued. Returns per index:
-    subset, seconds, best epoch, dustbin offset (also passed to ``on_done`` as each one finishes)."""
+    subset, seconds, best epoch, dustbin offset (also passed to ``on_done`` as each one finishes).
+
+    Specialists are independent (§5), so under torchrun (``workers``, default: the current process group) each
+    rank trains its share (:func:`share_specialists`) as a single process, and every rank returns all of them,
+    each with the ``rank`` that trained it."""
+    workers = workers or current()
     subsets = read_subsets(folder)
     indices = list(range(len(subsets))) if indices is None else list(indices)
     generalist, meta, (train, val, _) = _checked_generalist(subsets, data_dir)
@@ -137,6 +157,10 @@ def train_specialists(folder: str | Path, indices: Sequence[int] | None = None, 
     outside = [i for i in indices if not 0 <= i < len(subsets)]
     if outside:
         raise DarkKnowledgeError(f"specialist indices {outside} are not in 0..{len(subsets) - 1}")
+    if workers.distributed:
+        labels = train.labels
+        sizes = {i: int(torch.isin(labels, torch.tensor(subsets.subsets[i])).sum()) for i in indices}
+        indices = share_specialists(sizes, workers.world_size)[workers.rank]
     for index in indices:
         _, result = train_specialist(generalist, subsets.subsets[index], train, val, config, generalist_logits=logits,
                                      run_dir=specialist_dir(folder, index), resume=resume,
@@ -145,7 +169,10 @@ def train_specialists(folder: str | Path, indices: Sequence[int] | None = None, 
                        "best_epoch": result.best_epoch, "dustbin_offset": result.dustbin_offset}
         if on_done is not None:
             on_done(index, done[index])
-    return done
+    if workers.distributed:  # the final gather: every rank learns what the others trained
+        shares = workers.all_gather_json({str(i): row for i, row in done.items()})
+        done = {int(i): {**row, "rank": rank} for rank, share in enumerate(shares) for i, row in share.items()}
+    return dict(sorted(done.items()))
 
 
 def load_specialists(folder: str | Path, subsets: ClassSubsets) -> list[tuple[nn.Module, dict[str, Any]]]:

@@ -1,0 +1,182 @@
+"""Data-parallel training under torchrun (2 CPU processes, gloo, loopback only), specialists shared over ranks."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from darkknowledge import checkpoint
+from darkknowledge.cli import main
+from darkknowledge.distributed import Workers
+from darkknowledge.specialists.jobs import share_specialists
+
+# One process trains exactly what two do with the same global batch, up to summation order (the ranks' gradients
+# are added in another order than one process adds its cases'): measured 7.5e-08 for these 8 epochs.
+TOLERANCE = 1e-5
+TRAIN = ["train", "--model", "mlp:512x2", "--batch-size", "32", "--lr", "0.02", "--jitter", "1", "--no-progress"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def torchrun(*argv, cwd, workers=2, **popen):
+    """``torchrun --standalone --nproc-per-node N -m darkknowledge ARGV`` (a free port on localhost)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
+               "-m", "darkknowledge", *map(str, argv)]
+    return subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its descendants at once, as a lost machine would (torchrun's workers have sessions of
+    their own, so its process group does not hold them)."""
+    def tree(p):
+        try:
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            children = []
+        return [p] + [q for c in children for q in tree(int(c))]
+    for p in tree(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def one_process(*argv, cwd):
+    return subprocess.run([sys.executable, "-m", "darkknowledge", *map(str, argv)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, check=True)
+
+
+def finished(proc, timeout=300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+def max_difference(run_a, run_b) -> float:
+    a, b = (checkpoint.load_model(run)[0].state_dict() for run in (run_a, run_b))
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_shards_cover_the_range_once_and_differ_by_one_at_most():
+    for n in (0, 1, 5, 128, 129):
+        for world in (1, 2, 3, 8):
+            parts = [Workers(rank, world).shard(n) for rank in range(world)]
+            assert [i for part in parts for i in range(n)[part]] == list(range(n))
+            sizes = [part.stop - part.start for part in parts]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_specialists_are_shared_largest_first_to_the_least_loaded_rank():
+    sizes = {0: 400, 1: 100, 2: 300, 3: 200, 4: 100}
+    assert share_specialists(sizes, 2) == [[0, 1, 4], [2, 3]]  # loads 600 and 500
+    assert share_specialists(sizes, 1) == [[0, 1, 2, 3, 4]]
+    assert share_specialists({0: 5}, 3) == [[0], [], []]
+
+
+def test_ddp_on_two_processes_trains_the_model_one_process_trains(tmp_path):
+    two = torchrun(*TRAIN, "--epochs", "8", "--out", "two", cwd=tmp_path)
+    one_process(*TRAIN, "--epochs", "8", "--out", "one", cwd=tmp_path)
+    out = finished(two)
+    assert out.count("saved") == 1  # rank 0 alone prints and writes
+    assert max_difference(tmp_path / "one", tmp_path / "two") <= TOLERANCE
+    history = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()] for run in ("one", "two")]
+    assert [r["val_errors"] for r in history[0]] == [r["val_errors"] for r in history[1]]
+    assert [r["train_errors"] for r in history[0]] == [r["train_errors"] for r in history[1]]
+
+    # Distillation: both ranks write their shares of one soft-target store, byte for byte the one-process store.
+    two = torchrun("distill", "--teacher", "one", "--student", "mlp:64", "-T", "3", "--epochs", "3",
+                   "--batch-size", "32", "--out", "student-two", "--store-dir", "store-two", "--no-progress",
+                   cwd=tmp_path)
+    one_process("distill", "--teacher", "one", "--student", "mlp:64", "-T", "3", "--epochs", "3", "--batch-size",
+                "32", "--out", "student-one", "--store-dir", "store-one", "--no-progress", cwd=tmp_path)
+    assert "2 ranks" in finished(two)
+    stores = [sorted((tmp_path / d).iterdir()) for d in ("store-one", "store-two")]
+    assert [p.name for p in stores[0]] == [p.name for p in stores[1]]  # same key; no shards or markers left
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(stores[0], stores[1]) if a.suffix == ".bin")
+    assert max_difference(tmp_path / "student-one", tmp_path / "student-two") <= TOLERANCE
+
+
+def test_a_run_stopped_with_two_workers_resumes_with_one(tmp_path):
+    epochs = 8  # the horizon of TOLERANCE: rounding differences grow over long noisy runs (README)
+    two = torchrun(*TRAIN, "--epochs", epochs, "--out", "run", cwd=tmp_path)
+    state = tmp_path / "run" / checkpoint.STATE_META
+    while two.poll() is None:
+        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
+            kill_tree(two.pid)
+            break
+        time.sleep(0.005)
+    two.wait()
+    stopped_at = json.loads(state.read_text())["epoch"]
+    assert 2 <= stopped_at < epochs, "the run was not stopped part-way"
+
+    out = one_process(*TRAIN, "--epochs", epochs, "--out", "run", "--resume", cwd=tmp_path).stderr
+    assert f"resuming run after epoch {stopped_at}" in out
+    one_process(*TRAIN, "--epochs", epochs, "--out", "uninterrupted", cwd=tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["epoch"] for r in history] == list(range(1, epochs + 1))
+    assert max_difference(tmp_path / "run", tmp_path / "uninterrupted") <= TOLERANCE
+
+
+def test_four_specialists_on_two_ranks_are_each_trained_once(tmp_path):
+    one_process("train", "--model", "mlp:32", "--epochs", "3", "--out", "generalist", "--no-progress", cwd=tmp_path)
+    one_process("specialists", "cluster", "--generalist", "generalist", "--out", "sp", "--clusters", "4",
+                "--min-size", "1", cwd=tmp_path)
+    assert len(json.loads((tmp_path / "sp" / "subsets.json").read_text())["subsets"]) == 4
+    out = finished(torchrun("specialists", "train", "sp", "--all", "--epochs", "2", "--no-progress", cwd=tmp_path))
+    trained = [line for line in out.splitlines() if line.startswith("specialist ")]
+    by_index = {int(line.split()[1]): line.rsplit("by rank ", 1)[1] for line in trained}
+    assert sorted(by_index) == [0, 1, 2, 3] and len(trained) == 4  # each once
+    assert set(by_index.values()) == {"0", "1"}  # both ranks worked
+    assert "trained 4 specialists on 2 ranks" in out
+    for index in range(4):
+        state = checkpoint.read_json(tmp_path / "sp" / f"specialist-{index:02d}" / checkpoint.STATE_META, "state")
+        assert [r["epoch"] for r in state["history"]] == [0, 1, 2]  # the untrained start, then 2 epochs, once
+
+
+def test_a_store_dir_that_ranks_do_not_share_is_refused(tmp_path):
+    script = tmp_path / "store.py"
+    script.write_text(textwrap.dedent("""
+        import sys, torch
+        from darkknowledge import distributed
+        from darkknowledge.errors import DarkKnowledgeError
+        from darkknowledge.jobs import DataChoice
+        from darkknowledge.soft_targets import SoftTargets
+        workers = distributed.init_from_env()
+        train, _, _ = DataChoice("digits").load()
+        teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        try:  # each rank gives its own folder: as if the ranks ran on machines without a shared file system
+            SoftTargets.compute(teacher, train, f"store-{workers.rank}")
+        except DarkKnowledgeError as e:
+            print(f"rank {workers.rank}: {e}")
+        distributed.shutdown()
+    """))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("a file system that every rank (every node) sees") == 2
+
+
+def test_commands_that_run_as_one_process_refuse_torchrun(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["evaluate", "some-run"]) == 1
+    err = capsys.readouterr().err
+    assert "'evaluate' runs as one process" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fit_refuses_more_workers_than_a_batch_has_cases(world):
+    from darkknowledge.data import LabeledImages
+    from darkknowledge.errors import DarkKnowledgeError
+    from darkknowledge.models import build_model
+    from darkknowledge.training import TrainConfig, fit
+    data = LabeledImages(torch.zeros(1, 8, 8, dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
+                         tuple("0123456789"), "one case")
+    with pytest.raises(DarkKnowledgeError, match=f"{world} workers need"):
+        fit(build_model("mlp:4", (8, 8), 10), data, config=TrainConfig(epochs=1, progress=False),
+            workers=Workers(0, world))
