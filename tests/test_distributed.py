@@ -180,3 +180,12 @@ def test_fit_refuses_more_workers_than_a_batch_has_cases(world):
     with pytest.raises(DarkKnowledgeError, match=f"{world} workers need"):
         fit(build_model("mlp:4", (8, 8), 10), data, config=TrainConfig(epochs=1, progress=False),
             workers=Workers(0, world))
+
+
+def test_an_ensemble_trains_and_grows_under_torchrun(tmp_path):
+    ensemble = ["train", "--model", "mlp:16", "--epochs", "1", "--out", "ens", "--no-progress"]
+    assert "2 trained now, 0 already finished" in finished(torchrun(*ensemble, "--members", "2", cwd=tmp_path))
+    assert "1 trained now, 2 already finished" in finished(torchrun(*ensemble, "--members", "3", "--resume",
+                                                                    cwd=tmp_path))
+    manifest = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    assert manifest["complete"] and [m["seed"] for m in manifest["members"]] == [0, 1, 2]

@@ -14,6 +14,7 @@ resume decision, an error to raise on every rank). Values travel as JSON bytes i
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 from dataclasses import dataclass
@@ -143,4 +144,7 @@ def shutdown(finished: bool = True) -> None:
     if dist.is_available() and dist.is_initialized():
         if finished:
             dist.barrier()
+        # DDP's reducer sits in a reference cycle and keeps gloo's threads alive; freed later, during interpreter
+        # shutdown, they abort the process ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()

@@ -304,7 +304,7 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     if workers.distributed:
         _share_weights_and_momentum(model, optimizer, workers)
         net = DistributedDataParallel(model, device_ids=[workers.device.index] if workers.device.type == "cuda"
-                                      else None)
+                                      else None, gradient_as_bucket_view=True)  # no copy of the gradients
 
     writer = _tensorboard(run_dir) if workers.is_main else None
     stopped_early = best["stale"] >= (config.patience or math.inf)
