@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (a teacher, or a baseline) on hard labels",
                        description="Train a model on a dataset's training split; saves the model with the best "
-                                   "validation error in --out.", epilog=EPILOG)
+                                   "validation error in --out. Data-parallel under 'torchrun --nproc-per-node N -m "
+                                   "darkknowledge train ...' (--batch-size is then the global batch).", epilog=EPILOG)
     p.add_argument("--config", type=Path, help="TOML file of options (keys as the long options)")
     p.add_argument("--model", default="mlp:1200x2,dropout=0.5,input_dropout=0.2,max_norm=3.5",
                    help="model spec, e.g. mlp:800x2, mlp:500-300,dropout=0.5, cnn:small (default: the paper's "
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="distil a trained teacher into a student",
                        description="Train a student to match a teacher's soft targets at a temperature (§2) on "
-                                   "the teacher's training split.", epilog=EPILOG)
+                                   "the teacher's training split. Data-parallel under torchrun, the soft-target store "
+                                   "then computed by all ranks (--store-dir must be seen by all).", epilog=EPILOG)
     p.add_argument("--config", type=Path, help="TOML file of options (keys as the long options)")
     p.add_argument("--teacher", type=Path, action=_Repeatable,
                    help="run directory of the teacher; repeat for an ensemble of several runs (required, or "
