@@ -217,3 +217,16 @@ def test_training_state_restores_optimizer_momentum(digits, tmp_path):
     for p, q in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(p, q)
         assert torch.equal(optimizer.state[p]["momentum_buffer"], fresh_opt.state[q]["momentum_buffer"])
+
+
+def test_divergence_is_named_and_says_lower_the_learning_rate(digits):
+    from darkknowledge.errors import TrainingDiverged
+    train, val, _ = digits
+    teacher = build_model("mlp:32", train.image_shape, train.num_classes)
+    soft = Distillation(temperature=10, teacher_logits=predict_logits(teacher, train.images))
+    student = build_model("mlp:32", train.image_shape, train.num_classes)
+    with torch.no_grad():  # outputs that overflow, as weights blown up by too high a rate give
+        for p in student.parameters():
+            p.fill_(1e30)
+    with pytest.raises(TrainingDiverged, match="diverged in epoch 1: .* lower --lr"):
+        fit(student, train, val, quiet(epochs=1), soft, log=lambda _: None)

@@ -3,3 +3,7 @@
 
 class DarkKnowledgeError(Exception):
     """A problem with the user's input or files; the CLI prints it as one line, never a traceback."""
+
+
+class TrainingDiverged(DarkKnowledgeError):
+    """The model's outputs became NaN or inf during training (too high a learning rate, usually)."""

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .augment import jitter_offsets, translate
 from .distributed import Workers, current
-from .errors import DarkKnowledgeError
+from .errors import DarkKnowledgeError, TrainingDiverged
 from .ensemble import Ensemble, distillation_targets
 from .evaluation import Evaluation, as_inputs, autocast, evaluate, predict_logits
 from .losses import distillation_loss
@@ -333,7 +333,14 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
             with autocast(config.bf16, workers.device):
                 logits = net(inputs)
             if len(indices):
-                loss, parts = objective.loss(logits, Batch(inputs, labels, indices))
+                try:
+                    loss, parts = objective.loss(logits, Batch(inputs, labels, indices))
+                except DarkKnowledgeError:
+                    if torch.isfinite(logits).all():
+                        raise
+                    raise TrainingDiverged(
+                        f"training diverged in epoch {epoch + 1}: the model's outputs became NaN or inf; use a "
+                        "lower --lr (distilling at temperature T scales the soft-target gradient by up to T)") from None
             else:  # a last batch smaller than the number of workers: this rank still joins the gradient sum
                 loss, parts = logits.sum() * 0.0, {}
             if workers.distributed:

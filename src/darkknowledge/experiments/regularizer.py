@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import checkpoint
+from ..errors import TrainingDiverged
 from ..jobs import DataChoice, distill_run, evaluate_run, train_run
 from ..training import TrainConfig
 from .mnist import _jsonable, _machine
@@ -101,12 +102,17 @@ def _run_dataset(plan: Plan, dataset: str, runs: Path, data_dir: str | None, pro
     for t in plan.temperatures:
         name = f"soft-3pct-T{t:g}"
         log(f"[{dataset} {name}]")
-        _, fitted = distill_run(runs / "full", plan.spec, small_data, config(plan.small_training), t, 1.0, 0.0,
-                                out=runs / name, resume=True, log=log, store_dir=runs / "soft-targets",
-                                monitor=_curves)
+        try:
+            _, fitted = distill_run(runs / "full", plan.spec, small_data, config(plan.small_training), t, 1.0, 0.0,
+                                    out=runs / name, resume=True, log=log, store_dir=runs / "soft-targets",
+                                    monitor=_curves)
+        except TrainingDiverged as e:  # a candidate T that cannot be trained at this rate is not chosen
+            log(str(e))
+            soft.append({"temperature": t, "run": name, "diverged": str(e)})
+            continue
         seconds["soft-3pct"] = round(seconds["soft-3pct"] + fitted.seconds, 1)
         soft.append({"temperature": t, **_system(runs / name)})
-    chosen = min(soft, key=lambda s: (s["val_errors"], s["temperature"]))
+    chosen = min((s for s in soft if "diverged" not in s), key=lambda s: (s["val_errors"], s["temperature"]))
     return {"training_cases": {"full": cases, "small": small},
             "full": _system(runs / "full"), "hard_3pct": _system(runs / "hard-3pct"),
             "soft_3pct": chosen, "soft_3pct_by_temperature": soft}, seconds
@@ -173,7 +179,9 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
                          f"{100 * s['drop_after_peak']:.1f} points",
                          f"{_pct(paper[key]['train_accuracy'])} / {_pct(paper[key]['test_accuracy'])}"])
         t_rows = [[f"{s['temperature']:g}", s["val_errors"], _pct(s["test_accuracy"]), s["epoch"],
-                   _pct(s["last_epoch_test_accuracy"])] for s in d["soft_3pct_by_temperature"]]
+                   _pct(s["last_epoch_test_accuracy"])] if "diverged" not in s
+                  else [f"{s['temperature']:g}", "diverged", "-", "-", "-"] for s in d["soft_3pct_by_temperature"]]
+        diverged = [s["diverged"] for s in d["soft_3pct_by_temperature"] if "diverged" in s]
         hard, soft_, full = d["hard_3pct"], d["soft_3pct"], d["full"]
         gap = full["test_accuracy"] - hard["test_accuracy"]
         recovered = (soft_["test_accuracy"] - hard["test_accuracy"]) / gap if gap > 0 else None
@@ -194,7 +202,7 @@ on 3% end {100 * hard['drop_after_peak']:.1f} points below their peak test accur
 Soft targets at each temperature:
 
 {_table(["T", "val errors", "test accuracy", "chosen epoch", "test accuracy, last epoch"], t_rows)}
-""")
+{"".join(f"{chr(10)}Diverged, so not a candidate: {text}{chr(10)}" for text in diverged)}""")
     stage_rows = [[k, f"{int(v // 60)}:{int(v % 60):02d}"] for k, v in r["stage_seconds"].items()]
     m = r["machine"]
     text = f"""# Reproducing §6 of Hinton, Vinyals & Dean (2015): soft targets as a regularizer\
