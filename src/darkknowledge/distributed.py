@@ -18,7 +18,7 @@ import gc
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -90,6 +90,18 @@ class Workers:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def on_main(self, job: Callable[[], Any]) -> Any:
+        """``job()`` on rank 0 alone (the ranks may not share its files); its JSON-able result returned on every
+        rank, or the :class:`DarkKnowledgeError` it raised raised on every rank."""
+        value, problem = None, None
+        if self.is_main:
+            try:
+                value = job()
+            except DarkKnowledgeError as e:
+                problem = str(e)
+        self.agree(problem)
+        return self.broadcast_json(value)
 
     def agree(self, problem: str | None) -> None:
         """Raise the first ``problem`` any rank found (None: none) on every rank, so no rank waits forever for

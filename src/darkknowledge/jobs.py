@@ -24,7 +24,8 @@ from .errors import DarkKnowledgeError
 from .evaluation import evaluate
 from .models import build_model, count_parameters, parse_spec
 from .soft_targets import SoftTargets
-from .training import Distillation, FitResult, HardTargets, TrainConfig, _run_key, cache_teacher_logits, fit
+from .training import (Distillation, FitResult, HardTargets, TrainConfig, _run_key, _silent, cache_teacher_logits,
+                       fit)
 
 
 @dataclass
@@ -210,28 +211,15 @@ def train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: str | 
     # tells the others which members are left, so they need not see it.
     workers = current()
     if not workers.is_main:
-        log = _quiet
+        log = _silent
     train, val, _ = data.load()
     meta = _model_meta(spec, train, data)
     entries = [{"run": member_dir(i), "seed": config.seed + i, "done": False} for i in range(members)]
 
     def record() -> None:
-        problem = None
-        if workers.is_main:
-            try:
-                _record_members(out, entries, meta, data, train, val, config)
-            except DarkKnowledgeError as e:
-                problem = str(e)
-        workers.agree(problem)
-        entries[:] = workers.broadcast_json(entries)
+        entries[:] = workers.on_main(lambda: _record_members(out, entries, meta, data, train, val, config))
 
-    problem = None
-    if workers.is_main:
-        try:
-            _check_ensemble_folder(out, spec, members, resume)
-        except DarkKnowledgeError as e:
-            problem = str(e)
-    workers.agree(problem)
+    workers.on_main(lambda: _check_ensemble_folder(out, spec, members, resume))
     record()
     trained, skipped, results = [], [], {}
     for i, entry in enumerate(entries):
@@ -255,10 +243,6 @@ def train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: str | 
     return EnsembleResult(out, trained, skipped, results)
 
 
-def _quiet(line: str) -> None:
-    pass
-
-
 def _check_ensemble_folder(out: Path, spec: str, members: int, resume: bool) -> None:
     """``out`` may hold nothing, or (with ``resume``) an ensemble of the same spec and at most ``members``."""
     if is_ensemble_dir(out):
@@ -277,9 +261,9 @@ def _check_ensemble_folder(out: Path, spec: str, members: int, resume: bool) -> 
 
 
 def _record_members(out: Path, entries: list[dict[str, Any]], meta: dict[str, Any], data: DataChoice, train, val,
-                    config: TrainConfig) -> None:
-    """Update ``entries`` from the member folders (finished? model file missing?) and rewrite ``ensemble.json``.
-    A finished member trained with other settings is refused."""
+                    config: TrainConfig) -> list[dict[str, Any]]:
+    """``entries`` updated from the member folders (finished? model file missing?), after rewriting
+    ``ensemble.json``. A finished member trained with other settings is refused."""
     for entry in entries:
         run_dir = out / entry["run"]
         state_path = run_dir / checkpoint.STATE_META
@@ -300,6 +284,7 @@ def _record_members(out: Path, entries: list[dict[str, Any]], meta: dict[str, An
                          "members": [{k: v for k, v in e.items() if k != "model_missing"} for e in entries],
                          "training": {k: v for k, v in vars(config).items() if k not in ("progress", "seed")},
                          "data": data.describe(train)})
+    return entries
 
 
 def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str = "test",

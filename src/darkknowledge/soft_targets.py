@@ -321,13 +321,15 @@ class SoftTargets:
         num_classes = next(c for c in workers.all_gather_json(num_classes) if c is not None)
         specs = _array_specs(key_parts["layout"], num_cases, _stored_members(teacher, key_parts), num_classes,
                              key_parts["top_k"], key_parts["dtype"])
+        offsets, row_bytes, total = _layout(specs)
         problem = None
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 row = rows.start
                 for chunk in chunks:
-                    row += _write_rows(fd, specs, row, _chunk_arrays(chunk, key_parts["layout"], key_parts["top_k"]))
+                    arrays = _checked_rows(specs, row, _chunk_arrays(chunk, key_parts["layout"], key_parts["top_k"]))
+                    row += _write_rows(fd, offsets, row_bytes, row, arrays)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -345,7 +347,6 @@ class SoftTargets:
                 problem = (f"ranks {missing} wrote their share of the soft-target store where rank 0 cannot see it; "
                            "give --store-dir on a file system that every rank (every node) sees")
             else:
-                offsets, row_bytes, total = _layout(specs)
                 with open(tmp, "r+b") as f:
                     os.ftruncate(f.fileno(), total)
                     arrays_meta = {name: {"dtype": dtype, "shape": list(shape), "offset": offsets[name],
@@ -509,11 +510,12 @@ def _checked_rows(specs: dict[str, tuple[str, tuple]], first_row: int,
     return checked
 
 
-def _write_rows(fd: int, specs: dict[str, tuple[str, tuple]], first_row: int, arrays: dict[str, np.ndarray]) -> int:
-    """Write ``arrays`` as rows ``first_row..`` of the store file ``fd``; returns the number of rows."""
-    offsets, row_bytes, _ = _layout(specs)
+def _write_rows(fd: int, offsets: dict[str, int], row_bytes: dict[str, int], first_row: int,
+                arrays: dict[str, np.ndarray]) -> int:
+    """Write checked ``arrays`` (:func:`_checked_rows`) as rows ``first_row..`` of the store file ``fd`` laid out
+    as :func:`_layout` says; returns the number of rows."""
     count = 0
-    for name, data in _checked_rows(specs, first_row, arrays).items():
+    for name, data in arrays.items():
         view, position = memoryview(data).cast("B"), offsets[name] + first_row * row_bytes[name]
         while view:
             written = os.pwrite(fd, view, position)
@@ -616,7 +618,7 @@ class _Writer:
             if self.memory is not None:
                 self.memory[name][self.rows:self.rows + len(data)] = data
         if self.fd is not None:
-            _write_rows(self.fd, self.specs, self.rows, arrays)
+            _write_rows(self.fd, self.offsets, self.row_bytes, self.rows, arrays)
         self.rows += len(next(iter(arrays.values())))
 
     def finish(self, num_cases: int) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:

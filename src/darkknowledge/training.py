@@ -277,24 +277,26 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     total_steps = steps_per_epoch * config.epochs
     run_key = _run_key(meta, train, val, config, objective)
 
+    best_state = None
+
+    def saved_state() -> dict[str, Any] | None:
+        """Where the saved run stopped (None: a new run); loads its weights, momentum and best model."""
+        nonlocal best_state
+        if run_dir is None or not (run_dir / checkpoint.STATE_META).exists():
+            return None
+        if not resume:
+            raise DarkKnowledgeError(f"{run_dir} already holds a training run; pass --resume to continue it "
+                                     "or choose another output directory")
+        state = checkpoint.load_training_state(run_dir, model, optimizer)
+        if state["run_key"] != run_key:
+            raise DarkKnowledgeError(f"{run_dir} holds a run with other settings, model or data; resume it "
+                                     "with the same options, or choose another output directory")
+        if state["best"]["val_errors"] is not None:
+            best_state = checkpoint.load_model(run_dir)[0].state_dict()
+        return {k: state[k] for k in ("epoch", "history", "best", "seconds")}
+
     # Rank 0 reads the saved state (the others may not see run_dir) and tells everyone where to start.
-    problem, resumed, best_state = None, None, None
-    if workers.is_main and run_dir is not None and (run_dir / checkpoint.STATE_META).exists():
-        try:
-            if not resume:
-                raise DarkKnowledgeError(f"{run_dir} already holds a training run; pass --resume to continue it "
-                                         "or choose another output directory")
-            state = checkpoint.load_training_state(run_dir, model, optimizer)
-            if state["run_key"] != run_key:
-                raise DarkKnowledgeError(f"{run_dir} holds a run with other settings, model or data; resume it "
-                                         "with the same options, or choose another output directory")
-            resumed = {k: state[k] for k in ("epoch", "history", "best", "seconds")}
-            if resumed["best"]["val_errors"] is not None:
-                best_state = checkpoint.load_model(run_dir)[0].state_dict()
-        except DarkKnowledgeError as e:
-            problem = str(e)
-    workers.agree(problem)
-    resumed = workers.broadcast_json(resumed)
+    resumed = workers.on_main(saved_state)
     start_epoch, history, elapsed = 0, [], 0.0
     best = {"epoch": 0, "val_errors": None, "stale": 0}
     if resumed is not None:
