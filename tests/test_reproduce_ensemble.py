@@ -91,3 +91,26 @@ def test_a_rerun_reuses_every_finished_stage(quick_run):
     after = json.loads((quick_run / "results.json").read_text())
     for key in ("baseline", "members", "ensemble", "students", "stage_seconds", "store"):
         assert after[key] == before[key]
+
+
+def test_a_diverged_student_is_reported_and_never_chosen(quick_run, monkeypatch):
+    from darkknowledge.errors import TrainingDiverged
+    from darkknowledge.experiments import ensemble as experiment
+
+    real = experiment.distill_run
+
+    def diverging(*args, out, **kwargs):
+        if out.name == "student-arithmetic-T10":
+            raise TrainingDiverged("training diverged in epoch 2: stand-in")
+        return real(*args, out=out, **kwargs)
+
+    monkeypatch.setattr(experiment, "distill_run", diverging)
+    assert _run(quick_run) == 0  # the other stages are reused
+    r = json.loads((quick_run / "results.json").read_text())
+    assert [d["run"] for d in r["diverged"]] == ["student-arithmetic-T10"]
+    assert len(r["students"]) == 11 and all(s["run"] != "student-arithmetic-T10" for s in r["students"])
+    assert r["chosen_on_validation"]["run"] != "student-arithmetic-T10"
+    assert "so not a candidate: arithmetic, T = 10: training diverged in epoch 2" in \
+        (quick_run / "report.md").read_text()
+    monkeypatch.undo()
+    assert _run(quick_run) == 0 and json.loads((quick_run / "results.json").read_text())["diverged"] == []

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from .. import checkpoint
 from ..ensemble import COMBINE_RULES, Ensemble
+from ..errors import TrainingDiverged
 from ..evaluation import evaluate
 from ..jobs import DataChoice, distill_run, evaluate_run, member_dir, train_ensemble, train_run
 from ..soft_targets import SoftTargets
@@ -93,14 +94,20 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
     baseline = _scores(runs / "baseline")
 
     students: list[dict[str, Any]] = []
+    diverged: list[dict[str, Any]] = []
     seconds["students"] = 0.0
     for rule in plan.rules:
         for t in plan.temperatures:
             name = f"student-{rule}-T{t:g}"
             log(f"[{name}]")
-            _, fitted = distill_run(folder, plan.spec, data, config(plan.student_training), t, plan.soft_weight,
-                                    plan.hard_weight, out=runs / name, resume=True, log=log, combine=rule,
-                                    store_dir=store_dir)
+            try:
+                _, fitted = distill_run(folder, plan.spec, data, config(plan.student_training), t, plan.soft_weight,
+                                        plan.hard_weight, out=runs / name, resume=True, log=log, combine=rule,
+                                        store_dir=store_dir)
+            except TrainingDiverged as e:  # reported, never chosen
+                log(str(e))
+                diverged.append({"run": name, "combine": rule, "temperature": t, "diverged": str(e)})
+                continue
             seconds["students"] = round(seconds["students"] + fitted.seconds, 1)
             meta = checkpoint.read_model_meta(runs / name)
             row = {"run": name, "combine": rule, "temperature": t, **_scores(runs / name),
@@ -112,16 +119,17 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
     chosen = min(students, key=lambda r: (r["val_errors"], plan.rules.index(r["combine"]), r["temperature"]))
     by_rule = {rule: min((r for r in students if r["combine"] == rule), key=lambda r: (r["val_errors"],
                                                                                         r["temperature"]))["run"]
-               for rule in plan.rules}
-    same = [(a, b) for a, b in zip((r for r in students if r["combine"] == "geometric"),
-                                   (r for r in students if r["combine"] == "logits"))]
+               for rule in plan.rules if any(r["combine"] == rule for r in students)}
+    by_rule_and_t = {(r["combine"], r["temperature"]): r for r in students}
+    same = [(a, by_rule_and_t[("logits", t)]) for (rule, t), a in by_rule_and_t.items()
+            if rule == "geometric" and ("logits", t) in by_rule_and_t]
     results = {
         "command": command, "quick": quick, "plan": _jsonable(asdict(plan)), "paper": PAPER,
         "store": {"key": store.key, "bytes": store.nbytes, "cases": len(store), "members": store.num_members,
                   "students_using_it": sum(r["store_key"] == store.key for r in students)},
         "baseline": baseline, "members": members,
         "members_mean_test_accuracy": sum(m["test_accuracy"] for m in members) / len(members),
-        "ensemble": ensemble_rows, "students": students,
+        "ensemble": ensemble_rows, "students": students, "diverged": diverged,
         "chosen_on_validation": {"run": chosen["run"], "combine": chosen["combine"],
                                  "temperature": chosen["temperature"], "test_accuracy": chosen["test_accuracy"],
                                  "ensemble_test_accuracy": ensemble_rows[chosen["combine"]]["test"]["accuracy"],
@@ -232,7 +240,8 @@ targets). All {len(r['students'])} students read one soft-target store of the me
 
 {_table(["combine", "T", "val errors", "test errors", "test accuracy", "share transferred", "epoch", ""],
         student_rows)}
-
+{"".join(f"{chr(10)}Diverged at the plan's learning rate, so not a candidate: {d['combine']}, T = "
+         f"{d['temperature']:g}: {d['diverged']}{chr(10)}" for d in r.get("diverged", []))}
 **geometric and logits give identical soft targets at every temperature** (the normalized geometric mean of
 softmax(v_m/T) is softmax(mean v_m / T): the per-member normalizers are a per-case constant). Their students
 differ only by floating-point rounding of the targets; largest difference in test errors between the two at the
