@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default: results/EXPERIMENT)")
     p.add_argument("--quick", action="store_true", help="tiny models on a subset: a smoke test in a few minutes")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage logs")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars; stage and epoch lines are still printed (and flushed), for the log of "
+                        "a background run")
     _add_export_parsers(sub)
     p = sub.add_parser("report", help="one self-contained HTML page (and a Markdown twin) from reproduce folders",
                        description="Gather 'darkknowledge reproduce' output folders into one HTML page with every "
@@ -342,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
         out = args.out or Path("results") / (args.experiment + "-quick" * args.quick)
         command = "darkknowledge " + " ".join(args.argv)
         reproduce(out, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress,
-                  command=command, log=(lambda _: None) if args.no_progress else print)
+                  command=command, log=lambda line: print(line, flush=True))
         print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     elif args.command == "demo":
         from .experiments.demo import run_demo
