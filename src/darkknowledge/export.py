@@ -29,6 +29,7 @@ from torch import nn
 
 from . import checkpoint
 from .data import load_dataset
+from .ensemble import Ensemble, is_ensemble_dir
 from .errors import DarkKnowledgeError
 from .evaluation import as_inputs, predict_logits
 
@@ -96,17 +97,6 @@ def locate(path: str | os.PathLike) -> tuple[str, Path, list[Path]]:
 
 
 def _load_ensemble(folder: Path, members: list[Path]) -> Deployable:
-    try:
-        from .ensemble import Ensemble  # written alongside; optional until it lands
-    except ImportError:
-        raise DarkKnowledgeError(f"{folder} holds {len(members)} member runs but this version has no "
-                                 "darkknowledge.ensemble module to combine them; export one member's folder") \
-            from None
-    try:
-        from .ensemble import is_ensemble_dir
-    except ImportError:  # an Ensemble without manifests (a stand-in)
-        def is_ensemble_dir(_):
-            return False
     ensemble = None
     if is_ensemble_dir(folder):  # from 'train --members': members as its manifest lists them; half-finished refused
         ensemble = Ensemble.from_dir(folder)
