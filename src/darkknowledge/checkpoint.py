@@ -192,3 +192,19 @@ def load_training_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.
         opt_state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer_param_groups"]})
     return meta
+
+
+def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, run_key: str,
+                          resume: bool, kind: str = "training run", made_of: str = "model") -> dict[str, Any] | None:
+    """The saved state of ``run_dir`` restored into model and optimizer, or None for a new run. Refuses a saved
+    run unless ``resume`` is set, and one made with other settings (another ``run_key``)."""
+    if run_dir is None or not (Path(run_dir) / STATE_META).exists():
+        return None
+    if not resume:
+        raise DarkKnowledgeError(f"{run_dir} already holds a {kind}; pass --resume to continue it or choose another "
+                                 "output directory")
+    state = load_training_state(run_dir, model, optimizer)
+    if state["run_key"] != run_key:
+        raise DarkKnowledgeError(f"{run_dir} holds a {kind} with other settings, {made_of} or data; resume it with "
+                                 "the same options, or choose another output directory")
+    return state

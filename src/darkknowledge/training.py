@@ -282,15 +282,9 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     def saved_state() -> dict[str, Any] | None:
         """Where the saved run stopped (None: a new run); loads its weights, momentum and best model."""
         nonlocal best_state
-        if run_dir is None or not (run_dir / checkpoint.STATE_META).exists():
+        state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume)
+        if state is None:
             return None
-        if not resume:
-            raise DarkKnowledgeError(f"{run_dir} already holds a training run; pass --resume to continue it "
-                                     "or choose another output directory")
-        state = checkpoint.load_training_state(run_dir, model, optimizer)
-        if state["run_key"] != run_key:
-            raise DarkKnowledgeError(f"{run_dir} holds a run with other settings, model or data; resume it "
-                                     "with the same options, or choose another output directory")
         if state["best"]["val_errors"] is not None:
             best_state = checkpoint.load_model(run_dir)[0].state_dict()
         return {k: state[k] for k in ("epoch", "history", "best", "seconds")}

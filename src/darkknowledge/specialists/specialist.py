@@ -344,14 +344,8 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
 
     start, history, elapsed, best = 0, [], 0.0, {"epoch": 0, "val_loss": None, "stale": 0}
     best_state = None
-    if run_dir is not None and (run_dir / checkpoint.STATE_META).exists():
-        if not resume:
-            raise DarkKnowledgeError(f"{run_dir} already holds a specialist run; pass --resume to continue it or "
-                                     "choose another output directory")
-        state = checkpoint.load_training_state(run_dir, model, optimizer)
-        if state["run_key"] != run_key:
-            raise DarkKnowledgeError(f"{run_dir} holds a specialist run with other settings, subset or data; "
-                                     "choose another output directory")
+    state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume, "specialist run", "subset")
+    if state is not None:
         start, history, best, elapsed = state["epoch"], state["history"], state["best"], state["seconds"]
         best_state = checkpoint.load_model(run_dir)[0].state_dict() if (run_dir / checkpoint.MODEL_META).exists() \
             else None
