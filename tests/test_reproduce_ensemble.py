@@ -93,7 +93,7 @@ def test_a_rerun_reuses_every_finished_stage(quick_run):
         assert after[key] == before[key]
 
 
-def test_a_diverged_student_is_reported_and_never_chosen(quick_run, monkeypatch):
+def test_a_diverged_student_is_reported_and_never_chosen(quick_run, monkeypatch, capsys):
     from darkknowledge.errors import TrainingDiverged
     from darkknowledge.experiments import ensemble as experiment
 
@@ -106,6 +106,8 @@ def test_a_diverged_student_is_reported_and_never_chosen(quick_run, monkeypatch)
 
     monkeypatch.setattr(experiment, "distill_run", diverging)
     assert _run(quick_run) == 0  # the other stages are reused
+    printed = capsys.readouterr().out  # --no-progress drops the bars, not the stage lines
+    assert "[student-arithmetic-T10]" in printed and "training diverged in epoch 2: stand-in" in printed
     r = json.loads((quick_run / "results.json").read_text())
     assert [d["run"] for d in r["diverged"]] == ["student-arithmetic-T10"]
     assert len(r["students"]) == 11 and all(s["run"] != "student-arithmetic-T10" for s in r["students"])
