@@ -12,6 +12,7 @@ from darkknowledge import checkpoint
 from darkknowledge.cli import main
 from darkknowledge.ensemble import MANIFEST, Ensemble, combined_logits, soft_targets
 from darkknowledge.errors import DarkKnowledgeError
+from darkknowledge.evaluation import predict_logits
 from darkknowledge.jobs import DataChoice, train_ensemble
 from darkknowledge.models import build_model
 from darkknowledge.training import TrainConfig
@@ -222,6 +223,18 @@ def test_cli_trains_an_ensemble_and_distils_it_through_the_store(tmp_path, capsy
     assert "ensemble of 2 members" in out and "2 trained now" in out
     code, out, err = run_cli(capsys, "train", "--model", "mlp:16", "--members", "3", "--resume", "--out", ens, *fast)
     assert code == 0 and "1 trained now, 2 already finished" in out, err
+
+    # evaluate takes the folder: the members' test probabilities averaged (the default rule), or --combine's.
+    code, out, err = run_cli(capsys, "evaluate", ens)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["model"] == "ensemble of 3 x mlp:16 (arithmetic)"
+    test = DataChoice("digits").load()[2]
+    probs = sum(predict_logits(checkpoint.load_model(ens / f"member-0{i}")[0], test.images).softmax(1)
+                for i in range(3))
+    assert result["errors"] == int((probs.argmax(1) != test.labels).sum())
+    code, out, err = run_cli(capsys, "evaluate", ens, "--combine", "geometric", "--split", "val")
+    assert code == 0 and json.loads(out)["model"].endswith("(geometric)") and json.loads(out)["split"] == "val"
 
     student = ["--student", "mlp:8", "-T", "3", "--hard-weight", "0.5", *fast]
     code, out, err = run_cli(capsys, "distill", "--ensemble", ens, "--out", tmp_path / "s1", *student)

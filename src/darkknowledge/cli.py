@@ -23,6 +23,7 @@ except ImportError:  # Python 3.10
 from . import __version__
 from . import distributed
 from .data import available_datasets
+from .ensemble import COMBINE_RULES
 from .errors import DarkKnowledgeError
 from .training import SCHEDULES, TrainConfig
 
@@ -74,7 +75,6 @@ def _add_distillation_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
-    from .ensemble import COMBINE_RULES
     g = p.add_argument_group("ensemble and soft-target store (§4)")
     g.add_argument("--combine", choices=COMBINE_RULES, default="arithmetic",
                    help="how an ensemble's members are combined: mean of probabilities (the paper's, default), "
@@ -136,10 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distillation_options(p)
     _add_store_options(p)
 
-    p = sub.add_parser("evaluate", help="print a saved model's errors as JSON",
-                       description="Evaluate a run directory's model; prints JSON with errors, accuracy and "
-                                   "per-class errors.", epilog=EPILOG)
-    p.add_argument("run", type=Path, help="run directory (or its model.json)")
+    p = sub.add_parser("evaluate", help="print a saved model's (or ensemble's) errors as JSON",
+                       description="Evaluate a run directory's model, or an ensemble folder's members combined; "
+                                   "prints JSON with errors, accuracy and per-class errors.", epilog=EPILOG)
+    p.add_argument("run", type=Path, help="run directory (or its model.json), or an ensemble folder")
+    p.add_argument("--combine", choices=COMBINE_RULES, default=None,
+                   help="for an ensemble folder: how its members are combined (default: the folder's rule)")
     p.add_argument("--split", choices=("test", "val", "train"), default="test", help="(default: %(default)s)")
     p.add_argument("--jitter", type=int, default=0, help="translate test inputs by up to N pixels (default: 0)")
     _add_data_options(p, default_dataset=None)
@@ -327,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
         say(_summary(model, result, args.out))
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset else None
-        print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter), indent=2))
+        print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter, args.combine), indent=2))
     elif args.command == "reproduce" and args.experiment == "specialists":
         from .specialists.cli import reproduce
         return reproduce(args)

@@ -288,9 +288,16 @@ def _record_members(out: Path, entries: list[dict[str, Any]], meta: dict[str, An
 
 
 def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str = "test",
-                 jitter: int = 0) -> dict[str, Any]:
-    """Errors of a saved model on a split of its dataset (or ``data``'s), as a JSON-ready dict."""
-    model, meta = checkpoint.load_model(run_dir)
+                 jitter: int = 0, combine: str | None = None) -> dict[str, Any]:
+    """Errors of a saved model, or of an ensemble folder (members combined by ``combine``, default the
+    manifest's rule), on a split of its dataset (or ``data``'s), as a JSON-ready dict."""
+    if is_ensemble_dir(run_dir):
+        model = Ensemble.from_dir(run_dir, combine)
+        meta = model.member_meta[0]  # the members share dataset and split (train_ensemble makes them so)
+        name = f"ensemble of {len(model)} x {meta['spec']} ({model.combine})"
+    else:
+        model, meta = checkpoint.load_model(run_dir)
+        name = meta["spec"]
     if data is None:  # the data the model was trained with, as its sidecar records it
         classes = meta.get("train_classes")
         data = DataChoice(meta["dataset"], val_size=meta["validation"]["size"], val_seed=meta["validation"]["seed"],
@@ -305,5 +312,5 @@ def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str
     check_compatible(meta, chosen, Path(run_dir))
     result = evaluate(model, chosen, jitter=jitter).to_dict()
     result["per_class_errors"] = dict(zip(chosen.classes, result["per_class_errors"]))  # readable JSON
-    return {"run": str(run_dir), "model": meta["spec"], "parameters": count_parameters(model),
+    return {"run": str(run_dir), "model": name, "parameters": count_parameters(model),
             "dataset": data.dataset, "split": split, "jitter": jitter, **result}
