@@ -14,6 +14,7 @@ from darkknowledge.data import load_dataset
 from darkknowledge.errors import DarkKnowledgeError
 from darkknowledge.models import build_model
 from darkknowledge.specialists.clustering import class_profiles
+from darkknowledge.specialists.jobs import score_combination
 from darkknowledge.specialists import (BalancedSampler, ClassSubsets, SpecialistConfig, active_specialists,
                                        cluster_classes, combine, combine_objective, confusion_matrix, dustbin_offset,
                                        make_specialist, prediction_covariance, relabel, train_specialist)
@@ -380,3 +381,20 @@ def test_digits_end_to_end_specialists_combine(digits_generalist):
     result = combine(gl, sl, subsets)
     assert torch.allclose(result.probs.sum(1), torch.ones(len(test), dtype=torch.float64))
     assert result.gradient_norm.max() <= 1e-6
+
+
+def test_table3_and_table4_scores_by_hand():
+    # 4 cases, classes 0..2. The generalist gets cases 0, 1 and 3 right; the combination 0, 2 and 3.
+    labels = torch.tensor([0, 1, 2, 2])
+    generalist = torch.tensor([[5.0, 0, 0], [0, 5, 0], [5, 0, 0], [0, 0, 5]])
+    combined = torch.tensor([[5.0, 0, 0], [5, 0, 0], [0, 0, 5], [0, 0, 5]]).log_softmax(1)
+    active = torch.tensor([[True], [True], [True], [False]])
+    coverage = torch.tensor([1, 1, 2, 2])
+    s = score_combination(generalist, combined, labels, active, coverage)
+    assert s["overall"]["delta_correct"] == 0 and s["overall"]["relative_gain"] == 0
+    assert s["conditional"]["cases"] == 3 and s["active_specialists_per_case"] == 0.75
+    one, two = s["by_coverage"]["1"], s["by_coverage"]["2"]
+    assert (one["delta_correct"], one["relative_gain"], two["delta_correct"], two["relative_gain"]) == (-1, -0.5, 1, 1)
+    # Per-case changes (0, -1) and (+1, 0): population sd 0.5, times sqrt(2 cases).
+    assert one["delta_correct_se"] == pytest.approx(0.5 * 2 ** 0.5) == two["delta_correct_se"]
+    assert s["overall"]["delta_correct_se"] == pytest.approx((0.5 ** 0.5) * 2)

@@ -206,15 +206,17 @@ def _dataset_section(d: dict[str, Any], paper: dict[str, Any]) -> str:
 
     sections = []
     for name, v in variants.items():
-        t = v["test"]
-        cover = t["by_coverage"]
-        rows4 = [[k, c["cases"], c["delta_correct"], _gain(c["relative_gain"]),
+        t, val_cover = v["test"], v["val"]["by_coverage"]
+        rows4 = [[k, c["cases"], f"{c['delta_correct']:+d} ± {1.96 * c['delta_correct_se']:.0f}",
+                  _gain(c["relative_gain"]),
+                  _gain(val_cover[k]["relative_gain"]) if k in val_cover else "",
                   _gain(paper["table4"].get(k, paper["table4"]["10+"] if int(k) >= 10 else None))]
-                 for k, c in cover.items()]
+                 for k, c in t["by_coverage"].items()]
         sections.append(f"**{name} targets** (active specialists per case: {t['active_specialists_per_case']:.2f}; "
                         f"cases with one active: {t['conditional']['cases']} of {t['test_cases']})\n\n" +
-                        _table(["specialists covering the correct class", "test cases", "change in correct",
-                                "relative gain", "paper"], rows4))
+                        _table(["specialists covering the correct class", "test cases",
+                                "change in correct (± 95% interval)", "relative gain", "validation: relative gain",
+                                "paper"], rows4))
     table4 = "\n\n".join(sections)
 
     names = d["clusters"]["class_names"]
@@ -251,6 +253,9 @@ its subset). Validation split, for reference:
 ### Table 4
 
 {table4}
+
+The ± is 1.96 standard errors of the change in correct test cases (each case changes by -1, 0 or +1): rows whose
+intervals overlap are not told apart by this test set.
 
 ### Clusters
 

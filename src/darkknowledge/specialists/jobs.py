@@ -211,9 +211,13 @@ def score_combination(generalist_logits: torch.Tensor, combined_log_probs: torch
 
     def row(mask: torch.Tensor) -> dict[str, Any]:
         b, o = int(base[mask].sum()), int(ours[mask].sum())
+        # Standard error of the change in correct cases (a sum of per-case changes in {-1, 0, 1}): how much of a
+        # gain on a few thousand cases is noise.
+        change = ours[mask].double() - base[mask].double()
+        se = float(change.std(unbiased=False) * len(change) ** 0.5) if len(change) else 0.0
         return {"cases": int(mask.sum()), "generalist_correct": b, "combined_correct": o,
                 "generalist_accuracy": _accuracy(base[mask]), "combined_accuracy": _accuracy(ours[mask]),
-                "delta_correct": o - b, "relative_gain": (o - b) / b if b else None}
+                "delta_correct": o - b, "delta_correct_se": se, "relative_gain": (o - b) / b if b else None}
 
     table4 = {str(k): row(coverage == k) for k in sorted(set(coverage.tolist()))}
     return {"test_cases": len(labels), "overall": row(torch.ones_like(on)), "conditional": row(on),
