@@ -109,7 +109,9 @@ def test_soft_targets_and_user_errors(generalist, tmp_path, capsys):
 def test_reproduce_specialists_quick(tmp_path, capsys):
     out = tmp_path / "reproduce"
     argv = ["reproduce", "specialists", "--quick", "--out", out, "--data-dir", DATA, "--no-progress"]
-    assert run_cli(capsys, *argv)[0] == 0
+    code, printed, _ = run_cli(capsys, *argv)
+    assert code == 0
+    assert "[mnist-100: generalist]" in printed  # --no-progress drops the bars, not the stage lines
     results = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     assert results["quick"] is True and set(results["datasets"]) == {"mnist-100", "fashion-mnist"}

@@ -153,6 +153,6 @@ def reproduce(args: argparse.Namespace) -> int:
     out = args.out or Path("results") / ("specialists" + "-quick" * args.quick)
     reproduce_specialists(out, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress,
                           command="darkknowledge " + " ".join(args.argv),
-                          log=(lambda _: None) if args.no_progress else print)
+                          log=lambda line: print(line, flush=True))  # --no-progress drops bars, not stage lines
     print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     return 0
