@@ -151,6 +151,17 @@ def test_teacher_card_says_not_distilled(real_run, tmp_path):
     assert "Not distilled" in card and "Not measured" in card and "torch.jit.load" in card
 
 
+def test_card_says_which_epoch_was_kept_and_why(real_run, tmp_path):
+    card = export_run(real_run, "torchscript", tmp_path / "t.pt", _data_dir(), speed=False).card.read_text()
+    assert "Validation split (model selection only)" in card and "best validation epoch" in card
+    # Trained on every training case: no validation chose the epoch, the last one is kept.
+    train_run("mlp:8", DataChoice("digits", val_size=0), TrainConfig(epochs=2, progress=False), tmp_path / "all",
+              log=lambda _: None)
+    card = export_run(tmp_path / "all", "torchscript", tmp_path / "all.pt", speed=False).card.read_text()
+    assert "Validation split: none; trained on every training case" in card and "last epoch kept (2)" in card
+    assert "best validation epoch" not in card
+
+
 def test_a_failed_parity_check_writes_nothing(real_run, tmp_path, monkeypatch):
     import darkknowledge.export as export
     monkeypatch.setattr(export, "check_parity", lambda *a, **k: Parity("onnx", 10, [1], 0.5, 3, DEFAULT_ATOL))

@@ -34,10 +34,13 @@ def _data_lines(deployable: Deployable) -> list[str]:
     if "data_fingerprint" in meta:
         lines.append(f"- Training data fingerprint (SHA-256 of pixels and labels): `{meta['data_fingerprint']}`")
     validation = meta.get("validation")
-    if validation:
+    selected = bool(validation) and validation.get("size") != 0  # size 0: trained on every training case
+    if selected:
         size = "the dataset's default number of" if validation.get("size") is None else validation["size"]
         lines.append(f"- Validation split (model selection only): {size} cases cut from the training set, "
                      f"seed {validation.get('seed')}")
+    elif validation:
+        lines.append("- Validation split: none; trained on every training case")
     if "subset" in meta:
         lines.append(f"- Training subset: {meta['subset']} cases")
     if "train_classes" in meta:
@@ -46,7 +49,8 @@ def _data_lines(deployable: Deployable) -> list[str]:
     if training:
         lines.append(f"- Training: {training.get('epochs')} epoch(s), batch {training.get('batch_size')}, lr "
                      f"{training.get('lr')}, jitter {training.get('jitter')} px, seed {training.get('seed')}; "
-                     f"best validation epoch {meta.get('epoch', '?')}")
+                     + (f"best validation epoch {meta.get('epoch', '?')}" if selected
+                        else f"last epoch kept ({meta.get('epoch', '?')})"))
     return lines
 
 
