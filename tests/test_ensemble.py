@@ -235,6 +235,8 @@ def test_cli_trains_an_ensemble_and_distils_it_through_the_store(tmp_path, capsy
     assert result["errors"] == int((probs.argmax(1) != test.labels).sum())
     code, out, err = run_cli(capsys, "evaluate", ens, "--combine", "geometric", "--split", "val")
     assert code == 0 and json.loads(out)["model"].endswith("(geometric)") and json.loads(out)["split"] == "val"
+    code, _, err = run_cli(capsys, "evaluate", ens / "member-00", "--combine", "logits")
+    assert code == 1 and err.count("\n") == 1 and "not an ensemble folder" in err
 
     student = ["--student", "mlp:8", "-T", "3", "--hard-weight", "0.5", *fast]
     code, out, err = run_cli(capsys, "distill", "--ensemble", ens, "--out", tmp_path / "s1", *student)

@@ -295,6 +295,9 @@ def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str
         model = Ensemble.from_dir(run_dir, combine)
         meta = model.member_meta[0]  # the members share dataset and split (train_ensemble makes them so)
         name = f"ensemble of {len(model)} x {meta['spec']} ({model.combine})"
+    elif combine is not None:
+        raise DarkKnowledgeError(f"{run_dir} is one model, not an ensemble folder; drop --combine, or give the "
+                                 "folder 'train --members N' wrote")
     else:
         model, meta = checkpoint.load_model(run_dir)
         name = meta["spec"]
