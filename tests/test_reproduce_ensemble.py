@@ -70,6 +70,9 @@ def test_numbers_come_from_the_evaluation_code(quick_run):
         next(s["val_errors"] for s in r["students"] if s["run"] == chosen["run"])
     assert chosen["share_transferred"] == _share(chosen["test_accuracy"], r["baseline"]["test_accuracy"],
                                                  r["ensemble"][chosen["combine"]]["test"]["accuracy"])
+    assert chosen["share_over_members_mean"] == _share(
+        chosen["test_accuracy"], sum(m["test_accuracy"] for m in r["members"]) / len(r["members"]),
+        r["ensemble"][chosen["combine"]]["test"]["accuracy"])
     meta = checkpoint.read_model_meta(runs / chosen["run"])
     assert meta["hard_weight"] == 0.5 and meta["temperature"] == chosen["temperature"]
     assert meta["spec"] == r["baseline"]["spec"]  # a single model of the same size

@@ -9,7 +9,8 @@ Stages (each a folder under ``OUT/runs``, reused when finished, resumed when int
                logits over the training split (computed once, on disk, under ``OUT/runs/soft-targets``)
 The rule and T of "the distilled model" are chosen on the validation split; the test set gives final numbers.
 Share of the gain transferred = (distilled - baseline) / (ensemble - baseline), test accuracy, with the ensemble
-combined by the same rule as the student's targets.
+combined by the same rule as the student's targets. One baseline is one draw of a seed, so the share is also
+given against the members' mean accuracy (ten draws of the same recipe) in place of the baseline.
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ class Plan:
     """
 
     dataset: str = "fashion-mnist"
-    # Our choice (the paper's speech nets are not images): the MNIST teacher's architecture, without input
-    # dropout, for members, baseline and students alike ("a single model of the same size").
-    spec: str = "mlp:1200x2,dropout=0.5,max_norm=3.5"
-    training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
+    # Our choice (the paper's speech nets are not images): a small convnet, whose seeds give members that differ,
+    # for members, baseline and students alike ("a single model of the same size").
+    spec: str = "cnn:small"
+    training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.05, bf16=True))
     members: int = 10
     baseline_seed: int = 1000  # not one of the members' seeds (seed .. seed + members - 1)
-    student_training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=40, lr=0.05))
+    student_training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=15, lr=0.05, bf16=True))
     temperatures: tuple[float, ...] = (1, 2, 5, 10)
     rules: tuple[str, ...] = COMBINE_RULES
     soft_weight: float = 1.0
@@ -103,6 +104,7 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
         teacher = Ensemble.from_dir(folder, rule)
         ensemble_rows[rule] = {"test": evaluate(teacher, test).to_dict(), "val": evaluate(teacher, val).to_dict()}
     members = [_scores(folder / member_dir(i)) for i in range(plan.members)]
+    members_mean = sum(m["test_accuracy"] for m in members) / len(members)
     baseline = _scores(runs / "baseline")
 
     students: list[dict[str, Any]] = []
@@ -140,13 +142,16 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
         "store": {"key": store.key, "bytes": store.nbytes, "cases": len(store), "members": store.num_members,
                   "students_using_it": sum(r["store_key"] == store.key for r in students)},
         "baseline": baseline, "members": members,
-        "members_mean_test_accuracy": sum(m["test_accuracy"] for m in members) / len(members),
+        "members_mean_test_accuracy": members_mean,
         "ensemble": ensemble_rows, "students": students, "diverged": diverged,
         "chosen_on_validation": {"run": chosen["run"], "combine": chosen["combine"],
                                  "temperature": chosen["temperature"], "test_accuracy": chosen["test_accuracy"],
                                  "ensemble_test_accuracy": ensemble_rows[chosen["combine"]]["test"]["accuracy"],
                                  "baseline_test_accuracy": baseline["test_accuracy"],
-                                 "share_transferred": chosen["share_transferred"]},
+                                 "share_transferred": chosen["share_transferred"],
+                                 "share_over_members_mean": _share(
+                                     chosen["test_accuracy"], members_mean,
+                                     ensemble_rows[chosen["combine"]]["test"]["accuracy"])},
         "chosen_per_rule": by_rule,
         "geometric_vs_logits": {"max_test_error_difference": max(abs(a["test_errors"] - b["test_errors"])
                                                                  for a, b in same) if same else None},
@@ -212,7 +217,9 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
           _pct(chosen["test_accuracy"]), next(s["test_errors"] for s in r["students"] if s["run"] == chosen["run"]),
           _pct(paper["distilled"])],
          ["share of the ensemble's gain transferred", _fmt_share(chosen["share_transferred"]), "",
-          f"{_pct(paper['share_transferred'])} (target >= {_pct(paper['target_share'])})"]])
+          f"{_pct(paper['share_transferred'])} (target >= {_pct(paper['target_share'])})"],
+         ["the same, over the members' mean in place of the baseline",
+          _fmt_share(chosen["share_over_members_mean"]), "", ""]])
     ensemble_rows = [[rule, _pct(e["test"]["accuracy"]), e["test"]["errors"], e["val"]["errors"]]
                      for rule, e in r["ensemble"].items()]
     student_rows = [[s["combine"], f"{s['temperature']:g}", s["val_errors"], s["test_errors"],
