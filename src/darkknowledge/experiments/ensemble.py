@@ -69,7 +69,7 @@ class Plan:
 
 FULL = Plan()
 QUICK = Plan(spec="mlp:32x2,dropout=0.2", training=TrainConfig(epochs=3, batch_size=64, lr=0.1), members=4,
-             student_training=TrainConfig(epochs=3, batch_size=64, lr=0.05), subset=3000, val_size=1000)
+             student_training=TrainConfig(epochs=3, batch_size=64, lr=0.05, bf16=True), subset=3000, val_size=1000)
 
 
 def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | None = None, progress: bool = True,
@@ -98,7 +98,8 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
 
     train, val, test = data.load()
     store_dir = runs / "soft-targets"
-    store = SoftTargets.compute(Ensemble.from_dir(folder), train, store_dir, log=log)  # the one store, reused below
+    # The one store, reused below: made with the students' precision, which is part of its key.
+    store = SoftTargets.compute(Ensemble.from_dir(folder), train, store_dir, bf16=plan.student_training.bf16, log=log)
 
     ensemble_rows = {}
     for rule in plan.rules:
