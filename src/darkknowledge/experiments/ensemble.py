@@ -114,12 +114,10 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
     seconds["students"] = 0.0
     for rule in plan.rules:
         for t in plan.temperatures:
-            name = f"student-{rule}-T{t:g}"
+            name = student_name(rule, t)
             log(f"[{name}]")
             try:
-                _, fitted = distill_run(folder, plan.spec, data, config(plan.student_training), t, plan.soft_weight,
-                                        plan.hard_weight, out=runs / name, resume=True, log=log, combine=rule,
-                                        store_dir=store_dir)
+                fitted = distill_student(plan, data, runs, rule, t, progress, log)
             except TrainingDiverged as e:  # reported, never chosen
                 log(str(e))
                 diverged.append({"run": name, "combine": rule, "temperature": t, "diverged": str(e)})
@@ -162,6 +160,21 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
     checkpoint.write_json(out / "results.json", results)
     write_report(out, results)
     return results
+
+
+def student_name(rule: str, temperature: float) -> str:
+    return f"student-{rule}-T{temperature:g}"
+
+
+def distill_student(plan: Plan, data: DataChoice, runs: Path, rule: str, temperature: float, progress: bool,
+                    log: Callable[[str], None]):
+    """One student of the plan, from the shared store in ``runs/soft-targets``, into ``runs/student-RULE-TT``
+    (resumed or reused when there). Also the entry point for training students side by side in other processes:
+    the same call gives the same run key, so the reproduction reuses what they trained."""
+    _, fitted = distill_run(runs / "ensemble", plan.spec, data, replace(plan.student_training, progress=progress),
+                            temperature, plan.soft_weight, plan.hard_weight, out=runs / student_name(rule, temperature),
+                            resume=True, log=log, combine=rule, store_dir=runs / "soft-targets")
+    return fitted
 
 
 def _scores(run: Path) -> dict[str, Any]:
