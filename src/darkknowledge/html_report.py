@@ -368,7 +368,7 @@ def _pct(x: float | None, digits: int = 2) -> str:
 
 def mnist_section(page: Page, folder: Path, r: dict[str, Any], prefix: str, datasets: _Datasets,
                   log: Callable[[str], None]) -> None:
-    paper, t1, plan = r["paper"], r["table1"], r.get("plan", {})
+    paper, t1 = r["paper"], r["table1"]
     page.add(Heading(2, f"MNIST (§3){' — QUICK smoke run' if r.get('quick') else ''}: {folder}"),
              Para(f"Command: `{r.get('command') or 'darkknowledge reproduce mnist'}`. Numbers from results.json; "
                   "the paper's beside them."))

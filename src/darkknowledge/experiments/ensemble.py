@@ -26,8 +26,7 @@ from ..evaluation import evaluate
 from ..jobs import DataChoice, distill_run, evaluate_run, member_dir, train_ensemble, train_run
 from ..soft_targets import SoftTargets
 from ..training import TrainConfig
-from .mnist import _jsonable, _machine
-from .report import _pct, _table, plt
+from .report import _jsonable, _machine, _pct, _table, plt
 
 PAPER = {"baseline": 0.589, "ensemble": 0.611, "distilled": 0.608, "share_transferred": 0.86, "target_share": 0.80,
          "temperatures": [1, 2, 5, 10], "best_temperature": 2, "hard_weight": 0.5, "members": 10,

@@ -14,23 +14,17 @@ bias offset on test, that figure is reported too, labelled.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
-
-import torch
 
 from .. import checkpoint
 from ..bias import search_bias_offset, shift_biases
 from ..evaluation import predict_logits, summarize
 from ..jobs import DataChoice, distill_run, evaluate_run, train_run
 from ..training import TrainConfig
-from .report import write_mnist_report
+from .report import _jsonable, _machine, write_mnist_report
 
 MINUTES = 60  # the budget for the whole run, teacher included
 PAPER = {"teacher": 67, "small": 146, "distilled": 74,
@@ -184,17 +178,3 @@ def _transfer_cases(meta: dict) -> int | None:
     history = meta.get("metrics", {})
     errors, rate = history.get("train_errors"), history.get("train_error_rate")
     return round(errors / rate) if errors and rate else None
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}

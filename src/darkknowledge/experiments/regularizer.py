@@ -22,8 +22,7 @@ from .. import checkpoint
 from ..errors import TrainingDiverged
 from ..jobs import DataChoice, distill_run, evaluate_run, train_run
 from ..training import TrainConfig
-from .mnist import _jsonable, _machine
-from .report import _pct, _table, plt
+from .report import _jsonable, _machine, _pct, _table, plt
 
 PAPER = {"full": {"train_accuracy": 0.634, "test_accuracy": 0.589},
          "hard_3pct": {"train_accuracy": 0.673, "test_accuracy": 0.445, "note": "early stopped; falls after"},

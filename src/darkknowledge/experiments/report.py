@@ -2,15 +2,35 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import time
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .. import checkpoint  # noqa: E402
+
+
+def _jsonable(value):
+    """Tuples as lists and keys as strings, so a plan dataclass round-trips through results.json."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _machine() -> dict[str, Any]:
+    """Where and when a reproduction ran, for its results.json."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:

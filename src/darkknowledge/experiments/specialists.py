@@ -13,15 +13,10 @@ specialists covering the correct class), the clusters found and each specialist'
 
 from __future__ import annotations
 
-import os
-import platform
 import shutil
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
-
-import torch
 
 from .. import checkpoint
 from ..jobs import DataChoice, evaluate_run, train_run
@@ -29,7 +24,7 @@ from ..specialists.clustering import ClassSubsets
 from ..specialists.jobs import SUBSETS_FILE, cluster_run, evaluate_specialists, train_specialists
 from ..specialists.specialist import SpecialistConfig
 from ..training import TrainConfig
-from .report import _table
+from .report import _jsonable, _machine, _table
 
 PAPER = {
     "table3": {"baseline": {"conditional_accuracy": 0.431, "accuracy": 0.250},
@@ -97,20 +92,6 @@ def _quick() -> Plan:
 
 FULL = _full()
 QUICK = _quick()
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def _ensure_subsets(plan: DatasetPlan, generalist: Path, folder: Path, data_dir: str | None) -> ClassSubsets:
