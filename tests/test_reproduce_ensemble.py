@@ -6,12 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from darkknowledge import checkpoint
 from darkknowledge.cli import main
 from darkknowledge.ensemble import COMBINE_RULES, Ensemble
 from darkknowledge.evaluation import evaluate
-from darkknowledge.experiments.ensemble import QUICK, _share
+from darkknowledge.experiments.ensemble import QUICK, _share, _share_interval
 from darkknowledge.jobs import DataChoice, evaluate_run
 
 DATA = Path(os.environ.get("DARKKNOWLEDGE_DATA", Path(__file__).parents[2] / "shared" / "data"))
@@ -119,3 +120,29 @@ def test_a_diverged_student_is_reported_and_never_chosen(quick_run, monkeypatch,
         (quick_run / "report.md").read_text()
     monkeypatch.undo()
     assert _run(quick_run) == 0 and json.loads((quick_run / "results.json").read_text())["diverged"] == []
+
+
+def test_share_interval_is_reported(quick_run):
+    r = json.loads((quick_run / "results.json").read_text())
+    chosen = r["chosen_on_validation"]
+    assert chosen["bootstrap_draws"] == 2000 and "share_interval_95" in chosen
+    if chosen["share_transferred"] is None:  # the tiny QUICK ensemble is no better than its baseline: no share
+        assert chosen["share_interval_95"] is None
+    else:
+        low, high = chosen["share_interval_95"]
+        assert low <= chosen["share_transferred"] <= high
+
+
+def test_share_interval_by_hand():
+    n = 1000
+    baseline = torch.zeros(n, dtype=torch.bool)
+    baseline[:800] = True
+    ensemble = baseline.clone()
+    ensemble[800:900] = True  # +100 cases
+    student = baseline.clone()
+    student[800:850] = True  # half of them
+    assert _share_interval(ensemble, baseline, ensemble) == [1.0, 1.0]  # a student as good as the ensemble
+    assert _share_interval(baseline, baseline, ensemble) == [0.0, 0.0]
+    low, high = _share_interval(student, baseline, ensemble)
+    assert 0.35 < low < 0.5 < high < 0.65  # binomial spread of 50 of 100: sd 0.05
+    assert _share_interval(student, baseline, baseline) is None  # no gain to share

@@ -10,7 +10,9 @@ Stages (each a folder under ``OUT/runs``, reused when finished, resumed when int
 The rule and T of "the distilled model" are chosen on the validation split; the test set gives final numbers.
 Share of the gain transferred = (distilled - baseline) / (ensemble - baseline), test accuracy, with the ensemble
 combined by the same rule as the student's targets. One baseline is one draw of a seed, so the share is also
-given against the members' mean accuracy (ten draws of the same recipe) in place of the baseline.
+given against the members' mean accuracy (ten draws of the same recipe) in place of the baseline. A gain of some
+tens of test cases is itself uncertain, so the chosen student's share comes with a 95% bootstrap interval over the
+test cases (resampled together for the three models, which are scored on the same cases).
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from .. import checkpoint
 from ..ensemble import COMBINE_RULES, Ensemble
 from ..errors import TrainingDiverged
-from ..evaluation import evaluate
+from ..evaluation import evaluate, predict_logits
 from ..jobs import DataChoice, distill_run, evaluate_run, member_dir, train_ensemble, train_run
 from ..soft_targets import SoftTargets
 from ..training import TrainConfig
-from .report import _jsonable, _machine, _pct, _table, plt
+from .report import _jsonable, _machine, _machine_line, _pct, _table, plt
 
 PAPER = {"baseline": 0.589, "ensemble": 0.611, "distilled": 0.608, "share_transferred": 0.86, "target_share": 0.80,
          "temperatures": [1, 2, 5, 10], "best_temperature": 2, "hard_weight": 0.5, "members": 10,
@@ -130,6 +134,9 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
             students.append(row)
 
     chosen = min(students, key=lambda r: (r["val_errors"], plan.rules.index(r["combine"]), r["temperature"]))
+    interval = _share_interval(_correct(checkpoint.load_model(runs / chosen["run"])[0], test),
+                               _correct(checkpoint.load_model(runs / "baseline")[0], test),
+                               _correct(Ensemble.from_dir(folder, chosen["combine"]), test))
     by_rule = {rule: min((r for r in students if r["combine"] == rule), key=lambda r: (r["val_errors"],
                                                                                         r["temperature"]))["run"]
                for rule in plan.rules if any(r["combine"] == rule for r in students)}
@@ -148,6 +155,7 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
                                  "ensemble_test_accuracy": ensemble_rows[chosen["combine"]]["test"]["accuracy"],
                                  "baseline_test_accuracy": baseline["test_accuracy"],
                                  "share_transferred": chosen["share_transferred"],
+                                 "share_interval_95": interval, "bootstrap_draws": BOOTSTRAP_DRAWS,
                                  "share_over_members_mean": _share(
                                      chosen["test_accuracy"], members_mean,
                                      ensemble_rows[chosen["combine"]]["test"]["accuracy"])},
@@ -191,8 +199,37 @@ def _share(distilled: float, baseline: float, ensemble: float) -> float | None:
     return (distilled - baseline) / gain if gain > 0 else None
 
 
+def _correct(model: torch.nn.Module, data) -> torch.Tensor:
+    """Which cases of ``data`` the model gets right (the evaluation code's predictions)."""
+    return predict_logits(model, data.images).argmax(1) == data.labels
+
+
+BOOTSTRAP_DRAWS = 2000
+
+
+def _share_interval(student: torch.Tensor, baseline: torch.Tensor, ensemble: torch.Tensor,
+                    draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> list[float] | None:
+    """95% percentile interval of the share transferred over ``draws`` bootstrap resamples of the test cases, from
+    the three models' per-case correctness. Resamples where the ensemble is no better than the baseline have no
+    share and are left out; None when too few remain to speak of an interval."""
+    generator = torch.Generator().manual_seed(seed)
+    shares = []
+    for start in range(0, draws, 250):  # 250 resamples of n cases at a time: bounded memory
+        rows = torch.randint(len(student), (min(250, draws - start), len(student)), generator=generator)
+        s, b, e = (correct[rows].sum(1).double() for correct in (student, baseline, ensemble))
+        shares.append(((s - b) / (e - b))[e > b])
+    shares = torch.cat(shares)
+    if len(shares) < 0.9 * draws:
+        return None
+    return [float(q) for q in torch.quantile(shares, torch.tensor([0.025, 0.975], dtype=torch.float64))]
+
+
 def _fmt_share(share: float | None) -> str:
     return "n/a (ensemble no better)" if share is None else _pct(share)
+
+
+def _fmt_interval(interval: list[float] | None) -> str:
+    return "" if interval is None else f" (95% interval {_pct(interval[0])} to {_pct(interval[1])})"
 
 
 def plot_students(r: dict[str, Any], path: Path) -> None:
@@ -230,7 +267,8 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
          [f"distilled single model ({chosen['combine']}, T = {chosen['temperature']:g})",
           _pct(chosen["test_accuracy"]), next(s["test_errors"] for s in r["students"] if s["run"] == chosen["run"]),
           _pct(paper["distilled"])],
-         ["share of the ensemble's gain transferred", _fmt_share(chosen["share_transferred"]), "",
+         ["share of the ensemble's gain transferred", _fmt_share(chosen["share_transferred"]) + _fmt_interval(
+             chosen.get("share_interval_95")), "",
           f"{_pct(paper['share_transferred'])} (target >= {_pct(paper['target_share'])})"],
          ["the same, over the members' mean in place of the baseline",
           _fmt_share(chosen["share_over_members_mean"]), "", ""]])
@@ -262,6 +300,9 @@ on validation too. The test set gives final numbers only.
 
 Share transferred = (distilled - baseline) / (ensemble - baseline), test accuracy, the ensemble combined by the
 student's rule. The mean test accuracy of the {len(r['members'])} members alone: {_pct(r['members_mean_test_accuracy'])}.
+The 95% interval: percentiles of the share over {chosen.get('bootstrap_draws', 0):,} bootstrap resamples of the test
+cases (the three models resampled together): how precisely this one test set pins the share down. Values inside
+it are not told apart from the measured share by this test set.
 
 ![test accuracy against temperature](ensemble.png)
 
@@ -293,7 +334,6 @@ same T: {diff}. Both are reported as asked.
 
 {_table(["stage", "training time (m:ss)"], stage_rows)}
 
-{m['cpus']} CPUs ({m['processor']}, {m['platform']}), torch {m['torch']}, {m['threads']} threads; finished
-{m['finished']}.
+{_machine_line(m)}
 """
     checkpoint.atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))

@@ -22,7 +22,7 @@ from .. import checkpoint
 from ..errors import TrainingDiverged
 from ..jobs import DataChoice, distill_run, evaluate_run, train_run
 from ..training import TrainConfig
-from .report import _jsonable, _machine, _pct, _table, plt
+from .report import _jsonable, _machine, _machine_line, _pct, _table, plt
 
 PAPER = {"full": {"train_accuracy": 0.634, "test_accuracy": 0.589},
          "hard_3pct": {"train_accuracy": 0.673, "test_accuracy": 0.445, "note": "early stopped; falls after"},
@@ -222,7 +222,6 @@ never used to choose anything). The paper's numbers are speech frame accuracies.
 
 {_table(["stage", "training time (m:ss)"], stage_rows)}
 
-{m['cpus']} CPUs ({m['processor']}, {m['platform']}), torch {m['torch']}, {m['threads']} threads; finished
-{m['finished']}.
+{_machine_line(m)}
 """
     checkpoint.atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))

@@ -33,6 +33,13 @@ def _machine() -> dict[str, Any]:
             "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
+def _machine_line(m: dict[str, Any]) -> str:
+    """The machine of a results.json, for the foot of a report."""
+    threads = f"{m['threads']} thread{'s' * (m['threads'] != 1)}"
+    return (f"{m['cpus']} CPUs ({m['processor']}, {m['platform']}), torch {m['torch']}, {threads}; "
+            f"finished {m['finished']}.")
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -192,7 +199,6 @@ in training; the distilled student saw its soft targets on un-shifted ones.
 
 {_table(["stage", "training time (m:ss)"], stage_rows)}
 
-Total training: {total_min:.0f} minutes on {m['cpus']} CPUs ({m['processor']}, {m['platform']}), torch
-{m['torch']}, {m['threads']} threads; finished {m['finished']}.
+Total training: {total_min:.0f} minutes on {_machine_line(m)}
 """
     checkpoint.atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))

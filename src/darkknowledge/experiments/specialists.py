@@ -24,7 +24,7 @@ from ..specialists.clustering import ClassSubsets
 from ..specialists.jobs import SUBSETS_FILE, cluster_run, evaluate_specialists, train_specialists
 from ..specialists.specialist import SpecialistConfig
 from ..training import TrainConfig
-from .report import _jsonable, _machine, _table
+from .report import _jsonable, _machine, _machine_line, _table
 
 PAPER = {
     "table3": {"baseline": {"conditional_accuracy": 0.431, "accuracy": 0.250},
@@ -262,8 +262,7 @@ specialists); they are shown for the shape of the result, not as targets for the
 the generalist's top {r['plan']['top_n']} class(es) pick them (the paper: 1).
 
 {sections}
-Machine: {m['cpus']} CPUs ({m['processor']}, {m['platform']}), torch {m['torch']}, {m['threads']} threads; finished
-{m['finished']}.
+Machine: {_machine_line(m)}
 """
     checkpoint.atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
 
