@@ -230,3 +230,48 @@ def test_divergence_is_named_and_says_lower_the_learning_rate(digits):
             p.fill_(1e30)
     with pytest.raises(TrainingDiverged, match="diverged in epoch 1: .* lower --lr"):
         fit(student, train, val, quiet(epochs=1), soft, log=lambda _: None)
+
+
+def test_a_student_resumes_after_its_teacher_folder_moves_but_not_with_another_teacher(tmp_path):
+    """The run key holds what the teacher is (weights' checksums), not where its files are."""
+    import shutil
+
+    from darkknowledge.jobs import distill_run, train_run
+    data, config = DataChoice("digits"), quiet(epochs=1, batch_size=64)
+    train_run("mlp:32", data, config, tmp_path / "teacher", log=lambda _: None)
+    train_run("mlp:32", data, quiet(epochs=1, batch_size=64, seed=7), tmp_path / "other", log=lambda _: None)
+    distill_run(tmp_path / "teacher", "mlp:16", data, config, 4, out=tmp_path / "student", log=lambda _: None)
+    shutil.move(tmp_path / "teacher", tmp_path / "moved")
+    lines = []
+    distill_run(tmp_path / "moved", "mlp:16", data, config, 4, out=tmp_path / "student", resume=True,
+                log=lines.append)
+    assert any(line.startswith("resuming") for line in lines)
+    assert checkpoint.read_model_meta(tmp_path / "student")["teacher"]["run"] == str(tmp_path / "teacher")
+    with pytest.raises(DarkKnowledgeError, match="other settings"):
+        distill_run(tmp_path / "other", "mlp:16", data, config, 4, out=tmp_path / "student", resume=True,
+                    log=lambda _: None)
+
+
+def test_a_run_keyed_with_its_teachers_location_still_resumes(tmp_path):
+    """Runs saved before locations left the key (their state holds the older key) are still recognised."""
+    from darkknowledge.jobs import distill_run, train_run
+    from darkknowledge.training import _run_key
+    data, config = DataChoice("digits"), quiet(epochs=1, batch_size=64)
+    train_run("mlp:32", data, config, tmp_path / "teacher", log=lambda _: None)
+    distill_run(tmp_path / "teacher", "mlp:16", data, config, 4, out=tmp_path / "student", log=lambda _: None)
+    state_path = tmp_path / "student" / checkpoint.STATE_META
+    state = json.loads(state_path.read_text())
+    new_key = state["run_key"]
+    train, val, _ = data.load()
+    meta = {k: v for k, v in checkpoint.read_model_meta(tmp_path / "student").items()
+            if k in ("spec", "image_shape", "classes", "dataset", "validation", "data_fingerprint", "subset",
+                     "train_classes", "train_subset", "teacher")}
+    objective = Distillation(4, 1.0, 0.0, teacher=checkpoint.load_model(tmp_path / "teacher")[0])
+    assert _run_key(meta, train, val, config, objective) == new_key  # the sidecar rebuilds the key
+    state["run_key"] = _run_key(meta, train, val, config, objective, locations=True)
+    assert state["run_key"] != new_key
+    state_path.write_text(json.dumps(state))
+    lines = []
+    distill_run(tmp_path / "teacher", "mlp:16", data, config, 4, out=tmp_path / "student", resume=True,
+                log=lines.append)
+    assert any(line.startswith("resuming") for line in lines)

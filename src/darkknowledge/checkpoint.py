@@ -34,6 +34,10 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
 STATE_META = "state.json"
 FORMAT = "darkknowledge/1"
+# Keys of a sidecar that say where a teacher's (or a generalist's) files are, not what it is: a run's key leaves them
+# out, so moving a results folder, or naming a teacher by another path, keeps its students resumable. What the
+# teacher is stays in the key through its weights' checksums.
+LOCATION_KEYS = frozenset({"run", "ensemble"})
 
 
 def atomic_write(path: Path, write) -> None:
@@ -194,17 +198,28 @@ def load_training_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.
     return meta
 
 
+def without_locations(value: Any) -> Any:
+    """``value`` (a sidecar, or part of one) without its :data:`LOCATION_KEYS`, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_locations(v) for k, v in value.items() if k not in LOCATION_KEYS}
+    if isinstance(value, list):
+        return [without_locations(v) for v in value]
+    return value
+
+
 def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, run_key: str,
-                          resume: bool, kind: str = "training run", made_of: str = "model") -> dict[str, Any] | None:
+                          resume: bool, kind: str = "training run", made_of: str = "model",
+                          legacy_key: str | None = None) -> dict[str, Any] | None:
     """The saved state of ``run_dir`` restored into model and optimizer, or None for a new run. Refuses a saved
-    run unless ``resume`` is set, and one made with other settings (another ``run_key``)."""
+    run unless ``resume`` is set, and one made with other settings (another ``run_key``). ``legacy_key``: the key
+    runs saved before locations were left out of it have, also accepted (the next checkpoint stores ``run_key``)."""
     if run_dir is None or not (Path(run_dir) / STATE_META).exists():
         return None
     if not resume:
         raise DarkKnowledgeError(f"{run_dir} already holds a {kind}; pass --resume to continue it or choose another "
                                  "output directory")
     state = load_training_state(run_dir, model, optimizer)
-    if state["run_key"] != run_key:
+    if state["run_key"] not in (run_key, legacy_key):
         raise DarkKnowledgeError(f"{run_dir} holds a {kind} with other settings, {made_of} or data; resume it with "
                                  "the same options, or choose another output directory")
     return state

@@ -211,10 +211,12 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
-def _run_key(meta: dict, train, val, config: TrainConfig, objective) -> str:
-    """What must match for --resume to continue the same run rather than a different one."""
+def _run_key(meta: dict, train, val, config: TrainConfig, objective, locations: bool = False) -> str:
+    """What must match for --resume to continue the same run rather than a different one: what the model, data,
+    settings and teacher are, not where the teacher's files are (``locations=True``: the older key that held them)."""
     settings = {k: v for k, v in asdict(config).items() if k != "progress"}
-    parts = [json.dumps(meta, sort_keys=True, default=str), train.fingerprint(),
+    parts = [json.dumps(meta if locations else checkpoint.without_locations(meta), sort_keys=True, default=str),
+             train.fingerprint(),
              val.fingerprint() if val is not None else "", json.dumps(settings, sort_keys=True),
              json.dumps(objective.describe(), sort_keys=True)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -276,13 +278,15 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     run_key = _run_key(meta, train, val, config, objective)
+    legacy_key = _run_key(meta, train, val, config, objective, locations=True)
 
     best_state = None
 
     def saved_state() -> dict[str, Any] | None:
         """Where the saved run stopped (None: a new run); loads its weights, momentum and best model."""
         nonlocal best_state
-        state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume)
+        state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume,
+                                                 legacy_key=legacy_key)
         if state is None:
             return None
         if state["best"]["val_errors"] is not None:

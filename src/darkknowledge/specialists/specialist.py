@@ -282,8 +282,10 @@ def validation_scores(model: nn.Module, val: LabeledImages, subset, offset: floa
             "subset_errors": int(wrong[inside].sum()), "subset_cases": int(inside.sum()), "cases": len(labels)}
 
 
-def _run_key(meta, train: LabeledImages, val, subset, config: SpecialistConfig) -> str:
-    parts = [json.dumps(meta, sort_keys=True, default=str), train.fingerprint(),
+def _run_key(meta, train: LabeledImages, val, subset, config: SpecialistConfig, locations: bool = False) -> str:
+    """As the training loop's key: where the generalist's files are is left out (``locations=True``: the older key)."""
+    parts = [json.dumps(meta if locations else checkpoint.without_locations(meta), sort_keys=True, default=str),
+             train.fingerprint(),
              val.fingerprint() if val is not None else "", json.dumps(list(subset)),
              json.dumps(config.describe(), sort_keys=True)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -344,7 +346,8 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
 
     start, history, elapsed, best = 0, [], 0.0, {"epoch": 0, "val_loss": None, "stale": 0}
     best_state = None
-    state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume, "specialist run", "subset")
+    state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume, "specialist run", "subset",
+                                             _run_key(meta, train, val, subset, config, locations=True))
     if state is not None:
         start, history, best, elapsed = state["epoch"], state["history"], state["best"], state["seconds"]
         best_state = checkpoint.load_model(run_dir)[0].state_dict() if (run_dir / checkpoint.MODEL_META).exists() \
