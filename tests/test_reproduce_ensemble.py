@@ -3,6 +3,7 @@ the evaluation code, one soft-target store serves every student, and a rerun reu
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from darkknowledge import checkpoint
 from darkknowledge.cli import main
 from darkknowledge.ensemble import COMBINE_RULES, Ensemble
 from darkknowledge.evaluation import evaluate
-from darkknowledge.experiments.ensemble import QUICK, _share, _share_interval
+from darkknowledge.experiments.ensemble import QUICK, _share, _share_interval, reproduce_ensemble
 from darkknowledge.jobs import DataChoice, evaluate_run
 
 DATA = Path(os.environ.get("DARKKNOWLEDGE_DATA", Path(__file__).parents[2] / "shared" / "data"))
@@ -43,6 +44,7 @@ def test_writes_results_report_and_plot(quick_run):
     assert set(r["stage_seconds"]) == {"baseline", "ensemble", "students"}
     report = (quick_run / "report.md").read_text()
     assert "identical soft targets" in report and "share of the ensemble's gain transferred" in report
+    assert "(2,000 cases: 3,000 of the training set, less validation)" in report  # QUICK's subset, stated
     assert report.count("| geometric |") == 5 and report.count("| logits |") == 5  # 4 students + the ensemble
 
 
@@ -146,3 +148,11 @@ def test_share_interval_by_hand():
     low, high = _share_interval(student, baseline, ensemble)
     assert 0.35 < low < 0.5 < high < 0.65  # binomial spread of 50 of 100: sd 0.05
     assert _share_interval(student, baseline, baseline) is None  # no gain to share
+
+
+def test_a_plan_replaces_the_default(tmp_path):
+    """The same experiment with another plan (results/ensemble-small: the FULL recipe on fewer cases)."""
+    plan = replace(QUICK, members=2, temperatures=(2,), rules=("arithmetic",))
+    r = reproduce_ensemble(tmp_path, data_dir=str(DATA), progress=False, log=lambda _: None, plan=plan)
+    assert r["plan"]["members"] == 2 and len(r["members"]) == 2
+    assert [(s["combine"], s["temperature"]) for s in r["students"]] == [("arithmetic", 2)]

@@ -76,9 +76,11 @@ QUICK = Plan(spec="mlp:32x2,dropout=0.2", training=TrainConfig(epochs=3, batch_s
 
 
 def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | None = None, progress: bool = True,
-                       command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or reuse) every stage, then write ``results.json``, ``report.md`` and ``ensemble.png`` into ``out``."""
-    plan = QUICK if quick else FULL
+                       command: str = "", log: Callable[[str], None] = print,
+                       plan: Plan | None = None) -> dict[str, Any]:
+    """Run (or reuse) every stage, then write ``results.json``, ``report.md`` and ``ensemble.png`` into ``out``.
+    ``plan`` replaces ``FULL`` (or ``QUICK``), e.g. the same recipe on fewer training cases."""
+    plan = plan or (QUICK if quick else FULL)
     out = Path(out)
     runs = out / "runs"
     data = DataChoice(plan.dataset, data_dir, val_size=plan.val_size, subset=plan.subset)
@@ -284,13 +286,15 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
     diff = r["geometric_vs_logits"]["max_test_error_difference"]
     stage_rows = [[k, f"{int(v // 60)}:{int(v % 60):02d}"] for k, v in r["stage_seconds"].items()]
     m = r["machine"]
+    cases = "" if plan["subset"] is None else \
+        f" ({plan['subset'] - plan['val_size']:,} cases: {plan['subset']:,} of the training set, less validation)"
     text = f"""# Reproducing §4 of Hinton, Vinyals & Dean (2015): distilling an ensemble, on {plan['dataset']}{' (QUICK smoke run: tiny models, a subset, fewer members)' if r['quick'] else ''}
 
 Command: `{r['command'] or 'darkknowledge reproduce ensemble'}`. Every number below is computed by the evaluation
 code from the saved models (`results.json` holds them all). The paper's numbers are frame accuracies of a speech
 model (its data is not public); this is the same experiment on image data. Baseline, members and students are
 all `{base['spec']}` (baseline and members {plan['training']['epochs']} epochs, students
-{plan['student_training']['epochs']}), trained on the training split and choosing their epoch on the
+{plan['student_training']['epochs']}), trained on the training split{cases} and choosing their epoch on the
 {plan['val_size']:,}-case validation split; the combine rule and temperature of "the distilled model" are chosen
 on validation too. The test set gives final numbers only.
 
