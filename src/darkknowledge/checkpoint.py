@@ -207,6 +207,13 @@ def without_locations(value: Any) -> Any:
     return value
 
 
+def run_key(meta: dict[str, Any], *parts: str, locations: bool = False) -> str:
+    """What must match for --resume to continue a run: its sidecar ``meta`` without locations, and ``parts``
+    (fingerprints, settings). ``locations=True``: the older key, which held them (see ``resume_training_state``)."""
+    described = json.dumps(meta if locations else without_locations(meta), sort_keys=True, default=str)
+    return hashlib.sha256("\n".join([described, *parts]).encode()).hexdigest()
+
+
 def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, run_key: str,
                           resume: bool, kind: str = "training run", made_of: str = "model",
                           legacy_key: str | None = None) -> dict[str, Any] | None:

@@ -15,7 +15,6 @@ N workers resumes with any other number. Rank 0 alone writes checkpoints and log
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -215,11 +214,9 @@ def _run_key(meta: dict, train, val, config: TrainConfig, objective, locations: 
     """What must match for --resume to continue the same run rather than a different one: what the model, data,
     settings and teacher are, not where the teacher's files are (``locations=True``: the older key that held them)."""
     settings = {k: v for k, v in asdict(config).items() if k != "progress"}
-    parts = [json.dumps(meta if locations else checkpoint.without_locations(meta), sort_keys=True, default=str),
-             train.fingerprint(),
-             val.fingerprint() if val is not None else "", json.dumps(settings, sort_keys=True),
-             json.dumps(objective.describe(), sort_keys=True)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return checkpoint.run_key(meta, train.fingerprint(), val.fingerprint() if val is not None else "",
+                              json.dumps(settings, sort_keys=True), json.dumps(objective.describe(), sort_keys=True),
+                              locations=locations)
 
 
 def _tensorboard(run_dir: Path | None):

@@ -270,7 +270,7 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
           _pct(chosen["test_accuracy"]), next(s["test_errors"] for s in r["students"] if s["run"] == chosen["run"]),
           _pct(paper["distilled"])],
          ["share of the ensemble's gain transferred", _fmt_share(chosen["share_transferred"]) + _fmt_interval(
-             chosen.get("share_interval_95")), "",
+             chosen["share_interval_95"]), "",
           f"{_pct(paper['share_transferred'])} (target >= {_pct(paper['target_share'])})"],
          ["the same, over the members' mean in place of the baseline",
           _fmt_share(chosen["share_over_members_mean"]), "", ""]])
@@ -304,7 +304,7 @@ on validation too. The test set gives final numbers only.
 
 Share transferred = (distilled - baseline) / (ensemble - baseline), test accuracy, the ensemble combined by the
 student's rule. The mean test accuracy of the {len(r['members'])} members alone: {_pct(r['members_mean_test_accuracy'])}.
-The 95% interval: percentiles of the share over {chosen.get('bootstrap_draws', 0):,} bootstrap resamples of the test
+The 95% interval: percentiles of the share over {chosen['bootstrap_draws']:,} bootstrap resamples of the test
 cases (the three models resampled together): how precisely this one test set pins the share down. Values inside
 it are not told apart from the measured share by this test set.
 

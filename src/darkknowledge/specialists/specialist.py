@@ -24,7 +24,6 @@ killed between epochs resumes where it stopped.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import sys
@@ -284,11 +283,9 @@ def validation_scores(model: nn.Module, val: LabeledImages, subset, offset: floa
 
 def _run_key(meta, train: LabeledImages, val, subset, config: SpecialistConfig, locations: bool = False) -> str:
     """As the training loop's key: where the generalist's files are is left out (``locations=True``: the older key)."""
-    parts = [json.dumps(meta if locations else checkpoint.without_locations(meta), sort_keys=True, default=str),
-             train.fingerprint(),
-             val.fingerprint() if val is not None else "", json.dumps(list(subset)),
-             json.dumps(config.describe(), sort_keys=True)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return checkpoint.run_key(meta, train.fingerprint(), val.fingerprint() if val is not None else "",
+                              json.dumps(list(subset)), json.dumps(config.describe(), sort_keys=True),
+                              locations=locations)
 
 
 def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: LabeledImages | None = None,
