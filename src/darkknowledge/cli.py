@@ -53,7 +53,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty (default: %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
-                   help="learning-rate schedule (default: %(default)s: warm-up then cosine to zero)")
+                   help="learning-rate schedule (default: %(default)s: warm-up then cosine to zero; step: halved every tenth of the epochs)")
     g.add_argument("--jitter", type=int, default=d.jitter,
                    help="translate inputs randomly by up to N pixels (the paper's teacher: 2; default: 0)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast: faster matmuls on CPUs that have them")
