@@ -21,7 +21,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from . import __version__
-from . import distributed
+from . import distributed, options
 from .data import available_datasets
 from .ensemble import COMBINE_RULES
 from .errors import DarkKnowledgeError
@@ -246,7 +246,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argp
             values = tomllib.load(f)
     except FileNotFoundError:
         raise DarkKnowledgeError(f"config file {args.config} not found") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise DarkKnowledgeError(f"config file {args.config} is not valid TOML: {e}") from None
     subparser = args.commands[args.command]
     known = set(vars(args)) - {"command", "commands", "config"}
@@ -361,9 +361,11 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    options.install(parser)
     try:
         argv = sys.argv[1:] if argv is None else argv
         args = _apply_config_file(parser, argv)
+        options.check(parser, args)  # command line and config file alike
         args.argv = argv  # recorded in reports as the command that made them
         if args.command is None:
             parser.print_help()
@@ -379,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except DarkKnowledgeError as e:
         print(f"darkknowledge: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, options.UsageError) else 1
     except OSError as e:  # disk full, permission denied, ...: say which file
         print(f"darkknowledge: error: {e.strerror or e} ({e.filename})", file=sys.stderr)
         return 1

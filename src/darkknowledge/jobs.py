@@ -22,6 +22,7 @@ from .data import DEFAULT_VALIDATION_SIZE, LabeledImages, load_dataset, validati
 from .ensemble import MANIFEST, Ensemble, is_ensemble_dir, read_manifest, write_manifest
 from .errors import DarkKnowledgeError
 from .evaluation import evaluate
+from .memory import check_fits
 from .models import build_model, count_parameters, parse_spec
 from .soft_targets import SoftTargets
 from .training import (Distillation, FitResult, HardTargets, TrainConfig, _run_key, _silent, cache_teacher_logits,
@@ -102,6 +103,7 @@ def _log_to_stderr(line: str) -> None:
 
 
 def _seeded_model(spec: str, train: LabeledImages, seed: int):
+    check_fits(spec, train.image_shape, train.num_classes)
     with torch.random.fork_rng():  # the caller's random state is left as it was
         torch.manual_seed(seed)
         return build_model(spec, train.image_shape, train.num_classes)
@@ -203,10 +205,14 @@ def train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: str | 
     load the finished ensemble. With ``resume`` a rerun skips finished members, resumes a half-finished one from
     its last epoch and trains the missing ones; the same call with a larger ``members`` grows the ensemble.
     """
-    log = log or _log_to_stderr
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise DarkKnowledgeError(f"members must be an integer >= 1, got {members!r}")
-    out = Path(out)
+    with checkpoint.open_run(Path(out) if current().is_main else None, "ensemble folder"):  # one writer
+        return _train_ensemble(spec, data, config, Path(out), members, resume, log or _log_to_stderr)
+
+
+def _train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: Path, members: int, resume: bool,
+                    log: Callable[[str], None]) -> EnsembleResult:
     # Under torchrun every rank trains every member (data-parallel); rank 0 reads and writes the folder and
     # tells the others which members are left, so they need not see it.
     workers = current()
@@ -267,7 +273,7 @@ def _record_members(out: Path, entries: list[dict[str, Any]], meta: dict[str, An
     for entry in entries:
         run_dir = out / entry["run"]
         state_path = run_dir / checkpoint.STATE_META
-        state = checkpoint.read_json(state_path, "training state") if state_path.exists() else {}
+        state = checkpoint.read_training_state(run_dir) if state_path.exists() else {}
         entry["done"] = bool(state.get("done")) and (run_dir / checkpoint.MODEL_META).exists()
         entry["model_missing"] = bool(state) and not (run_dir / checkpoint.MODEL_META).exists()
         entry["epochs"] = state.get("epoch", 0)

@@ -248,6 +248,14 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     ``workers``: the process group to train with (default: torchrun's, if this process joined one; see the
     module doc). Every rank calls ``fit`` with the same arguments; all return the same model.
     """
+    workers = workers or current()
+    with checkpoint.open_run(run_dir if workers.is_main else None):  # one writer per run folder
+        return _fit(model, train, val, config, objective, run_dir, resume, meta, log, monitor, workers)
+
+
+def _fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, objective=None,
+         run_dir: str | Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
+         log: Callable[[str], None] | None = None, monitor=None, workers: Workers | None = None) -> FitResult:
     config = config or TrainConfig()
     objective = objective or HardTargets()
     workers = workers or current()
@@ -285,7 +293,7 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
         """Where the saved run stopped (None: a new run); loads its weights, momentum and best model."""
         nonlocal best_state
         state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume,
-                                                 legacy_key=legacy_key)
+                                                 legacy_key=legacy_key, epochs=config.epochs)
         if state is None:
             return None
         if state["best"]["val_errors"] is not None:
@@ -337,9 +345,7 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
                 except DarkKnowledgeError:
                     if torch.isfinite(logits).all():
                         raise
-                    raise TrainingDiverged(
-                        f"training diverged in epoch {epoch + 1}: the model's outputs became NaN or inf; use a "
-                        "lower --lr (distilling at temperature T scales the soft-target gradient by up to T)") from None
+                    raise TrainingDiverged.in_epoch(epoch + 1) from None
             else:  # a last batch smaller than the number of workers: this rank still joins the gradient sum
                 loss, parts = logits.sum() * 0.0, {}
             if workers.distributed:
@@ -357,6 +363,8 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
 
         names = sorted(sums)  # the same on every rank: each had cases in the first batch
         totals = workers.all_sum(torch.stack([*(sums[k].double() for k in names), train_errors.double()]))
+        if not bool(torch.isfinite(totals).all()):  # before anything of this epoch is saved
+            raise TrainingDiverged.in_epoch(epoch + 1)
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": float(v) / n for k, v in zip(names, totals)},
                   "train_errors": int(totals[-1]), "train_error_rate": int(totals[-1]) / n}

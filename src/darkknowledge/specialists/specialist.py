@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from .. import checkpoint
 from ..augment import jitter
 from ..data import LabeledImages
-from ..errors import DarkKnowledgeError
+from ..errors import DarkKnowledgeError, TrainingDiverged
 from ..evaluation import as_inputs, autocast, predict_logits
 from ..losses import distillation_loss
 from ..training import TrainConfig
@@ -344,7 +344,8 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     start, history, elapsed, best = 0, [], 0.0, {"epoch": 0, "val_loss": None, "stale": 0}
     best_state = None
     state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume, "specialist run", "subset",
-                                             _run_key(meta, train, val, subset, config, locations=True))
+                                             _run_key(meta, train, val, subset, config, locations=True),
+                                             epochs=cfg.epochs)
     if state is not None:
         start, history, best, elapsed = state["epoch"], state["history"], state["best"], state["seconds"]
         best_state = checkpoint.load_model(run_dir)[0].state_dict() if (run_dir / checkpoint.MODEL_META).exists() \
@@ -394,6 +395,8 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0) + value.detach()
         record = {"epoch": epoch + 1, **{f"train_{k}": float(v) / sampler.steps for k, v in sums.items()}}
+        if not all(math.isfinite(v) for k, v in record.items() if k != "epoch"):  # before anything is saved
+            raise TrainingDiverged.in_epoch(epoch + 1)
         improved = True
         if val is not None:
             scores = validation_scores(model, val, subset, offset, cfg.bf16)
