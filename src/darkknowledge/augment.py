@@ -35,3 +35,12 @@ def translate(images: torch.Tensor, offsets: torch.Tensor | None, max_shift: int
 def jitter(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Translate each image in ``[B, H, W]`` by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
     return translate(images, jitter_offsets(len(images), max_shift, generator), max_shift)
+
+
+def check_jitter(max_shift: int, image_shape: tuple[int, ...]) -> None:
+    """A shift of more than half the image moves most of it out of the frame: refused, with the largest allowed."""
+    from .errors import DarkKnowledgeError
+    largest = min(image_shape[-2:]) // 2
+    if not 0 <= max_shift <= largest:
+        raise DarkKnowledgeError(f"jitter {max_shift} does not fit images of {'x'.join(map(str, image_shape))}: "
+                                 f"use 0 to {largest} pixels")

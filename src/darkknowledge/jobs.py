@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .distributed import current
+from .augment import check_jitter
 from .data import DEFAULT_VALIDATION_SIZE, LabeledImages, load_dataset, validation_split
 from .ensemble import MANIFEST, Ensemble, is_ensemble_dir, read_manifest, write_manifest
 from .errors import DarkKnowledgeError
@@ -319,6 +320,7 @@ def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str
     if chosen is None:
         raise DarkKnowledgeError(f"{data.dataset} has no validation split with val_size 0; choose train or test")
     check_compatible(meta, chosen, Path(run_dir))
+    check_jitter(jitter, chosen.image_shape)
     result = evaluate(model, chosen, jitter=jitter).to_dict()
     result["per_class_errors"] = dict(zip(chosen.classes, result["per_class_errors"]))  # readable JSON
     return {"run": str(run_dir), "model": name, "parameters": count_parameters(model),

@@ -177,7 +177,7 @@ class Subset(_Schema):
 
 
 class SubsetsSource(_Schema):
-    generalist: str | None = None
+    generalist: Annotated[str, Field(min_length=1)] = None  # present: a run folder; absent: refused on use
     weights_sha256: Sha256 | None = None
 
 

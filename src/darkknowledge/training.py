@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .augment import jitter_offsets, translate
+from .augment import check_jitter, jitter_offsets, translate
 from .distributed import Workers, current
 from .errors import DarkKnowledgeError, TrainingDiverged
 from .ensemble import Ensemble, distillation_targets
@@ -273,6 +273,7 @@ def _fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, o
         raise DarkKnowledgeError(f"{workers.world_size} workers need a batch size and a training set of at least "
                                  f"{workers.world_size} cases (batch size {config.batch_size}, {len(train)} cases); "
                                  "use fewer workers or a larger batch")
+    check_jitter(config.jitter, train.image_shape)
     model.to(workers.device)
     objective.prepare(train, config, workers.device)
     if isinstance(objective, Distillation) and (objective.teacher is not None or objective.store is not None):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checkpoint
-from ..augment import jitter
+from ..augment import check_jitter, jitter
 from ..data import LabeledImages
 from ..errors import DarkKnowledgeError, TrainingDiverged
 from ..evaluation import as_inputs, autocast, predict_logits
@@ -310,6 +310,7 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
         raise DarkKnowledgeError(f"the generalist predicts {num_classes} classes but {train.name} has "
                                  f"{train.num_classes}")
     subset = _check_subset(subset, num_classes)
+    check_jitter(cfg.jitter, train.image_shape)
     in_subset = torch.zeros(num_classes, dtype=torch.bool)
     in_subset[list(subset)] = True
     inside = torch.nonzero(in_subset[train.labels]).flatten()
