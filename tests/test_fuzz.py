@@ -237,7 +237,7 @@ TRAIN_OPTIONS = ["epochs", "batch-size", "lr", "momentum", "weight-decay", "sche
 option_text = st.sampled_from(["1e308", "-1e308", "inf", "nan", "-1", "0", "1.5", "99999999999999999999999", "",
                                "2", "0.5", "true", "mlp:1000000000000", "mlp:0", "x" * 200]) | st.text(max_size=10)
 toml_values = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12) \
-    | st.lists(st.integers(), max_size=3)
+    | st.lists(st.integers(-2**63, 2**63 - 1), max_size=3)
 
 
 def toml_literal(value) -> str | None:

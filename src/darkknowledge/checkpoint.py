@@ -349,12 +349,13 @@ def _first_epoch_model(run_dir: Path) -> bool:
 
 def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, run_key: str,
                           resume: bool, kind: str = "training run", made_of: str = "model",
-                          legacy_key: str | None = None, epochs: int | None = None) -> dict[str, Any] | None:
+                          legacy_key: str | None = None, epochs: int | None = None,
+                          best_key: str = "val_errors") -> dict[str, Any] | None:
     """The saved state of ``run_dir`` restored into model and optimizer, or None for a new run. Refuses a saved
     run unless ``resume`` is set, one made with other settings (another ``run_key``), one whose state says it
     stopped outside ``0..epochs``, and a folder holding a model without a state (it would be overwritten).
     ``legacy_key``: the key runs saved before locations were left out of it have, also accepted (the next
-    checkpoint stores ``run_key``)."""
+    checkpoint stores ``run_key``). ``best_key``: what the loop compares epochs by, which ``best`` must hold."""
     if run_dir is None:
         return None
     if not (Path(run_dir) / STATE_META).exists():
@@ -366,8 +367,11 @@ def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: tor
     if not resume:
         raise DarkKnowledgeError(f"{run_dir} already holds a {kind}; pass --resume to continue it or choose another "
                                  "output directory")
-    schemas.check(schemas.ResumableState, read_training_state(run_dir), Path(run_dir) / STATE_META,
-                  "delete the run folder's state* files to train again, or restore the file")
+    fix = "delete the run folder's state* files to train again, or restore the file"
+    saved = schemas.check(schemas.ResumableState, read_training_state(run_dir), Path(run_dir) / STATE_META, fix)
+    if best_key not in saved["best"]:
+        raise DarkKnowledgeError(f"{Path(run_dir) / STATE_META} is not a valid training state: field "
+                                 f"'best.{best_key}': Field required; {fix}")
     state = load_training_state(run_dir, model, optimizer)
     if state["run_key"] not in (run_key, legacy_key):
         raise DarkKnowledgeError(f"{run_dir} holds a {kind} with other settings, {made_of} or data; resume it with "

@@ -309,8 +309,10 @@ def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str
         model, meta = checkpoint.load_model(run_dir)
         name = meta["spec"]
     if data is None:  # the data the model was trained with, as its sidecar records it
-        classes = meta.get("train_classes")
-        data = DataChoice(meta["dataset"], val_size=meta["validation"]["size"], val_seed=meta["validation"]["seed"],
+        if meta.get("dataset") is None:
+            raise DarkKnowledgeError(f"{run_dir}: its sidecar names no dataset; pass --dataset")
+        classes, validation = meta.get("train_classes"), meta.get("validation") or {"size": None, "seed": 0}
+        data = DataChoice(meta["dataset"], val_size=validation["size"], val_seed=validation["seed"],
                           subset=meta.get("subset"), train_classes=tuple(classes) if classes else None,
                           train_subset=meta.get("train_subset"))
     train, val, test = data.load()

@@ -38,8 +38,8 @@ class _Schema(BaseModel):
 
 
 class Validation(_Schema):
-    size: Count | Number | None = None
-    seed: int = 0
+    size: Count | Annotated[float, Field(ge=0, allow_inf_nan=False)] | None
+    seed: Annotated[int, Field(ge=0)]
 
 
 class ModelSidecar(_Schema):
@@ -47,7 +47,7 @@ class ModelSidecar(_Schema):
     kind: ClassVar[str] = "model sidecar"
     format: Literal["darkknowledge/1"]
     spec: Annotated[str, Field(min_length=1)]
-    image_shape: Annotated[list[Positive], Field(min_length=1, max_length=3)]
+    image_shape: Annotated[list[Positive], Field(min_length=2, max_length=3)]
     classes: Annotated[list[str], Field(min_length=1)]
     weights: FileName
     weights_sha256: Sha256
@@ -165,7 +165,7 @@ class EnsembleManifest(_Schema):
     spec: Annotated[str, Field(min_length=1)]
     dataset: str
     classes: Annotated[list[str], Field(min_length=1)]
-    image_shape: Annotated[list[Positive], Field(min_length=1, max_length=3)]
+    image_shape: Annotated[list[Positive], Field(min_length=2, max_length=3)]
     combine: Literal["arithmetic", "geometric", "logits"] = "arithmetic"
     complete: bool = False
     members: Annotated[list[EnsembleMember], Field(min_length=1)]
