@@ -2,7 +2,6 @@
 (top-k and dense, kill-safe), training with resume, evaluation, sampling, and the one-line refusals."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -29,7 +29,7 @@ from . import checkpoint
 from .data.text import TextTokenizer, TokenWindows
 from .errors import DarkKnowledgeError
 from .losses import distillation_loss
-from .token_store import TokenTargets
+from .token_store import TokenTargets, ensemble_logits
 from .transformer import build_language_model
 
 KIND = "language-model"
@@ -63,6 +63,18 @@ class Objective:
         return {"objective": "distillation", "temperature": self.temperature, "soft_weight": self.soft_weight,
                 "hard_weight": self.hard_weight, "store": self.store.header["key"], "layout": self.store.layout,
                 "top_k": self.store.top_k}
+
+
+class EnsembleLM(nn.Module):
+    """Members as one language model: ``log mean_m softmax(member_m)``, the distribution the store holds."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.config = getattr(members[0], "config", None)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return ensemble_logits(list(self.members), ids)
 
 
 @torch.no_grad()
@@ -211,8 +223,10 @@ def load_run_tokenizer(run_dir: str | Path, meta: dict[str, Any]) -> TextTokeniz
 def generate(model: nn.Module, tokenizer: TextTokenizer, prompt: str, tokens: int = 200, temperature: float = 1.0,
              top_k: int | None = None, seed: int = 0, context: int | None = None) -> str:
     """Sample ``tokens`` tokens after ``prompt`` (the last ``context`` tokens condition each step)."""
-    if temperature <= 0:
+    if not temperature > 0:
         raise DarkKnowledgeError(f"sampling temperature must be > 0, got {temperature}")
+    if tokens < 0 or (top_k is not None and top_k < 1):
+        raise DarkKnowledgeError(f"tokens must be >= 0 and top_k >= 1, got {tokens} and {top_k}")
     ids = torch.as_tensor(tokenizer.encode(prompt), dtype=torch.int64)
     if ids.numel() == 0:
         ids = torch.tensor([tokenizer.end_of_document])
