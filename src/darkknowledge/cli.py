@@ -165,10 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train and evaluate every model of an experiment, with checkpoints (a rerun "
                                    "reuses finished stages), then write OUT/results.json, OUT/report.md and plots.",
                        epilog=EPILOG)
-    p.add_argument("experiment", choices=("mnist", "specialists", "ensemble", "regularizer"),
+    p.add_argument("experiment", choices=("mnist", "specialists", "ensemble", "regularizer", "lm"),
                    help="mnist: every MNIST result of §3; specialists: §5 on MNIST-100 and Fashion-MNIST; "
                         "ensemble: §4, a 10-member ensemble distilled into one model, on Fashion-MNIST; "
-                        "regularizer: §6, 3%% of the data with hard or soft targets, on MNIST and Fashion-MNIST")
+                        "regularizer: §6, 3%% of the data with hard or soft targets, on MNIST and Fashion-MNIST; "
+                        "lm: §4 on text, 10 language models distilled into one from a per-token store, on "
+                        "Shakespeare")
     p.add_argument("--out", type=Path, help="output folder (default: results/EXPERIMENT)")
     p.add_argument("--quick", action="store_true",
                    help="tiny models on a subset: a smoke test of the whole pipeline, seconds (about 10-20 s on "
@@ -211,6 +213,16 @@ def _add_export_parsers(sub) -> None:
                                                           "(default: %(default)s)")
     p.add_argument("--no-card", action="store_true", help="skip the model card (and its speed measurement)")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
+
+    p = sub.add_parser("generate", help="sample text from a language-model run",
+                       description="Sample tokens after a prompt from a run made by 'reproduce lm' (its model and "
+                                   "its tokenizer, checked by SHA-256).", epilog=EPILOG)
+    p.add_argument("run", type=Path, metavar="RUN", help="a language-model run directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to sample (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    p.add_argument("--top-k", type=int, help="sample only among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
 
     p = sub.add_parser("bench", help="size, FLOPs, accuracy, latency and throughput of runs, side by side",
                        description="For each run: parameters, size on disk, FLOPs per example, test errors, batch-1 "
@@ -355,6 +367,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "reproduce":
         if args.experiment == "ensemble":
             from .experiments.ensemble import reproduce_ensemble as reproduce
+        elif args.experiment == "lm":
+            from .experiments.lm import reproduce_lm as reproduce
         elif args.experiment == "regularizer":
             from .experiments.regularizer import reproduce_regularizer as reproduce
         else:
@@ -364,6 +378,12 @@ def run(args: argparse.Namespace) -> int:
         reproduce(out, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress,
                   command=command, log=lambda line: print(line, flush=True))
         print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    elif args.command == "generate":
+        from .checkpoint import resolve_run_dir
+        from .language_model import generate, load_language_model, load_run_tokenizer
+        model, meta = load_language_model(args.run)
+        print(args.prompt + generate(model, load_run_tokenizer(resolve_run_dir(args.run), meta),
+                                     args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
     elif args.command == "demo":
         from .experiments.demo import run_demo
         print(run_demo(args.out, seed=args.seed, progress=not args.no_progress))
