@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a 2-core CPU); its numbers mean nothing")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
     p.add_argument("--download", action="store_true",
-                   help="first fetch the experiment's missing dataset files (checksums verified)")
+                   help="first fetch the experiment's missing dataset files, checksums verified (the image "
+                        "datasets; lm's corpus has no download)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; stage and epoch lines are still printed (and flushed), for the log of "
                         "a background run")
@@ -334,6 +335,9 @@ def run(args: argparse.Namespace) -> int:
     say = print if distributed.current().is_main else (lambda *_: None)
     if args.command == "reproduce" and args.download:
         from .data import load_dataset
+        if args.experiment not in REPRODUCE_DATASETS:
+            raise DarkKnowledgeError(f"reproduce {args.experiment} --download: its data has no download; put the "
+                                     "files in --data-dir (or $DARKKNOWLEDGE_DATA) and run it without --download")
         for name in REPRODUCE_DATASETS[args.experiment]:
             load_dataset(name, args.data_dir, download=True)
     if args.command == "train" and args.members is not None:
