@@ -223,7 +223,8 @@ def _add_export_parsers(sub) -> None:
     p.add_argument("--tokens", type=int, default=200, help="tokens to sample (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
     p.add_argument("--top-k", type=int, help="sample only among the k most likely tokens")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the sampling: the same seed, the same text (default: %(default)s)")
 
     p = sub.add_parser("bench", help="size, FLOPs, accuracy, latency and throughput of runs, side by side",
                        description="For each run: parameters, size on disk, FLOPs per example, test errors, batch-1 "
