@@ -350,23 +350,24 @@ def _first_epoch_model(run_dir: Path) -> bool:
 def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, run_key: str,
                           resume: bool, kind: str = "training run", made_of: str = "model",
                           legacy_key: str | None = None, epochs: int | None = None,
-                          best_key: str = "val_errors") -> dict[str, Any] | None:
+                          best_key: str = "val_errors",
+                          elsewhere: str = "choose another output directory") -> dict[str, Any] | None:
     """The saved state of ``run_dir`` restored into model and optimizer, or None for a new run. Refuses a saved
     run unless ``resume`` is set, one made with other settings (another ``run_key``), one whose state says it
     stopped outside ``0..epochs``, and a folder holding a model without a state (it would be overwritten).
     ``legacy_key``: the key runs saved before locations were left out of it have, also accepted (the next
-    checkpoint stores ``run_key``). ``best_key``: what the loop compares epochs by, which ``best`` must hold."""
+    checkpoint stores ``run_key``). ``best_key``: what the loop compares epochs by, which ``best`` must hold.
+    ``elsewhere``: how the refusals tell the user to start a new run instead."""
     if run_dir is None:
         return None
     if not (Path(run_dir) / STATE_META).exists():
         if (Path(run_dir) / MODEL_META).exists() and not (resume and _first_epoch_model(Path(run_dir))):
             raise DarkKnowledgeError(f"{run_dir} holds a model but no training state ({STATE_META} was removed), "
-                                     "so it can be neither resumed nor safely overwritten; choose another output "
-                                     "directory, or delete the folder to train it again")
+                                     f"so it can be neither resumed nor safely overwritten; {elsewhere}, or delete "
+                                     "the folder to train it again")
         return None  # a new run (or one killed between its first model and its first state: started again)
     if not resume:
-        raise DarkKnowledgeError(f"{run_dir} already holds a {kind}; pass --resume to continue it or choose another "
-                                 "output directory")
+        raise DarkKnowledgeError(f"{run_dir} already holds a {kind}; pass --resume to continue it or {elsewhere}")
     fix = "delete the run folder's state* files to train again, or restore the file"
     saved = schemas.check(schemas.ResumableState, read_training_state(run_dir), Path(run_dir) / STATE_META, fix)
     if best_key not in saved["best"]:
@@ -375,7 +376,7 @@ def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: tor
     state = load_training_state(run_dir, model, optimizer)
     if state["run_key"] not in (run_key, legacy_key):
         raise DarkKnowledgeError(f"{run_dir} holds a {kind} with other settings, {made_of} or data; resume it with "
-                                 "the same options, or choose another output directory")
+                                 f"the same options, or {elsewhere}")
     if epochs is not None and not 0 <= state["epoch"] <= epochs:
         raise DarkKnowledgeError(f"{Path(run_dir) / STATE_META} says training stopped after epoch {state['epoch']}, "
                                  f"outside 0..{epochs}; the file was edited or is corrupt: restore it, or delete the "
