@@ -12,3 +12,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    cases = getattr(config, "fuzz_cases", None)  # set by test_fuzz.py
+    if cases:
+        terminalreporter.write_line("fuzz cases run: " + ", ".join(f"{k} {v}" for k, v in sorted(cases.items())))

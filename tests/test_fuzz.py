@@ -47,10 +47,7 @@ def fuzz(request, factor: int = 1) -> settings:
 
 @pytest.fixture(scope="module", autouse=True)
 def report_cases(request):
-    yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and CASES:
-        reporter.write_line("fuzz cases run: " + ", ".join(f"{k} {v}" for k, v in sorted(CASES.items())))
+    request.config.fuzz_cases = CASES  # printed in the terminal summary (conftest.py)
 
 
 def run(*argv) -> tuple[int, str, str]:

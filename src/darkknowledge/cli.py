@@ -20,12 +20,16 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from . import __version__
-from . import distributed, options
-from .data import available_datasets
-from .ensemble import COMBINE_RULES
-from .errors import DarkKnowledgeError
-from .training import SCHEDULES, TrainConfig
+# Before torch loads OpenMP: a thread waiting for work sleeps instead of spinning, so a parallel region does not
+# stall when another process holds a core (docs/reliability.md, "CPU threads").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import __version__  # noqa: E402
+from . import distributed, options  # noqa: E402
+from .data import available_datasets  # noqa: E402
+from .ensemble import COMBINE_RULES  # noqa: E402
+from .errors import DarkKnowledgeError  # noqa: E402
+from .training import SCHEDULES, TrainConfig  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
 DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train")  # what runs under torchrun
@@ -417,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1  # rank 0 says why, once
             raise DarkKnowledgeError(f"'{command}' runs as one process: start it without torchrun (under torchrun: "
                                      f"{', '.join(DISTRIBUTED_COMMANDS)})")
+        if "OMP_NUM_THREADS" not in os.environ:
+            # One intra-op thread unless asked for more: the same model on any machine, and no collapse when the
+            # cores are shared (docs/reliability.md, "CPU threads")
+            import torch
+            torch.set_num_threads(1)
         if command in DISTRIBUTED_COMMANDS:
             distributed.init_from_env()
         code = run(args)

@@ -6,6 +6,7 @@ They glue data, models, the training loop and checkpoints together with the book
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -208,7 +209,8 @@ def train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: str | 
     """
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise DarkKnowledgeError(f"members must be an integer >= 1, got {members!r}")
-    with checkpoint.open_run(Path(out) if current().is_main else None, "ensemble folder"):  # one writer
+    with contextlib.ExitStack() as held:  # one writer per folder: rank 0 holds its lock for every rank
+        current().on_main(lambda: held.enter_context(checkpoint.open_run(Path(out), "ensemble folder")))
         return _train_ensemble(spec, data, config, Path(out), members, resume, log or _log_to_stderr)
 
 

@@ -14,6 +14,7 @@ N workers resumes with any other number. Rank 0 alone writes checkpoints and log
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -249,7 +250,8 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     module doc). Every rank calls ``fit`` with the same arguments; all return the same model.
     """
     workers = workers or current()
-    with checkpoint.open_run(run_dir if workers.is_main else None):  # one writer per run folder
+    with contextlib.ExitStack() as held:  # one writer per run folder: rank 0 holds its lock for every rank
+        workers.on_main(lambda: held.enter_context(checkpoint.open_run(run_dir)))  # a refusal stops all ranks
         return _fit(model, train, val, config, objective, run_dir, resume, meta, log, monitor, workers)
 
 
