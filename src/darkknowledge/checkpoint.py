@@ -145,7 +145,8 @@ def load_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model from its sidecar and checksummed weights; returns (model in eval mode, meta)."""
     run_dir = resolve_run_dir(run_dir)
     meta = read_model_meta(run_dir)
-    model = build_model(meta["spec"], tuple(meta["image_shape"]), len(meta["classes"]))
+    model = build_model(meta["spec"], tuple(meta.get("input_shape", meta["image_shape"])), len(meta["classes"]),
+                        meta.get("model_options"))
     tensors = read_tensors(run_dir / meta["weights"], meta["weights_sha256"], "model")
     try:
         model.load_state_dict(tensors)

@@ -39,6 +39,8 @@ def specialist_dir(folder: str | Path, index: int) -> Path:
 
 def generalist_data(meta: dict[str, Any], data_dir: str | None = None) -> DataChoice:
     """The data a saved model was trained with, as its sidecar records it."""
+    if meta.get("data"):  # a user's files
+        return DataChoice.from_meta({k: v for k, v in meta.items() if k != "train_subset"}, data_dir)
     classes = meta.get("train_classes")
     return DataChoice(meta["dataset"], data_dir, val_size=meta["validation"]["size"],
                       val_seed=meta["validation"]["seed"], subset=meta.get("subset"),
