@@ -248,7 +248,7 @@ def load_table(path: Path, label_column: str | None = None, transform: Transform
                                  "fill or drop them")
     values = sorted(labels.unique().tolist(), key=lambda v: (isinstance(v, str), v))
     index = {v: i for i, v in enumerate(values)}
-    x = features.to_numpy(dtype=np.float32)
+    x = np.array(features.to_numpy(dtype=np.float32))  # writable: pandas may hand out a read-only view
     y = labels.map(index).to_numpy(dtype=np.int64)
     if transform is None:  # standardise each feature by the training file's statistics
         std = x.std(0)

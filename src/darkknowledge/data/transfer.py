@@ -216,7 +216,7 @@ class ArrayTransferSet:
             return self.inputs.index_select(0, index.cpu().long())
         index = _as_index(indices)
         rows = self.inputs.take(index) if isinstance(self.inputs, _LazyRows) else np.take(self.inputs, index, 0)
-        self._release_after(rows.nbytes)
+        self._release_after(len(index) * max(rows[:1].nbytes, mmap.PAGESIZE))  # pages touched, at least one a row
         return torch.from_numpy(rows)
 
     def batch(self, indices) -> tuple[Tensor, Tensor]:
