@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from darkknowledge.errors import DarkKnowledgeError
 from darkknowledge.losses import (
-    DistillationLoss,
+    DistillationTerms,
     distillation_loss,
     logit_matching_loss,
     soft_cross_entropy,
@@ -144,7 +144,7 @@ def test_soft_only_equals_soft_cross_entropy():
     assert result.hard is None
     assert torch.equal(result.total, soft_cross_entropy(z, v, 3.0))
     assert torch.equal(result.soft, result.total)
-    assert set(result.parts()) == {"loss", "soft"}
+    assert set(result.parts()) == {"loss", "soft", "soft_kl"}
 
 
 @pytest.mark.parametrize("soft_weight, hard_weight", [(1.0, 0.5), (0.3, 2.0)])
@@ -157,7 +157,8 @@ def test_total_is_weighted_sum(soft_weight, hard_weight):
     torch.testing.assert_close(result.total, soft_weight * result.soft + hard_weight * result.hard, rtol=0, atol=1e-12)
     parts = result.parts()
     assert all(type(value) is float for value in parts.values())
-    assert parts == pytest.approx({"loss": result.total.item(), "soft": result.soft.item(), "hard": result.hard.item()})
+    assert parts == pytest.approx({"loss": result.total.item(), "soft": result.soft.item(), "hard": result.hard.item(),
+                                   "soft_kl": result.kl.item()})
 
 
 def test_labels_with_zero_hard_weight_are_logged_not_trained_on():
@@ -171,7 +172,7 @@ def test_labels_with_zero_hard_weight_are_logged_not_trained_on():
 def test_temperature_is_required_keyword():
     with pytest.raises(TypeError):
         distillation_loss(logits(), logits(seed=1))
-    assert isinstance(distillation_loss(logits(), logits(seed=1), temperature=1.0), DistillationLoss)
+    assert isinstance(distillation_loss(logits(), logits(seed=1), temperature=1.0), DistillationTerms)
 
 
 # 5. the T^2 scaling ------------------------------------------------------------------------------------------------

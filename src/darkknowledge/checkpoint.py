@@ -217,17 +217,18 @@ def run_key(meta: dict[str, Any], *parts: str, locations: bool = False) -> str:
 
 def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, run_key: str,
                           resume: bool, kind: str = "training run", made_of: str = "model",
-                          legacy_key: str | None = None) -> dict[str, Any] | None:
+                          legacy_key: str | None = None,
+                          elsewhere: str = "choose another output directory") -> dict[str, Any] | None:
     """The saved state of ``run_dir`` restored into model and optimizer, or None for a new run. Refuses a saved
     run unless ``resume`` is set, and one made with other settings (another ``run_key``). ``legacy_key``: the key
-    runs saved before locations were left out of it have, also accepted (the next checkpoint stores ``run_key``)."""
+    runs saved before locations were left out of it have, also accepted (the next checkpoint stores ``run_key``).
+    ``elsewhere``: how the refusals tell the user to start a new run instead."""
     if run_dir is None or not (Path(run_dir) / STATE_META).exists():
         return None
     if not resume:
-        raise DarkKnowledgeError(f"{run_dir} already holds a {kind}; pass --resume to continue it or choose another "
-                                 "output directory")
+        raise DarkKnowledgeError(f"{run_dir} already holds a {kind}; pass --resume to continue it or {elsewhere}")
     state = load_training_state(run_dir, model, optimizer)
     if state["run_key"] not in (run_key, legacy_key):
         raise DarkKnowledgeError(f"{run_dir} holds a {kind} with other settings, {made_of} or data; resume it with "
-                                 "the same options, or choose another output directory")
+                                 f"the same options, or {elsewhere}")
     return state

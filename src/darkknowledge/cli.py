@@ -31,13 +31,16 @@ from .training import OPTIMIZERS, SCHEDULES, TrainConfig
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
 DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train")  # what runs under torchrun
+REPRODUCE_DATASETS = {"mnist": ("mnist",), "ensemble": ("fashion-mnist",), "regularizer": ("mnist", "fashion-mnist"),
+                      "specialists": ("mnist", "fashion-mnist")}  # what reproduce --download fetches
 
 
-def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = "digits") -> None:
+def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = "digits",
+                      dataset_help: str = "dataset to train on (default: %(default)s)") -> None:
     g = p.add_argument_group("data")
+    # default None, the default applied later: --dataset and --data exclude each other only when both are given
     g.add_argument("--dataset", default=None, choices=available_datasets(),
-                   help=f"dataset to train on (default: {default_dataset or 'the teacher' + chr(39) + 's'})"
-                   if default_dataset else "dataset (default: the one the model was trained on)")
+                   help=dataset_help.replace("%(default)s", str(default_dataset)))
     g.add_argument("--data", type=Path, default=None, metavar="PATH",
                    help="your own data instead of --dataset: a .npz (x, y; optional x_test, y_test, classes), a "
                         "folder with x.npy and y.npy (memory-mapped), a folder of one sub-folder of images per class "
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-device", default=None, help=f"where the teacher runs: {DEVICE_HELP} (default: "
                                                           "the student's --device)")
     p.add_argument("--out", type=Path, help="run directory to write (required)")
-    _add_data_options(p, default_dataset=None)
+    _add_data_options(p, default_dataset=None, dataset_help="dataset to train on (default: the teacher's)")
     _add_training_options(p)
     _add_distillation_options(p)
     _add_store_options(p)
@@ -194,29 +197,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="run directory (or its model.json), or an ensemble folder")
     p.add_argument("--combine", choices=COMBINE_RULES, default=None,
                    help="for an ensemble folder: how its members are combined (default: the folder's rule)")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="(default: %(default)s)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test",
+                   help="which split to evaluate on: test, the validation split cut from training, or the "
+                        "training cases (default: %(default)s)")
     p.add_argument("--jitter", type=int, default=0, help="translate test inputs by up to N pixels (default: 0)")
-    _add_data_options(p, default_dataset=None)
+    _add_data_options(p, default_dataset=None,
+                      dataset_help="dataset to evaluate on (default: the one the model was trained on)")
 
     p = sub.add_parser("demo", help="teacher, baseline and distilled student on the embedded digits, in a minute",
                        description="Train a teacher, a small baseline and a distilled student on scikit-learn's "
                                    "8x8 digits (no download) and print their test errors.", epilog=EPILOG)
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
                    help="where the three runs go; finished runs are reused (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the three runs: weights, order of cases, dropout (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars; the stage lines are still printed")
 
     p = sub.add_parser("reproduce", help="rerun one of the paper's experiments and write a report",
                        description="Train and evaluate every model of an experiment, with checkpoints (a rerun "
                                    "reuses finished stages), then write OUT/results.json, OUT/report.md and plots.",
                        epilog=EPILOG)
-    p.add_argument("experiment", choices=("mnist", "specialists", "ensemble", "regularizer"),
+    p.add_argument("experiment", choices=("mnist", "specialists", "ensemble", "regularizer", "lm"),
                    help="mnist: every MNIST result of §3; specialists: §5 on MNIST-100 and Fashion-MNIST; "
                         "ensemble: §4, a 10-member ensemble distilled into one model, on Fashion-MNIST; "
-                        "regularizer: §6, 3%% of the data with hard or soft targets, on MNIST and Fashion-MNIST")
+                        "regularizer: §6, 3%% of the data with hard or soft targets, on MNIST and Fashion-MNIST; "
+                        "lm: §4 on text, 10 language models distilled into one from a per-token store, on "
+                        "Shakespeare")
     p.add_argument("--out", type=Path, help="output folder (default: results/EXPERIMENT)")
-    p.add_argument("--quick", action="store_true", help="tiny models on a subset: a smoke test in a few minutes")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny models on a subset: a smoke test of the whole pipeline, seconds (about 10-20 s on "
+                        "a 2-core CPU); its numbers mean nothing")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
+    p.add_argument("--download", action="store_true",
+                   help="first fetch the experiment's missing dataset files, checksums verified (the image "
+                        "datasets; lm's corpus has no download)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; stage and epoch lines are still printed (and flushed), for the log of "
                         "a background run")
@@ -243,7 +258,8 @@ def _add_export_parsers(sub) -> None:
                                    "FILE.model_card.md beside it. Inputs: float32 [batch, H, W] in [0, 1] "
                                    "(uint8 / 255).", epilog=EPILOG)
     p.add_argument("run", type=Path, help="run directory (or its model.json), or an ensemble folder")
-    p.add_argument("--format", default="onnx", help="onnx or torchscript (default: %(default)s)")
+    p.add_argument("--format", default="onnx", metavar="{onnx,torchscript}",
+                   help="file format: onnx or torchscript (default: %(default)s)")
     p.add_argument("--out", type=Path, help="file to write, e.g. student.onnx (required)")
     p.add_argument("--atol", type=float, default=1e-4,
                    help="largest |logit difference| from PyTorch accepted on the test set (default: %(default)g)")
@@ -254,6 +270,17 @@ def _add_export_parsers(sub) -> None:
     p.add_argument("--data", type=Path, default=None, metavar="PATH",
                    help="test inputs from these files (as for train --data) when the run records none, or "
                         "instead of its own")
+
+    p = sub.add_parser("generate", help="sample text from a language-model run",
+                       description="Sample tokens after a prompt from a run made by 'reproduce lm' (its model and "
+                                   "its tokenizer, checked by SHA-256).", epilog=EPILOG)
+    p.add_argument("run", type=Path, metavar="RUN", help="a language-model run directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--tokens", type=int, default=200, help="tokens to sample (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    p.add_argument("--top-k", type=int, help="sample only among the k most likely tokens")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed of the sampling: the same seed, the same text (default: %(default)s)")
 
     p = sub.add_parser("bench", help="size, FLOPs, accuracy, latency and throughput of runs, side by side",
                        description="For each run: parameters, size on disk, FLOPs per example, test errors, batch-1 "
@@ -403,6 +430,13 @@ def _teachers(args: argparse.Namespace) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from . import jobs
     say = print if distributed.current().is_main else (lambda *_: None)
+    if args.command == "reproduce" and args.download:
+        from .data import load_dataset
+        if args.experiment not in REPRODUCE_DATASETS:
+            raise DarkKnowledgeError(f"reproduce {args.experiment} --download: its data has no download; put the "
+                                     "files in --data-dir (or $DARKKNOWLEDGE_DATA) and run it without --download")
+        for name in REPRODUCE_DATASETS[args.experiment]:
+            load_dataset(name, args.data_dir, download=True)
     if args.command == "train" and args.members is not None:
         _require(args, "out")
         done = jobs.train_ensemble(args.model, _data_choice(args, "digits"), _train_config(args), args.out,
@@ -438,6 +472,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "reproduce":
         if args.experiment == "ensemble":
             from .experiments.ensemble import reproduce_ensemble as reproduce
+        elif args.experiment == "lm":
+            from .experiments.lm import reproduce_lm as reproduce
         elif args.experiment == "regularizer":
             from .experiments.regularizer import reproduce_regularizer as reproduce
         else:
@@ -447,6 +483,12 @@ def run(args: argparse.Namespace) -> int:
         reproduce(out, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress,
                   command=command, log=lambda line: print(line, flush=True))
         print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
+    elif args.command == "generate":
+        from .checkpoint import resolve_run_dir
+        from .language_model import generate, load_language_model, load_run_tokenizer
+        model, meta = load_language_model(args.run)
+        print(args.prompt + generate(model, load_run_tokenizer(resolve_run_dir(args.run), meta),
+                                     args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
     elif args.command == "demo":
         from .experiments.demo import run_demo
         print(run_demo(args.out, seed=args.seed, progress=not args.no_progress))
@@ -471,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         command = " ".join(filter(None, (args.command, getattr(args, "specialists_command", None))))
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and command not in DISTRIBUTED_COMMANDS:
+            if int(os.environ.get("RANK", 0)) != 0:
+                return 1  # rank 0 says why, once
             raise DarkKnowledgeError(f"'{command}' runs as one process: start it without torchrun (under torchrun: "
                                      f"{', '.join(DISTRIBUTED_COMMANDS)})")
         if command in DISTRIBUTED_COMMANDS:

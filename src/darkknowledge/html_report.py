@@ -1,7 +1,8 @@
 """``darkknowledge report``: one self-contained HTML page (and its Markdown twin) from reproduce output folders.
 
 Each folder holds ``results.json`` written by ``darkknowledge reproduce``; the experiment is recognised from its
-keys (``table1``: MNIST §3, ``datasets``: specialists §5). For a kind not known here the folder's ``report.md``
+keys (``table1``: MNIST §3, ``students``: ensembles §4, ``datasets`` with ``variants``: specialists §5, with
+``hard_3pct``: the regularizer §6). For a kind not known here the folder's ``report.md``
 is rendered as it is. Beside the tables of ``results.json`` (with the paper's numbers), the saved models in
 ``RUN_DIR/runs`` are evaluated again on their test set for confusion matrices and reliability (calibration)
 diagrams, and each run's ``metrics.jsonl`` gives its training curves.
@@ -33,6 +34,7 @@ import torch  # noqa: E402
 
 from . import checkpoint  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
+from .plots import HELD_OUT, LEGEND, TRAIN, plain_log_axis  # noqa: E402
 
 RELIABILITY_BINS = 10
 
@@ -113,7 +115,7 @@ def temperature_figure(sweep: dict[str, Any]) -> bytes:
         if chosen is not None:
             ax.axvline(chosen, ls=":", lw=1, color=ax.lines[-1].get_color())
     ax.set_xscale("log")
-    ax.set_xticks([1, 2, 3, 5, 10, 20], labels=["1", "2", "3", "5", "10", "20"])
+    plain_log_axis(ax.xaxis, [1, 2, 3, 5, 10, 20])
     ax.set_xlabel("temperature T (dotted: chosen on validation)")
     ax.set_ylabel("test errors")
     ax.set_title("Distilled students across temperatures")
@@ -126,10 +128,11 @@ def temperature_figure(sweep: dict[str, Any]) -> bytes:
 def bias_figure(studies: dict[str, Any]) -> bytes:
     fig, axes = plt.subplots(1, len(studies), figsize=(10, 3.4), dpi=100, squeeze=False)
     for ax, (name, study) in zip(axes[0], studies.items()):
-        ax.plot(study["offsets"], study["val_errors_by_offset"], label="validation")
-        ax.plot(study["offsets"], study["test_errors_by_offset"], label="test", alpha=0.7)
+        ax.plot(study["offsets"], study["val_errors_by_offset"], label="validation", color="C0", **HELD_OUT)
+        ax.plot(study["offsets"], study["test_errors_by_offset"], label="test", color="C1", ls=":", lw=1.5)
         ax.axvline(study["chosen_on_validation"]["offset"], color="k", ls="--", lw=1, label="chosen on validation")
         ax.set_yscale("log")
+        plain_log_axis(ax.yaxis)
         ax.set_xlabel(f"offset added to the bias of class {', '.join(map(str, study['classes']))}")
         ax.set_ylabel("errors")
         ax.set_title(name)
@@ -203,22 +206,70 @@ def training_figure(histories: dict[str, list[dict[str, Any]]]) -> bytes:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
     for name, rows in histories.items():
         epochs = [r["epoch"] for r in rows]
-        line, = axes[0].plot(epochs, [r.get("train_error_rate", np.nan) for r in rows], ls="--", marker=".",
-                             label=f"{name} train")
+        line, = axes[0].plot(epochs, [r.get("train_error_rate", np.nan) for r in rows], label=f"{name} train",
+                             **TRAIN)
         val = [r.get("val_error_rate") for r in rows]
         if any(v is not None for v in val):
-            axes[0].plot(epochs, [np.nan if v is None else v for v in val], color=line.get_color(), marker=".",
-                         label=f"{name} validation")
-            axes[1].plot(epochs, [r.get("val_loss", np.nan) for r in rows], color=line.get_color(), marker=".",
-                         label=name)
+            axes[0].plot(epochs, [np.nan if v is None else v for v in val], color=line.get_color(),
+                         label=f"{name} validation", **HELD_OUT)
+            axes[1].plot(epochs, [r.get("val_loss", np.nan) for r in rows], color=line.get_color(), label=name,
+                         **HELD_OUT)
     axes[0].set_yscale("log")
-    axes[0].set_title("error rate (dashed: training, solid: validation)", fontsize=9)
+    plain_log_axis(axes[0].yaxis, percent=True)
+    axes[0].set_title("error rate (thin dashed: training, thick solid: validation)", fontsize=9)
     axes[1].set_title("validation cross-entropy", fontsize=9)
     for ax in axes:
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(**LEGEND)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def ensemble_figure(r: dict[str, Any]) -> bytes:
+    """§4: each combine rule's distilled students across temperatures, beside the baseline and the ensemble."""
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    temperatures = r["plan"]["temperatures"]
+    for rule, style in zip(r["plan"]["rules"], ("o-", "s--", "x:")):
+        rows = [s for s in r["students"] if s["combine"] == rule]
+        ax.plot([s["temperature"] for s in rows], [100 * s["test_accuracy"] for s in rows], style,
+                label=f"distilled, {rule}")
+    ax.axhline(100 * r["baseline"]["test_accuracy"], color="gray", lw=1, label="baseline")
+    ax.axhline(100 * r["ensemble"]["arithmetic"]["test"]["accuracy"], color="k", lw=1, ls="--",
+               label="ensemble (arithmetic)")
+    ax.set_xscale("log")
+    plain_log_axis(ax.xaxis, temperatures)
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Distilling a {len(r['members'])}-member ensemble")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def regularizer_figure(r: dict[str, Any]) -> bytes:
+    """§6: train and test accuracy per epoch of the 100%, 3% hard and 3% soft runs, per dataset."""
+    datasets = r["datasets"]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), dpi=110, squeeze=False)
+    for ax, (dataset, d) in zip(axes[0], datasets.items()):
+        for key, label, color in (("hard_3pct", "3%, hard targets", "C3"),
+                                  ("soft_3pct", f"3%, soft targets (T = {d['soft_3pct']['temperature']:g})", "C0"),
+                                  ("full", "100%, hard targets", "k")):
+            c = d[key]["curves"]
+            ax.plot(c["epoch"], [100 * a for a in c["test_accuracy"]], color=color, label=f"{label}: test",
+                    **HELD_OUT)
+            ax.plot(c["epoch"], [100 * a for a in c["train_accuracy"]], color=color, label=f"{label}: train",
+                    **TRAIN)
+            ax.axvline(d[key]["epoch"], color=color, lw=0.8, ls=":")
+        ax.set_xscale("log")  # 30 epochs of the full run beside 300 of the small ones
+        plain_log_axis(ax.xaxis)
+        ax.set_xlabel("epoch (dotted: the one chosen on validation)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{dataset}: {d['training_cases']['small']:,} vs {d['training_cases']['full']:,} cases")
+        ax.grid(alpha=0.3)
+        ax.legend(**LEGEND)
     fig.tight_layout()
     return _png(fig)
 
@@ -359,6 +410,11 @@ def detect_kind(results: dict[str, Any]) -> str:
     if isinstance(results.get("datasets"), dict) and all(
             isinstance(d, dict) and "variants" in d for d in results["datasets"].values()):
         return "specialists"
+    if "students" in results and "chosen_on_validation" in results and "ensemble" in results:
+        return "ensemble"
+    if isinstance(results.get("datasets"), dict) and all(
+            isinstance(d, dict) and {"full", "hard_3pct", "soft_3pct"} <= set(d) for d in results["datasets"].values()):
+        return "regularizer"
     return "unknown"
 
 
@@ -490,6 +546,68 @@ def specialists_section(page: Page, folder: Path, r: dict[str, Any], prefix: str
     _machine(page, r)
 
 
+def ensemble_section(page: Page, folder: Path, r: dict[str, Any], prefix: str, datasets: _Datasets,
+                     log: Callable[[str], None]) -> None:
+    paper, chosen = r.get("paper", {}), r["chosen_on_validation"]
+    student = next(s for s in r["students"] if s["run"] == chosen["run"])
+    page.add(Heading(2, f"Ensemble distillation (§4){' — QUICK smoke run' if r.get('quick') else ''}: {folder}"),
+             Para(f"Command: `{r.get('command') or 'darkknowledge reproduce ensemble'}`. Numbers from results.json; "
+                  f"the paper's are {paper.get('measure', 'speech frame accuracies')}, shown for the shape of the "
+                  "result. The combine rule and temperature of the distilled model are chosen on validation."))
+    rows = [["baseline (one model)", _pct(r["baseline"]["test_accuracy"]), r["baseline"]["test_errors"],
+             r["baseline"]["val_errors"], _pct(paper.get("baseline"), 1)]]
+    for rule, e in r["ensemble"].items():
+        rows.append([f"{len(r['members'])}-member ensemble ({rule})", _pct(e["test"]["accuracy"]), e["test"]["errors"],
+                     e["val"]["errors"], _pct(paper.get("ensemble"), 1) if rule == "arithmetic" else ""])
+    rows.append([f"distilled ({student['combine']}, T = {student['temperature']:g})",
+                 _pct(student["test_accuracy"]), student["test_errors"], student["val_errors"],
+                 _pct(paper.get("distilled"), 1)])
+    interval = chosen.get("share_interval_95")
+    share = "-" if chosen["share_transferred"] is None else _pct(chosen["share_transferred"], 1)
+    if interval:
+        share += f" (95% interval {_pct(interval[0], 0)} to {_pct(interval[1], 0)})"
+    rows.append(["share of the ensemble's gain transferred", share, "", "", _pct(paper.get("share_transferred"), 0)])
+    page.add(Table(["system", "test accuracy", "test errors", "validation errors", "paper"], rows,
+                   caption="The result"),
+             Figure(f"{prefix}-students", ensemble_figure(r), "test accuracy against temperature"),
+             Table(["student", "combine", "T", "test errors", "validation errors", "share (test)"],
+                   [[s["run"], s["combine"], f"{s['temperature']:g}", s["test_errors"], s["val_errors"],
+                     "-" if s.get("share_transferred") is None else _pct(s["share_transferred"], 1)]
+                    for s in r["students"]], caption="Every student"))
+    runs = folder / "runs"
+    model_sections(page, prefix, {"baseline": runs / "baseline", "distilled": runs / chosen["run"]}, datasets, log)
+    _machine(page, r)
+
+
+def regularizer_section(page: Page, folder: Path, r: dict[str, Any], prefix: str, datasets: _Datasets,
+                        log: Callable[[str], None]) -> None:
+    paper = r.get("paper", {})
+    page.add(Heading(2, f"Soft targets as a regularizer (§6){' — QUICK smoke run' if r.get('quick') else ''}: "
+                        f"{folder}"),
+             Para(f"Command: `{r.get('command') or 'darkknowledge reproduce regularizer'}`. Test accuracy at the "
+                  "epoch chosen on validation; the paper's are "
+                  f"{paper.get('measure', 'speech frame accuracies')}."))
+    systems = (("full", "100%, hard targets"), ("hard_3pct", "small share, hard targets"),
+               ("soft_3pct", "small share, soft targets"))
+    for name, d in r["datasets"].items():
+        rows = []
+        for key, label in systems:
+            s = d[key]
+            t = f" (T = {s['temperature']:g})" if "temperature" in s else ""
+            rows.append([label + t, _pct(s["test_accuracy"]), s["epoch"], _pct(s["peak_test_accuracy"]),
+                         f"{100 * s['drop_after_peak']:.2f} points", _pct(paper.get(key, {}).get("test_accuracy"), 1)])
+        page.add(Table(["system", "test accuracy", "epoch kept", "peak test accuracy", "drop from peak to last epoch",
+                        "paper"], rows, caption=f"{name}: {d['training_cases']['small']:,} of "
+                                                f"{d['training_cases']['full']:,} training cases"))
+    page.add(Figure(f"{prefix}-curves", regularizer_figure(r), "train and test accuracy per epoch"))
+    for name in r["datasets"]:
+        runs = folder / "runs" / name
+        model_sections(page, f"{prefix}-{_slug(name)}", {"100%": runs / "full", "small, hard": runs / "hard-3pct",
+                                                          "small, soft": runs / r["datasets"][name]["soft_3pct"]["run"]},
+                       datasets, log)
+    _machine(page, r)
+
+
 def unknown_section(page: Page, folder: Path, r: dict[str, Any] | None, prefix: str) -> None:
     page.add(Heading(2, f"{folder}"))
     report = folder / "report.md"
@@ -539,6 +657,10 @@ def build_page(folders: list[str | Path], data_dir: str | None = None,
             mnist_section(page, folder, r, prefix, datasets, log)
         elif kind == "specialists":
             specialists_section(page, folder, r, prefix, datasets, log)
+        elif kind == "ensemble":
+            ensemble_section(page, folder, r, prefix, datasets, log)
+        elif kind == "regularizer":
+            regularizer_section(page, folder, r, prefix, datasets, log)
         else:
             unknown_section(page, folder, r if isinstance(r, dict) else None, prefix)
     return page

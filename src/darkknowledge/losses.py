@@ -3,6 +3,22 @@
 Notation as in the paper: ``z`` are the student's logits, ``v`` the teacher's, ``q = softmax(z/T)``,
 ``p = softmax(v/T)`` (or any given soft targets, e.g. an ensemble's mean distribution), ``N`` the number of classes.
 
+**Cases and tokens.** Logits are ``[..., C]``: ``[B, C]`` for images, ``[B, S, V]`` for a language model (one case
+per token position; ``C = V`` the vocabulary). Positions whose label is ``ignore_index`` (-100, as in PyTorch and
+Hugging Face) or whose ``mask`` is 0 count for nothing; every term is averaged over the *real* positions.
+
+**Normalisation.** ``reduction="mean"`` (default): each term is its sum over real positions divided by their number
+``n`` in this call, so the loss is per token and does not grow with sequence length or padding. Under gradient
+accumulation over micro-batches, averaging the micro-batches' means weights each micro-batch equally, not each
+token: a micro-batch with few real tokens counts as much as a full one. For the exact per-token mean of the whole
+accumulated batch use ``reduction="sum"`` and divide by the total number of real tokens (``DistillationTerms.tokens``
+summed over the micro-batches). ``reduction="none"`` gives the per-position losses, 0 at ignored positions.
+
+**Memory.** The soft term is computed in chunks of positions (:data:`CHUNK_ELEMENTS` floats of ``[positions, C]``
+at a time): the teacher's dense distribution (rebuilt from logits, probabilities or a top-k summary) exists for one
+chunk only, and the student's gradient is written chunk by chunk, so a vocabulary of 32,000 over thousands of
+positions needs no ``[tokens, V]`` teacher tensor (benchmarks/loss_memory.py measures it).
+
 Every public function validates its arguments and raises :class:`DarkKnowledgeError` with a one-line message.
 The checks run every training step, so each is a handful of whole-tensor reductions, never a Python loop.
 Half-precision inputs (bf16/fp16) are computed in float32; float64 stays float64 (for gradient checks).
@@ -17,13 +33,19 @@ from functools import reduce
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import DarkKnowledgeError
 
 # Rows of soft targets must sum to 1 within this (or the dtype's epsilon, for bf16 targets whose rounding alone
 # moves a row sum by more than 1e-3).
 SUM_TOLERANCE = 1e-3
+IGNORE_INDEX = -100
+# The paper's forward KL (= its cross-entropy, less a constant); the other two are common in LM distillation.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+REDUCTIONS = ("mean", "sum", "none")
+# Floats of [positions, C] temporaries per chunk of the soft term: 16 MB in float32, whatever the vocabulary.
+CHUNK_ELEMENTS = 1 << 22
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -31,6 +53,9 @@ SUM_TOLERANCE = 1e-3
 # ---------------------------------------------------------------------------------------------------------------
 
 def _check_temperature(temperature) -> float:
+    # A 0-d tensor (e.g. a buffer a schedule updates) is read as its number: no gradient flows to T.
+    if isinstance(temperature, Tensor) and temperature.numel() == 1 and temperature.is_floating_point():
+        temperature = temperature.item()
     # bool is an int subclass: temperature=True would silently mean T=1.
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
             or not math.isfinite(temperature) or temperature <= 0):
@@ -49,6 +74,12 @@ def _check_weights(soft_weight, hard_weight) -> tuple[float, float]:
     return float(soft_weight), float(hard_weight)
 
 
+def _check_choice(name: str, value, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise DarkKnowledgeError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
 def _check_tensor(name: str, x, min_dim: int = 1) -> None:
     """A floating tensor of at least ``min_dim`` dims with no NaN/inf (one reduction)."""
     if not isinstance(x, Tensor):
@@ -62,49 +93,62 @@ def _check_tensor(name: str, x, min_dim: int = 1) -> None:
 
 
 def _check_logits(name: str, x) -> None:
-    """2-D ``[batch, classes]``, non-empty (a mean over an empty batch is a silent NaN), finite."""
-    if isinstance(x, Tensor) and (x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0):
-        raise DarkKnowledgeError(f"{name} must be 2-D [batch, classes] and non-empty, got shape {tuple(x.shape)}")
+    """``[..., classes]`` with at least 2 dims (``[batch, classes]``, ``[batch, seq, vocab]``), non-empty, finite."""
+    if isinstance(x, Tensor) and (x.dim() < 2 or x.numel() == 0):
+        raise DarkKnowledgeError(f"{name} must be 2-D [batch, classes] (or [batch, ..., classes]) and non-empty, "
+                                 f"got shape {tuple(x.shape)}")
     _check_tensor(name, x, min_dim=2)
 
 
 def _check_same_shape(student: Tensor, other: Tensor, other_name: str) -> None:
-    if student.shape[0] != other.shape[0]:
+    if student.dim() == other.dim() == 2 and student.shape[0] != other.shape[0]:
         raise DarkKnowledgeError(f"batch sizes differ: student has {student.shape[0]} cases, "
                                  f"{other_name} {other.shape[0]}")
-    if student.shape[1] != other.shape[1]:
-        raise DarkKnowledgeError(f"class counts differ: student has {student.shape[1]} classes, "
-                                 f"{other_name} {other.shape[1]}")
+    if student.shape[:-1] != other.shape[:-1]:
+        raise DarkKnowledgeError(f"shapes differ: student logits {tuple(student.shape)}, "
+                                 f"{other_name} {tuple(other.shape)} (all but the last dimension must match)")
+    if student.shape[-1] != other.shape[-1]:
+        raise DarkKnowledgeError(f"class counts differ: student has {student.shape[-1]} classes, "
+                                 f"{other_name} {other.shape[-1]} (for a language model: the vocabularies differ; "
+                                 f"teacher and student need the same tokenizer)")
 
 
-def _check_soft_targets(soft_targets, student: Tensor) -> None:
-    _check_logits("soft_targets", soft_targets)
-    _check_same_shape(student, soft_targets, "soft_targets")
-    if (soft_targets < 0).any():
+def _check_soft_target_rows(p: Tensor, first_row: int) -> None:
+    """Probabilities: non-negative rows summing to 1 (checked per chunk, on real positions only)."""
+    if (p < 0).any():
         raise DarkKnowledgeError(f"soft_targets must be non-negative probabilities, got a minimum of "
-                                 f"{soft_targets.min().item():.4g}")
-    tolerance = max(SUM_TOLERANCE, torch.finfo(soft_targets.dtype).eps)
-    row_sums = soft_targets.to(_compute_dtype(soft_targets)).sum(-1)
+                                 f"{p.min().item():.4g}")
+    tolerance = max(SUM_TOLERANCE, torch.finfo(p.dtype).eps)
+    row_sums = p.to(_compute_dtype(p)).sum(-1)
     deviation = (row_sums - 1).abs()
     if deviation.max() > tolerance:
         worst = int(deviation.argmax())
         raise DarkKnowledgeError(f"soft_targets rows must sum to 1 (within {tolerance:g}), "
-                                 f"got row {worst} summing to {row_sums[worst].item():.6g}")
+                                 f"got row {first_row + worst} summing to {row_sums[worst].item():.6g}")
 
 
-def _check_labels(labels, batch: int, classes: int) -> None:
+def _check_labels(labels, leading: torch.Size, classes: int, ignore_index: int) -> None:
     if not isinstance(labels, Tensor):
         raise DarkKnowledgeError(f"labels must be a torch.Tensor of class indices, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise DarkKnowledgeError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
-    if labels.shape != (batch,):
-        raise DarkKnowledgeError(f"labels must be 1-D of length {batch} (the batch size), "
-                                 f"got shape {tuple(labels.shape)}")
-    out_of_range = (labels < 0) | (labels >= classes)
+    if labels.shape != leading:
+        shape = f"1-D of length {leading[0]} (the batch size)" if len(leading) == 1 else f"of shape {tuple(leading)}"
+        raise DarkKnowledgeError(f"labels must be {shape}, got shape {tuple(labels.shape)}")
+    out_of_range = ((labels < 0) | (labels >= classes)) & (labels != ignore_index)
     if out_of_range.any():
-        position = int(out_of_range.nonzero()[0, 0])
-        raise DarkKnowledgeError(f"labels must be in [0, {classes}), "
-                                 f"got {int(labels[position])} at batch position {position}")
+        position = out_of_range.nonzero()[0]
+        where = int(position[0]) if len(leading) == 1 else tuple(position.tolist())
+        raise DarkKnowledgeError(f"labels must be in [0, {classes}), got {int(labels[tuple(position)])} at batch "
+                                 f"position {where} ({ignore_index} marks a position to ignore)")
+
+
+def _check_mask(mask, leading: torch.Size) -> Tensor:
+    if not isinstance(mask, Tensor) or mask.shape != leading or mask.is_floating_point():
+        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise DarkKnowledgeError(f"mask must be a bool or 0/1 integer tensor of shape {tuple(leading)} "
+                                 f"(1 = a real position), got {got}")
+    return mask.bool()
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -114,19 +158,124 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Losses (unchecked cores, then the validating public functions)
+# The soft term, chunk by chunk
 # ---------------------------------------------------------------------------------------------------------------
 
-def _soft_ce(student_logits: Tensor, soft_targets: Tensor, temperature: float) -> Tensor:
-    dtype = _compute_dtype(student_logits, soft_targets)
-    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-    return -(soft_targets.to(dtype) * log_q).sum(-1).mean() * temperature ** 2
+class _Teacher:
+    """Where a chunk's target distribution comes from: ``log_probs(rows)`` is ``log p`` at T, ``[rows, C]``.
+
+    ``rows`` index the flattened positions; only this chunk's dense distribution is ever built.
+    """
+
+    def __init__(self, kind: str, tensors: tuple[Tensor, ...], classes: int, temperature: float):
+        self.kind, self.tensors, self.classes, self.temperature = kind, tensors, classes, temperature
+
+    def log_probs(self, rows, first_row: int, dtype: torch.dtype) -> Tensor:
+        if self.kind == "logits":
+            (v,) = self.tensors
+            return torch.log_softmax(v[rows].to(dtype) / self.temperature, dim=-1)
+        if self.kind == "probabilities":
+            p = self.tensors[0][rows]
+            _check_soft_target_rows(p, first_row)
+            return p.to(dtype).log()
+        return self._topk_log_probs(rows, dtype)
+
+    def _topk_log_probs(self, rows, dtype: torch.dtype) -> Tensor:
+        """The top-k classes at their exact probability; the tail's mass spread evenly over the other classes;
+        several members mixed arithmetically (the mean of their distributions)."""
+        logits, indices, tail_lse, tail_mean = (t[rows] for t in self.tensors)  # [n, M, k], [n, M]
+        n, members, k = logits.shape
+        s = 1.0 / self.temperature
+        top = logits.to(dtype) * s
+        tail = self.classes - k
+        if tail == 0:
+            log_p_top, log_p_tail = top - top.logsumexp(-1, keepdim=True), torch.full((n, members), -math.inf,
+                                                                                      dtype=dtype)
+        else:
+            chunk = TopKTargets(logits, indices, tail_lse, tail_mean)
+            lse = _tail_logsumexp(chunk, s, dtype, tail)
+            log_z = torch.logaddexp(top.logsumexp(-1), lse)
+            log_p_top, log_p_tail = top - log_z.unsqueeze(-1), lse - log_z - math.log(tail)
+        dense = log_p_tail.unsqueeze(-1).expand(n, members, self.classes).clone()
+        dense.scatter_(-1, indices.long(), log_p_top)
+        return dense[:, 0] if members == 1 else dense.logsumexp(1) - math.log(members)
 
 
-def _teacher_probabilities(teacher_logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    # The teacher is a fixed target: detach so no gradient (and no graph) reaches it.
-    return torch.softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+def _divergence(z: Tensor, log_p: Tensor, temperature: float, divergence: str) -> tuple[Tensor, Tensor]:
+    """Per-position (T^2-scaled soft term, T^2-scaled KL) of student logits ``z`` against targets ``log p``.
 
+    forward_kl: the paper's ``-sum p log q`` (its gradient is that of KL(p || q)); its KL is the cross-entropy less
+    the targets' entropy. reverse_kl: ``KL(q || p)``. jsd: ``(KL(p || m) + KL(q || m)) / 2``, ``m = (p + q) / 2``.
+    For the last two the soft term is itself the divergence, and ``log p`` is floored at the dtype's smallest
+    normal number so a target of exactly 0 gives a large finite loss, not inf.
+    """
+    log_q = torch.log_softmax(z / temperature, dim=-1)
+    scale = temperature ** 2
+    if divergence == "forward_kl":
+        p = log_p.exp()
+        ce = -(p * log_q).sum(-1)
+        entropy = -torch.special.xlogy(p, p).sum(-1)
+        return scale * ce, scale * (ce - entropy)
+    log_p = log_p.clamp_min(math.log(torch.finfo(log_p.dtype).tiny))
+    q = log_q.exp()
+    if divergence == "reverse_kl":
+        kl = (q * (log_q - log_p)).sum(-1)
+    else:
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2)
+        kl = 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (q * (log_q - log_m)).sum(-1))
+    return scale * kl, scale * kl
+
+
+class _ChunkedSoftTerm(torch.autograd.Function):
+    """Per-position soft losses of the rows ``rows`` of ``z`` (``[N, C]``), one chunk of rows at a time.
+
+    The gradient of each chunk is taken in the forward pass (by autograd on the chunk alone) and kept in the
+    student's dtype, so backward is one multiply: nothing of size ``[N, C]`` besides the student's logits and
+    their gradient is ever held.
+    """
+
+    @staticmethod
+    def forward(ctx, z, rows, teacher, temperature, divergence, chunk_rows):
+        n = z.shape[0] if rows is None else rows.numel()
+        dtype = _compute_dtype(z)
+        want_grad = ctx.needs_input_grad[0]
+        soft, kl = torch.empty(n, dtype=dtype, device=z.device), torch.empty(n, dtype=dtype, device=z.device)
+        grad = torch.empty((n, z.shape[1]), dtype=z.dtype, device=z.device) if want_grad else None
+        for start in range(0, n, chunk_rows):
+            stop = min(start + chunk_rows, n)
+            index = slice(start, stop) if rows is None else rows[start:stop]
+            log_p = teacher.log_probs(index, start, dtype)
+            zc = z[index].to(dtype)
+            if want_grad:
+                with torch.enable_grad():
+                    zc.requires_grad_(True)
+                    soft_c, kl_c = _divergence(zc, log_p, temperature, divergence)
+                    (grad[start:stop],) = torch.autograd.grad(soft_c.sum(), zc)
+                soft_c, kl_c = soft_c.detach(), kl_c.detach()
+            else:
+                soft_c, kl_c = _divergence(zc, log_p, temperature, divergence)
+            soft[start:stop], kl[start:stop] = soft_c, kl_c
+        ctx.mark_non_differentiable(kl)
+        ctx.save_for_backward(grad, rows)
+        ctx.num_rows = z.shape[0]
+        return soft, kl
+
+    @staticmethod
+    def backward(ctx, grad_soft, grad_kl):
+        grad, rows = ctx.saved_tensors
+        # Scaled in place, so the step holds one [N, C] gradient, not two. A second backward through the same loss
+        # (retain_graph=True) is refused by autograd's version check on the saved tensor, never silently wrong.
+        scaled = grad.mul_(grad_soft.to(grad.dtype).unsqueeze(-1))
+        if rows is None:
+            return scaled, None, None, None, None, None
+        full = torch.zeros((ctx.num_rows, grad.shape[1]), dtype=grad.dtype, device=grad.device)
+        full[rows] = scaled
+        return full, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The §2 objective
+# ---------------------------------------------------------------------------------------------------------------
 
 def softmax_with_temperature(logits: Tensor, temperature: float) -> Tensor:
     """§2: ``q_i = exp(z_i/T) / sum_j exp(z_j/T)`` over the last dim; higher T gives a softer distribution.
@@ -138,57 +287,71 @@ def softmax_with_temperature(logits: Tensor, temperature: float) -> Tensor:
     return torch.softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
 
 
-def soft_target_cross_entropy(student_logits: Tensor, soft_targets: Tensor, temperature: float) -> Tensor:
-    """§2 objective (a), scaled: ``T^2 * mean_batch(-sum_i p_i log q_i)`` with ``q = softmax(z/T)``.
-
-    ``soft_targets`` are probabilities ``[B, C]`` already at temperature T (e.g. an ensemble's mean distribution).
-    This is the cross-entropy of the paper, not KL: they differ by the targets' entropy, which has no gradient.
-    Its gradient is ``dC/dz_i = T (q_i - p_i) / B``: the T^2 undoes the 1/T^2 fall of the unscaled gradient, so the
-    balance with the hard term does not change with T.
-    """
-    temperature = _check_temperature(temperature)
-    _check_logits("student logits", student_logits)
-    _check_soft_targets(soft_targets, student_logits)
-    return _soft_ce(student_logits, soft_targets, temperature)
-
-
-def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """§2 objective (a) with ``p = softmax(v/T)`` of teacher logits ``v``: see :func:`soft_target_cross_entropy`.
-
-    No gradient flows to ``teacher_logits``.
-    """
-    temperature = _check_temperature(temperature)
-    _check_logits("student logits", student_logits)
-    _check_logits("teacher logits", teacher_logits)
-    _check_same_shape(student_logits, teacher_logits, "teacher")
-    p = _teacher_probabilities(teacher_logits, temperature, _compute_dtype(student_logits, teacher_logits))
-    return _soft_ce(student_logits, p, temperature)
-
-
 @dataclass
-class DistillationLoss:
+class DistillationTerms:
     """The terms of one distillation step.
 
     ``soft`` and ``hard`` are the unweighted terms and are NOT detached (each can be backpropagated alone, e.g. to
-    compare gradient sizes); keep ``parts()``, not the tensors, when logging, so no graph is held.
+    compare gradient sizes); keep ``parts()``, not the tensors, when logging, so no graph is held. ``kl`` is the
+    soft term as a KL divergence x T^2 (for forward_kl: the cross-entropy less the targets' entropy), the number
+    other libraries' ``KLDivLoss(reduction="batchmean") * T**2`` give; it is for logging and has no graph.
+    ``tokens`` is the number of real positions the terms were averaged over.
     """
 
     total: Tensor  # soft_weight * soft + hard_weight * hard: what to backprop
-    soft: Tensor  # T^2-scaled soft cross-entropy, unweighted
+    soft: Tensor  # T^2-scaled soft term, unweighted
     hard: Tensor | None  # cross-entropy with the labels at T = 1, unweighted; None when no labels were given
+    kl: Tensor | None = None
+    tokens: int = 0
 
     def parts(self) -> dict[str, float]:
-        """``{"loss", "soft", "hard"}`` as Python floats; "hard" is left out when there is no hard term."""
-        parts = {"loss": self.total.item(), "soft": self.soft.item()}
+        """``{"loss", "soft", "soft_kl", "hard"}`` as Python floats (per real position for ``reduction="none"``);
+        "hard" is left out when there is no hard term."""
+        def number(t: Tensor) -> float:
+            return t.item() if t.dim() == 0 else t.sum().item() / max(self.tokens, 1)
+        parts = {"loss": number(self.total), "soft": number(self.soft)}
+        if self.kl is not None:
+            parts["soft_kl"] = number(self.kl)
         if self.hard is not None:
-            parts["hard"] = self.hard.item()
+            parts["hard"] = number(self.hard)
         return parts
+
+
+def _flat_topk(targets, student_logits: Tensor) -> tuple[Tensor, ...]:
+    """Validate a :class:`TopKTargets` against student logits ``[..., C]``; its tensors as ``[N, M, k]``, ``[N, M]``."""
+    if not isinstance(targets, TopKTargets):
+        raise DarkKnowledgeError(f"topk_targets must be a TopKTargets, got {type(targets).__name__}")
+    leading, classes = student_logits.shape[:-1], student_logits.shape[-1]
+    n = leading.numel()
+    with_members = targets.logits.dim() == len(leading) + 2
+    lead = ", ".join(map(str, leading))
+    if (targets.logits.dim() not in (len(leading) + 1, len(leading) + 2) or targets.indices.shape != targets.logits.shape
+            or targets.logits.shape[:len(leading)] != leading):
+        raise DarkKnowledgeError(f"topk_targets logits and indices must both be [{lead}, k] or [{lead}, M, k], got "
+                                 f"{tuple(targets.logits.shape)} and {tuple(targets.indices.shape)}")
+    for name in ("tail_logsumexp", "tail_mean"):
+        if getattr(targets, name).shape != targets.logits.shape[:-1]:
+            raise DarkKnowledgeError(f"topk_targets {name} must have shape {tuple(targets.logits.shape[:-1])}, got "
+                                     f"{tuple(getattr(targets, name).shape)}")
+    k = targets.logits.shape[-1]
+    if not 1 <= k <= classes:
+        raise DarkKnowledgeError(f"topk_targets hold {k} logits per case but the student has {classes} classes")
+    _check_tensor("topk_targets logits", targets.logits)
+    if targets.indices.is_floating_point() or ((targets.indices < 0) | (targets.indices >= classes)).any():
+        raise DarkKnowledgeError(f"topk_targets indices must be integer class indices in [0, {classes})")
+    if k < classes:
+        _check_tensor("topk_targets tail_logsumexp", targets.tail_logsumexp)
+        _check_tensor("topk_targets tail_mean", targets.tail_mean)
+    members = targets.logits.shape[-2] if with_members else 1
+    return (targets.logits.reshape(n, members, k), targets.indices.reshape(n, members, k),
+            targets.tail_logsumexp.reshape(n, members), targets.tail_mean.reshape(n, members))
 
 
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = None, labels: Tensor | None = None, *,
                       temperature: float, soft_weight: float = 1.0, hard_weight: float = 0.0,
-                      soft_targets: Tensor | None = None, topk_targets: TopKTargets | None = None
-                      ) -> DistillationLoss:
+                      soft_targets: Tensor | None = None, topk_targets: TopKTargets | None = None,
+                      mask: Tensor | None = None, ignore_index: int = IGNORE_INDEX, divergence: str = "forward_kl",
+                      reduction: str = "mean", chunk_rows: int | None = None) -> DistillationTerms:
     """§2: ``total = soft_weight * T^2 * CE(p, softmax(z/T)) + hard_weight * CE(labels, softmax(z))``.
 
     The weights are relative, as in the paper, not a convex alpha: its "0.5 on the hard targets" is
@@ -197,41 +360,138 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = No
     (probabilities at temperature T, e.g. an ensemble averaged in probability space) or ``topk_targets`` (a
     teacher's k largest logits and tail summary: :func:`topk_soft_target_cross_entropy`). ``labels`` are required
     when ``hard_weight > 0``; given with ``hard_weight == 0`` the hard term is computed for logging only.
+
+    Logits may be ``[..., C]`` (e.g. ``[B, S, V]``); targets and ``labels``/``mask`` share the leading dims.
+    Positions with ``labels == ignore_index`` or ``mask == 0`` are left out of both terms, which are averaged over
+    the remaining ones (module doc: normalisation, gradient accumulation, ``reduction``). ``divergence`` is
+    ``"forward_kl"`` (the paper's), ``"reverse_kl"`` or ``"jsd"`` (:func:`_divergence`); ``chunk_rows`` overrides
+    how many positions the soft term handles at once (default: :data:`CHUNK_ELEMENTS` // C).
     """
     temperature = _check_temperature(temperature)
     soft_weight, hard_weight = _check_weights(soft_weight, hard_weight)
+    divergence = _check_choice("divergence", divergence, DIVERGENCES)
+    reduction = _check_choice("reduction", reduction, REDUCTIONS)
     _check_logits("student logits", student_logits)
+    leading, classes = student_logits.shape[:-1], student_logits.shape[-1]
     sources = sum(x is not None for x in (teacher_logits, soft_targets, topk_targets))
     if sources != 1:
         given = "more than one" if sources else "none"
         raise DarkKnowledgeError(f"give exactly one of teacher_logits, soft_targets or topk_targets, got {given}")
     if topk_targets is not None:
-        _check_topk(topk_targets, student_logits)
-    elif teacher_logits is not None:
-        _check_logits("teacher logits", teacher_logits)
-        _check_same_shape(student_logits, teacher_logits, "teacher")
-        soft_targets = _teacher_probabilities(teacher_logits, temperature,
-                                              _compute_dtype(student_logits, teacher_logits))
+        teacher = _Teacher("topk", _flat_topk(topk_targets, student_logits), classes, temperature)
     else:
-        _check_soft_targets(soft_targets, student_logits)
+        name, given = ("teacher logits", teacher_logits) if teacher_logits is not None else ("soft_targets",
+                                                                                             soft_targets)
+        _check_logits(name, given)
+        _check_same_shape(student_logits, given, "teacher" if teacher_logits is not None else "soft_targets")
+        kind = "logits" if teacher_logits is not None else "probabilities"
+        teacher = _Teacher(kind, (given.detach().reshape(-1, classes),), classes, temperature)
     if labels is None and hard_weight > 0:
         raise DarkKnowledgeError(f"labels are required when hard_weight > 0, "
                                  f"got hard_weight={hard_weight:g} and no labels")
+    real = None if mask is None else _check_mask(mask, leading).reshape(-1)
+    if labels is not None:
+        _check_labels(labels, leading, classes, ignore_index)
+        labels = labels.reshape(-1)
+        kept = labels != ignore_index
+        real = kept if real is None else real & kept
+        labels = torch.where(real, labels, ignore_index) if mask is not None else labels
+    rows = None if real is None or bool(real.all()) else real.nonzero().squeeze(1)
 
-    if topk_targets is not None:
-        soft = _topk_soft_ce(student_logits, topk_targets, temperature)
+    z = student_logits.reshape(-1, classes)
+    tokens = z.shape[0] if rows is None else rows.numel()
+    chunk = chunk_rows or max(1, CHUNK_ELEMENTS // classes)
+    if tokens <= chunk:  # one chunk: plain autograd is cheaper than the chunked function and holds no more
+        index = slice(None) if rows is None else rows
+        soft_rows, kl_rows = _divergence(z[index].to(_compute_dtype(z)), teacher.log_probs(index, 0, _compute_dtype(z)),
+                                         temperature, divergence)
+        kl_rows = kl_rows.detach()
     else:
-        soft = _soft_ce(student_logits, soft_targets, temperature)
+        soft_rows, kl_rows = _ChunkedSoftTerm.apply(z, rows, teacher, temperature, divergence, chunk)
     hard = None
     if labels is not None:
-        _check_labels(labels, *student_logits.shape)
-        hard = F.cross_entropy(student_logits.to(_compute_dtype(student_logits)), labels)
+        if reduction == "mean" and tokens:
+            hard = F.cross_entropy(z.to(_compute_dtype(z)), labels, ignore_index=ignore_index)
+        else:
+            hard = F.cross_entropy(z.to(_compute_dtype(z)), labels, ignore_index=ignore_index,
+                                   reduction="sum" if reduction == "mean" else reduction)
+            hard = hard.reshape(leading) if reduction == "none" else hard
+    soft, kl = (_reduce(t, rows, leading, tokens, reduction) for t in (soft_rows, kl_rows))
 
     # Terms with weight 0 are left out rather than multiplied by 0, so the total (and its gradient) is exactly
     # the other term.
     terms = [w * t for w, t in ((soft_weight, soft), (hard_weight, hard)) if w > 0]
     total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-    return DistillationLoss(total=total, soft=soft, hard=hard)
+    return DistillationTerms(total=total, soft=soft, hard=hard, kl=kl, tokens=tokens)
+
+
+def _reduce(per_row: Tensor, rows: Tensor | None, leading: torch.Size, tokens: int, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return per_row.mean() if tokens else per_row.sum()
+    if reduction == "sum":
+        return per_row.sum()
+    if rows is None:
+        return per_row.reshape(leading)
+    full = per_row.new_zeros(leading.numel())
+    return full.index_put((rows,), per_row).reshape(leading)
+
+
+def soft_target_cross_entropy(student_logits: Tensor, soft_targets: Tensor, temperature: float, **options) -> Tensor:
+    """§2 objective (a), scaled: ``T^2 * mean_batch(-sum_i p_i log q_i)`` with ``q = softmax(z/T)``.
+
+    ``soft_targets`` are probabilities ``[B, C]`` already at temperature T (e.g. an ensemble's mean distribution).
+    This is the cross-entropy of the paper, not KL: they differ by the targets' entropy, which has no gradient.
+    Its gradient is ``dC/dz_i = T (q_i - p_i) / B``: the T^2 undoes the 1/T^2 fall of the unscaled gradient, so the
+    balance with the hard term does not change with T. ``options``: those of :func:`distillation_loss`.
+    """
+    return distillation_loss(student_logits, soft_targets=soft_targets, temperature=temperature, **options).soft
+
+
+def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float, **options) -> Tensor:
+    """§2 objective (a) with ``p = softmax(v/T)`` of teacher logits ``v``: see :func:`soft_target_cross_entropy`.
+
+    No gradient flows to ``teacher_logits``.
+    """
+    return distillation_loss(student_logits, teacher_logits, temperature=temperature, **options).soft
+
+
+class DistillationLoss(nn.Module):
+    """The §2 objective as a module for a training loop of one's own::
+
+        criterion = DistillationLoss(temperature=2.0, soft_weight=1.0, hard_weight=0.5)
+        loss = criterion(student_logits, teacher_logits, labels)   # or soft_targets=..., topk_targets=...
+        loss.backward()
+        criterion.terms.parts()   # {"loss", "soft", "soft_kl", "hard"} of the last call
+
+    ``temperature`` may be a number or a 0-d tensor; it is kept as a buffer (moved by ``.to()``, saved in the
+    state_dict), so a schedule can set it in place (``criterion.temperature.fill_(4.0)``); no gradient flows to it.
+    ``reduction``, ``divergence``, ``ignore_index`` and ``chunk_rows`` are those of :func:`distillation_loss`.
+    """
+
+    def __init__(self, temperature, soft_weight: float = 1.0, hard_weight: float = 0.0, *, reduction: str = "mean",
+                 divergence: str = "forward_kl", ignore_index: int = IGNORE_INDEX, chunk_rows: int | None = None):
+        super().__init__()
+        _check_temperature(temperature)
+        self.soft_weight, self.hard_weight = _check_weights(soft_weight, hard_weight)
+        self.reduction = _check_choice("reduction", reduction, REDUCTIONS)
+        self.divergence = _check_choice("divergence", divergence, DIVERGENCES)
+        self.ignore_index, self.chunk_rows = ignore_index, chunk_rows
+        self.register_buffer("temperature", torch.as_tensor(temperature, dtype=torch.float64).detach().clone())
+        self.terms: DistillationTerms | None = None
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor | None = None, labels: Tensor | None = None,
+                **targets) -> Tensor:
+        terms = distillation_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
+                                  soft_weight=self.soft_weight, hard_weight=self.hard_weight,
+                                  reduction=self.reduction, divergence=self.divergence,
+                                  ignore_index=self.ignore_index, chunk_rows=self.chunk_rows, **targets)
+        self.terms = DistillationTerms(*(t.detach() if isinstance(t, Tensor) else t for t in
+                                         (terms.total, terms.soft, terms.hard, terms.kl)), tokens=terms.tokens)
+        return terms.total
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature.item():g}, soft_weight={self.soft_weight:g}, "
+                f"hard_weight={self.hard_weight:g}, reduction={self.reduction!r}, divergence={self.divergence!r}")
 
 
 def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -301,29 +561,6 @@ def topk_targets(logits: Tensor, k: int) -> TopKTargets:
     return TopKTargets(values, indices, tail_lse, tail_mean)
 
 
-def _check_topk(targets, student_logits: Tensor) -> None:
-    if not isinstance(targets, TopKTargets):
-        raise DarkKnowledgeError(f"topk_targets must be a TopKTargets, got {type(targets).__name__}")
-    t = targets.members_view()
-    batch, classes = student_logits.shape
-    if t.logits.dim() != 3 or t.indices.shape != t.logits.shape or t.logits.shape[0] != batch:
-        raise DarkKnowledgeError(f"topk_targets logits and indices must both be [{batch}, k] or [{batch}, M, k], got "
-                                 f"{tuple(targets.logits.shape)} and {tuple(targets.indices.shape)}")
-    for name in ("tail_logsumexp", "tail_mean"):
-        if getattr(t, name).shape != t.logits.shape[:2]:
-            raise DarkKnowledgeError(f"topk_targets {name} must have shape {tuple(targets.logits.shape[:-1])}, got "
-                                     f"{tuple(getattr(targets, name).shape)}")
-    k = t.logits.shape[-1]
-    if not 1 <= k <= classes:
-        raise DarkKnowledgeError(f"topk_targets hold {k} logits per case but the student has {classes} classes")
-    _check_tensor("topk_targets logits", t.logits)
-    if t.indices.is_floating_point() or ((t.indices < 0) | (t.indices >= classes)).any():
-        raise DarkKnowledgeError(f"topk_targets indices must be integer class indices in [0, {classes})")
-    if k < classes:
-        _check_tensor("topk_targets tail_logsumexp", t.tail_logsumexp)
-        _check_tensor("topk_targets tail_mean", t.tail_mean)
-
-
 def _tail_logsumexp(t: TopKTargets, s: float, dtype: torch.dtype, tail: int) -> Tensor:
     """``log sum_tail exp(s * v_j)`` at ``s = 1/T``, from the two stored numbers.
 
@@ -340,31 +577,8 @@ def _tail_logsumexp(t: TopKTargets, s: float, dtype: torch.dtype, tail: int) -> 
     return torch.minimum(estimate, log_n + s * t.logits.to(dtype).min(-1).values)
 
 
-def _topk_soft_ce(student_logits: Tensor, targets: TopKTargets, temperature: float) -> Tensor:
-    t = targets.members_view()
-    dtype = _compute_dtype(student_logits, t.logits)
-    batch, classes = student_logits.shape
-    members, k = t.logits.shape[1:]
-    tail = classes - k
-    s = 1.0 / temperature
-    log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [B, C]
-    top = t.logits.detach().to(dtype) * s  # [B, M, k]
-    log_q_top = log_q.gather(-1, t.indices.reshape(batch, members * k).long()).reshape(batch, members, k)
-    if tail == 0:
-        ce = -(torch.softmax(top, dim=-1) * log_q_top).sum(-1)
-    else:
-        tail_lse = _tail_logsumexp(t, s, dtype, tail).detach()  # [B, M]
-        log_z = torch.logaddexp(top.logsumexp(-1), tail_lse)
-        p_top = torch.exp(top - log_z.unsqueeze(-1))
-        tail_mass = torch.exp(tail_lse - log_z)
-        # The tail's mass is spread evenly over its n classes: sum_tail log q_j = sum_all - sum_top.
-        tail_log_q = log_q.sum(-1, keepdim=True) - log_q_top.sum(-1)
-        ce = -(p_top * log_q_top).sum(-1) - tail_mass / tail * tail_log_q
-    # Cross-entropy is linear in the targets: the mean of the members' distributions is the mean of their CEs.
-    return ce.mean(-1).mean() * temperature ** 2
-
-
-def topk_soft_target_cross_entropy(student_logits: Tensor, targets: TopKTargets, temperature: float) -> Tensor:
+def topk_soft_target_cross_entropy(student_logits: Tensor, targets: TopKTargets, temperature: float,
+                                   **options) -> Tensor:
     """§2 objective (a), x T^2, with the teacher's distribution rebuilt from its top-k summary (:class:`TopKTargets`).
 
     Targets at T: ``p_i = exp(v_i/T) / Z`` for the k stored classes; the other n classes share the tail mass
@@ -385,7 +599,4 @@ def topk_soft_target_cross_entropy(student_logits: Tensor, targets: TopKTargets,
     error; the tail-mass estimate beats a flat tail (the chord) at every T > 1 we measured.
     ``targets`` with a member axis ``[B, M, k]`` give the arithmetic mean of M members' targets, exactly.
     """
-    temperature = _check_temperature(temperature)
-    _check_logits("student logits", student_logits)
-    _check_topk(targets, student_logits)
-    return _topk_soft_ce(student_logits, targets, temperature)
+    return distillation_loss(student_logits, topk_targets=targets, temperature=temperature, **options).soft

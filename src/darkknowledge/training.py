@@ -390,7 +390,9 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     best = {"epoch": 0, "val_errors": None, "stale": 0}
     if resumed is not None:
         start_epoch, history, best, elapsed = (resumed[k] for k in ("epoch", "history", "best", "seconds"))
-        log(f"resuming {run_dir} after epoch {start_epoch}")
+        finished = start_epoch >= config.epochs or best["stale"] >= (config.patience or math.inf)
+        log(f"{run_dir}: already trained ({start_epoch} epochs), reused" if finished
+            else f"resuming {run_dir} after epoch {start_epoch}")
     net = model
     if workers.distributed:
         _share_weights_and_optimizer(model, optimizer, workers)

@@ -24,17 +24,21 @@ def run_demo(out: str | Path = "runs/demo", seed: int = 0, progress: bool = True
     """Train the three models (or reuse them) and return a table of their test errors."""
     out = Path(out)
     data = DataChoice("digits")
-    log = print if progress else (lambda _: None)
+
+    def say(line: str) -> None:  # the three stages are announced even with progress off: a minute is long
+        print(line, flush=True)
+
+    log = say if progress else (lambda _: None)  # the runs' own lines (resuming, epochs)
 
     def config(**overrides) -> TrainConfig:
         return TrainConfig(**{"epochs": 60, "batch_size": 32, "lr": 0.05, "seed": seed, "progress": progress,
                               **overrides})
 
-    log("1/3 teacher: " + TEACHER)
+    say("1/3 teacher: " + TEACHER)
     train_run(TEACHER, data, config(epochs=100), out / "teacher", resume=True, log=log)
-    log("2/3 small net on the labels alone: " + SMALL)
+    say("2/3 small net on the labels alone: " + SMALL)
     train_run(SMALL, data, config(), out / "baseline", resume=True, log=log)
-    log(f"3/3 small net distilled from the teacher at T = {TEMPERATURE:g}, on digits shifted by up to 1 pixel")
+    say(f"3/3 small net distilled from the teacher at T = {TEMPERATURE:g}, on digits shifted by up to 1 pixel")
     distill_run(out / "teacher", SMALL, data, config(jitter=1), TEMPERATURE, out=out / "student", resume=True,
                 log=log)
 

@@ -27,10 +27,11 @@ from .. import checkpoint
 from ..ensemble import COMBINE_RULES, Ensemble
 from ..errors import TrainingDiverged
 from ..evaluation import evaluate, predict_logits
+from ..html_report import ensemble_figure
 from ..jobs import DataChoice, distill_run, evaluate_run, member_dir, train_ensemble, train_run
 from ..soft_targets import SoftTargets
 from ..training import TrainConfig
-from .report import _jsonable, _machine, _machine_line, _pct, _table, plt
+from .report import _jsonable, _machine, _machine_line, _pct, _table
 
 PAPER = {"baseline": 0.589, "ensemble": 0.611, "distilled": 0.608, "share_transferred": 0.86, "target_share": 0.80,
          "temperatures": [1, 2, 5, 10], "best_temperature": 2, "hard_weight": 0.5, "members": 10,
@@ -235,25 +236,9 @@ def _fmt_interval(interval: list[float] | None) -> str:
 
 
 def plot_students(r: dict[str, Any], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    temperatures = r["plan"]["temperatures"]
-    for rule, style in zip(r["plan"]["rules"], ("o-", "s--", "x:")):
-        rows = [s for s in r["students"] if s["combine"] == rule]
-        ax.plot([s["temperature"] for s in rows], [100 * s["test_accuracy"] for s in rows], style,
-                label=f"distilled, {rule}")
-    ax.axhline(100 * r["baseline"]["test_accuracy"], color="gray", lw=1, label="baseline")
-    ax.axhline(100 * r["ensemble"]["arithmetic"]["test"]["accuracy"], color="k", lw=1, ls="--",
-               label="ensemble (arithmetic)")
-    ax.set_xscale("log")
-    ax.set_xticks(temperatures, labels=[f"{t:g}" for t in temperatures])
-    ax.set_xlabel("temperature T")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Distilling a {len(r['members'])}-member ensemble")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    checkpoint.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    """ensemble.png: the figure the ``report`` page shows, as a file beside report.md."""
+    png = ensemble_figure(r)
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_bytes(png))
 
 
 def write_report(out: Path, r: dict[str, Any]) -> None:

@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 from .. import checkpoint
 from ..errors import TrainingDiverged
+from ..html_report import regularizer_figure
 from ..jobs import DataChoice, distill_run, evaluate_run, train_run
 from ..training import TrainConfig
-from .report import _jsonable, _machine, _machine_line, _pct, _table, plt
+from .report import _jsonable, _machine, _machine_line, _pct, _table
 
 PAPER = {"full": {"train_accuracy": 0.634, "test_accuracy": 0.589},
          "hard_3pct": {"train_accuracy": 0.673, "test_accuracy": 0.445, "note": "early stopped; falls after"},
@@ -138,26 +139,9 @@ def _system(run: Path) -> dict[str, Any]:
 
 
 def plot_curves(r: dict[str, Any], path: Path) -> None:
-    datasets = r["datasets"]
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 3.8), dpi=110, squeeze=False)
-    for ax, (dataset, d) in zip(axes[0], datasets.items()):
-        for key, label, color in (("hard_3pct", "3%, hard targets", "C3"),
-                                  ("soft_3pct", f"3%, soft targets (T = {d['soft_3pct']['temperature']:g})", "C0"),
-                                  ("full", "100%, hard targets", "k")):
-            c = d[key]["curves"]
-            ax.plot(c["epoch"], [100 * a for a in c["test_accuracy"]], color=color, label=f"{label}: test")
-            ax.plot(c["epoch"], [100 * a for a in c["train_accuracy"]], color=color, ls=":", lw=1,
-                    label=f"{label}: train")
-            ax.axvline(d[key]["epoch"], color=color, lw=0.6, ls="--")
-        ax.set_xscale("log")
-        ax.set_xlabel("epoch (dashed: the one chosen on validation)")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_title(f"{dataset}: {d['training_cases']['small']:,} vs {d['training_cases']['full']:,} cases")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    checkpoint.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    """curves.png: the figure the ``report`` page shows, as a file beside report.md."""
+    png = regularizer_figure(r)
+    checkpoint.atomic_write(path, lambda tmp: Path(tmp).write_bytes(png))
 
 
 def write_report(out: Path, r: dict[str, Any]) -> None:

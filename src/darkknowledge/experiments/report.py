@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .. import checkpoint  # noqa: E402
+from ..plots import HELD_OUT, LEGEND, plain_log_axis  # noqa: E402
 
 
 def _jsonable(value):
@@ -60,7 +61,7 @@ def plot_temperature_sweep(sweep: dict[str, Any], path: Path) -> None:
         ax.errorbar(ts, means, yerr=sds if seeds > 1 else None, marker="o", capsize=3,
                     label=f"{spec} ({seeds} seed{'s' * (seeds > 1)})")
     ax.set_xscale("log")
-    ax.set_xticks([1, 2, 3, 5, 10, 20], labels=["1", "2", "3", "5", "10", "20"])
+    plain_log_axis(ax.xaxis, [1, 2, 3, 5, 10, 20])
     ax.set_xlabel("temperature T")
     ax.set_ylabel("test errors (of 10,000)")
     ax.set_title("Distilled students across temperatures")
@@ -74,15 +75,16 @@ def plot_temperature_sweep(sweep: dict[str, Any], path: Path) -> None:
 def plot_bias_offsets(studies: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(studies), figsize=(10, 3.4), dpi=110)
     for ax, (name, study) in zip(axes, studies.items()):
-        ax.plot(study["offsets"], study["val_errors_by_offset"], label="validation")
-        ax.plot(study["offsets"], study["test_errors_by_offset"], label="test", alpha=0.7)
+        ax.plot(study["offsets"], study["val_errors_by_offset"], label="validation", color="C0", **HELD_OUT)
+        ax.plot(study["offsets"], study["test_errors_by_offset"], label="test", color="C1", ls=":", lw=1.5)
         ax.axvline(study["chosen_on_validation"]["offset"], color="k", ls="--", lw=1, label="chosen on validation")
         ax.set_yscale("log")
+        plain_log_axis(ax.yaxis)
         ax.set_xlabel(f"offset added to the bias of class {', '.join(map(str, study['classes']))}")
         ax.set_ylabel("errors")
         ax.set_title(name.replace("_", " "))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(**LEGEND)
     fig.tight_layout()
     checkpoint.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

@@ -46,7 +46,8 @@ def add_specialists_parser(sub) -> None:
     p.add_argument("--min-size", type=int, default=2,
                    help="drop clusters with fewer classes; their classes get no specialist (default: %(default)s)")
     p.add_argument("--raw-columns", action="store_true",
-                   help="cluster the matrix's columns as they are, not without the diagonal at unit length")
+                   help="cluster the matrix's columns as they are (default: each column with its diagonal entry "
+                        "removed and scaled to unit length)")
     p.add_argument("--seed", type=int, default=0, help="k-means seed (default: %(default)s)")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
 
@@ -63,13 +64,16 @@ def add_specialists_parser(sub) -> None:
     p.add_argument("--all", action="store_true", help="every specialist (the same as --index all)")
     p.add_argument("--epochs", type=int, default=t.epochs, help="epochs; one epoch passes over the subset's cases "
                                                                 "once (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=t.batch_size, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=t.batch_size,
+                   help="minibatch size, half subset and half other cases (default: %(default)s)")
     p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate of SGD (default: %(default)s)")
-    p.add_argument("--momentum", type=float, default=t.momentum, help="(default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=t.weight_decay, help="(default: %(default)s)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=t.schedule, help="(default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=t.momentum, help="SGD momentum (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=t.weight_decay, help="L2 penalty (default: %(default)s)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=t.schedule,
+                   help="learning-rate schedule (default: %(default)s)")
     p.add_argument("--jitter", type=int, default=t.jitter, help="random shifts of up to N pixels (default: 0)")
-    p.add_argument("--seed", type=int, default=t.seed, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=t.seed,
+                   help="random seed: order of cases, dropout (default: %(default)s)")
     p.add_argument("--patience", type=int, default=None, help="stop after N epochs without a lower validation loss")
     p.add_argument("--subset-fraction", type=float, default=d.subset_fraction,
                    help="share of each batch drawn from the specialist's subset (§5: %(default)s)")
@@ -89,7 +93,8 @@ def add_specialists_parser(sub) -> None:
                          description="Combine the generalist with its active specialists on every case of a split "
                                      "and print Table 3 and Table 4 of the paper as JSON.", epilog=EPILOG)
     p.add_argument("folder", type=Path, help="specialists folder")
-    p.add_argument("--split", choices=("test", "val", "train"), default="test", help="(default: %(default)s)")
+    p.add_argument("--split", choices=("test", "val", "train"), default="test",
+                   help="which split to evaluate on (default: %(default)s)")
     p.add_argument("--top-n", type=int, default=1,
                    help="the generalist's N most probable classes pick the active specialists (default: 1)")
     p.add_argument("--tol", type=float, default=DEFAULT_TOL,

@@ -344,7 +344,9 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     start, history, elapsed, best = 0, [], 0.0, {"epoch": 0, "val_loss": None, "stale": 0}
     best_state = None
     state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume, "specialist run", "subset",
-                                             _run_key(meta, train, val, subset, config, locations=True))
+                                             _run_key(meta, train, val, subset, config, locations=True),
+                                             elsewhere="train into another specialists folder (copy subsets.json "
+                                                       "into it)")
     if state is not None:
         start, history, best, elapsed = state["epoch"], state["history"], state["best"], state["seconds"]
         best_state = checkpoint.load_model(run_dir)[0].state_dict() if (run_dir / checkpoint.MODEL_META).exists() \

@@ -1,0 +1,274 @@
+"""MkDocs hooks: the result pages take their numbers from the committed ``results/*/results.json``.
+
+A page writes ``{{ EXPRESSION }}`` where a number goes; the expression is Python, evaluated with each results
+folder's ``results.json`` as a name (``mnist``, ``ensemble``, ``ensemble_small``, ``regularizer``,
+``specialists``; keys read as attributes or items) and the formatting helpers below. So a table row reads
+
+    | teacher | {{ mnist.table1.teacher.test_errors }} | {{ mnist.paper.teacher }} |
+
+and a rerun of ``darkknowledge reproduce`` changes the site without retyping. The plots and full reports under
+``results/`` are added to the site as they are, so pages link to ``results/mnist/temperature.png``.
+
+``python docs/hooks.py`` rewrites the results table of README.md (between its ``results-table`` markers) from
+the same files; ``tests/test_docs.py`` checks that it is current and that every page's expressions resolve.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+EXPRESSION = re.compile(r"\{\{(.+?)\}\}", re.S)
+README_TABLE = re.compile(r"(<!-- results-table -->\n)(.*?)(<!-- /results-table -->)", re.S)
+
+
+class Results(dict):
+    """A results.json object whose keys also read as attributes (``mnist.table1.teacher``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no key {name!r} (keys: {', '.join(self)})") from None
+
+
+def _wrap(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Results({k: _wrap(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_wrap(v) for v in value]
+    return value
+
+
+def load_results(root: Path = RESULTS) -> dict[str, Results]:
+    """Every ``results/NAME/results.json`` as ``NAME`` (dashes as underscores)."""
+    return {p.parent.name.replace("-", "_"): _wrap(json.loads(p.read_text()))
+            for p in sorted(root.glob("*/results.json"))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Formatting helpers, usable in expressions
+# ---------------------------------------------------------------------------------------------------------------
+
+def pct(rate: float | None, digits: int = 1) -> str:
+    """0.9274 -> '92.7%'."""
+    return "-" if rate is None else f"{100 * rate:.{digits}f}%"
+
+
+def gain(rate: float | None, digits: int = 1) -> str:
+    """A relative change with its sign: 0.0126 -> '+1.3%'."""
+    return "-" if rate is None else f"{100 * rate:+.{digits}f}%"
+
+
+def num(value: float, digits: int = 0) -> str:
+    """Thousands separated: 4220.3 -> '4,220'."""
+    return f"{value:,.{digits}f}"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min"
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:"
+                                                           for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables too long to write cell by cell
+# ---------------------------------------------------------------------------------------------------------------
+
+def temperature_sweep_table(r: Results) -> str:
+    rows = []
+    for spec, found in r.temperature_sweep.items():
+        for row in found.rows:
+            sd = f" ± {row.test_errors_sd:.1f}" if len(row.seeds) > 1 else ""
+            rows.append([f"`{spec}`", f"{row.temperature:g}", f"{row.test_errors_mean:.1f}{sd}",
+                         " ".join(map(str, row.val_errors)),
+                         "chosen" if row.temperature == found.chosen_on_validation else ""])
+    return table(["student", "T", "test errors (mean ± sd over seeds)", "validation errors per seed",
+                  "on validation"], rows)
+
+
+def chosen(r: Results) -> Results:
+    """The §4 student chosen on validation, with all its numbers."""
+    return next(s for s in r.students if s.run == r.chosen_on_validation.run)
+
+
+def ensemble_students_table(r: Results) -> str:
+    chosen = r.chosen_on_validation.run
+    return table(["student", "combine", "T", "test errors", "validation errors", "share of the gain (test)", ""],
+                 [[s.run, s.combine, f"{s.temperature:g}", s.test_errors, s.val_errors, pct(s.share_transferred),
+                   "chosen on validation" if s.run == chosen else ""] for s in r.students])
+
+
+def coverage_table(r: Results, dataset: str, variant: str = "hard") -> str:
+    """Table 4: the gain by the number of specialists covering the correct class, beside the paper's."""
+    v = r.datasets[dataset].variants[variant]
+    paper = r.paper.table4
+    rows = []
+    for k, c in v.test.by_coverage.items():
+        val = v.val.by_coverage.get(k, {})
+        rows.append([k, c.cases, f"{c.delta_correct:+d} ± {1.96 * c.delta_correct_se:.0f}", gain(c.relative_gain),
+                     gain(val.get("relative_gain")), gain(paper[k]) if k in paper else "-"])
+    return table(["specialists covering the correct class", "test cases", "change in correct (95%)",
+                  "relative gain", "validation: relative gain", "paper"], rows)
+
+
+def regularizer_table(r: Results) -> str:
+    rows = []
+    for name, d in r.datasets.items():
+        full, hard, soft = d.full.test_accuracy, d.hard_3pct.test_accuracy, d.soft_3pct.test_accuracy
+        rows.append([name, pct(full), pct(hard), f"{pct(soft)} (T = {d.soft_3pct.temperature:g})",
+                     pct((soft - hard) / (full - hard)), f"{100 * d.hard_3pct.drop_after_peak:.1f} points"])
+    p = r.paper
+    rows.append([f"paper ({p.measure})", pct(p.full.test_accuracy), pct(p.hard_3pct.test_accuracy),
+                 pct(p.soft_3pct.test_accuracy),
+                 pct((p.soft_3pct.test_accuracy - p.hard_3pct.test_accuracy)
+                     / (p.full.test_accuracy - p.hard_3pct.test_accuracy)), p.hard_3pct.note])
+    small = next(iter(r.datasets.values())).training_cases.small
+    return table(["dataset", "100%, hard", f"{pct(r.paper.fraction, 0)} ({small:,} cases), hard",
+                  f"{pct(r.paper.fraction, 0)}, soft (T on validation)", "share of the gap recovered",
+                  "hard: drop from peak to last epoch"], rows)
+
+
+def specialists_table(r: Results) -> str:
+    rows = []
+    for name, d in r.datasets.items():
+        hard, soft = d.variants.hard.test.overall, d.variants.soft.test.overall
+        rows.append([f"{name} (`{d.generalist.spec}`, {len(d.clusters.subsets)} specialists)",
+                     pct(hard.generalist_accuracy, 2), f"{pct(hard.combined_accuracy, 2)} ({gain(hard.relative_gain)})",
+                     f"{pct(soft.combined_accuracy, 2)} ({gain(soft.relative_gain)})"])
+    p = r.paper.table3
+    rows.append([f"paper (JFT, {p.classes:,} classes, {p.specialists_count} specialists)", pct(p.baseline.accuracy),
+                 f"{pct(p.specialists.accuracy)} ({gain(p.specialists.relative_gain)})", "-"])
+    return table(["dataset", "generalist test accuracy", "+ specialists, hard targets",
+                  "+ specialists, soft targets (§6.1)"], rows)
+
+
+def summary_table(results: dict[str, Results], link: str = "results") -> str:
+    """The front page's one table: each section's headline number beside the paper's, linking to its report."""
+    m, e, s, g = results["mnist"], results["ensemble"], results["specialists"], results["regularizer"]
+    t1, sp = m.table1, s.datasets["mnist-100"].variants.hard.test.overall
+    mn = g.datasets.mnist
+    shares = lambda d: (d.soft_3pct.test_accuracy - d.hard_3pct.test_accuracy) / (  # noqa: E731
+        d.full.test_accuracy - d.hard_3pct.test_accuracy)
+    p = g.paper
+    paper_share = (p.soft_3pct.test_accuracy - p.hard_3pct.test_accuracy) / (p.full.test_accuracy
+                                                                            - p.hard_3pct.test_accuracy)
+    interval = e.chosen_on_validation.share_interval_95
+    rows = [
+        ["§3 MNIST: teacher / small net / distilled at T = 20 (test errors)",
+         f"{t1.teacher.test_errors} / {t1.small.test_errors} / {t1.distilled.test_errors}",
+         f"{m.paper.teacher} / {m.paper.small} / {m.paper.distilled}", f"[report]({link}/mnist/report.md)"],
+        ["§3 MNIST, no 3s in the transfer set: test errors, before / after raising the 3 bias",
+         f"{m.no_threes.before.errors} / {m.no_threes.chosen_on_validation.errors} (offset on validation)",
+         f"{m.paper.no_threes.errors} / {m.paper.no_threes.corrected_errors} (offset on test)",
+         f"[report]({link}/mnist/report.md)"],
+        ["§4 ensemble distilled into one model: share of the ensemble's gain kept (test)",
+         f"{pct(e.chosen_on_validation.share_transferred)} (95%: {pct(interval[0], 0)} to {pct(interval[1], 0)}),"
+         f" Fashion-MNIST", f"{pct(e.paper.share_transferred, 0)} (speech)", f"[report]({link}/ensemble/report.md)"],
+        ["§5 specialists: test accuracy, generalist -> with specialists",
+         f"{pct(sp.generalist_accuracy)} -> {pct(sp.combined_accuracy)} ({gain(sp.relative_gain)}), MNIST-100",
+         f"{pct(s.paper.table3.baseline.accuracy)} -> {pct(s.paper.table3.specialists.accuracy)} "
+         f"({gain(s.paper.table3.specialists.relative_gain)}), JFT", f"[report]({link}/specialists/report.md)"],
+        [f"§6 {pct(p.fraction, 0)} of the data, soft targets: share of the accuracy gap recovered",
+         f"{pct(shares(mn))} (MNIST)", f"{pct(paper_share)} (speech)", f"[report]({link}/regularizer/report.md)"],
+    ]
+    return table(["result", "ours", "paper", ""], rows)
+
+
+def load_json(path: str) -> Results:
+    """Any committed JSON file, by its path from the repository root (e.g. a benchmark's --json output)."""
+    return _wrap(json.loads((ROOT / path).read_text()))
+
+
+def bench_table(path: str) -> str:
+    """A committed ``darkknowledge bench --json`` file as the command printed it."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from darkknowledge.bench import format_table
+    return format_table(json.loads((ROOT / path).read_text()))
+
+
+BENCH = "results/mnist-student/bench.json"  # the MNIST runs benched side by side
+
+
+def namespace(results: dict[str, Results] | None = None) -> dict[str, Any]:
+    results = load_results() if results is None else results
+    helpers = {f.__name__: f for f in (pct, gain, num, minutes, table, temperature_sweep_table,
+                                       ensemble_students_table, chosen, coverage_table, regularizer_table,
+                                       specialists_table, load_json, bench_table)}
+    return {**results, **helpers, "bench": load_json(BENCH), "len": len, "min": min, "max": max, "sum": sum, "abs": abs, "round": round,
+            "summary_table": lambda link="results": summary_table(results, link)}
+
+
+def render(markdown: str, names: dict[str, Any], where: str = "page") -> str:
+    """Every ``{{ EXPRESSION }}`` replaced by its value; an expression that fails names the page and itself."""
+    def value(match: re.Match) -> str:
+        expression = match.group(1).strip()
+        try:
+            result = eval(expression, {"__builtins__": {}, **names})  # our own pages, as a template engine would
+        except Exception as e:
+            raise ValueError(f"{where}: {{{{ {expression} }}}} failed: {type(e).__name__}: {e}") from None
+        return f"{result:g}" if isinstance(result, float) else str(result)
+    return EXPRESSION.sub(value, markdown)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MkDocs events
+# ---------------------------------------------------------------------------------------------------------------
+
+_names: dict[str, Any] = {}
+
+
+def on_config(config, **_):
+    _names.clear()
+    _names.update(namespace())
+    return config
+
+
+def on_files(files, config, **_):
+    """The committed results folders (reports, plots) become part of the site under results/."""
+    from mkdocs.structure.files import File
+    for path in sorted(RESULTS.rglob("*")):
+        if path.suffix in (".md", ".png") and path.is_file():
+            files.append(File.generated(config, f"results/{path.relative_to(RESULTS).as_posix()}",
+                                        abs_src_path=str(path)))
+    return files
+
+
+def on_page_markdown(markdown, page, **_):
+    if page.file.src_uri.startswith("results/"):
+        return markdown  # the reports as reproduce wrote them
+    from mkdocs.exceptions import PluginError
+    try:
+        return render(markdown, _names, page.file.src_uri)
+    except ValueError as e:
+        raise PluginError(str(e)) from None
+
+
+def readme_table() -> str:
+    return summary_table(load_results(), link="results")
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new, count = README_TABLE.subn(lambda m: m.group(1) + readme_table() + "\n" + m.group(3), text)
+    if count != 1:
+        print("README.md has no <!-- results-table --> ... <!-- /results-table --> block", file=sys.stderr)
+        return 1
+    readme.write_text(new)
+    print("README.md: results table " + ("rewritten" if new != text else "already current"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

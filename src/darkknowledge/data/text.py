@@ -1,0 +1,236 @@
+"""A text corpus from a folder of ``.txt`` files, split by whole documents, tokenised, cut into token windows.
+
+- :func:`load_corpus` reads every ``*.txt`` (sorted by name) as UTF-8; a file that is not UTF-8 is refused with
+  its name; empty (or whitespace-only) documents are skipped and counted.
+- :func:`split_documents` assigns whole documents to train / validation / test by a seeded permutation of their
+  names (fixed by the seed and recorded in the run), so no work leaks between splits.
+- :class:`TextTokenizer` is character level or a byte-level BPE trained on the training split only, with Hugging
+  Face ``tokenizers``; it is saved beside the run (``tokenizer.json``) and its SHA-256 is checked on load.
+- :class:`TokenWindows` is the transfer set of a language model: the split's documents joined by an
+  end-of-document token, cut into non-overlapping windows of ``context`` tokens; case ``i`` is window ``i``,
+  its inputs the window and its labels the next tokens. One *position* (a row of the token store) is
+  ``i * context + t``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import DarkKnowledgeError
+
+SPLITS = ("train", "validation", "test")
+END_OF_DOCUMENT = "<|endoftext|>"
+TOKENIZER_FORMAT = "darkknowledge/tokenizer-1"
+TOKENIZER_KINDS = ("char", "bpe")
+
+
+@dataclass(frozen=True)
+class TextCorpus:
+    """Documents by file name, and how many empty files were skipped."""
+
+    folder: Path
+    documents: dict[str, str]
+    skipped_empty: int
+
+    def fingerprint(self) -> str:
+        """SHA-256 over every document's name and text: names the corpus exactly (5 MB hashes in milliseconds)."""
+        h = hashlib.sha256()
+        for name, text in self.documents.items():
+            h.update(f"{name}\n{len(text)}\n".encode())
+            h.update(text.encode())
+        return h.hexdigest()
+
+
+def load_corpus(folder: str | Path) -> TextCorpus:
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DarkKnowledgeError(f"text corpus {folder} is not a folder; give a folder of .txt files")
+    documents, skipped = {}, 0
+    for path in sorted(folder.glob("*.txt")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise DarkKnowledgeError(f"{path} is not UTF-8 text (byte {error.start}); convert it "
+                                     f"(e.g. iconv -t utf-8) or move it out of the corpus folder") from None
+        if text.strip():
+            documents[path.name] = text
+        else:
+            skipped += 1
+    if len(documents) < len(SPLITS):
+        raise DarkKnowledgeError(f"text corpus {folder} has {len(documents)} non-empty .txt file(s) "
+                                 f"({skipped} empty skipped); splitting by document needs at least {len(SPLITS)}")
+    return TextCorpus(folder, documents, skipped)
+
+
+def split_documents(names, validation: float = 0.1, test: float = 0.1, seed: int = 0) -> dict[str, list[str]]:
+    """Whole documents per split: a permutation of the sorted names by ``seed``; at least one in each."""
+    names = sorted(names)
+    if not (0 < validation < 1 and 0 < test < 1 and validation + test < 1):
+        raise DarkKnowledgeError(f"validation and test fractions must be in (0, 1) and sum below 1, "
+                                 f"got {validation} and {test}")
+    order = np.random.default_rng(seed).permutation(len(names))
+    n_val, n_test = (max(1, round(f * len(names))) for f in (validation, test))
+    chosen = [names[i] for i in order]
+    return {"validation": sorted(chosen[:n_val]), "test": sorted(chosen[n_val:n_val + n_test]),
+            "train": sorted(chosen[n_val + n_test:])}
+
+
+class TextTokenizer:
+    """Characters or byte-level BPE; ``encode`` gives int64 ids, ``decode`` text; ``sha256`` names it.
+
+    Character level: the training split's characters, sorted, plus ``<unk>`` (id 0) for characters it never saw
+    and the end-of-document token. BPE: Hugging Face ``tokenizers``' byte-level BPE (no unknowns).
+    """
+
+    def __init__(self, kind: str, state: dict[str, Any]):
+        self.kind, self.state = kind, state
+        if kind == "char":
+            self._chars = state["chars"]
+            self._ids = {c: i for i, c in enumerate(self._chars)}
+            self.vocab_size = len(self._chars)
+            self.end_of_document = self._ids[END_OF_DOCUMENT]
+        else:
+            from tokenizers import Tokenizer
+            self._bpe = Tokenizer.from_str(json.dumps(state["bpe"]))
+            self.vocab_size = self._bpe.get_vocab_size()
+            self.end_of_document = self._bpe.token_to_id(END_OF_DOCUMENT)
+
+    @classmethod
+    def train(cls, texts: list[str], kind: str = "bpe", vocab_size: int = 4096) -> TextTokenizer:
+        if kind not in TOKENIZER_KINDS:
+            raise DarkKnowledgeError(f"tokenizer must be one of {', '.join(TOKENIZER_KINDS)}, got {kind!r}")
+        if kind == "char":
+            return cls("char", {"chars": ["<unk>", END_OF_DOCUMENT] + sorted(set("".join(texts)))})
+        try:
+            from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        except ImportError:
+            raise DarkKnowledgeError("a BPE tokenizer needs Hugging Face tokenizers: pip install "
+                                     "'darkknowledge[text]' (or use the character-level tokenizer)") from None
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_DOCUMENT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        bpe.train_from_iterator(texts, trainer=trainer)
+        return cls("bpe", {"bpe": json.loads(bpe.to_str())})
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.kind == "char":
+            return np.fromiter((self._ids.get(c, 0) for c in text), dtype=np.int64, count=len(text))
+        return np.asarray(self._bpe.encode(text).ids, dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.kind == "char":
+            return "".join(self._chars[i] if i > 1 else "" for i in ids)
+        return self._bpe.decode(ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"format": TOKENIZER_FORMAT, "kind": self.kind, **self.state}, sort_keys=True)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "vocab_size": self.vocab_size, "sha256": self.sha256}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path, sha256: str | None = None) -> TextTokenizer:
+        """Read a saved tokenizer; ``sha256`` (from the run's model.json) must match, else one line says so."""
+        path = Path(path)
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise DarkKnowledgeError(f"cannot read tokenizer {path}: {error}") from None
+        if state.pop("format", None) != TOKENIZER_FORMAT or state.get("kind") not in TOKENIZER_KINDS:
+            raise DarkKnowledgeError(f"{path} is not a {TOKENIZER_FORMAT} tokenizer")
+        tokenizer = cls(state.pop("kind"), state)
+        if sha256 is not None and tokenizer.sha256 != sha256:
+            raise DarkKnowledgeError(f"tokenizer {path} is not the one this run was trained with (SHA-256 "
+                                     f"{tokenizer.sha256[:12]} != {sha256[:12]}); restore the run's tokenizer.json")
+        return tokenizer
+
+
+class TokenWindows:
+    """Non-overlapping windows of ``context`` tokens over one split: a transfer set for a language model.
+
+    ``batch(indices)`` gives ``(inputs, labels)``, both ``[B, context]`` int64 (labels are the inputs shifted by
+    one: the next token). ``positions(indices)`` are the store rows of those windows' tokens ``[B, context]``.
+    """
+
+    def __init__(self, ids: np.ndarray, context: int, name: str, vocab_size: int):
+        if context < 1:
+            raise DarkKnowledgeError(f"context must be >= 1 token, got {context}")
+        windows = (len(ids) - 1) // context
+        if windows < 1:
+            raise DarkKnowledgeError(f"split {name!r} has {len(ids)} tokens: fewer than one window of {context}")
+        self.context, self.name, self.vocab_size = context, name, vocab_size
+        self.ids = torch.from_numpy(np.ascontiguousarray(ids[:windows * context + 1]))
+        self.num_windows = windows
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_windows * self.context
+
+    def batch(self, indices) -> tuple[Tensor, Tensor]:
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        starts = indices.unsqueeze(1) * self.context + torch.arange(self.context)
+        return self.ids[starts], self.ids[starts + 1]
+
+    def positions(self, indices) -> Tensor:
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        return indices.unsqueeze(1) * self.context + torch.arange(self.context)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.name}|{self.context}|{self.vocab_size}\n".encode())
+        h.update(self.ids.numpy().tobytes())
+        return h.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "token-windows", "split": self.name, "context": self.context, "windows": self.num_windows,
+                "tokens": self.num_tokens, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint()}
+
+
+@dataclass
+class TextSplits:
+    """A corpus split by document and tokenised: ``windows[split]`` per split, and what fixes them."""
+
+    tokenizer: TextTokenizer
+    windows: dict[str, TokenWindows]
+    documents: dict[str, list[str]]
+    corpus_sha256: str
+    skipped_empty: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"corpus_sha256": self.corpus_sha256, "documents": self.documents, "skipped_empty": self.skipped_empty,
+                "tokenizer": self.tokenizer.describe(),
+                "tokens": {name: w.num_tokens for name, w in self.windows.items()}}
+
+
+def tokenise_corpus(corpus: TextCorpus, documents: dict[str, list[str]], tokenizer: TextTokenizer,
+                    context: int, max_tokens: int | None = None) -> TextSplits:
+    """Each split's documents encoded and joined by the end-of-document token (``max_tokens`` caps each split:
+    small runs and tests)."""
+    windows = {}
+    for split in SPLITS:
+        pieces = []
+        for name in documents[split]:
+            pieces += [tokenizer.encode(corpus.documents[name]), np.array([tokenizer.end_of_document])]
+        ids = np.concatenate(pieces)[:None if max_tokens is None else max_tokens + 1]
+        windows[split] = TokenWindows(ids, context, split, tokenizer.vocab_size)
+    return TextSplits(tokenizer, windows, documents, corpus.fingerprint(), corpus.skipped_empty)

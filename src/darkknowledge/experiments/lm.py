@@ -1,0 +1,294 @@
+"""``darkknowledge reproduce lm``: §4 on text. Does one language model distilled from an ensemble of ten keep
+most of the ensemble's gain, measured as the paper measures its speech models (next-token accuracy, the frame
+accuracy of §4, and log-loss)?
+
+Stages (each a folder under ``OUT/runs``, reused when finished, resumed at the last epoch or chunk when stopped):
+  data         the corpus split by whole documents (seeded, recorded), a tokenizer trained on the training split
+               (``OUT/tokenizer.json``, checked by SHA-256 on every rerun), token windows of ``context`` tokens
+  baseline     one model trained on the labels
+  members      ``members`` models of the same spec and recipe differing only in seed
+  stores       the members' mean distribution per training token: dense float16 (the T sweep) and top-k for each
+               K of the K sweep, each built once, chunk by chunk
+  students     the same spec distilled from the dense store at every T (soft 1 + hard 0.5, the paper's speech
+               recipe); T chosen on validation log-loss
+  deployment   a half-width student distilled at the chosen T against the same half-width model on labels only;
+               students from the top-k stores at the chosen T (quality against bytes per token)
+Test windows give the final numbers; the share of the gain, (student - baseline) / (ensemble - baseline), comes
+with a 95% bootstrap interval that resamples whole test windows (blocks of ``context`` tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import checkpoint
+from ..data.datasets import resolve_data_dir
+from ..data.text import TextTokenizer, load_corpus, split_documents, tokenise_corpus
+from ..errors import DarkKnowledgeError
+from ..language_model import (EnsembleLM, LMConfig, Objective, block_bootstrap_share, evaluate_language_model,
+                              generate, load_language_model, train_language_model)
+from ..token_store import TokenTargets
+from .report import _jsonable, _machine, _machine_line, _table, plt
+
+PAPER = {"baseline": 0.589, "ensemble": 0.611, "distilled": 0.608, "share_transferred": 0.86, "target_share": 0.80,
+         "temperatures": [1, 2, 5, 10], "hard_weight": 0.5, "members": 10, "measure": "test frame accuracy (speech)"}
+SAMPLE_PROMPT = "KING.\n"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and schedules; ``FULL`` is the experiment, ``QUICK`` a seconds-long smoke test.
+
+    FULL is sized from throughputs measured on this 2-core machine with one core busy (one thread, V = 4,096,
+    context 128): ``gpt:layers=2,dim=96,heads=4`` trains at ~3,600 tokens/s and runs forward at ~13,000. Two
+    epochs of 400,000 training tokens for 11 label-trained models (~2,450 s), 9 students (~2,300 s), the 4
+    stores (10 members' forward pass each, ~1,250 s) and the evaluations (~700 s): ~1.9 hours, inside the
+    3 hours the issue allows, with room for a slower machine. (An estimate from those rates; the FULL run itself
+    has not been timed yet.)
+    """
+
+    corpus: str = "shakespeare"  # a folder under the data dir, or a path to a folder of .txt files
+    tokenizer: str = "bpe"
+    vocab_size: int = 4096
+    context: int = 128
+    split_seed: int = 0
+    spec: str = "gpt:layers=2,dim=96,heads=4,context=128"
+    half_spec: str = "gpt:layers=2,dim=48,heads=4,context=128"
+    training: LMConfig = field(default_factory=lambda: LMConfig(epochs=2, batch_size=16, lr=2e-3))
+    student_training: LMConfig = field(default_factory=lambda: LMConfig(epochs=2, batch_size=16, lr=2e-3))
+    members: int = 10
+    baseline_seed: int = 1000  # not one of the members' seeds (0 .. members - 1)
+    temperatures: tuple[float, ...] = (1, 2, 5, 10)
+    soft_weight: float = 1.0
+    hard_weight: float = 0.5
+    top_ks: tuple[int, ...] = (128, 32, 8)  # beside the dense store
+    max_train_tokens: int | None = 400_000
+    max_eval_tokens: int | None = None
+    sample_tokens: int = 200
+
+
+FULL = Plan()
+QUICK = Plan(tokenizer="char", context=32, spec="gpt:layers=1,dim=16,heads=2,context=32",
+             half_spec="gpt:layers=1,dim=8,heads=2,context=32",
+             training=LMConfig(epochs=1, batch_size=16, lr=1e-2), student_training=LMConfig(epochs=1, batch_size=16,
+                                                                                         lr=1e-2),
+             members=3, temperatures=(1, 2), top_ks=(8,), max_train_tokens=4096, max_eval_tokens=1024,
+             sample_tokens=40)
+
+
+def _corpus_folder(plan: Plan, data_dir: str | None) -> Path:
+    path = Path(plan.corpus).expanduser()
+    return path if path.is_dir() else resolve_data_dir(data_dir) / plan.corpus
+
+
+def prepare_data(plan: Plan, out: Path, data_dir: str | None, log: Callable[[str], None]):
+    """The corpus split and tokenised; the tokenizer is trained once and reloaded (checked) on reruns."""
+    corpus = load_corpus(_corpus_folder(plan, data_dir))
+    documents = split_documents(corpus.documents, seed=plan.split_seed)
+    path = out / "tokenizer.json"
+    data_record = out / "data.json"
+    if path.exists() and data_record.exists():
+        recorded = checkpoint.read_json(data_record, "data")
+        if recorded["corpus_sha256"] != corpus.fingerprint() or recorded["documents"] != documents:
+            raise DarkKnowledgeError(f"{out} was made from another corpus or split; use another --out")
+        tokenizer = TextTokenizer.load(path, sha256=recorded["tokenizer"]["sha256"])
+    else:
+        started = time.perf_counter()
+        tokenizer = TextTokenizer.train([corpus.documents[n] for n in documents["train"]], plan.tokenizer,
+                                        plan.vocab_size)
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(path)
+        log(f"tokenizer: {tokenizer.kind}, {tokenizer.vocab_size} tokens ({time.perf_counter() - started:.0f} s)")
+    splits = tokenise_corpus(corpus, documents, tokenizer, plan.context)
+    for name, limit in (("train", plan.max_train_tokens), ("validation", plan.max_eval_tokens),
+                        ("test", plan.max_eval_tokens)):
+        if limit is not None:
+            windows = splits.windows[name]
+            splits.windows[name] = type(windows)(windows.ids.numpy()[:limit + 1], plan.context, name,
+                                                 windows.vocab_size)
+    record = {**splits.describe(), "tokens": {n: w.num_tokens for n, w in splits.windows.items()}}
+    checkpoint.write_json(data_record, record)
+    if corpus.skipped_empty:
+        log(f"skipped {corpus.skipped_empty} empty document(s)")
+    return splits
+
+
+def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = None, progress: bool = True,
+                 command: str = "", log: Callable[[str], None] = print, plan: Plan | None = None) -> dict[str, Any]:
+    """Run (or reuse) every stage, then write ``results.json``, ``report.md`` and ``lm.png`` into ``out``."""
+    plan = plan or (QUICK if quick else FULL)
+    out = Path(out)
+    runs = out / "runs"
+    started = time.perf_counter()
+    splits = prepare_data(plan, out, data_dir, log)
+    tokenizer, train, val, test = (splits.tokenizer, splits.windows["train"], splits.windows["validation"],
+                                   splits.windows["test"])
+    seconds: dict[str, float] = {}
+
+    def fit(name: str, spec: str, config: LMConfig, objective: Objective = Objective()):
+        log(f"[{name}]")
+        t = time.perf_counter()
+        model, meta = train_language_model(spec, tokenizer, train, val, config, objective, runs / name, log=log)
+        seconds[name] = round(time.perf_counter() - t, 1)
+        return model
+
+    def scores(model) -> dict[str, Any]:
+        return {"val": evaluate_language_model(model, val), "test": evaluate_language_model(model, test)}
+
+    baseline = fit("baseline", plan.spec, replace(plan.training, seed=plan.baseline_seed))
+    members = [fit(f"member-{i}", plan.spec, replace(plan.training, seed=i)) for i in range(plan.members)]
+    ensemble = EnsembleLM(members)
+
+    stores: dict[str, TokenTargets] = {}
+    for k in (None, *plan.top_ks):
+        name = "dense" if k is None else f"top{k}"
+        log(f"[store {name}]")
+        t = time.perf_counter()
+        stores[name] = TokenTargets.build(members, train, runs / "token-targets", tokenizer_sha256=tokenizer.sha256,
+                                          top_k=k)
+        seconds[f"store-{name}"] = round(time.perf_counter() - t, 1)
+
+    def distil(name: str, spec: str, temperature: float, store: str):
+        return fit(name, spec, plan.student_training, Objective(stores[store], temperature, plan.soft_weight,
+                                                                plan.hard_weight))
+
+    evaluated = {"baseline": scores(baseline), "ensemble": scores(ensemble)}
+    sweep = []
+    for t in plan.temperatures:
+        name = f"student-T{t:g}"
+        evaluated[name] = scores(distil(name, plan.spec, t, "dense"))
+        sweep.append({"run": name, "temperature": t, **_row(evaluated[name])})
+    chosen = min(sweep, key=lambda r: (r["val_log_loss"], r["temperature"]))
+    t_chosen = chosen["temperature"]
+
+    half_distilled = f"half-student-T{t_chosen:g}"
+    evaluated[half_distilled] = scores(distil(half_distilled, plan.half_spec, t_chosen, "dense"))
+    evaluated["half-labels"] = scores(fit("half-labels", plan.half_spec, plan.student_training))
+    top_k_rows = [{"store": "dense", "bytes_per_token": stores["dense"].bytes_per_token, **_row(evaluated[chosen["run"]])}]
+    for k in plan.top_ks:
+        name = f"student-T{t_chosen:g}-top{k}"
+        evaluated[name] = scores(distil(name, plan.spec, t_chosen, f"top{k}"))
+        top_k_rows.append({"store": f"top{k}", "run": name, "bytes_per_token": stores[f"top{k}"].bytes_per_token,
+                           **_row(evaluated[name])})
+    for row in top_k_rows:  # each store's student against the labels-only baseline, as a share of dense's gain
+        row["share_of_dense_gain_accuracy"] = _share(row["test_accuracy"], evaluated["baseline"]["test"]["accuracy"],
+                                                     top_k_rows[0]["test_accuracy"])
+        row["share_of_dense_gain_log_loss"] = _share(row["test_log_loss"], evaluated["baseline"]["test"]["log_loss"],
+                                                     top_k_rows[0]["test_log_loss"])
+
+    test_of = {name: e["test"] for name, e in evaluated.items()}
+    shares = {metric: block_bootstrap_share(test_of["baseline"], test_of["ensemble"], test_of[chosen["run"]], metric)
+              for metric in ("accuracy", "log_loss")}
+    per_t_shares = {r["run"]: {metric: _share(r[f"test_{metric}"], test_of["baseline"][metric],
+                                              test_of["ensemble"][metric]) for metric in ("accuracy", "log_loss")}
+                    for r in sweep}
+    samples = {name: generate(model, tokenizer, SAMPLE_PROMPT, plan.sample_tokens, seed=0)
+               for name, model in (("ensemble", ensemble), ("baseline", baseline),
+                                   (chosen["run"], _load(runs / chosen["run"])))}
+    results = {
+        "command": command, "quick": quick, "plan": _jsonable(asdict(plan)), "paper": PAPER,
+        "data": checkpoint.read_json(out / "data.json", "data"),
+        "models": {name: _row(e) for name, e in evaluated.items()},
+        "temperature_sweep": sweep, "chosen_on_validation": {"run": chosen["run"], "temperature": t_chosen},
+        "share_transferred": shares, "share_by_temperature": per_t_shares,
+        "deployment": {"half_width_distilled": _row(evaluated[half_distilled]),
+                       "half_width_labels_only": _row(evaluated["half-labels"]), "spec": plan.half_spec},
+        "top_k": top_k_rows, "stores": {name: s.describe() for name, s in stores.items()},
+        "samples": samples, "stage_seconds": seconds, "total_seconds": round(time.perf_counter() - started, 1),
+        "machine": _machine()}
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json(out / "results.json", results)
+    write_report(out, results)
+    return results
+
+
+def _load(run: Path):
+    return load_language_model(run)[0]
+
+
+def _row(evaluation: dict[str, Any]) -> dict[str, Any]:
+    return {f"{split}_{k}": evaluation[split][k] for split in ("val", "test")
+            for k in ("log_loss", "perplexity", "accuracy")}
+
+
+def _share(student: float, baseline: float, ensemble: float) -> float | None:
+    return None if ensemble == baseline else (student - baseline) / (ensemble - baseline)
+
+
+def _fmt_share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def write_report(out: Path, r: dict[str, Any]) -> None:
+    models = r["models"]
+    chosen = r["chosen_on_validation"]["run"]
+    rows = [[name, f"{100 * m['test_accuracy']:.2f}%", f"{m['test_log_loss']:.4f}", f"{m['test_perplexity']:.1f}",
+             f"{100 * m['val_accuracy']:.2f}%", f"{m['val_log_loss']:.4f}"]
+            for name, m in models.items()]
+    share_rows = [[metric, _fmt_share(s["share"]), f"{_fmt_share(s['low'])} to {_fmt_share(s['high'])}",
+                   f"{s['gain_per_token']:+.4f}"] for metric, s in r["share_transferred"].items()]
+    sweep = [[f"{row['temperature']:g}", f"{row['val_log_loss']:.4f}", f"{100 * row['val_accuracy']:.2f}%",
+              f"{row['test_log_loss']:.4f}", f"{100 * row['test_accuracy']:.2f}%",
+              _fmt_share(r["share_by_temperature"][row["run"]]["accuracy"]),
+              _fmt_share(r["share_by_temperature"][row["run"]]["log_loss"])] for row in r["temperature_sweep"]]
+    top_k = [[row["store"], f"{row['bytes_per_token']:.0f}", f"{100 * row['test_accuracy']:.2f}%",
+              f"{row['test_log_loss']:.4f}", _fmt_share(row["share_of_dense_gain_accuracy"]),
+              _fmt_share(row["share_of_dense_gain_log_loss"])] for row in r["top_k"]]
+    d = r["deployment"]
+    paper = r["paper"]
+    lines = [
+        f"# §4 on text: a {paper['members']}-member ensemble of language models distilled into one"
+        + (" (QUICK smoke test: tiny models, numbers mean nothing)" if r["quick"] else ""), "",
+        f"Command: `{r['command']}`", "",
+        f"Data: {r['data']['tokenizer']['kind']} tokenizer, {r['data']['tokenizer']['vocab_size']} tokens; "
+        f"tokens per split {r['data']['tokens']}; test windows are the bootstrap's blocks.", "",
+        "## Baseline, ensemble and distilled model (test; validation beside)", "",
+        _table(["model", "next-token accuracy", "log-loss (nats)", "perplexity", "val accuracy", "val log-loss"],
+               rows), "",
+        f"The distilled model is `{chosen}` (T chosen on validation log-loss). Paper §4 (speech, frame accuracy): "
+        f"baseline {100 * paper['baseline']:.1f}%, ensemble {100 * paper['ensemble']:.1f}%, distilled "
+        f"{100 * paper['distilled']:.1f}% (share {100 * paper['share_transferred']:.0f}%; target "
+        f">= {100 * paper['target_share']:.0f}%).", "",
+        "## Share of the ensemble's gain transferred (test, 95% block bootstrap over windows)", "",
+        _table(["metric", "share", "95% interval", "ensemble gain per token"], share_rows), "",
+        "## Temperature sweep (dense store, soft 1 + hard 0.5)", "",
+        _table(["T", "val log-loss", "val accuracy", "test log-loss", "test accuracy", "share (acc)",
+                "share (log-loss)"], sweep), "",
+        "## Deployment: half width", "",
+        _table(["student", "test accuracy", "test log-loss"],
+               [[f"{d['spec']} distilled", f"{100 * d['half_width_distilled']['test_accuracy']:.2f}%",
+                 f"{d['half_width_distilled']['test_log_loss']:.4f}"],
+                [f"{d['spec']} labels only", f"{100 * d['half_width_labels_only']['test_accuracy']:.2f}%",
+                 f"{d['half_width_labels_only']['test_log_loss']:.4f}"]]), "",
+        "## Store size against student quality (chosen T)", "",
+        _table(["store", "bytes/token", "test accuracy", "test log-loss", "share of dense gain (acc)",
+                "share of dense gain (log-loss)"], top_k), "",
+        "## Samples (prompt `KING.`)", ""]
+    for name, text in r["samples"].items():
+        lines += [f"**{name}**", "", "```text", text.strip(), "```", ""]
+    lines += [f"Stage seconds: {r['stage_seconds']}; total {r['total_seconds']:.0f} s.", "",
+              _machine_line(r["machine"]), ""]
+    (out / "report.md").write_text("\n".join(lines))
+    _plot(out / "lm.png", r)
+
+
+def _plot(path: Path, r: dict[str, Any]) -> None:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    sweep = r["temperature_sweep"]
+    left.plot([s["temperature"] for s in sweep], [100 * s["test_accuracy"] for s in sweep], marker="o",
+              label="distilled")
+    for name, style in (("baseline", "--"), ("ensemble", ":")):
+        left.axhline(100 * r["models"][name]["test_accuracy"], linestyle=style, color="grey", label=name)
+    left.set(xscale="log", xlabel="temperature T", ylabel="test next-token accuracy (%)")
+    left.legend(fontsize=8)
+    rows = r["top_k"]
+    right.plot([row["bytes_per_token"] for row in rows], [100 * row["test_accuracy"] for row in rows], marker="o")
+    for row in rows:
+        right.annotate(row["store"], (row["bytes_per_token"], 100 * row["test_accuracy"]), fontsize=8)
+    right.set(xscale="log", xlabel="store bytes per token", ylabel="test next-token accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

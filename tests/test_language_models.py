@@ -1,0 +1,215 @@
+"""Language models end to end on a tiny corpus: text splits, tokenizers, the causal transformer, the token store
+(top-k and dense, kill-safe), training with resume, evaluation, sampling, and the one-line refusals."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from darkknowledge.data.text import TextTokenizer, load_corpus, split_documents, tokenise_corpus
+from darkknowledge.errors import DarkKnowledgeError
+from darkknowledge.language_model import (LMConfig, Objective, block_bootstrap_share, evaluate_language_model,
+                                          generate, load_language_model, load_run_tokenizer, train_language_model)
+from darkknowledge.token_store import TokenTargets
+from darkknowledge.transformer import build_language_model, parse_gpt
+
+TINY = "gpt:layers=1,dim=16,heads=2,context=16"
+WORDS = "the quick brown fox jumps over a lazy dog while seven tired kings sing of old wars and wine".split()
+
+
+def write_corpus(folder: Path, documents: int = 6, words: int = 400, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(documents):
+        (folder / f"doc{d}.txt").write_text(" ".join(rng.choice(WORDS, size=words)) + "\n")
+    return folder
+
+
+@pytest.fixture
+def splits(tmp_path):
+    corpus = load_corpus(write_corpus(tmp_path / "corpus"))
+    documents = split_documents(corpus.documents, seed=0)
+    tokenizer = TextTokenizer.train([corpus.documents[n] for n in documents["train"]], "char")
+    return tokenise_corpus(corpus, documents, tokenizer, context=16)
+
+
+def test_corpus_is_split_by_whole_documents_fixed_by_the_seed(tmp_path):
+    corpus = load_corpus(write_corpus(tmp_path / "c", documents=10))
+    a, b = split_documents(corpus.documents, seed=3), split_documents(corpus.documents, seed=3)
+    assert a == b and sorted(sum(a.values(), [])) == sorted(corpus.documents)
+    assert not set(a["train"]) & (set(a["validation"]) | set(a["test"]))
+    assert split_documents(corpus.documents, seed=4) != a
+
+
+def test_empty_documents_are_skipped_and_counted_and_non_utf8_names_the_file(tmp_path):
+    folder = write_corpus(tmp_path / "c")
+    (folder / "empty.txt").write_text("  \n")
+    assert load_corpus(folder).skipped_empty == 1
+    (folder / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(DarkKnowledgeError, match=r"latin1\.txt is not UTF-8") as raised:
+        load_corpus(folder)
+    assert "\n" not in str(raised.value)
+
+
+def test_bpe_tokenizer_round_trips_and_is_checked_on_load(tmp_path):
+    pytest.importorskip("tokenizers")
+    texts = [" ".join(WORDS * 20)]
+    tokenizer = TextTokenizer.train(texts, "bpe", vocab_size=300)
+    text = "the lazy kings sing"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    tokenizer.save(tmp_path / "tokenizer.json")
+    assert TextTokenizer.load(tmp_path / "tokenizer.json", sha256=tokenizer.sha256).encode(text).tolist() == \
+        tokenizer.encode(text).tolist()
+    other = TextTokenizer.train(texts, "char")
+    with pytest.raises(DarkKnowledgeError, match="not the one this run was trained with"):
+        TextTokenizer.load(tmp_path / "tokenizer.json", sha256=other.sha256)
+
+
+def test_windows_labels_are_the_next_tokens(splits):
+    train = splits.windows["train"]
+    ids, labels = train.batch([0, 2])
+    assert ids.shape == labels.shape == (2, 16)
+    assert torch.equal(labels[:, :-1], ids[:, 1:])
+    assert torch.equal(train.positions([2])[0], torch.arange(32, 48))
+
+
+def test_causal_transformer_sees_only_the_past():
+    torch.manual_seed(0)
+    model = build_language_model(TINY, 20).eval()
+    ids = torch.randint(0, 20, (1, 16))
+    changed = ids.clone()
+    changed[0, 10] = (ids[0, 10] + 1) % 20
+    a, b = model(ids), model(changed)
+    assert torch.allclose(a[0, :10], b[0, :10]) and not torch.allclose(a[0, 10:], b[0, 10:])
+    with pytest.raises(DarkKnowledgeError, match="dim divisible by heads"):
+        parse_gpt("gpt:dim=10,heads=3")
+
+
+def test_hf_causal_lm_from_a_config_as_teacher_and_student():
+    pytest.importorskip("transformers")
+    model = build_language_model("hf:gpt2,n_layer=1,n_embd=16,n_head=2", 20, context=16)
+    assert model(torch.randint(0, 20, (2, 16))).shape == (2, 16, 20)
+    with pytest.raises(DarkKnowledgeError, match="transformers cannot build it"):
+        build_language_model("hf:no-such-architecture", 20)
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_store_rows_are_the_teachers_per_token_targets(splits, tmp_path, top_k):
+    torch.manual_seed(0)
+    members = [build_language_model(TINY, splits.tokenizer.vocab_size) for _ in range(2)]
+    train = splits.windows["train"]
+    store = TokenTargets.build(members, train, tmp_path / "store", tokenizer_sha256=splits.tokenizer.sha256,
+                               top_k=top_k, batch_windows=3)
+    assert store.bytes_per_token == (2 * train.vocab_size if top_k is None else 4 * top_k + 8)
+    ids, _ = train.batch([1, 5])
+    with torch.no_grad():
+        expected = torch.log(torch.stack([torch.softmax(m.eval()(ids), -1) for m in members]).mean(0))
+    targets = store.targets(train, [1, 5])
+    if top_k is None:
+        torch.testing.assert_close(targets["teacher_logits"], expected, atol=2e-2, rtol=1e-2)
+    else:
+        top = targets["topk_targets"]
+        assert top.logits.shape == (2, 16, 4)
+        torch.testing.assert_close(top.logits, expected.topk(4, -1).values, atol=2e-2, rtol=1e-2)
+
+
+def test_a_killed_build_resumes_and_a_corrupted_store_is_rebuilt(splits, tmp_path):
+    torch.manual_seed(0)
+    teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
+    train = splits.windows["train"]
+    kwargs = dict(tokenizer_sha256=splits.tokenizer.sha256, top_k=4)
+
+    def kill_after_two_chunks(done, total):
+        if done >= 2 * 2 * 16:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        TokenTargets.build(teacher, train, tmp_path / "s", on_chunk=kill_after_two_chunks, batch_windows=2, **kwargs)
+    (folder,) = (tmp_path / "s").iterdir()
+    header = json.loads((folder / "targets.json").read_text())
+    assert header["complete"] is False and header["positions_done"] == 64
+    with pytest.raises(DarkKnowledgeError, match="build stopped after 64"):
+        TokenTargets.open(folder)
+    chunks = []
+    resumed = TokenTargets.build(teacher, train, tmp_path / "s", on_chunk=lambda d, t: chunks.append(d),
+                                 batch_windows=50, **kwargs)
+    assert len(train) > 54 and chunks[0] == (4 + 50) * 16  # it went on from where the kill left it
+    fresh = TokenTargets.build(teacher, train, tmp_path / "fresh", batch_windows=50, **kwargs)
+    every = list(range(len(train)))
+    for name in ("logits", "indices"):
+        assert torch.equal(getattr(resumed.targets(train, every)["topk_targets"], name),
+                           getattr(fresh.targets(train, every)["topk_targets"], name))
+    # A complete store whose file changed afterwards is never used: open refuses it, build recomputes it.
+    with open(folder / "topk_logits.bin", "r+b") as f:
+        f.write(b"\x00\x7c")
+    with pytest.raises(DarkKnowledgeError, match="does not match its checksum"):
+        TokenTargets.open(folder)
+    chunks.clear()
+    TokenTargets.build(teacher, train, tmp_path / "s", on_chunk=lambda d, t: chunks.append(d), batch_windows=50,
+                       **kwargs)
+    assert chunks[0] == 50 * 16 and TokenTargets.open(folder)
+
+
+def test_store_of_other_tokenizer_corpus_or_vocabulary_is_refused_with_one_line(splits, tmp_path):
+    torch.manual_seed(0)
+    teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
+    store = TokenTargets.build(teacher, splits.windows["train"], tmp_path, tokenizer_sha256=splits.tokenizer.sha256,
+                               top_k=4)
+    cases = [(dict(tokenizer_sha256="0" * 64), "built with another tokenizer"),
+             (dict(vocab_size=splits.tokenizer.vocab_size + 1), "vocabularies differ"),
+             (dict(windows=splits.windows["validation"]), "built over another corpus or split")]
+    for kwargs, pattern in cases:
+        with pytest.raises(DarkKnowledgeError, match=pattern) as raised:
+            TokenTargets.open(store.folder, **kwargs)
+        assert "\n" not in str(raised.value)
+
+
+def test_train_distil_resume_evaluate_and_generate(splits, tmp_path):
+    tokenizer, train, val = splits.tokenizer, splits.windows["train"], splits.windows["validation"]
+    config = LMConfig(epochs=2, batch_size=8, lr=1e-2)
+    teacher, meta = train_language_model(TINY, tokenizer, train, val, config, run_dir=tmp_path / "t", log=print)
+    assert meta["best_epoch"] in (1, 2) and len(meta["history"]) == 2
+    loaded, loaded_meta = load_language_model(tmp_path / "t")
+    assert load_run_tokenizer(tmp_path / "t", loaded_meta).sha256 == tokenizer.sha256
+    test = splits.windows["test"]
+    before = evaluate_language_model(build_language_model(TINY, tokenizer.vocab_size), test)
+    after = evaluate_language_model(loaded, test)
+    assert after["log_loss"] < before["log_loss"] - 0.5 and 0 <= after["accuracy"] <= 1
+    assert after["perplexity"] == pytest.approx(np.exp(after["log_loss"]))
+
+    store = TokenTargets.build(teacher, train, tmp_path / "store", tokenizer_sha256=tokenizer.sha256, top_k=8)
+    objective = Objective(store, temperature=2.0, soft_weight=1.0, hard_weight=0.5)
+    lines = []
+
+    def stop_after_epoch_1(line):
+        lines.append(line)
+        if line.startswith("epoch 1/2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_language_model(TINY, tokenizer, train, val, config, objective, run_dir=tmp_path / "s",
+                             log=stop_after_epoch_1)
+    student, student_meta = train_language_model(TINY, tokenizer, train, val, config, objective,
+                                                 run_dir=tmp_path / "s", log=lines.append)
+    assert any("resumed after epoch 1" in line for line in lines)
+    assert student_meta["objective"] == "distillation" and student_meta["top_k"] == 8
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["model.json", "model.safetensors", "tokenizer.json"]
+    # The same settings again: the finished run is reused, not retrained.
+    train_language_model(TINY, tokenizer, train, val, config, objective, run_dir=tmp_path / "s", log=lines.append)
+    assert "finished run of these settings, reused" in lines[-1]
+    text = generate(student, tokenizer, "the quick", tokens=20, seed=0)
+    assert isinstance(text, str) and len(text) == 20  # character level: one character per token
+    assert generate(student, tokenizer, "the quick", tokens=20, seed=0) == text
+
+
+def test_block_bootstrap_share_of_the_gain():
+    rng = np.random.default_rng(0)
+    windows = 200
+    base = rng.normal(100, 5, windows)
+    ensemble, student = base - 10 + rng.normal(0, 1, windows), base - 8 + rng.normal(0, 1, windows)
+    make = lambda nll: {"window_nll": nll.tolist(), "window_correct": [0] * windows, "tokens": windows * 16}
+    result = block_bootstrap_share(make(base), make(ensemble), make(student), "log_loss")
+    assert result["share"] == pytest.approx((student.sum() - base.sum()) / (ensemble.sum() - base.sum()))
+    assert result["low"] < result["share"] < result["high"] and result["high"] - result["low"] < 0.1

@@ -1,0 +1,65 @@
+"""``darkknowledge reproduce lm --quick`` (§4 on text): every stage runs on the Shakespeare corpus, the files are
+written, the numbers come from the evaluation code, a rerun reuses every stage, and ``generate`` samples a run."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from darkknowledge.cli import main
+from darkknowledge.experiments.lm import QUICK
+from darkknowledge.language_model import load_language_model
+
+DATA = Path(os.environ.get("DARKKNOWLEDGE_DATA", Path(__file__).parents[2] / "shared" / "data"))
+pytestmark = pytest.mark.skipif(not (DATA / "shakespeare").is_dir(),
+                                reason="Shakespeare corpus not found; set DARKKNOWLEDGE_DATA")
+
+
+def _run(out):
+    return main(["reproduce", "lm", "--quick", "--out", str(out), "--data-dir", str(DATA), "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce-lm")
+    assert _run(out) == 0
+    return out
+
+
+def test_writes_results_report_and_plot_with_every_stage(quick_run):
+    for name in ("results.json", "report.md", "lm.png", "tokenizer.json", "data.json"):
+        assert (quick_run / name).stat().st_size > 0
+    r = json.loads((quick_run / "results.json").read_text())
+    assert r["quick"] is True and "reproduce lm --quick" in r["command"]
+    assert set(r["models"]) >= {"baseline", "ensemble", "student-T1", "student-T2", "half-labels"}
+    assert [row["store"] for row in r["top_k"]] == ["dense"] + [f"top{k}" for k in QUICK.top_ks]
+    assert r["top_k"][1]["bytes_per_token"] == 4 * QUICK.top_ks[0] + 8
+    for metric in ("accuracy", "log_loss"):
+        share = r["share_transferred"][metric]
+        assert share["low"] <= share["share"] <= share["high"]
+    # The documents of the three splits are disjoint and recorded.
+    documents = r["data"]["documents"]
+    assert not set(documents["train"]) & set(documents["test"]) and len(documents["validation"]) >= 1
+
+
+def test_numbers_come_from_the_evaluation_code(quick_run):
+    r = json.loads((quick_run / "results.json").read_text())
+    chosen = r["chosen_on_validation"]["run"]
+    model, meta = load_language_model(quick_run / "runs" / chosen)
+    data = json.loads((quick_run / "data.json").read_text())
+    assert meta["tokenizer_sha256"] == data["tokenizer"]["sha256"] and meta["objective"] == "distillation"
+    assert r["models"][chosen]["test_log_loss"] > 0
+    best = min(r["temperature_sweep"], key=lambda row: row["val_log_loss"])
+    assert best["run"] == chosen  # chosen on validation, not test
+
+
+def test_rerun_reuses_every_stage_and_generate_samples(quick_run, capsys):
+    assert _run(quick_run) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished run of these settings, reused") == len(json.loads(
+        (quick_run / "results.json").read_text())["stage_seconds"]) - 1 - len(QUICK.top_ks)
+    assert main(["generate", str(quick_run / "runs" / "baseline"), "--prompt", "KING.", "--tokens", "12"]) == 0
+    assert capsys.readouterr().out.startswith("KING.")
+    assert main(["generate", str(quick_run / "runs" / "baseline"), "--top-k", "0"]) == 1
+    assert "top_k >= 1" in capsys.readouterr().err
