@@ -32,9 +32,10 @@ def precision_of(bf16: bool | str | None) -> str:
 
 
 def autocast(bf16: bool | str | None, device: torch.device | str = "cpu"):
-    """Mixed-precision autocast on ``device`` (weights and loss stay float32), or nothing; see :func:`precision_of`."""
+    """Mixed-precision autocast on ``device`` (weights and loss stay float32), or nothing; see :func:`precision_of`.
+    fp16 is a CUDA precision: on another device (a teacher kept on the CPU) the computation stays float32."""
     precision = precision_of(bf16)
-    if precision == "fp32":
+    if precision == "fp32" or (precision == "fp16" and torch.device(device).type != "cuda"):
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(torch.device(device).type, dtype=dtype)
