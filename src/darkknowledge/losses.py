@@ -88,7 +88,9 @@ def _check_tensor(name: str, x, min_dim: int = 1) -> None:
         raise DarkKnowledgeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < min_dim:
         raise DarkKnowledgeError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    # A sum is finite when every element is (one cheap pass); only a non-finite sum, which a finite overflow can
+    # also give, needs the element-wise look.
+    if not torch.isfinite(x.sum()) and not torch.isfinite(x).all():
         raise DarkKnowledgeError(f"non-finite (NaN or inf) values in {name}")
 
 
@@ -209,12 +211,13 @@ def _divergence(z: Tensor, log_p: Tensor, temperature: float, divergence: str) -
     For the last two the soft term is itself the divergence, and ``log p`` is floored at the dtype's smallest
     normal number so a target of exactly 0 gives a large finite loss, not inf.
     """
-    log_q = torch.log_softmax(z / temperature, dim=-1)
+    log_q = torch.log_softmax(z * (1.0 / temperature), dim=-1)
     scale = temperature ** 2
     if divergence == "forward_kl":
         p = log_p.exp()
         ce = -(p * log_q).sum(-1)
-        entropy = -torch.special.xlogy(p, p).sum(-1)
+        # nansum: a target of exactly 0 has log p = -inf and contributes 0 * -inf = nan, which is 0 here.
+        entropy = -(p * log_p).detach().nansum(-1)
         return scale * ce, scale * (ce - entropy)
     log_p = log_p.clamp_min(math.log(torch.finfo(log_p.dtype).tiny))
     q = log_q.exp()
@@ -246,7 +249,18 @@ class _ChunkedSoftTerm(torch.autograd.Function):
             index = slice(start, stop) if rows is None else rows[start:stop]
             log_p = teacher.log_probs(index, start, dtype)
             zc = z[index].to(dtype)
-            if want_grad:
+            if want_grad and divergence == "forward_kl":
+                # §2's gradient in closed form, T^2 * (q - p) / T per position, written straight into the buffer:
+                # no autograd pass over the chunk.
+                log_q = torch.log_softmax(zc * (1.0 / temperature), dim=-1)
+                p = log_p.exp()
+                ce = -(p * log_q).sum(-1)
+                soft_c = temperature ** 2 * ce
+                kl_c = temperature ** 2 * (ce + (p * log_p).nansum(-1))
+                chunk_grad = grad[start:stop]
+                torch.exp(log_q, out=chunk_grad) if chunk_grad.dtype == dtype else chunk_grad.copy_(log_q.exp())
+                chunk_grad.sub_(p).mul_(temperature)
+            elif want_grad:
                 with torch.enable_grad():
                     zc.requires_grad_(True)
                     soft_c, kl_c = _divergence(zc, log_p, temperature, divergence)

@@ -391,7 +391,7 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     if resumed is not None:
         start_epoch, history, best, elapsed = (resumed[k] for k in ("epoch", "history", "best", "seconds"))
         finished = start_epoch >= config.epochs or best["stale"] >= (config.patience or math.inf)
-        log(f"{run_dir}: already trained ({start_epoch} epochs), reused" if finished
+        log(f"reusing {run_dir}: already trained ({start_epoch} epochs)" if finished
             else f"resuming {run_dir} after epoch {start_epoch}")
     net = model
     if workers.distributed:
