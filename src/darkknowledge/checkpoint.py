@@ -134,6 +134,10 @@ def read_model_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
     run_dir = resolve_run_dir(run_dir)
     meta = read_json(run_dir / MODEL_META, "model")
     missing = [k for k in ("format", "spec", "image_shape", "classes", "weights_sha256") if k not in meta]
+    if meta.get("format") == FORMAT and missing == ["spec"]:  # written by fit for a module of the user's own
+        raise DarkKnowledgeError(f"model: {run_dir / MODEL_META} records no spec, so its model cannot be rebuilt; "
+                                 "make the model with darkknowledge.build_model (a spec, or "
+                                 "'package.module:factory') before fit, or pass fit meta={'spec': ...}")
     if meta.get("format") != FORMAT or missing:
         raise DarkKnowledgeError(f"model: {run_dir / MODEL_META} is not a darkknowledge model sidecar "
                                  f"(missing {', '.join(missing) or 'format'}); point to a run directory made by "
@@ -145,7 +149,8 @@ def load_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model from its sidecar and checksummed weights; returns (model in eval mode, meta)."""
     run_dir = resolve_run_dir(run_dir)
     meta = read_model_meta(run_dir)
-    model = build_model(meta["spec"], tuple(meta["image_shape"]), len(meta["classes"]))
+    model = build_model(meta["spec"], tuple(meta.get("input_shape", meta["image_shape"])), len(meta["classes"]),
+                        meta.get("model_options"))
     tensors = read_tensors(run_dir / meta["weights"], meta["weights_sha256"], "model")
     try:
         model.load_state_dict(tensors)
