@@ -19,28 +19,35 @@ def jitter_offsets(batch: int, max_shift: int, generator: torch.Generator | None
 
 
 def translate(images: torch.Tensor, offsets: torch.Tensor | None, max_shift: int) -> torch.Tensor:
-    """Shift each image in ``[B, H, W]`` by its offsets from :func:`jitter_offsets`, zero-filled."""
+    """Shift each image in ``[B, H, W]`` (or ``[B, C, H, W]``: all channels alike) by its offsets from
+    :func:`jitter_offsets`, zero-filled."""
     if offsets is None:
         return images
-    b, h, w = images.shape
+    if images.dim() not in (3, 4):
+        raise ValueError(f"jitter translates images [B, H, W] or [B, C, H, W], got shape {list(images.shape)}")
+    b, h, w = images.shape[0], images.shape[-2], images.shape[-1]
     padded = F.pad(images, (max_shift, max_shift, max_shift, max_shift))
     # Offsets into the padded image: 0 means shifted by +max_shift, 2*max_shift by -max_shift.
     offsets = offsets.to(images.device)
     rows = offsets[0] + torch.arange(h, device=images.device)  # [B, H]
     cols = offsets[1] + torch.arange(w, device=images.device)  # [B, W]
     batch = torch.arange(b, device=images.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]]
+    if images.dim() == 3:
+        return padded[batch, rows[:, :, None], cols[:, None, :]]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def jitter(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Translate each image in ``[B, H, W]`` by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
+    """Translate each image in ``[B, H, W]`` or ``[B, C, H, W]`` by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
     return translate(images, jitter_offsets(len(images), max_shift, generator), max_shift)
 
 
 def check_jitter(max_shift: int, image_shape: tuple[int, ...]) -> None:
     """A shift of more than half the image moves most of it out of the frame: refused, with the largest allowed."""
     from .errors import DarkKnowledgeError
-    largest = min(image_shape[-2:]) // 2
+    if max_shift and len(image_shape) < 2:
+        raise DarkKnowledgeError(f"jitter shifts images; these inputs are of shape {tuple(image_shape)}: use 0")
+    largest = min(image_shape[-2:]) // 2 if len(image_shape) >= 2 else 0
     if not 0 <= max_shift <= largest:
         raise DarkKnowledgeError(f"jitter {max_shift} does not fit images of {'x'.join(map(str, image_shape))}: "
                                  f"use 0 to {largest} pixels")

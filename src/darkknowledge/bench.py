@@ -26,8 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import checkpoint
 from .errors import DarkKnowledgeError
-from .evaluation import as_inputs, evaluate, predict_logits
-from .export import export_onnx, load_deployable, locate, load_test_split, onnx_session, run_onnx
+from .evaluation import as_inputs, evaluate, labels_of, predict_logits
+from .export import export_onnx, load_deployable, locate, model_inputs, onnx_session, run_onnx, test_set
 from .models import count_parameters
 
 
@@ -126,13 +126,13 @@ def measure_speed(model: nn.Module, images: torch.Tensor, config: BenchConfig,
 
 
 def bench_run(run: str | os.PathLike, config: BenchConfig, data_dir: str | None = None,
-              workdir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Every measurement of one run directory (or ensemble folder), as a JSON-ready dict."""
+              workdir: str | os.PathLike | None = None, data_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Every measurement of one run directory (or ensemble folder), as a JSON-ready dict (on ``data_path``'s
+    files when given, else the data the run records)."""
     deployable = load_deployable(run)
     model = deployable.model
-    test = load_test_split(deployable.dataset, data_dir)
-    if list(test.classes) != deployable.classes or test.image_shape != deployable.image_shape:
-        raise DarkKnowledgeError(f"{run} does not match the {deployable.dataset} test set (classes or image size)")
+    test = test_set(deployable, data_dir, data_path)
+    inputs, labels = model_inputs(test, len(test)), labels_of(test)
     accuracy = evaluate(model, test)
     entry: dict[str, Any] = {
         "run": deployable.name, "kind": deployable.kind, "model": deployable.spec, "dataset": deployable.dataset,
@@ -143,16 +143,16 @@ def bench_run(run: str | os.PathLike, config: BenchConfig, data_dir: str | None 
     onnx_path = None
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         if config.onnx:
-            onnx_path = export_onnx(model, Path(tmp) / "model.onnx", deployable.image_shape, example=test.images)
+            onnx_path = export_onnx(model, Path(tmp) / "model.onnx", deployable.image_shape, example=inputs)
             entry["onnx_bytes"] = onnx_path.stat().st_size
-        speed = measure_speed(model, test.images, config, onnx_path)
+        speed = measure_speed(model, inputs, config, onnx_path)
         if onnx_path is not None:  # the same answers, or the timing compares different things
             session = onnx_session(onnx_path, config.threads)
-            scores = run_onnx(session, as_inputs(test.images.clone()).numpy(), 1000)
+            scores = run_onnx(session, as_inputs(inputs.clone()).numpy(), 1000)
             with torch_threads(config.threads):
-                expected = predict_logits(model, test.images).numpy()
+                expected = predict_logits(model, inputs).numpy()
             speed["onnxruntime"]["max_abs_diff"] = float(np.abs(scores - expected).max())
-            speed["onnxruntime"]["test_errors"] = int((scores.argmax(1) != test.labels.numpy()).sum())
+            speed["onnxruntime"]["test_errors"] = int((scores.argmax(1) != labels.numpy()).sum())
     entry.update(speed)
     return entry
 
@@ -174,7 +174,8 @@ def machine() -> dict[str, Any]:
 
 
 def bench_runs(runs: list[str | os.PathLike], config: BenchConfig | None = None, data_dir: str | None = None,
-               log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               log: Callable[[str], None] | None = None,
+               data_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Bench each run in turn (never in parallel: they would compete for the cores); one JSON-ready dict."""
     config = config or BenchConfig()
     if not runs:
@@ -185,7 +186,7 @@ def bench_runs(runs: list[str | os.PathLike], config: BenchConfig | None = None,
     for run in runs:
         if log:
             log(f"benchmarking {run} ...")
-        models.append(bench_run(run, config, data_dir))
+        models.append(bench_run(run, config, data_dir, data_path=data_path))
     return {"config": asdict(config), "machine": machine(), "provenance": checkpoint.provenance(), "models": models}
 
 

@@ -223,6 +223,10 @@ def read_model_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
         if pending is not None:
             return pending
     meta = read_json(run_dir / MODEL_META, "model")
+    if isinstance(meta, dict) and meta.get("format") == FORMAT and "spec" not in meta:  # fit, a user's module
+        raise DarkKnowledgeError(f"model: {run_dir / MODEL_META} records no spec, so its model cannot be rebuilt; "
+                                 "make the model with darkknowledge.build_model (a spec, or "
+                                 "'package.module:factory') before fit, or pass fit meta={'spec': ...}")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DarkKnowledgeError(f"model: {run_dir / MODEL_META} is not a darkknowledge model sidecar; point to a "
                                  "run directory made by 'darkknowledge train' or 'distill'")
@@ -233,8 +237,9 @@ def load_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model from its sidecar and checksummed weights; returns (model in eval mode, meta)."""
     run_dir = resolve_run_dir(run_dir)
     meta = read_model_meta(run_dir)
-    check_fits(meta["spec"], meta["image_shape"], len(meta["classes"]), copies=2)  # a sidecar may name any size
-    model = build_model(meta["spec"], tuple(meta["image_shape"]), len(meta["classes"]))
+    shape = tuple(meta.get("input_shape", meta["image_shape"]))
+    check_fits(meta["spec"], shape, len(meta["classes"]), meta.get("model_options"), copies=2)  # may name any size
+    model = build_model(meta["spec"], shape, len(meta["classes"]), meta.get("model_options"))
     tensors = read_tensors(run_dir / meta["weights"], meta["weights_sha256"], "model")
     try:
         model.load_state_dict(tensors)

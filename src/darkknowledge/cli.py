@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 try:
@@ -29,7 +30,8 @@ from . import distributed, options  # noqa: E402
 from .data import available_datasets  # noqa: E402
 from .ensemble import COMBINE_RULES  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
-from .training import SCHEDULES, TrainConfig  # noqa: E402
+from .devices import DEVICE_HELP  # noqa: E402
+from .training import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
 DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train")  # what runs under torchrun
@@ -40,7 +42,17 @@ REPRODUCE_DATASETS = {"mnist": ("mnist",), "ensemble": ("fashion-mnist",), "regu
 def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = "digits",
                       dataset_help: str = "dataset to train on (default: %(default)s)") -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=default_dataset, choices=available_datasets(), help=dataset_help)
+    # default None, the default applied later: --dataset and --data exclude each other only when both are given
+    g.add_argument("--dataset", default=None, choices=available_datasets(),
+                   help=dataset_help.replace("%(default)s", str(default_dataset)))
+    g.add_argument("--data", type=Path, default=None, metavar="PATH",
+                   help="your own data instead of --dataset: a .npz (x, y; optional x_test, y_test, classes), a "
+                        "folder with x.npy and y.npy (memory-mapped), a folder of one sub-folder of images per class "
+                        "(train/ and test/ inside for splits), or a .csv/.parquet table with --label-column")
+    g.add_argument("--label-column", default=None, help="a table's label column (default: label)")
+    g.add_argument("--image-size", default=None, metavar="N|HxW",
+                   help="resize an image folder's images to N x N or H x W pixels (default: all must share one "
+                        "size)")
     g.add_argument("--data-dir", help="folder holding one sub-folder per dataset; default: $DARKKNOWLEDGE_DATA, "
                                       "else the user cache folder")
     g.add_argument("--download", action="store_true", help="fetch missing dataset files (checksums verified)")
@@ -63,6 +75,15 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--jitter", type=int, default=d.jitter,
                    help="translate inputs randomly by up to N pixels (the paper's teacher: 2; default: 0)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast: faster matmuls on CPUs that have them")
+    g.add_argument("--fp16", action="store_true", help="float16 autocast with a gradient scaler (CUDA only)")
+    g.add_argument("--device", default="auto", help=f"where to train: {DEVICE_HELP} (default: %(default)s, CUDA "
+                                                     "when present)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="sgd (with --momentum) or adamw (default: %(default)s); --lr is the peak rate of either")
+    g.add_argument("--grad-accumulation", type=int, default=d.grad_accumulation, metavar="N",
+                   help="split each step's batch into N micro-batches: the same step in less memory (default: 1)")
+    g.add_argument("--clip-grad-norm", type=float, default=None, metavar="X",
+                   help="clip the gradient's global L2 norm to X before each step (default: no clipping)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     g.add_argument("--patience", type=int, default=None,
                    help="stop after N epochs without a better validation error (default: train all epochs)")
@@ -94,6 +115,33 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
                    help="precision of the stored logits (default: %(default)s)")
 
 
+def _add_model_options(p: argparse.ArgumentParser, role: str) -> None:
+    p.add_argument(f"--{role}-option", action=_Repeatable, default=None, metavar="KEY=VALUE", dest=f"{role}_options",
+                   help=f"a keyword argument of a --{role} factory (package.module:function, called as "
+                        "function(input_shape, num_classes, **options)); repeat it; VALUE is read as JSON when it "
+                        "can be (64, 0.5, true, [3, 3]), else as text; in a config file: "
+                        f"{role}-options = {{KEY = VALUE}}")
+
+
+def _model_options(values, role: str) -> dict | None:
+    """--ROLE-option KEY=VALUE (repeated) or a config file's table, as a dict of JSON values."""
+    if not values:
+        return None
+    if isinstance(values, dict):
+        return dict(values)
+    options = {}
+    for item in values:
+        key, sep, value = str(item).partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise DarkKnowledgeError(f"--{role}-option {item!r} must be KEY=VALUE with KEY a Python name, e.g. "
+                                     f"--{role}-option hidden=64")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
 class _Repeatable(argparse.Action):
     """``action="append"``, except that the command line replaces a --config file's list instead of extending it."""
 
@@ -119,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="mlp:1200x2,dropout=0.5,input_dropout=0.2,max_norm=3.5",
                    help="model spec, e.g. mlp:800x2, mlp:500-300,dropout=0.5, cnn:small (default: the paper's "
                         "teacher, %(default)s)")
+    _add_model_options(p, "model")
     p.add_argument("--out", type=Path, help="run directory to write (required)")
     p.add_argument("--members", type=int, default=None,
                    help="train an ensemble of N members differing only in seed (--seed, --seed+1, ...) into "
@@ -135,9 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory of the teacher; repeat for an ensemble of several runs (required, or "
                         "--ensemble)")
     p.add_argument("--ensemble", type=Path, help="ensemble folder written by 'train --members N', as the teacher")
-    p.add_argument("--student", default="mlp:800x2", help="student model spec (default: %(default)s)")
+    p.add_argument("--student", default="mlp:800x2", help="student model spec, or package.module:factory "
+                                                            "(default: %(default)s)")
+    _add_model_options(p, "student")
+    p.add_argument("--teacher-device", default=None, help=f"where the teacher runs: {DEVICE_HELP} (default: "
+                                                          "the student's --device)")
     p.add_argument("--out", type=Path, help="run directory to write (required)")
-    _add_data_options(p, default_dataset=None)
+    _add_data_options(p, default_dataset=None, dataset_help="dataset to train on (default: the teacher's)")
     _add_training_options(p)
     _add_distillation_options(p)
     _add_store_options(p)
@@ -218,6 +271,9 @@ def _add_export_parsers(sub) -> None:
                                                           "(default: %(default)s)")
     p.add_argument("--no-card", action="store_true", help="skip the model card (and its speed measurement)")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
+    p.add_argument("--data", type=Path, default=None, metavar="PATH",
+                   help="test inputs from these files (as for train --data) when the run records none, or "
+                        "instead of its own")
 
     p = sub.add_parser("generate", help="sample text from a language-model run",
                        description="Sample tokens after a prompt from a run made by 'reproduce lm' (its model and "
@@ -241,6 +297,8 @@ def _add_export_parsers(sub) -> None:
     p.add_argument("--calls", type=int, default=300, help="batch-1 calls timed (default: %(default)s)")
     p.add_argument("--no-onnx", action="store_true", help="time PyTorch only")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
+    p.add_argument("--data", type=Path, default=None, metavar="PATH",
+                   help="test inputs from these files (as for train --data) when a run records none")
 
 
 def _run_export_or_bench(args: argparse.Namespace) -> int:
@@ -250,14 +308,16 @@ def _run_export_or_bench(args: argparse.Namespace) -> int:
         if args.out is None:
             raise DarkKnowledgeError("export needs --out FILE, e.g. --out student.onnx")
         result = export_run(args.run, args.format, args.out, args.data_dir, atol=args.atol, card=not args.no_card,
-                            command="darkknowledge " + " ".join(args.argv), threads=args.threads)
+                            command="darkknowledge " + " ".join(args.argv), threads=args.threads,
+                            data_path=args.data)
         print(f"wrote {result.out}" + (f" and {result.card}" if result.card else "") + f"; {result.parity.describe()}")
         return 0
     from .bench import BenchConfig, bench_runs, format_table
     from .checkpoint import write_json
     config = BenchConfig(threads=args.threads, batch_size=args.batch_size, latency_calls=args.calls,
                          onnx=not args.no_onnx)
-    result = bench_runs(args.runs, config, args.data_dir, log=lambda line: print(line, file=sys.stderr))
+    result = bench_runs(args.runs, config, args.data_dir, log=lambda line: print(line, file=sys.stderr),
+                        data_path=args.data)
     result["command"] = "darkknowledge " + " ".join(args.argv)
     print(format_table(result))
     if args.json:
@@ -296,20 +356,56 @@ def _require(args: argparse.Namespace, *names: str) -> None:
                                      "(on the command line or in the --config file)")
 
 
-def _data_choice(args: argparse.Namespace, default_dataset: str | None = None):
+def _image_size(text) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = str(text).lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts) * (2 if len(parts) == 1 else 1)
+    except ValueError:
+        size = ()
+    if len(size) != 2 or min(size) < 1:
+        raise DarkKnowledgeError(f"--image-size {text!r} must be N or HxW with positive whole numbers, e.g. 32 or "
+                                 "28x56")
+    return size
+
+
+def _data_choice(args: argparse.Namespace, default: str | dict | None = None):
+    """--dataset NAME or --data PATH (not both); without either, ``default``: a dataset name, or what a teacher's
+    model.json says it was trained on (``jobs.teacher_data``)."""
     from .jobs import DataChoice
     val_size = args.val_size
     if val_size is not None and val_size >= 1:
         if val_size != int(val_size):
             raise DarkKnowledgeError(f"--val-size must be a whole count or a fraction below 1, got {val_size}")
         val_size = int(val_size)
-    return DataChoice(args.dataset or default_dataset, args.data_dir, args.download, val_size, args.val_seed)
+    if args.dataset is not None and args.data is not None:
+        raise DarkKnowledgeError("give --dataset NAME or --data PATH, not both")
+    path, label_column, image_size = args.data, args.label_column, _image_size(args.image_size)
+    dataset = args.dataset
+    if dataset is None and path is None:
+        if isinstance(default, dict):  # a teacher's data
+            files = default.get("data") or {}
+            dataset, path = (None, files["path"]) if files else (default.get("dataset"), None)
+            label_column = label_column or files.get("label_column")
+            image_size = image_size or (tuple(files["image_size"]) if files.get("image_size") else None)
+            if dataset is None and path is None:
+                raise DarkKnowledgeError("the teacher's model.json does not say which data it was trained on (a "
+                                         "folder written by fit alone); give --dataset NAME or --data PATH")
+        else:
+            dataset = default
+    if path is None and (args.label_column is not None or args.image_size is not None):
+        raise DarkKnowledgeError("--label-column and --image-size are for --data PATH; drop them or give --data")
+    return DataChoice(dataset, args.data_dir, args.download, val_size, args.val_seed, path=None if path is None
+                      else str(path), label_column=label_column, image_size=image_size)
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        weight_decay=args.weight_decay, schedule=args.schedule, jitter=args.jitter, bf16=args.bf16,
-                       seed=args.seed, patience=args.patience, progress=not args.no_progress)
+                       seed=args.seed, patience=args.patience, progress=not args.no_progress,
+                       optimizer=args.optimizer, grad_accumulation=args.grad_accumulation,
+                       clip_grad_norm=args.clip_grad_norm, fp16=args.fp16)
 
 
 def _summary(model, result, out: Path) -> str:
@@ -347,25 +443,29 @@ def run(args: argparse.Namespace) -> int:
             load_dataset(name, args.data_dir, download=True)
     if args.command == "train" and args.members is not None:
         _require(args, "out")
-        done = jobs.train_ensemble(args.model, _data_choice(args), _train_config(args), args.out, args.members,
-                                   args.resume)
+        done = jobs.train_ensemble(args.model, _data_choice(args, "digits"), _train_config(args), args.out,
+                                   args.members, args.resume, options=_model_options(args.model_options, "model"),
+                                   device=args.device)
         say(f"saved an ensemble of {args.members} members to {args.out} ({len(done.trained)} trained now, "
               f"{len(done.skipped)} already finished); use it with 'distill --ensemble {args.out}'")
     elif args.command == "train":
         _require(args, "out")
-        model, result = jobs.train_run(args.model, _data_choice(args), _train_config(args), args.out, args.resume)
+        model, result = jobs.train_run(args.model, _data_choice(args, "digits"), _train_config(args), args.out,
+                                       args.resume, options=_model_options(args.model_options, "model"),
+                                       device=args.device)
         say(_summary(model, result, args.out))
     elif args.command == "distill":
         teachers = _teachers(args)
         _require(args, "out", "temperature")
         model, result = jobs.distill_run(
-            teachers, args.student, _data_choice(args, jobs.teacher_dataset(teachers)), _train_config(args),
+            teachers, args.student, _data_choice(args, jobs.teacher_data(teachers)), _train_config(args),
             args.temperature, args.soft_weight, args.hard_weight, args.out, args.resume, combine=args.combine,
             store_dir=args.store_dir or Path(args.out).parent / "soft-targets", top_k=args.top_k,
-            store_dtype=args.store_dtype)
+            store_dtype=args.store_dtype, options=_model_options(args.student_options, "student"),
+            device=args.device, teacher_device=args.teacher_device)
         say(_summary(model, result, args.out))
     elif args.command == "evaluate":
-        data = _data_choice(args) if args.dataset else None
+        data = _data_choice(args) if args.dataset or args.data else None
         print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter, args.combine), indent=2))
     elif args.command == "reproduce" and args.experiment == "specialists":
         from .specialists.cli import reproduce
@@ -407,8 +507,10 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     options.install(parser)
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv  # anywhere on the line: also show the traceback of the user's code behind an error
+    argv = [a for a in argv if a != "--debug"]
     try:
-        argv = sys.argv[1:] if argv is None else argv
         args = _apply_config_file(parser, argv)
         options.check(parser, args)  # command line and config file alike
         args.argv = argv  # recorded in reports as the command that made them
@@ -432,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
         return code
     except DarkKnowledgeError as e:
+        if debug and e.__cause__ is not None:
+            traceback.print_exception(e.__cause__)
         print(f"darkknowledge: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, options.UsageError) else 1
     except OSError as e:  # disk full, permission denied, ...: say which file

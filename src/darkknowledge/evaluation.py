@@ -1,4 +1,4 @@
-"""Running a model over a dataset: logits in large batches, and the test-error summary the paper reports."""
+"""Running a model over a transfer set: logits in large batches, and the test-error summary the paper reports."""
 
 from __future__ import annotations
 
@@ -9,15 +9,36 @@ import torch
 from torch import nn
 
 from .augment import jitter as jitter_images
+from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, in_order
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def as_inputs(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float inputs in [0, 1], the one preprocessing every model here expects."""
-    return images.float().div_(255) if images.dtype == torch.uint8 else images
+    """uint8 pixels -> float inputs in [0, 1], the preprocessing of the built-in image sets (anything else as is)."""
+    return UINT8_PIXELS(images) if images.dtype == torch.uint8 else images
 
 
-def autocast(bf16: bool, device: torch.device | str = "cpu"):
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
+def precision_of(bf16: bool | str | None) -> str:
+    """``True``/``"bf16"``: bfloat16 autocast; ``"fp16"``: float16 autocast (CUDA, with a gradient scaler when
+    training); ``False``/``None``/``"fp32"``: none."""
+    if bf16 is True:
+        return "bf16"
+    if not bf16:
+        return "fp32"
+    if bf16 not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {bf16!r}")
+    return bf16
+
+
+def autocast(bf16: bool | str | None, device: torch.device | str = "cpu"):
+    """Mixed-precision autocast on ``device`` (weights and loss stay float32), or nothing; see :func:`precision_of`.
+    fp16 is a CUDA precision: on another device (a teacher kept on the CPU) the computation stays float32."""
+    precision = precision_of(bf16)
+    if precision == "fp32" or (precision == "fp16" and torch.device(device).type != "cuda"):
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -25,10 +46,19 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
 
+def to_device(inputs, device: torch.device):
+    """A batch's inputs (a tensor or a dict of tensors) on ``device``; non-blocking from pinned memory."""
+    if isinstance(inputs, dict):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=inputs.is_pinned()) if inputs.device != device else inputs
+
+
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 4096, bf16: bool = False,
+def predict_logits(model: nn.Module, data, batch_size: int = 4096, bf16: bool | str = False,
                    jitter: int = 0, seed: int = 0) -> torch.Tensor:
-    """Float32 logits ``[N, classes]`` of ``model`` (in eval mode) for uint8 images ``[N, H, W]``.
+    """Float32 logits ``[N, ..., classes]`` (on the CPU) of ``model`` in eval mode over ``data``: a transfer set
+    (its transform applied), anything :func:`darkknowledge.data.as_transfer_set` takes, or a tensor of inputs
+    (uint8 images are scaled to [0, 1]).
 
     ``jitter`` > 0 translates each image by up to that many pixels first (seeded), to test invariance (§3).
     """
@@ -36,13 +66,30 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 409
     model.eval()
     device = device_of(model)
     generator = torch.Generator().manual_seed(seed)
+    if isinstance(data, torch.Tensor):
+        parts = ((as_inputs(data[i:i + batch_size]), None, None) for i in range(0, len(data), batch_size))
+    else:
+        data = as_transfer_set(data)
+        parts = batches(data, in_order(data, batch_size))
     chunks = []
-    with autocast(bf16, device):
-        for start in range(0, len(images), batch_size):
-            batch = jitter_images(images[start:start + batch_size], jitter, generator)
-            chunks.append(model(as_inputs(batch.to(device))).float().cpu())
-    model.train(was_training)
+    try:
+        with autocast(bf16, device):
+            for inputs, _, _ in parts:
+                inputs = to_device(inputs, device)
+                if jitter:
+                    inputs = jitter_images(inputs, jitter, generator)
+                chunks.append(model(inputs).float().cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def labels_of(data) -> torch.Tensor:
+    """Every label of a transfer set, in order (its ``labels`` when it holds them, else read batch by batch)."""
+    labels = getattr(data, "labels", None)
+    if isinstance(labels, torch.Tensor):
+        return labels
+    return torch.cat([y for _, y, _ in batches(data, in_order(data, 4096))]) if len(data) else torch.empty(0).long()
 
 
 @dataclass
@@ -61,16 +108,23 @@ class Evaluation:
                 "error_rate": 1 - self.accuracy, "per_class_errors": self.per_class_errors, "loss": self.loss}
 
 
-def summarize(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Evaluation:
-    """Errors, per-class errors (indexed by the true class) and mean cross-entropy of given logits."""
-    wrong = logits.argmax(1) != labels
+def summarize(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
+              ignore_index: int | None = None) -> Evaluation:
+    """Errors, per-class errors (indexed by the true class) and mean cross-entropy of given logits ``[..., C]``
+    against labels ``[...]``; cases labelled ``ignore_index`` are left out."""
+    logits, labels = logits.reshape(-1, logits.shape[-1]) if logits.numel() else logits, labels.reshape(-1)
+    if ignore_index is not None:
+        keep = labels != ignore_index
+        logits, labels = logits[keep], labels[keep]
+    wrong = logits.argmax(-1) != labels if len(labels) else torch.zeros(0, dtype=torch.bool)
     per_class = torch.bincount(labels[wrong], minlength=num_classes)
     loss = torch.nn.functional.cross_entropy(logits, labels).item() if len(labels) else float("nan")
     return Evaluation(int(wrong.sum()), len(labels), per_class.tolist(), loss)
 
 
-def evaluate(model: nn.Module, data, batch_size: int = 4096, bf16: bool = False, jitter: int = 0,
+def evaluate(model: nn.Module, data, batch_size: int = 4096, bf16: bool | str = False, jitter: int = 0,
              seed: int = 0) -> Evaluation:
-    """Evaluate ``model`` on a LabeledImages set (test errors as in the paper's tables)."""
-    logits = predict_logits(model, data.images, batch_size, bf16, jitter, seed)
-    return summarize(logits, data.labels, data.num_classes)
+    """Evaluate ``model`` on a transfer set (test errors as in the paper's tables)."""
+    data = as_transfer_set(data)
+    logits = predict_logits(model, data, batch_size, bf16, jitter, seed)
+    return summarize(logits, labels_of(data), len(data.classes), getattr(data, "ignore_index", None))

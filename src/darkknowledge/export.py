@@ -1,10 +1,11 @@
 """Shipping a trained model (§1's reason to distil: a small model that answers fast): ONNX or TorchScript files
 checked to answer like the PyTorch model, each with a model card beside it.
 
-An exported graph takes what every model here takes: float32 images ``[B, H, W]`` with pixels scaled to
-[0, 1] (uint8 / 255, as :func:`darkknowledge.evaluation.as_inputs` does), and returns float32 scores
-``[B, classes]`` (logits; for an ensemble, what its forward returns). B is dynamic. The ONNX file records
-this in its metadata (``preprocessing``, ``classes``, ``image_shape``).
+An exported graph takes what the model took in training: model-ready inputs ``[B, *input_shape]``, made from
+the data by the transform its model.json records (the built-in images: float32 ``[B, H, W]`` with pixels scaled
+to [0, 1], uint8 / 255), and returns float32 scores ``[B, classes]`` (logits; for an ensemble, what its forward
+returns). B is dynamic. The ONNX file records this in its metadata (``preprocessing``, ``classes``,
+``image_shape``: one input's shape).
 
 Loading a TorchScript file runs the code stored in it: load only files you trust. This module loads only
 the file it has just written, to check it. ONNX files hold no code.
@@ -29,6 +30,7 @@ from torch import nn
 
 from . import checkpoint
 from .data import load_dataset
+from .data.transfer import UINT8_PIXELS, Transform
 from .ensemble import Ensemble, is_ensemble_dir
 from .errors import DarkKnowledgeError
 from .evaluation import as_inputs, predict_logits
@@ -57,7 +59,7 @@ class Deployable:
     name: str  # the run folder, as given
     kind: str  # "model" or "ensemble"
     spec: str  # model spec, or a description of the ensemble
-    image_shape: tuple[int, int]
+    image_shape: tuple[int, ...]  # one input's shape (an image's [H, W] for the built-in sets)
     classes: list[str]
     dataset: str
     weight_files: list[Path]  # the safetensors files that hold its weights, for size on disk
@@ -66,6 +68,26 @@ class Deployable:
     @property
     def weight_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.weight_files)
+
+    @property
+    def training_meta(self) -> dict[str, Any]:
+        """The model.json it was trained with (an ensemble's first member's)."""
+        return self.meta if self.kind == "model" else self.meta["member_meta"][0]
+
+    @property
+    def transform(self) -> Transform:
+        """How inputs were made from the data in training (recorded in model.json; older runs: uint8 / 255)."""
+        described = (self.training_meta.get("transfer_set") or {}).get("transform")
+        return Transform.from_description(described) if described else UINT8_PIXELS
+
+    @property
+    def preprocessing(self) -> str:
+        if self.transform == UINT8_PIXELS and len(self.image_shape) == 2:
+            return PREPROCESSING
+        dtype = (self.training_meta.get("transfer_set") or {}).get("dtype", "float32")
+        made = "float32" if not self.transform.identity else dtype
+        return f"{made} inputs [batch, {', '.join(map(str, self.image_shape))}]; made from the data by: " \
+               f"{self.transform.text()}"
 
 
 def load_deployable(path: str | os.PathLike) -> Deployable:
@@ -124,10 +146,52 @@ def _load_ensemble(folder: Path, members: list[Path]) -> Deployable:
 
 
 def load_test_split(dataset: str, data_dir: str | os.PathLike | None = None):
-    """The test split of a run's dataset: the real inputs that exported files are checked and timed on."""
+    """The test split of a named dataset: the real inputs that exported files are checked and timed on."""
     if dataset == "unknown":
-        raise DarkKnowledgeError("the run does not record its dataset; it cannot be checked on test inputs")
+        raise DarkKnowledgeError("the run does not record its dataset; it cannot be checked on test inputs; give "
+                                 "--data PATH")
     return load_dataset(dataset, data_dir).test
+
+
+def test_set(deployable: Deployable, data_dir: str | os.PathLike | None = None,
+             data_path: str | os.PathLike | None = None):
+    """The cases exported files are checked and timed on: the test split of the data the run records (or of
+    ``data_path``'s files, made into inputs by the run's transform); the validation split when there is no test
+    split. Checked against the model's classes and input shape."""
+    from dataclasses import replace
+
+    from .data.transfer import input_shape
+    from .jobs import DataChoice
+    meta = deployable.training_meta
+    if data_path is not None:
+        data = replace(DataChoice(None, path=str(data_path)), transform=(meta.get("transfer_set") or {}).get(
+            "transform"), val_size=0)
+    elif meta.get("data"):
+        data = DataChoice.from_meta(meta, data_dir)
+    else:
+        return _checked(deployable, load_test_split(deployable.dataset, data_dir))
+    _, val, test = data.load()
+    return _checked(deployable, test if test is not None else val, data.name)
+
+
+def _checked(deployable: Deployable, test, name: str | None = None):
+    from .data.transfer import input_shape
+    name = name or deployable.dataset
+    if test is None:
+        raise DarkKnowledgeError(f"{name} has no test or validation split to check the export on; give --data "
+                                 "PATH with test cases")
+    if list(test.classes) != deployable.classes or input_shape(test) != tuple(deployable.image_shape):
+        raise DarkKnowledgeError(f"{deployable.name} does not match the {name} test set (classes or input shape)")
+    return test
+
+
+def model_inputs(data, limit: int = 10000) -> torch.Tensor:
+    """The first ``limit`` cases of a transfer set as one tensor of model-ready inputs (what an exported file
+    takes)."""
+    from .data.transfer import batches
+    count = min(len(data), limit)
+    parts = [x for x, _, _ in batches(data, list(torch.arange(count).split(4096)))]
+    return torch.cat(parts) if parts else torch.empty(0)
 
 
 # --- writing the files ----------------------------------------------------------------------------------------
@@ -174,7 +238,8 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, image_shape: tuple[int
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=ONNX_OPSET,
                                     verbose=False)
     proto = program.model_proto
-    props = {"preprocessing": PREPROCESSING, "image_shape": json.dumps(list(image_shape)),
+    props = {"preprocessing": (metadata or {}).pop("preprocessing", PREPROCESSING),
+             "image_shape": json.dumps(list(image_shape)),
              **(metadata or {})}
     for key, value in props.items():
         entry = proto.metadata_props.add()
@@ -269,7 +334,8 @@ class Parity:
 def check_parity(path: str | os.PathLike, format: str, model: nn.Module, images: torch.Tensor,
                  atol: float = DEFAULT_ATOL, batch_sizes: tuple[int, ...] = PARITY_BATCH_SIZES,
                  threads: int = 1) -> Parity:
-    """Run the exported file on uint8 ``images`` at each batch size and compare with the PyTorch model."""
+    """Run the exported file on ``images`` (uint8 images, or model-ready inputs) at each batch size and compare
+    with the PyTorch model."""
     check_format(format)
     expected = predict_logits(model, images).numpy()
     inputs = as_inputs(images.clone())
@@ -310,7 +376,7 @@ def card_path(out: str | os.PathLike) -> Path:
 
 def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data_dir: str | None = None,
                atol: float = DEFAULT_ATOL, card: bool = True, command: str | None = None, threads: int = 1,
-               speed: bool = True) -> ExportResult:
+               speed: bool = True, data_path: str | os.PathLike | None = None) -> ExportResult:
     """Export a run (or ensemble folder), check it against PyTorch on the test set, write its model card.
 
     The file is moved into place only after the parity check passes: a file at ``out`` is always a checked one.
@@ -322,17 +388,16 @@ def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data
     if out.is_dir():
         raise DarkKnowledgeError(f"--out {out} is a folder; give a file name, e.g. {out / ('model' + FORMATS[format])}")
     deployable = load_deployable(run)
-    test = load_test_split(deployable.dataset, data_dir)
-    if list(test.classes) != deployable.classes or test.image_shape != deployable.image_shape:
-        raise DarkKnowledgeError(f"{run} does not match the {deployable.dataset} test set (classes or image size)")
+    test = test_set(deployable, data_dir, data_path)
+    inputs = model_inputs(test)
     metadata = {"classes": json.dumps(deployable.classes), "model": deployable.spec, "dataset": deployable.dataset,
-                "source": deployable.name}
+                "source": deployable.name, "preprocessing": deployable.preprocessing}
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         staged = export_model(deployable.model, staging / out.name, format, deployable.image_shape, metadata,
-                              example=test.images)
-        parity = check_parity(staged, format, deployable.model, test.images, atol, threads=threads)
+                              example=inputs)
+        parity = check_parity(staged, format, deployable.model, inputs, atol, threads=threads)
         if not parity.passed:
             raise DarkKnowledgeError(f"the exported {format} model does not reproduce PyTorch: {parity.describe()}; "
                                      "nothing written")
@@ -345,7 +410,7 @@ def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data
     measured = None
     if speed:
         from .bench import BenchConfig, measure_speed  # bench builds on this module, so it is imported late
-        measured = measure_speed(deployable.model, test.images, BenchConfig.quick(threads),
+        measured = measure_speed(deployable.model, inputs, BenchConfig.quick(threads),
                                  onnx_path=out if format == "onnx" else None)
     card_file = None
     if card:

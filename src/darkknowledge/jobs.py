@@ -21,7 +21,11 @@ from . import checkpoint
 from .distributed import current
 from .augment import check_jitter
 from .data import DEFAULT_VALIDATION_SIZE, LabeledImages, load_dataset, validation_split
+from .data.files import DEFAULT_VALIDATION_FRACTION as DEFAULT_FILES_VALIDATION, load_files
+from .data.transfer import Transform, input_shape, subset
+from .evaluation import labels_of
 from .ensemble import MANIFEST, Ensemble, is_ensemble_dir, read_manifest, write_manifest
+from .devices import resolve_device
 from .errors import DarkKnowledgeError
 from .evaluation import evaluate
 from .memory import check_fits
@@ -33,10 +37,11 @@ from .training import (Distillation, FitResult, HardTargets, TrainConfig, _run_k
 
 @dataclass
 class DataChoice:
-    """Which data a job uses: dataset name, where its files are, how the validation split is cut, and
-    optionally a smaller or class-restricted training (transfer) set."""
+    """Which data a job uses: a dataset name (and where its files are) or a user's files (``path``: see
+    :mod:`darkknowledge.data.files`), how the validation split is cut, and optionally a smaller or
+    class-restricted training (transfer) set."""
 
-    dataset: str = "digits"
+    dataset: str | None = "digits"
     data_dir: str | None = None
     download: bool = False
     val_size: int | float | None = None  # None: the dataset's documented default; 0: no validation split
@@ -45,17 +50,33 @@ class DataChoice:
     train_classes: tuple[int, ...] | None = None  # keep only these labels in the training part (§3's "no 3s")
     train_subset: int | None = None  # keep only this many cases of the training part, after the validation split
     # (a seeded random choice, so the validation split is the one the whole training set has: §6's 3%)
+    path: str | None = None  # a user's files instead of a named dataset
+    label_column: str | None = None  # a table's label column (default: label)
+    image_size: tuple[int, int] | None = None  # resize an image folder's images to (height, width)
+    transform: dict[str, Any] | None = None  # a saved model's recorded transform, applied instead of the files'
 
-    def load(self) -> tuple[LabeledImages, LabeledImages | None, LabeledImages]:
-        """(train, validation or None, test). Validation keeps every class, even with ``train_classes``."""
-        splits = load_dataset(self.dataset, self.data_dir, self.download)
+    @property
+    def name(self) -> str:
+        return f"data:{Path(self.path).name}" if self.path is not None else self.dataset
+
+    def splits(self):
+        if self.path is not None:
+            return load_files(self.path, self.label_column, self.image_size,
+                              Transform.from_description(self.transform) if self.transform else None)
+        return load_dataset(self.dataset, self.data_dir, self.download)
+
+    def load(self) -> tuple[Any, Any | None, Any | None]:
+        """(train, validation or None, test or None: a user's files may have no test split). Validation keeps
+        every class, even with ``train_classes``."""
+        splits = self.splits()
         train = splits.train
         if self.subset is not None:
             if not 0 < self.subset <= len(train):
                 raise DarkKnowledgeError(f"subset must be between 1 and {len(train)}, got {self.subset}")
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.val_seed))
-            train = train.subset(order[:self.subset].sort().values)
-        size = DEFAULT_VALIDATION_SIZE[self.dataset] if self.val_size is None else self.val_size
+            train = subset(train, order[:self.subset].sort().values)
+        size = DEFAULT_VALIDATION_SIZE.get(self.dataset, DEFAULT_FILES_VALIDATION) if self.val_size is None \
+            else self.val_size
         val = None
         if size:
             train, val = validation_split(train, size, self.val_seed)
@@ -63,14 +84,19 @@ class DataChoice:
             if not 0 < self.train_subset <= len(train):
                 raise DarkKnowledgeError(f"train_subset must be between 1 and {len(train)}, got {self.train_subset}")
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.val_seed + 1))
-            train = train.subset(order[:self.train_subset].sort().values)
+            train = subset(train, order[:self.train_subset].sort().values)
         if self.train_classes is not None:
-            train = train.where_labels(self.train_classes)
+            train = train.where_labels(self.train_classes) if hasattr(train, "where_labels") else \
+                subset(train, torch.isin(labels_of(train), torch.tensor(self.train_classes)))
         return train, val, splits.test
 
-    def describe(self, train: LabeledImages) -> dict[str, Any]:
-        described = {"dataset": self.dataset, "data_fingerprint": train.fingerprint(),
+    def describe(self, train) -> dict[str, Any]:
+        described = {"dataset": self.name, "data_fingerprint": train.fingerprint(),
                      "validation": {"size": self.val_size, "seed": self.val_seed}}
+        if self.path is not None:
+            described["data"] = {"path": str(Path(self.path).expanduser().resolve()),
+                                 "label_column": self.label_column,
+                                 "image_size": list(self.image_size) if self.image_size else None}
         if self.subset is not None:
             described["subset"] = self.subset
         if self.train_subset is not None:
@@ -79,24 +105,50 @@ class DataChoice:
             described["train_classes"] = list(self.train_classes)
         return described
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], data_dir: str | None = None) -> DataChoice:
+        """The data a saved model was trained with, as its model.json records it (the files' transform replaced
+        by the one the model was trained with)."""
+        classes = meta.get("train_classes")
+        validation = meta.get("validation") or {"size": 0, "seed": 0}
+        files = meta.get("data") or {}
+        if "dataset" not in meta and not files:
+            raise DarkKnowledgeError("the model's model.json does not say which data it was trained on; give "
+                                     "--dataset NAME or --data PATH")
+        transform = (meta.get("transfer_set") or {}).get("transform") if files else None
+        return cls(None if files else meta["dataset"], data_dir, val_size=validation["size"],
+                   val_seed=validation["seed"],
+                   subset=meta.get("subset"), train_classes=tuple(classes) if classes else None,
+                   train_subset=meta.get("train_subset"), path=files.get("path"),
+                   label_column=files.get("label_column"),
+                   image_size=tuple(files["image_size"]) if files.get("image_size") else None, transform=transform)
 
-def _model_meta(spec: str, train: LabeledImages, data: DataChoice) -> dict[str, Any]:
-    return {"spec": str(parse_spec(spec)), "image_shape": list(train.image_shape), "classes": list(train.classes),
-            **data.describe(train)}
+
+def _model_meta(spec: str, train, data: DataChoice, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What model.json records to rebuild the model and its data: spec (and a factory's options), one input's
+    shape (``image_shape``, the older name, kept for readers of older folders), classes and the data."""
+    # input_shape (the same list) is added by fit's sidecar: this meta is part of a run's resume key
+    meta = {"spec": str(parse_spec(spec, options)), "image_shape": list(input_shape(train)),
+            "classes": list(train.classes), **data.describe(train)}
+    if options:
+        meta["model_options"] = dict(options)
+    return meta
 
 
 def train_run(spec: str, data: DataChoice, config: TrainConfig, out: str | Path | None = None,
               resume: bool = False, log: Callable[[str], None] | None = None,
-              monitor: Callable | None = None) -> tuple[Any, FitResult]:
+              monitor: Callable | None = None, *, options: dict[str, Any] | None = None,
+              device: str | None = "auto") -> tuple[Any, FitResult]:
     """Train a model from scratch on hard labels (a teacher, an ensemble member or a baseline).
 
     The initial weights come from ``config.seed`` (as do the order of cases and dropout), so a run is repeatable.
     ``monitor(train, val, test)`` may return sets whose errors ``fit`` logs every epoch (its ``monitor``).
+    ``options``: a model factory's keyword arguments; ``device``: where it trains (see ``fit``).
     """
     train, val, test = data.load()
-    model = _seeded_model(spec, train, config.seed)
-    result = fit(model, train, val, config, HardTargets(), out, resume, _model_meta(spec, train, data), log,
-                 monitor=monitor(train, val, test) if monitor else None)
+    model = _seeded_model(spec, train, config.seed, options)
+    result = fit(model, train, val, config, HardTargets(), out, resume, _model_meta(spec, train, data, options), log,
+                 monitor=monitor(train, val, test) if monitor else None, device=device)
     return model, result
 
 
@@ -104,11 +156,11 @@ def _log_to_stderr(line: str) -> None:
     tqdm.write(line, file=sys.stderr)  # between progress bars, as the training loop logs
 
 
-def _seeded_model(spec: str, train: LabeledImages, seed: int):
-    check_fits(spec, train.image_shape, train.num_classes)
+def _seeded_model(spec: str, train, seed: int, options: dict[str, Any] | None = None):
+    check_fits(spec, input_shape(train), len(train.classes), options)
     with torch.random.fork_rng():  # the caller's random state is left as it was
         torch.manual_seed(seed)
-        return build_model(spec, train.image_shape, train.num_classes)
+        return build_model(spec, input_shape(train), len(train.classes), options)
 
 
 def check_compatible(model_meta: dict[str, Any], data: LabeledImages, run_dir: Path) -> None:
@@ -117,10 +169,11 @@ def check_compatible(model_meta: dict[str, Any], data: LabeledImages, run_dir: P
         raise DarkKnowledgeError(
             f"model {run_dir} predicts classes {model_meta['classes']} but {data.name} has "
             f"{list(data.classes)}; use a model trained on this dataset")
-    if tuple(model_meta["image_shape"]) != data.image_shape:
+    expected = tuple(model_meta.get("input_shape", model_meta["image_shape"]))
+    if expected != input_shape(data):
         raise DarkKnowledgeError(
-            f"model {run_dir} takes {tuple(model_meta['image_shape'])} images but {data.name} has "
-            f"{data.image_shape}; use a model trained on this dataset")
+            f"model {run_dir} takes {expected} inputs but {data.name} has {input_shape(data)}; use a model "
+            "trained on this dataset")
 
 
 TeacherSource = str | os.PathLike | Sequence[str | os.PathLike]
@@ -142,21 +195,32 @@ def load_teacher(teacher: TeacherSource, combine: str = "arithmetic") -> tuple[A
     return ensemble, ensemble.describe(), ensemble.member_meta[0]
 
 
-def teacher_dataset(teacher: TeacherSource) -> str:
-    """The dataset a saved teacher (or the first member of an ensemble) was trained on."""
+def teacher_data(teacher: TeacherSource) -> dict[str, Any]:
+    """What a saved teacher (or the first member of an ensemble) was trained on: its model.json's ``dataset``
+    and, for a user's files, ``data`` (path, label column, image size); empty for a folder written by ``fit``
+    alone."""
     first = teacher if isinstance(teacher, (str, os.PathLike)) else (list(teacher) or [None])[0]
     if first is None:
         raise DarkKnowledgeError("distillation needs a teacher: a run directory, several, or an ensemble folder")
     if (Path(first) / MANIFEST).exists():
-        return read_manifest(first)["dataset"]
-    return checkpoint.read_model_meta(first)["dataset"]
+        manifest = read_manifest(first)
+        meta = manifest.get("data") or {"dataset": manifest["dataset"]}
+    else:
+        meta = checkpoint.read_model_meta(first)
+    return {k: meta[k] for k in ("dataset", "data") if k in meta}
+
+
+def teacher_dataset(teacher: TeacherSource) -> str | None:
+    """The dataset name a saved teacher was trained on (``data:FILE`` for a user's files)."""
+    return teacher_data(teacher).get("dataset")
 
 
 def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config: TrainConfig, temperature: float,
                 soft_weight: float = 1.0, hard_weight: float = 0.0, out: str | Path | None = None,
                 resume: bool = False, log: Callable[[str], None] | None = None, *, combine: str = "arithmetic",
                 store_dir: str | Path | None = None, top_k: int | None = None,
-                store_dtype: str = "float32", monitor: Callable | None = None) -> tuple[Any, FitResult]:
+                store_dtype: str = "float32", monitor: Callable | None = None, options: dict[str, Any] | None = None,
+                device: str | None = "auto", teacher_device: str | None = None) -> tuple[Any, FitResult]:
     """Distil a saved teacher (a run, several runs or an ensemble folder) into a new ``spec`` student on the
     dataset's training split (§2, §3, §4).
 
@@ -167,6 +231,7 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
     """
     log = log or _log_to_stderr
     teacher, teacher_info, member_meta = load_teacher(teacher_dir, combine)
+    teacher.to(resolve_device(teacher_device or device))
     train, val, test = data.load()
     sources = [teacher_dir] if isinstance(teacher_dir, (str, os.PathLike)) else list(teacher_dir)
     check_compatible(member_meta, train, Path(sources[0]))
@@ -178,11 +243,11 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
         else:
             cached = cache_teacher_logits(teacher, train, config.bf16)
     objective = Distillation(temperature, soft_weight, hard_weight, teacher=teacher, teacher_logits=cached,
-                             store=store)
-    model = _seeded_model(spec, train, config.seed)
-    meta = {**_model_meta(spec, train, data), "teacher": teacher_info}
+                             store=store, teacher_device=teacher_device)
+    model = _seeded_model(spec, train, config.seed, options)
+    meta = {**_model_meta(spec, train, data, options), "teacher": teacher_info}
     result = fit(model, train, val, config, objective, out, resume, meta, log,
-                 monitor=monitor(train, val, test) if monitor else None)
+                 monitor=monitor(train, val, test) if monitor else None, device=device)
     return model, result
 
 
@@ -199,7 +264,8 @@ class EnsembleResult:
 
 
 def train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: str | Path, members: int,
-                   resume: bool = False, log: Callable[[str], None] | None = None) -> EnsembleResult:
+                   resume: bool = False, log: Callable[[str], None] | None = None, *,
+                   options: dict[str, Any] | None = None, device: str | None = "auto") -> EnsembleResult:
     """§4: ``members`` models of one spec and recipe differing only in seed (``config.seed + i`` for the
     initial weights, the order of cases and dropout), in ``out/member-00``, ``member-01``, ...
 
@@ -222,7 +288,7 @@ def _train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: Path,
     if not workers.is_main:
         log = _silent
     train, val, _ = data.load()
-    meta = _model_meta(spec, train, data)
+    meta = _model_meta(spec, train, data, options)
     entries = [{"run": member_dir(i), "seed": config.seed + i, "done": False} for i in range(members)]
 
     def record() -> None:
@@ -245,8 +311,8 @@ def _train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: Path,
                 for stale in [run_dir / checkpoint.STATE_META, *run_dir.glob("state-e*.safetensors")]:
                     stale.unlink(missing_ok=True)
         log(f"member {i + 1}/{members} ({entry['run']}, seed {entry['seed']})")
-        model = _seeded_model(spec, train, entry["seed"])  # the member's initial weights come from its seed
-        results[i] = fit(model, train, val, member_config, HardTargets(), run_dir, resume, meta, log)
+        model = _seeded_model(spec, train, entry["seed"], options)  # the member's initial weights: its seed
+        results[i] = fit(model, train, val, member_config, HardTargets(), run_dir, resume, meta, log, device=device)
         trained.append(i)
         record()
     return EnsembleResult(out, trained, skipped, results)
@@ -287,7 +353,7 @@ def _record_members(out: Path, entries: list[dict[str, Any]], meta: dict[str, An
                                          "ensemble with the options it was started with, or choose another "
                                          "output directory")
             entry["weights_sha256"] = checkpoint.read_model_meta(run_dir)["weights_sha256"]
-    write_manifest(out, {"spec": meta["spec"], "dataset": data.dataset, "classes": meta["classes"],
+    write_manifest(out, {"spec": meta["spec"], "dataset": data.name, "classes": meta["classes"],
                          "image_shape": meta["image_shape"], "combine": "arithmetic",
                          "complete": all(e["done"] for e in entries),
                          "members": [{k: v for k, v in e.items() if k != "model_missing"} for e in entries],
@@ -311,21 +377,21 @@ def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str
         model, meta = checkpoint.load_model(run_dir)
         name = meta["spec"]
     if data is None:  # the data the model was trained with, as its sidecar records it
-        if meta.get("dataset") is None:
-            raise DarkKnowledgeError(f"{run_dir}: its sidecar names no dataset; pass --dataset")
-        classes, validation = meta.get("train_classes"), meta.get("validation") or {"size": None, "seed": 0}
-        data = DataChoice(meta["dataset"], val_size=validation["size"], val_seed=validation["seed"],
-                          subset=meta.get("subset"), train_classes=tuple(classes) if classes else None,
-                          train_subset=meta.get("train_subset"))
+        data = DataChoice.from_meta(meta)
+    elif data.path is not None and data.transform is None:  # other files, made into inputs as in training
+        data = replace(data, transform=(meta.get("transfer_set") or {}).get("transform"))
     train, val, test = data.load()
     chosen = {"train": train, "val": val, "test": test}.get(split)
     if split not in ("train", "val", "test"):
         raise DarkKnowledgeError(f"split must be train, val or test, got {split!r}")
+    if chosen is None and split == "test":
+        raise DarkKnowledgeError(f"{data.name} has no test split (a user's files hold one as x_test/y_test or a "
+                                 "test/ folder); choose --split val or train, or give --data with a test split")
     if chosen is None:
-        raise DarkKnowledgeError(f"{data.dataset} has no validation split with val_size 0; choose train or test")
+        raise DarkKnowledgeError(f"{data.name} has no validation split with val_size 0; choose train or test")
     check_compatible(meta, chosen, Path(run_dir))
-    check_jitter(jitter, chosen.image_shape)
+    check_jitter(jitter, input_shape(chosen))
     result = evaluate(model, chosen, jitter=jitter).to_dict()
     result["per_class_errors"] = dict(zip(chosen.classes, result["per_class_errors"]))  # readable JSON
     return {"run": str(run_dir), "model": name, "parameters": count_parameters(model),
-            "dataset": data.dataset, "split": split, "jitter": jitter, **result}
+            "dataset": data.name, "split": split, "jitter": jitter, **result}

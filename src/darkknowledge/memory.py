@@ -10,7 +10,7 @@ import os
 import torch
 
 from .errors import DarkKnowledgeError
-from .models import build_model
+from .models import FACTORY, build_model, parse_spec
 
 # Float32 copies of the parameters training holds at once: weights, gradients, SGD momentum, the best epoch's
 # weights and the copy written to a checkpoint.
@@ -29,11 +29,14 @@ def available_bytes() -> int:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fits(spec, image_shape: tuple[int, ...], num_classes: int, copies: int = TRAINING_COPIES) -> None:
+def check_fits(spec, input_shape: tuple[int, ...], num_classes: int, options: dict | None = None,
+               copies: int = TRAINING_COPIES) -> None:
     """Raise a one-line error if ``copies`` float32 copies of the ``spec`` model's parameters exceed the memory
-    available now."""
+    available now. A user's factory (``package.module:factory``) is not checked: its code may not run on ``meta``."""
+    if parse_spec(spec, options).kind == FACTORY:
+        return
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in build_model(spec, tuple(image_shape), num_classes).parameters())
+        parameters = sum(p.numel() for p in build_model(spec, tuple(input_shape), num_classes, options).parameters())
     needed, available = parameters * 4 * copies, available_bytes()
     if needed > available:
         raise DarkKnowledgeError(f"model {spec} has {parameters:,} parameters ({parameters * 4 / 1e9:.3g} GB as "

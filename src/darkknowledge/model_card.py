@@ -32,7 +32,7 @@ def _data_lines(deployable: Deployable) -> list[str]:
     meta = deployable.meta if deployable.kind == "model" else deployable.meta["member_meta"][0]
     lines = [f"- Dataset: {deployable.dataset}; classes in output order: {', '.join(deployable.classes)}"]
     if "data_fingerprint" in meta:
-        lines.append(f"- Training data fingerprint (SHA-256 of pixels and labels): `{meta['data_fingerprint']}`")
+        lines.append(f"- Training data fingerprint (SHA-256 of inputs and labels): `{meta['data_fingerprint']}`")
     validation = meta.get("validation")
     selected = bool(validation) and validation.get("size") != 0  # size 0: trained on every training case
     if selected:
@@ -71,8 +71,15 @@ def _speed_lines(speed: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _usage(format: str, file: str, image_shape: tuple[int, int]) -> list[str]:
-    h, w = image_shape
+def _usage(format: str, file: str, deployable: Deployable) -> list[str]:
+    if deployable.preprocessing != PREPROCESSING:  # not the built-in images: the inputs as the model took them
+        made = "inputs = ...  # " + deployable.preprocessing
+        call = f"session.run(None, {{{INPUT_NAME!r}: inputs}})[0]" if format == "onnx" else "model(inputs)"
+        load = [f"import onnxruntime as ort", f"session = ort.InferenceSession({file!r})"] if format == "onnx" \
+            else ["import torch  # a TorchScript file runs the code inside it: load only files you trust",
+                  f"model = torch.jit.load({file!r})"]
+        return ["```python", *load, made, f"predictions = {call}.argmax(-1)", "```"]
+    h, w = deployable.image_shape
     if format == "onnx":
         code = ["import numpy as np, onnxruntime as ort",
                 f"session = ort.InferenceSession({file!r})",
@@ -90,7 +97,6 @@ def _usage(format: str, file: str, image_shape: tuple[int, int]) -> list[str]:
 def render_model_card(deployable: Deployable, exported: Path, format: str, parity: Parity,
                       accuracy: dict[str, Any], speed: dict[str, Any] | None, command: str | None) -> str:
     meta = deployable.meta
-    h, w = deployable.image_shape
     now = checkpoint.provenance()
     trained = (meta.get("provenance") or {}) if deployable.kind == "model" else \
         (meta["member_meta"][0].get("provenance") or {})
@@ -116,12 +122,13 @@ def render_model_card(deployable: Deployable, exported: Path, format: str, parit
     lines += [
         "",
         "## Inputs and outputs",
-        f"- Input `{INPUT_NAME}`: {PREPROCESSING}; shape [batch, {h}, {w}], batch size free.",
+        f"- Input `{INPUT_NAME}`: {deployable.preprocessing}; shape [batch, "
+        f"{', '.join(map(str, deployable.image_shape))}], batch size free.",
         f"- Output `{OUTPUT_NAME}`: float32 [batch, {len(deployable.classes)}], one score per class in the order "
         f"{', '.join(deployable.classes)}; the prediction is the argmax, probabilities are softmax(logits) (temperature 1: T > 1 is only "
         "for training).",
         "",
-        *_usage(format, exported.name, deployable.image_shape),
+        *_usage(format, exported.name, deployable),
         "",
         "## Training data",
         *_data_lines(deployable),

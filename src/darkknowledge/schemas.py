@@ -47,7 +47,7 @@ class ModelSidecar(_Schema):
     kind: ClassVar[str] = "model sidecar"
     format: Literal["darkknowledge/1"]
     spec: Annotated[str, Field(min_length=1)]
-    image_shape: Annotated[list[Positive], Field(min_length=2, max_length=3)]
+    image_shape: Annotated[list[Positive], Field(min_length=1, max_length=4)]
     classes: Annotated[list[str], Field(min_length=1)]
     weights: FileName
     weights_sha256: Sha256
@@ -56,6 +56,8 @@ class ModelSidecar(_Schema):
     subset: Positive | None = None
     train_subset: Positive | None = None
     train_classes: list[Count] | None = None
+    input_shape: Annotated[list[Positive], Field(min_length=1, max_length=4)] | None = None
+    model_options: dict[str, Any] | None = None
 
 
 class Best(_Schema):
@@ -165,7 +167,7 @@ class EnsembleManifest(_Schema):
     spec: Annotated[str, Field(min_length=1)]
     dataset: str
     classes: Annotated[list[str], Field(min_length=1)]
-    image_shape: Annotated[list[Positive], Field(min_length=2, max_length=3)]
+    image_shape: Annotated[list[Positive], Field(min_length=1, max_length=4)]
     combine: Literal["arithmetic", "geometric", "logits"] = "arithmetic"
     complete: bool = False
     members: Annotated[list[EnsembleMember], Field(min_length=1)]

@@ -53,7 +53,8 @@ from . import checkpoint, locks, schemas
 from .distributed import Workers, current
 from .ensemble import COMBINE_RULES, Ensemble, check_combine, distillation_targets
 from .errors import DarkKnowledgeError
-from .evaluation import as_inputs, autocast
+from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, cases_per_item, num_cases
+from .evaluation import autocast, device_of, to_device
 from .losses import TopKTargets, topk_targets
 
 FORMAT = "darkknowledge/soft-targets-1"
@@ -160,7 +161,7 @@ class SoftTargets:
         if isinstance(indices, slice):
             return np.arange(len(self))[indices]
         if isinstance(indices, Tensor):
-            indices = indices.numpy()
+            indices = indices.cpu().numpy()
         return np.asarray(indices, dtype=np.int64)
 
     def member_logits(self, indices) -> Tensor:
@@ -231,14 +232,17 @@ class SoftTargets:
                 top_k: int | None = None, dtype: str = "float32", combine: str | None = None,
                 batch_size: int = 2048, bf16: bool = False,
                 log: Callable[[str], None] | None = None) -> SoftTargets:
-        """The teacher's outputs over ``transfer_set`` (a LabeledImages), from ``store_dir`` if an intact store of
-        the same key is there, else computed in one batched pass of each member and written there.
+        """The teacher's outputs over ``transfer_set``, from ``store_dir`` if an intact store of the same key is
+        there, else computed in one batched pass of each member and written there (on the device the teacher's
+        weights are on). ``transfer_set``: a transfer set or anything :func:`darkknowledge.data.as_transfer_set`
+        takes; one row per case (a set with labels ``[N, T]`` has T cases per item).
 
-        ``teacher``: any module mapping images to logits, or an :class:`Ensemble` (its members' logits are kept;
+        ``teacher``: any module mapping inputs to logits, or an :class:`Ensemble` (its members' logits are kept;
         ``combine`` defaults to the ensemble's rule). ``top_k``: keep only the k largest logits per case (and
         member). ``dtype``: ``float32`` or ``float16`` for the stored logits. ``store_dir=None``: in memory only.
         """
         log = log or (lambda _: None)
+        transfer_set = as_transfer_set(transfer_set)
         combine = check_combine(combine or _default_combine(teacher))
         if dtype not in STORAGE_DTYPES:
             raise DarkKnowledgeError(f"store dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
@@ -257,7 +261,7 @@ class SoftTargets:
             "format": FORMAT,
             "teacher": [module_sha256(m) for m in members],
             "transfer_set": transfer_set.fingerprint(),
-            "preprocessing": {"inputs": PREPROCESSING, "jitter": 0, "bf16": bool(bf16)},
+            "preprocessing": {"inputs": _preprocessing(transfer_set), "jitter": 0, "bf16": bool(bf16)},
             "layout": layout, "top_k": top_k, "dtype": dtype, "stored_combine": stored_combine,
         }
         key = _key(key_parts)
@@ -285,21 +289,22 @@ class SoftTargets:
 
             started = time.perf_counter()
             describe = teacher.describe() if isinstance(teacher, Ensemble) else {"module": type(teacher).__name__}
-            header = {"key_parts": key_parts, "num_cases": len(transfer_set), "combine": combine,
+            cases = num_cases(transfer_set)
+            header = {"key_parts": key_parts, "num_cases": cases, "combine": combine,
                       "extra": {"teacher": describe, "members_in_teacher": len(members),
-                                "transfer_set": {"name": transfer_set.name, "cases": len(transfer_set),
+                                "transfer_set": {"name": transfer_set.name, "cases": cases,
                                                  "classes": list(transfer_set.classes)}}}
             if workers.distributed and header_path is not None:
                 store = cls._compute_sharded(teacher, transfer_set, header_path, workers, batch_size, bf16, **header)
                 how = f"{workers.world_size} ranks, each one batched pass of each member over its share"
             else:
-                num_classes, chunks = _stored_logits(teacher, transfer_set, transfer_set.images, key_parts, batch_size,
-                                                     bf16)
+                num_classes, chunks = _stored_logits(teacher, transfer_set, range(len(transfer_set)), key_parts,
+                                                     batch_size, bf16)
                 store = cls.write(chunks, header_path, num_classes=num_classes, **header)
                 how = "one batched pass of each member"
             seconds = time.perf_counter() - started
             where = str(header_path) if header_path is not None else "memory"
-            log(f"soft targets: computed {len(transfer_set)} cases x {len(members)} member(s) in {seconds:.1f}s "
+            log(f"soft targets: computed {cases} cases x {len(members)} member(s) in {seconds:.1f}s "
                 f"({how}), {store.nbytes / 1e6:.1f} MB {layout} store in {where}")
             return store
 
@@ -319,8 +324,9 @@ class SoftTargets:
                 stale.unlink()
         workers.barrier()
 
-        rows = workers.shard(num_cases)
-        num_classes, chunks = _stored_logits(teacher, transfer_set, transfer_set.images[rows], key_parts,
+        items = workers.shard(len(transfer_set))
+        rows = slice(items.start * cases_per_item(transfer_set), items.stop * cases_per_item(transfer_set))
+        num_classes, chunks = _stored_logits(teacher, transfer_set, range(items.start, items.stop), key_parts,
                                              batch_size, bf16)
         num_classes = next(c for c in workers.all_gather_json(num_classes) if c is not None)
         specs = _array_specs(key_parts["layout"], num_cases, _stored_members(teacher, key_parts), num_classes,
@@ -472,11 +478,20 @@ def _stored_members(teacher: nn.Module, key_parts: dict[str, Any]) -> int:
     return 1 if key_parts["stored_combine"] == "mean-logits" else len(teacher_members(teacher))
 
 
-def _stored_logits(teacher: nn.Module, transfer_set, images: Tensor, key_parts: dict[str, Any], batch_size: int,
+def _preprocessing(transfer_set) -> str:
+    """What the store's key records of how inputs were made (the built-in images: the historic text)."""
+    transform = getattr(transfer_set, "transform", None)
+    if transform == UINT8_PIXELS:
+        return PREPROCESSING
+    return json.dumps(transform.describe() if transform is not None else "as the transfer set gives them",
+                      sort_keys=True)
+
+
+def _stored_logits(teacher: nn.Module, transfer_set, items: range, key_parts: dict[str, Any], batch_size: int,
                    bf16: bool) -> tuple[int | None, Iterator[Tensor]]:
-    """(number of classes, chunks of the logits the store keeps ``[b, M, C]``) of ``images`` (a part of
-    ``transfer_set``); the number of classes is None when ``images`` is empty."""
-    chunks = _teacher_chunks(teacher, images, batch_size, bf16)
+    """(number of classes, chunks of the logits the store keeps ``[b, M, C]``) of ``transfer_set``'s ``items``,
+    one row per case; the number of classes is None when ``items`` is empty."""
+    chunks = _teacher_chunks(teacher, transfer_set, items, batch_size, bf16)
     first = next(chunks, None)
     if first is None:
         return None, iter(())
@@ -582,26 +597,31 @@ def _chunk_arrays(chunk, layout: str, top_k: int | None) -> dict[str, np.ndarray
 
 def _check_classes(member_logits: Tensor, transfer_set) -> int:
     classes = member_logits.shape[-1]
-    if classes != transfer_set.num_classes:
+    if classes != len(transfer_set.classes):
         raise DarkKnowledgeError(f"the teacher predicts {classes} classes but the transfer set "
-                                 f"{transfer_set.name} has {transfer_set.num_classes}")
+                                 f"{transfer_set.name} has {len(transfer_set.classes)}")
     return classes
 
 
 @torch.no_grad()
-def _teacher_chunks(teacher: nn.Module, images: Tensor, batch_size: int, bf16: bool) -> Iterator[Tensor]:
-    """Member logits ``[b, M, C]`` batch by batch: one eval pass of each member over the transfer set."""
+def _teacher_chunks(teacher: nn.Module, transfer_set, items: range, batch_size: int,
+                    bf16: bool) -> Iterator[Tensor]:
+    """Member logits ``[b, M, C]`` (b cases) batch by batch: one eval pass of each member over ``items``."""
     was_training = teacher.training
     teacher.eval()
+    device = device_of(teacher)
+    ensemble = isinstance(teacher, Ensemble)
     try:
-        for start in range(0, len(images), batch_size):
-            inputs = as_inputs(images[start:start + batch_size])
-            with autocast(bf16):
-                out = teacher.member_logits(inputs) if isinstance(teacher, Ensemble) else teacher(inputs)
-            if out.dim() != (3 if isinstance(teacher, Ensemble) else 2):
-                raise DarkKnowledgeError(f"the teacher must return logits [batch, classes], got shape "
-                                         f"{tuple(out.shape)}")
-            yield (out if isinstance(teacher, Ensemble) else out.unsqueeze(1)).float()
+        for inputs, labels, _ in batches(transfer_set, list(torch.arange(items.start, items.stop).split(batch_size))):
+            with autocast(bf16, device):
+                out = teacher.member_logits(to_device(inputs, device)) if ensemble else \
+                    teacher(to_device(inputs, device)).unsqueeze(1)
+            # [b, M, ..., C] with the middle matching the labels' shape: one case per label
+            if out.dim() < 3 or out.shape[0] != len(labels) or tuple(out.shape[2:-1]) != tuple(labels.shape[1:]):
+                raise DarkKnowledgeError(f"the teacher must return logits [batch, classes] (or [batch, ..., classes] "
+                                         f"matching labels {list(labels.shape)}), got shape "
+                                         f"{tuple(out.shape if ensemble else out[:, 0].shape)}")
+            yield out.movedim(1, -2).reshape(-1, out.shape[1], out.shape[-1]).float().cpu()
     finally:
         teacher.train(was_training)
 

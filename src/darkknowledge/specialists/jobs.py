@@ -39,6 +39,8 @@ def specialist_dir(folder: str | Path, index: int) -> Path:
 
 def generalist_data(meta: dict[str, Any], data_dir: str | None = None) -> DataChoice:
     """The data a saved model was trained with, as its sidecar records it."""
+    if meta.get("data"):  # a user's files
+        return DataChoice.from_meta({k: v for k, v in meta.items() if k != "train_subset"}, data_dir)
     classes = meta.get("train_classes")
     return DataChoice(meta["dataset"], data_dir, val_size=meta["validation"]["size"],
                       val_seed=meta["validation"]["seed"], subset=meta.get("subset"),
@@ -72,7 +74,7 @@ def cluster_run(generalist: str | Path, out: str | Path, n_clusters: int, method
             raise DarkKnowledgeError("the confusion method needs the generalist's validation split, and this "
                                      "generalist was trained without one; use --method covariance")
         data, matrix_of = val, lambda probs: confusion_matrix(probs, val.labels)
-    probs = torch.softmax(predict_logits(model, data.images), 1)
+    probs = torch.softmax(predict_logits(model, data), 1)
     source = {"generalist": str(checkpoint.resolve_run_dir(generalist)), "spec": meta["spec"],
               "weights_sha256": meta["weights_sha256"], "dataset": meta["dataset"], "split": data.name,
               "cases": len(data)}
@@ -149,7 +151,7 @@ def train_specialists(folder: str | Path, indices: Sequence[int] | None = None, 
     indices = list(range(len(subsets))) if indices is None else list(indices)
     generalist, meta, (train, val, _) = _checked_generalist(subsets, data_dir)
     config = config or SpecialistConfig()
-    logits = predict_logits(generalist, train.images) if config.temperature is not None else None
+    logits = predict_logits(generalist, train) if config.temperature is not None else None
     base = {k: meta[k] for k in ("spec", "image_shape", "dataset", "validation", "data_fingerprint", "subset",
                                  "train_classes") if k in meta}
     base["generalist"] = {"run": subsets.source["generalist"], "weights_sha256": meta["weights_sha256"]}
@@ -237,8 +239,8 @@ def evaluate_specialists(folder: str | Path, split: str = "test", top_n: int = 1
     if data is None:
         raise DarkKnowledgeError("the generalist was trained without a validation split; choose train or test")
     specialists = load_specialists(folder, subsets)
-    g_logits = predict_logits(generalist, data.images)
-    s_logits = [predict_logits(model, data.images) for model, _ in specialists]
+    g_logits = predict_logits(generalist, data)
+    s_logits = [predict_logits(model, data) for model, _ in specialists]
     result = combine(g_logits, s_logits, subsets, top_n=top_n, tol=tol)
     scores = score_combination(g_logits, result.log_probs, data.labels, result.active, subsets.coverage(data.labels))
     per_specialist = []

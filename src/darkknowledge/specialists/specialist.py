@@ -40,7 +40,8 @@ from .. import checkpoint
 from ..augment import check_jitter, jitter
 from ..data import LabeledImages
 from ..errors import DarkKnowledgeError, TrainingDiverged
-from ..evaluation import as_inputs, autocast, predict_logits
+from ..data.transfer import subset as subset_of
+from ..evaluation import autocast, labels_of, predict_logits
 from ..losses import distillation_loss
 from ..training import TrainConfig
 
@@ -131,10 +132,11 @@ def add_to_dustbin(model: nn.Module, offset: float) -> nn.Module:
     return model
 
 
-def calibrate_dustbin(specialist: nn.Module, generalist: nn.Module, subset, images: Tensor, max_cases: int = 10000,
+def calibrate_dustbin(specialist: nn.Module, generalist: nn.Module, subset, images, max_cases: int = 10000,
                       seed: int = 0, max_iter: int = 100) -> nn.Module:
     """Fit the dustbin row of a fresh specialist (in place) so that it reproduces the generalist's summed
-    probability of the other classes on ``images`` as well as one linear row can.
+    probability of the other classes on ``images`` (uint8 images, or a transfer set) as well as one linear row
+    can.
 
     The mean-row start of :func:`make_specialist` is exact only when the other classes' logits agree; for an
     MLP they spread widely, and its dustbin logit falls far below their log-sum-exp (on MNIST-100 the start
@@ -147,7 +149,8 @@ def calibrate_dustbin(specialist: nn.Module, generalist: nn.Module, subset, imag
     _, generalist_head = output_layer(generalist)
     subset = _check_subset(subset, generalist_head.out_features)
     if len(images) > max_cases:
-        images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_cases]]
+        chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:max_cases]
+        images = images[chosen] if isinstance(images, Tensor) else subset_of(images, chosen)
     captured: list[Tensor] = []
     hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach().float()))
     try:
@@ -272,9 +275,9 @@ def validation_scores(model: nn.Module, val: LabeledImages, subset, offset: floa
                       bf16: bool = False) -> dict[str, Any]:
     """Cross-entropy and errors of a specialist on natural-frequency data, its dustbin raised by ``offset``
     (0 for a saved specialist, whose weights already carry it); errors also on the subset's cases alone."""
-    logits = predict_logits(model, val.images, bf16=bf16)
+    logits = predict_logits(model, val, bf16=bf16)
     logits[:, -1] += offset
-    labels = relabel(val.labels, subset, val.num_classes)
+    labels = relabel(labels_of(val), subset, len(val.classes))
     wrong = logits.argmax(1) != labels
     inside = labels < len(tuple(subset))
     return {"loss": F.cross_entropy(logits, labels).item(), "errors": int(wrong.sum()),
@@ -306,23 +309,23 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     log = log or (lambda line: print(line, file=sys.stderr))
     _, head = output_layer(generalist)
     num_classes = head.out_features
-    if num_classes != train.num_classes:
+    if num_classes != len(train.classes):
         raise DarkKnowledgeError(f"the generalist predicts {num_classes} classes but {train.name} has "
-                                 f"{train.num_classes}")
+                                 f"{len(train.classes)}")
     subset = _check_subset(subset, num_classes)
     check_jitter(cfg.jitter, train.image_shape)
     in_subset = torch.zeros(num_classes, dtype=torch.bool)
     in_subset[list(subset)] = True
-    inside = torch.nonzero(in_subset[train.labels]).flatten()
-    outside = torch.nonzero(~in_subset[train.labels]).flatten()
+    inside = torch.nonzero(in_subset[labels_of(train)]).flatten()
+    outside = torch.nonzero(~in_subset[labels_of(train)]).flatten()
     sampler = BalancedSampler(inside, outside, cfg.batch_size, config.subset_fraction)
     natural = len(inside) / len(train)
     offset = dustbin_offset(natural, config.subset_fraction)
-    targets = relabel(train.labels, subset, num_classes)
+    targets = relabel(labels_of(train), subset, num_classes)
     teacher = None
     if config.temperature is not None:
         if generalist_logits is None:
-            generalist_logits = predict_logits(generalist, train.images, bf16=cfg.bf16)
+            generalist_logits = predict_logits(generalist, train, bf16=cfg.bf16)
         if generalist_logits.shape != (len(train), num_classes):
             raise DarkKnowledgeError(f"generalist_logits must be [{len(train)}, {num_classes}], got "
                                      f"{list(generalist_logits.shape)}")
@@ -331,7 +334,7 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
 
     model = make_specialist(generalist, subset)
     if config.calibrate_dustbin:
-        calibrate_dustbin(model, generalist, subset, train.images, seed=cfg.seed)
+        calibrate_dustbin(model, generalist, subset, train, seed=cfg.seed)
     names = [train.classes[c] for c in subset] + [DUSTBIN]
     meta = {**(meta or {}), "classes": names,
             "specialist": {"subset": list(subset), "subset_names": names[:-1], "dustbin_offset": offset,
@@ -377,7 +380,7 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
         model.train()
         sums: dict[str, Tensor] = {}
         for step, indices in enumerate(batches):
-            inputs = as_inputs(jitter(train.images[indices], cfg.jitter, generator))
+            inputs = jitter(train.batch(indices)[0], cfg.jitter, generator)
             labels = targets[indices]
             for group in optimizer.param_groups:
                 group["lr"] = cfg.learning_rate(epoch * sampler.steps + step, total_steps)
