@@ -277,11 +277,13 @@ def train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: str | 
         raise DarkKnowledgeError(f"members must be an integer >= 1, got {members!r}")
     with contextlib.ExitStack() as held:  # one writer per folder: rank 0 holds its lock for every rank
         current().on_main(lambda: held.enter_context(checkpoint.open_run(Path(out), "ensemble folder")))
-        return _train_ensemble(spec, data, config, Path(out), members, resume, log or _log_to_stderr)
+        return _train_ensemble(spec, data, config, Path(out), members, resume, log or _log_to_stderr, options,
+                               device)
 
 
 def _train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: Path, members: int, resume: bool,
-                    log: Callable[[str], None]) -> EnsembleResult:
+                    log: Callable[[str], None], options: dict[str, Any] | None,
+                    device: str | None) -> EnsembleResult:
     # Under torchrun every rank trains every member (data-parallel); rank 0 reads and writes the folder and
     # tells the others which members are left, so they need not see it.
     workers = current()
