@@ -270,6 +270,21 @@ def test_fuzz_option_values_on_the_command_line(tmp_path, request):
     case()
 
 
+DISTILL_OPTIONS = ["temperature", "soft-weight", "hard-weight", "top-k", "store-dtype", "combine", "student"]
+
+
+def test_fuzz_distill_option_values_on_the_command_line(tmp_path, request):
+    @fuzz(request)
+    @given(option=st.sampled_from(DISTILL_OPTIONS), value=option_text)
+    def case(option, value):
+        started = time.monotonic()
+        code, _, err = run("distill", "--teacher", tmp_path / "no-teacher", "--out", tmp_path / "out", "-T", "2",
+                           f"--{option}", value)
+        check_outcome(code, err, must_fail=True, seconds=time.monotonic() - started)
+        CASES["option value (distill)"] += 1
+    case()
+
+
 def test_fuzz_option_values_in_a_config_file(tmp_path, request):
     @fuzz(request, 3)
     @given(option=st.sampled_from(TRAIN_OPTIONS + ["resume", "bf16", "no-progress", "out", "unknown"]),

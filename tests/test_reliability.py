@@ -5,7 +5,6 @@ holder; a lock of a dead process is taken over; a second writer of a soft-target
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import time
@@ -64,7 +63,7 @@ def _killed_at(out: Path, rename: int) -> None:
 def _kill_and_resume(tmp_path, renames_to_kill):
     renames = _count_renames(tmp_path / "reference")
     reference = checkpoint.read_model_meta(tmp_path / "reference")["weights_sha256"]
-    assert renames == 2 * 6  # per improving epoch: pending sidecar, weights, sidecar, state tensors and sidecar, metrics
+    assert renames == 2 * 6  # per improving epoch: pending sidecar, weights, sidecar, state (2), metrics
     for rename in renames_to_kill or range(1, renames + 1):
         out = tmp_path / f"killed-{rename}"
         _killed_at(out, rename)

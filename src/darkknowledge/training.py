@@ -335,7 +335,8 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     """
     workers = workers or current()
     with contextlib.ExitStack() as held:  # one writer per run folder: rank 0 holds its lock for every rank
-        workers.on_main(lambda: held.enter_context(checkpoint.open_run(run_dir)))  # a refusal stops all ranks
+        if run_dir is not None:
+            workers.on_main(lambda: held.enter_context(checkpoint.open_run(run_dir)))  # a refusal stops all ranks
         return _fit(model, train, val, config, objective, run_dir, resume, meta, log, monitor, workers, device,
                     callbacks)
 
