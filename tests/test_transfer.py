@@ -242,3 +242,15 @@ def test_transforms_are_declared_and_round_trip():
         ArrayTransferSet(torch.zeros(3, 2), torch.tensor([0, 1, 5]), classes=["a", "b"])
     with pytest.raises(DarkKnowledgeError, match="cannot use a str"):
         as_transfer_set("data.csv")
+
+
+def test_micro_batches_without_cases_still_step_through_a_dataloader():
+    images, labels = rgb(10)
+    streamed = DatasetTransferSet(PairsDataset(images, labels))
+    weights = []
+    for data in (streamed, ArrayTransferSet(images, labels)):
+        torch.manual_seed(0)
+        model = build_model("mlp:4", (3, 8, 8), 4)
+        fit(model, data, None, config(batch_size=3, grad_accumulation=4), **QUIET)  # 4 parts of 3 (or 1) cases
+        weights.append(torch.cat([p.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1])

@@ -306,12 +306,15 @@ def _item_tensor(x) -> Tensor:
 
 
 class _Collate:
-    """Stack ``(input, label)`` items and apply the transform, in the DataLoader's worker (picklable)."""
+    """Stack ``(input, label)`` items and apply the transform, in the DataLoader's worker (picklable). No items
+    (a micro-batch with no case of this rank's) give empty tensors of the items' shape."""
 
-    def __init__(self, transform: Transform):
-        self.transform = transform
+    def __init__(self, transform: Transform, input_shape: tuple[int, ...], dtype: torch.dtype):
+        self.transform, self.input_shape, self.dtype = transform, input_shape, dtype
 
     def __call__(self, items):
+        if not items:
+            return self.transform(torch.empty(0, *self.input_shape, dtype=self.dtype)), torch.empty(0).long()
         inputs = torch.stack([_item_tensor(x) for x, _ in items])
         labels = torch.stack([_item_tensor(y).long() for _, y in items])
         return self.transform(inputs), labels
@@ -338,6 +341,7 @@ class DatasetTransferSet:
         example = _item_tensor(first[0])
         self.input_shape = tuple(example.shape)
         self.dtype = str(example.dtype).replace("torch.", "")
+        self._collate_args = (tuple(example.shape), example.dtype)
         self.transform = transform if transform is not None else default_transform(example.dtype)
         self.ignore_index = ignore_index
         self.num_workers = num_workers
@@ -371,7 +375,7 @@ class DatasetTransferSet:
         return self._labels
 
     def batch(self, indices) -> tuple[Tensor, Tensor]:
-        return _Collate(self.transform)([self.dataset[int(i)] for i in _as_index(indices)])
+        return _Collate(self.transform, *self._collate_args)([self.dataset[int(i)] for i in _as_index(indices)])
 
     def batches(self, index_batches: Sequence[Tensor]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """(inputs, labels, indices) for each batch of ``index_batches``, in order, read ahead by the workers."""
@@ -379,7 +383,7 @@ class DatasetTransferSet:
         index_batches = [torch.as_tensor(b).long() for b in index_batches]
         loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in index_batches],
                             num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            collate_fn=_Collate(self.transform), persistent_workers=False)
+                            collate_fn=_Collate(self.transform, *self._collate_args))
         for (inputs, labels), indices in zip(loader, index_batches):  # a DataLoader keeps its sampler's order
             yield inputs, labels, indices
 
