@@ -198,8 +198,8 @@ def main() -> None:
               f"({e['tutorial_over_memory']:.2f}x)")
     if not args.skip_memory:
         result["memory"] = m = memmap_memory(args)
-        print(f"memory-mapped x.npy of {m['file_mb']:.0f} MB ({m['rows']} rows), one epoch (batch {m['batch_size']}) in "
-              f"{m['epoch_seconds']:.1f}s: peak RSS {m['peak_mb']['VmRSS']:.0f} MB (own {m['peak_mb']['RssAnon']:.0f}"
+        print(f"memory-mapped x.npy of {m['file_mb']:.0f} MB ({m['rows']} rows), one epoch (batch "
+              f"{m['batch_size']}) in {m['epoch_seconds']:.1f}s: peak RSS {m['peak_mb']['VmRSS']:.0f} MB (own {m['peak_mb']['RssAnon']:.0f}"
               f" MB, file pages {m['peak_mb']['RssFile']:.0f} MB) against a budget of {m['budget_mb']:.0f} MB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
