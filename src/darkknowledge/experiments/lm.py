@@ -150,7 +150,7 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
         log(f"[store {name}]")
         t = time.perf_counter()
         stores[name] = TokenTargets.build(members, train, runs / "token-targets", tokenizer_sha256=tokenizer.sha256,
-                                          top_k=k)
+                                          top_k=k, log=log)
         seconds[f"store-{name}"] = round(time.perf_counter() - t, 1)
 
     def distil(name: str, spec: str, temperature: float, store: str):
