@@ -148,7 +148,7 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
     for epoch in range(first_epoch, config.epochs + 1):
         model.train()
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        started, sums = time.perf_counter(), {"loss": 0.0, "tokens": 0}
+        started, sums, tokens = time.perf_counter(), {}, 0
         for step in range(steps_per_epoch):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(config, (epoch - 1) * steps_per_epoch + step,
@@ -158,20 +158,24 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
             logits = model(ids)
             if objective.store is None:
                 loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+                parts = {"loss": loss}
             else:
-                loss = distillation_loss(logits, labels=labels, temperature=objective.temperature,
-                                         soft_weight=objective.soft_weight, hard_weight=objective.hard_weight,
-                                         **objective.store.targets(train, indices)).total
+                terms = distillation_loss(logits, labels=labels, temperature=objective.temperature,
+                                          soft_weight=objective.soft_weight, hard_weight=objective.hard_weight,
+                                          **objective.store.targets(train, indices))
+                loss, parts = terms.total, {"loss": terms.total, "soft": terms.soft, "soft_kl": terms.kl,
+                                            "hard": terms.hard}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             optimizer.step()
-            sums["loss"] += loss.item() * labels.numel()
-            sums["tokens"] += labels.numel()
+            for name, value in parts.items():  # tensors: no synchronisation to Python per step
+                sums[name] = sums.get(name, 0) + value.detach() * labels.numel()
+            tokens += labels.numel()
         seconds = time.perf_counter() - started
         val = _summary(evaluate_language_model(model, validation))
-        record = {"epoch": epoch, "train_loss": sums["loss"] / sums["tokens"], "seconds": seconds,
-                  "tokens_per_second": sums["tokens"] / seconds, **{f"val_{k}": v for k, v in val.items()}}
+        record = {"epoch": epoch, **{f"train_{k}": float(v) / tokens for k, v in sums.items()}, "seconds": seconds,
+                  "tokens_per_second": tokens / seconds, **{f"val_{k}": v for k, v in val.items()}}
         history.append(record)
         is_best = val["log_loss"] < best["log_loss"]
         if is_best:

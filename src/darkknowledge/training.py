@@ -249,7 +249,8 @@ class Distillation:
             targets = _to_device(targets, logits.device)
         out = distillation_loss(logits, labels=batch.labels, temperature=self.temperature,
                                 soft_weight=self.soft_weight, hard_weight=self.hard_weight, **targets)
-        parts = {"loss": out.total, "soft": out.soft}
+        # soft_kl: the soft term less the targets' entropy, comparable with other libraries' KLDivLoss * T^2.
+        parts = {"loss": out.total, "soft": out.soft, "soft_kl": out.kl}
         if out.hard is not None:
             parts["hard"] = out.hard
         return out.total, parts
