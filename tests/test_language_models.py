@@ -87,6 +87,15 @@ def test_causal_transformer_sees_only_the_past():
         parse_gpt("gpt:dim=10,heads=3")
 
 
+def test_language_models_are_in_the_model_registry():
+    from darkknowledge.models import build_model
+    model = build_model(TINY, (16,), 20)
+    assert model(torch.randint(0, 20, (2, 16))).shape == (2, 16, 20)
+    assert model.darkknowledge_spec == {"spec": TINY}
+    with pytest.raises(DarkKnowledgeError, match="unknown option"):
+        build_model("gpt:depth=2", (16,), 20)
+
+
 def test_hf_causal_lm_from_a_config_as_teacher_and_student():
     pytest.importorskip("transformers")
     model = build_language_model("hf:gpt2,n_layer=1,n_embd=16,n_head=2", 20, context=16)

@@ -63,3 +63,21 @@ def test_rerun_reuses_every_stage_and_generate_samples(quick_run, capsys):
     assert capsys.readouterr().out.startswith("KING.")
     assert main(["generate", str(quick_run / "runs" / "baseline"), "--top-k", "0"]) == 1
     assert "top_k >= 1" in capsys.readouterr().err
+
+
+def test_own_text_folder_with_data_and_its_mistakes_in_one_line(tmp_path, capsys):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"t{i}.txt").write_text(("all the world's a stage, and all the men and women merely players. "
+                                           * 60) + str(i))
+    (folder / "blank.txt").write_text("")
+    assert main(["reproduce", "lm", "--quick", "--data", str(folder), "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 0
+    assert "skipped 1 empty document(s)" in capsys.readouterr().out
+    (folder / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
+    assert main(["reproduce", "lm", "--quick", "--data", str(folder), "--out", str(tmp_path / "out2")]) == 1
+    err = capsys.readouterr().err
+    assert "bad.txt is not UTF-8" in err and err.count("\n") == 1
+    assert main(["reproduce", "ensemble", "--quick", "--data", str(folder)]) == 1
+    assert "--data is lm's" in capsys.readouterr().err

@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny models on a subset: a smoke test of the whole pipeline, seconds (about 10-20 s on "
                         "a 2-core CPU); its numbers mean nothing")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help="lm: a folder of UTF-8 .txt files (one document each) in place of the Shakespeare corpus")
     p.add_argument("--download", action="store_true",
                    help="first fetch the experiment's missing dataset files, checksums verified (the image "
                         "datasets; lm's corpus has no download)")
@@ -434,6 +436,9 @@ def _teachers(args: argparse.Namespace) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from . import jobs
     say = print if distributed.current().is_main else (lambda *_: None)
+    if args.command == "reproduce" and args.data is not None and args.experiment != "lm":
+        raise DarkKnowledgeError(f"reproduce {args.experiment} --data: --data is lm's (a folder of .txt files); "
+                                 "the image experiments read their datasets from --data-dir")
     if args.command == "reproduce" and args.download:
         from .data import load_dataset
         if args.experiment not in REPRODUCE_DATASETS:
@@ -484,8 +489,14 @@ def run(args: argparse.Namespace) -> int:
             from .experiments.mnist import reproduce_mnist as reproduce
         out = args.out or Path("results") / (args.experiment + "-quick" * args.quick)
         command = "darkknowledge " + " ".join(args.argv)
+        extra = {}
+        if args.data is not None:  # lm on the user's own text (checked to be lm above)
+            from dataclasses import replace
+
+            from .experiments import lm
+            extra["plan"] = replace(lm.QUICK if args.quick else lm.FULL, corpus=str(args.data))
         reproduce(out, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress,
-                  command=command, log=lambda line: print(line, flush=True))
+                  command=command, log=lambda line: print(line, flush=True), **extra)
         print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     elif args.command == "generate":
         from .checkpoint import resolve_run_dir

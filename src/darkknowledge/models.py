@@ -33,7 +33,8 @@ from .errors import DarkKnowledgeError
 SPEC_HELP = (
     "a model spec is KIND:SIZES[,option=value...], e.g. 'mlp:1200x2', 'mlp:500-300', "
     "'mlp:1200x2,dropout=0.5,input_dropout=0.2,max_norm=3.5' or 'cnn:small', or a factory "
-    "'package.module:function' called as function(input_shape, num_classes, **options)"
+    "'package.module:function' called as function(input_shape, num_classes, **options); language models: "
+    "'gpt:layers=4,dim=192,heads=6,context=128' or 'hf:gpt2,n_layer=2,n_embd=128,n_head=4'"
 )
 
 
@@ -197,6 +198,23 @@ def _build_mlp(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) 
 def _build_cnn(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     channels, dense = CNN_SIZES[spec.sizes]
     return SmallCNN(tuple(input_shape), num_classes, channels, dense, **spec.options)
+
+
+def _parse_language_model(kind: str):
+    def parse(rest: str, spec: str) -> ModelSpec:
+        from .transformer import parse_gpt, parse_hf  # checks the grammar now, as the other kinds do
+        (parse_gpt if kind == "gpt" else parse_hf)(spec)
+        return ModelSpec(kind, rest)
+    return parse
+
+
+# Language models (darkknowledge.transformer): token ids [B, S] -> logits [B, S, num_classes = vocabulary]; an
+# input shape of (S,) sets the context.
+@register_model("gpt", parse=_parse_language_model("gpt"))
+@register_model("hf", parse=_parse_language_model("hf"))
+def _build_language_model(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    from .transformer import build_language_model
+    return build_language_model(str(spec), num_classes, input_shape[-1] if input_shape else None)
 
 
 def parse_spec(spec: str, options: dict[str, Any] | None = None) -> ModelSpec:

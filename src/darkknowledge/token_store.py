@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,26 +35,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import checkpoint
 from .errors import DarkKnowledgeError
 from .losses import TopKTargets, topk_targets
 from .soft_targets import module_sha256
 
 FORMAT = "darkknowledge/token-targets-1"
 HEADER = "targets.json"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(temporary, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _array_specs(layout: str, positions: int, vocab_size: int, top_k: int | None) -> dict[str, tuple[str, tuple]]:
@@ -129,10 +115,12 @@ class TokenTargets:
     @classmethod
     def build(cls, teacher: nn.Module | list[nn.Module], windows, folder: str | Path, *, tokenizer_sha256: str,
               top_k: int | None = None, batch_windows: int = 16,
-              on_chunk: Callable[[int, int], None] | None = None) -> TokenTargets:
+              on_chunk: Callable[[int, int], None] | None = None,
+              log: Callable[[str], None] = print) -> TokenTargets:
         """Reuse an intact store of this key, resume a partial one, or compute it; ``top_k=None`` is dense.
 
-        ``on_chunk(done, total)`` is called after each chunk is durable (progress, or a test's kill switch).
+        ``on_chunk(done, total)`` is called after each chunk is durable (progress, or a test's kill switch); ``log``
+        says when a store is resumed or rebuilt, and why.
         """
         members = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
         vocab_size = windows.vocab_size
@@ -147,8 +135,10 @@ class TokenTargets:
             problem = cls._problem(folder, header, verify=True)
             if problem is None:
                 return cls(folder, header)
-            print(f"darkknowledge: token store {folder}: {problem}; rebuilding it")
+            log(f"token store {folder}: {problem}; rebuilding it")
             header = None
+        elif header is not None and header.get("key") == key:
+            log(f"token store {folder}: {cls._problem(folder, header, verify=False)}; resuming there")
         if header is None or header.get("key") != key:
             header = {"format": FORMAT, "key": key, "key_parts": parts, "layout": parts["layout"], "top_k": top_k,
                       "vocab_size": vocab_size, "members": len(members), "positions": windows.num_tokens,
@@ -159,11 +149,11 @@ class TokenTargets:
             folder.mkdir(parents=True, exist_ok=True)
             for name, (dtype, shape) in header["arrays"].items():
                 np.memmap(folder / f"{name}.bin", dtype=dtype, mode="w+", shape=tuple(shape)).flush()
-            _write_json(header_path, header)
+            checkpoint.write_json(header_path, header)
         cls._fill(members, windows, folder, header, batch_windows, on_chunk)
-        header["checksums"] = {name: _sha256(folder / f"{name}.bin") for name in header["arrays"]}
+        header["checksums"] = {name: checkpoint.sha256_file(folder / f"{name}.bin") for name in header["arrays"]}
         header["complete"] = True
-        _write_json(header_path, header)
+        checkpoint.write_json(header_path, header)
         return cls(folder, header)
 
     @staticmethod
@@ -192,7 +182,7 @@ class TokenTargets:
             header["positions_done"] = stop * context
             header["build_seconds"] = header.get("build_seconds", 0.0) + time.perf_counter() - started
             started = time.perf_counter()
-            _write_json(folder / HEADER, header)
+            checkpoint.write_json(folder / HEADER, header)
             if on_chunk is not None:
                 on_chunk(header["positions_done"], header["positions"])
 
@@ -205,7 +195,7 @@ class TokenTargets:
             expected = np.dtype(dtype).itemsize * int(np.prod(shape))
             if not path.exists() or path.stat().st_size != expected:
                 return f"{path.name} is missing or truncated"
-            if verify and _sha256(path) != header["checksums"][name]:
+            if verify and checkpoint.sha256_file(path) != header["checksums"][name]:
                 return f"{path.name} does not match its checksum (corrupted)"
         return None
 

@@ -239,12 +239,14 @@ class Distillation:
             inputs = to_device(batch.inputs, self.teacher_device)
             with torch.no_grad(), autocast(self.bf16, self.teacher_device):
                 if isinstance(self.teacher, Ensemble):
-                    members = self.teacher.member_logits(inputs).float()  # [B, M, ..., C]
+                    members = self.teacher.member_logits(inputs).float()  # [B, M, ..., C] -> [cases, M, C]
                     members = members.movedim(1, -2).reshape(-1, members.shape[1], members.shape[-1])
-                    targets = distillation_targets(members[_on(batch.keep, members.device)] if batch.keep is not None else members,
-                                                   self.teacher.combine, self.temperature)
+                    if batch.keep is not None:
+                        members = members[_on(batch.keep, members.device)]
+                    targets = distillation_targets(members, self.teacher.combine, self.temperature)
                 else:
-                    targets = {"teacher_logits": as_cases(self.teacher(inputs).float(), _on(batch.keep, self.teacher_device))}
+                    targets = {"teacher_logits": as_cases(self.teacher(inputs).float(),
+                                                          _on(batch.keep, self.teacher_device))}
             targets = _to_device(targets, logits.device)
         out = distillation_loss(logits, labels=batch.labels, temperature=self.temperature,
                                 soft_weight=self.soft_weight, hard_weight=self.hard_weight, **targets)

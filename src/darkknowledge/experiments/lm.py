@@ -43,11 +43,12 @@ class Plan:
     """Sizes and schedules; ``FULL`` is the experiment, ``QUICK`` a seconds-long smoke test.
 
     FULL is sized from throughputs measured on this 2-core machine with one core busy (one thread, V = 4,096,
-    context 128): ``gpt:layers=2,dim=96,heads=4`` trains at ~3,600 tokens/s and runs forward at ~13,000. Two
-    epochs of 400,000 training tokens for 11 label-trained models (~2,450 s), 9 students (~2,300 s), the 4
-    stores (10 members' forward pass each, ~1,250 s) and the evaluations (~700 s): ~1.9 hours, inside the
-    3 hours the issue allows, with room for a slower machine. (An estimate from those rates; the FULL run itself
-    has not been timed yet.)
+    context 128): ``gpt:layers=2,dim=96,heads=4`` trains at ~3,600 tokens/s on labels and ~1,600 distilling from
+    a store (benchmarks/token_store_speed.py: the soft term at V = 4,096 costs more than this small model) and
+    runs forward at ~13,000. Two epochs of 400,000 training tokens for 11 label-trained models (~2,450 s), 9
+    students (~4,000 s), the 4 stores (10 members' forward pass each, ~1,250 s) and the evaluations (~700 s):
+    ~2.3 hours, inside the 3 hours the issue allows. (An estimate from those rates; the FULL run itself has not
+    been timed yet.)
     """
 
     corpus: str = "shakespeare"  # a folder under the data dir, or a path to a folder of .txt files
@@ -81,7 +82,8 @@ QUICK = Plan(tokenizer="char", context=32, spec="gpt:layers=1,dim=16,heads=2,con
 
 def _corpus_folder(plan: Plan, data_dir: str | None) -> Path:
     path = Path(plan.corpus).expanduser()
-    return path if path.is_dir() else resolve_data_dir(data_dir) / plan.corpus
+    # A bare name is a folder of the data dir (the embedded default); anything with a separator is a path.
+    return path if path.is_dir() or len(path.parts) > 1 else resolve_data_dir(data_dir) / plan.corpus
 
 
 def prepare_data(plan: Plan, out: Path, data_dir: str | None, log: Callable[[str], None]):
@@ -148,7 +150,7 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
         log(f"[store {name}]")
         t = time.perf_counter()
         stores[name] = TokenTargets.build(members, train, runs / "token-targets", tokenizer_sha256=tokenizer.sha256,
-                                          top_k=k)
+                                          top_k=k, log=log)
         seconds[f"store-{name}"] = round(time.perf_counter() - t, 1)
 
     def distil(name: str, spec: str, temperature: float, store: str):
