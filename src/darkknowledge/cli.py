@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which split to evaluate on: test, the validation split cut from training, or the "
                         "training cases (default: %(default)s)")
     p.add_argument("--jitter", type=int, default=0, help="translate test inputs by up to N pixels (default: 0)")
+    p.add_argument("--device", default="cpu", help=f"where to run the model: {DEVICE_HELP} (default: %(default)s)")
     _add_data_options(p, default_dataset=None,
                       dataset_help="dataset to evaluate on (default: the one the model was trained on)")
 
@@ -471,7 +472,8 @@ def run(args: argparse.Namespace) -> int:
         say(_summary(model, result, args.out))
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset or args.data else None
-        print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter, args.combine), indent=2))
+        print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter, args.combine, args.device),
+                         indent=2))
     elif args.command == "reproduce" and args.experiment == "specialists":
         from .specialists.cli import reproduce
         return reproduce(args)

@@ -359,15 +359,15 @@ def _record_members(out: Path, entries: list[dict[str, Any]], meta: dict[str, An
                          "image_shape": meta["image_shape"], "combine": "arithmetic",
                          "complete": all(e["done"] for e in entries),
                          "members": [{k: v for k, v in e.items() if k != "model_missing"} for e in entries],
-                         "training": {k: v for k, v in vars(config).items() if k not in ("progress", "seed")},
+                         "training": {k: v for k, v in config.settings().items() if k != "seed"},
                          "data": data.describe(train)})
     return entries
 
 
 def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str = "test",
-                 jitter: int = 0, combine: str | None = None) -> dict[str, Any]:
+                 jitter: int = 0, combine: str | None = None, device: str | None = "cpu") -> dict[str, Any]:
     """Errors of a saved model, or of an ensemble folder (members combined by ``combine``, default the
-    manifest's rule), on a split of its dataset (or ``data``'s), as a JSON-ready dict."""
+    manifest's rule), on a split of its dataset (or ``data``'s), as a JSON-ready dict; run on ``device``."""
     if is_ensemble_dir(run_dir):
         model = Ensemble.from_dir(run_dir, combine)
         meta = model.member_meta[0]  # the members share dataset and split (train_ensemble makes them so)
@@ -393,7 +393,7 @@ def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str
         raise DarkKnowledgeError(f"{data.name} has no validation split with val_size 0; choose train or test")
     check_compatible(meta, chosen, Path(run_dir))
     check_jitter(jitter, input_shape(chosen))
-    result = evaluate(model, chosen, jitter=jitter).to_dict()
+    result = evaluate(model.to(resolve_device(device)), chosen, jitter=jitter).to_dict()
     result["per_class_errors"] = dict(zip(chosen.classes, result["per_class_errors"]))  # readable JSON
     return {"run": str(run_dir), "model": name, "parameters": count_parameters(model),
             "dataset": data.name, "split": split, "jitter": jitter, **result}
