@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, schemas
 from .data.text import TextTokenizer, TokenWindows
 from .errors import DarkKnowledgeError
 from .losses import distillation_loss
@@ -211,9 +211,11 @@ def load_language_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]
     """The model of a language-model run folder (eval mode) and its model.json."""
     run_dir = checkpoint.resolve_run_dir(run_dir)
     meta = checkpoint.read_json(run_dir / checkpoint.MODEL_META, "model")
-    if meta.get("kind") != KIND:
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
         raise DarkKnowledgeError(f"{run_dir} is not a language-model run (its model.json has no kind "
                                  f"'{KIND}'); give a run made by 'darkknowledge reproduce lm' or train_language_model")
+    schemas.check(schemas.LanguageModelSidecar, meta, run_dir / checkpoint.MODEL_META,
+                  "train the run again or restore the file")
     model = build_language_model(meta["spec"], meta["vocab_size"], meta["context"])
     model.load_state_dict(checkpoint.read_tensors(run_dir / meta["weights"], meta["weights_sha256"], "model"))
     return model.eval(), meta
