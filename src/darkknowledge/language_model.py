@@ -265,4 +265,7 @@ def block_bootstrap_share(baseline: dict, ensemble: dict, student: dict, metric:
     draws = share(values[:, picks].sum(-1))
     low, high = np.nanpercentile(draws, [2.5, 97.5])
     gain = (values[1].sum() - values[0].sum()) / (values.shape[1] * tokens_per_window)
-    return {"share": point, "low": float(low), "high": float(high), "gain_per_token": float(gain)}
+    # Without a gain there is nothing to transfer: a share of a loss (or of noise) means nothing.
+    better = gain > 0 if metric == "accuracy" else gain < 0
+    return {"share": point, "low": float(low), "high": float(high), "gain_per_token": float(gain),
+            "ensemble_better": bool(better)}
