@@ -14,7 +14,7 @@
     (``VmRSS``, split into the process's own ``RssAnon`` and the file pages ``RssFile``) is sampled every 50 ms.
 
     python benchmarks/loader_speed.py [--dataset mnist] [--threads 1] [--workers 2] [--repeats 2]
-        [--memmap-gb 2] [--budget-mb 512] [--skip-memory]
+        [--memmap-gb 4] [--budget-mb 1024] [--skip-memory] [--skip-speed] [--json FILE]
 """
 
 from __future__ import annotations
@@ -154,12 +154,13 @@ def memmap_memory(args) -> dict:
         started = time.perf_counter()
         torch.manual_seed(0)
         model = build_model("mlp:32", (width,), 10)
-        fit(model, data, None, TrainConfig(epochs=1, batch_size=4096, lr=0.01, progress=False), log=lambda _: None,
-            device="cpu")
+        fit(model, data, None, TrainConfig(epochs=1, batch_size=args.memmap_batch, lr=0.01, progress=False),
+            log=lambda _: None, device="cpu")
         seconds = time.perf_counter() - started
         done.set()
         sampler.join()
-        return {"file_mb": rows * width / 2**20, "rows": rows, "budget_mb": args.budget_mb, "before_mb": before,
+        return {"file_mb": rows * width / 2**20, "rows": rows, "batch_size": args.memmap_batch,
+                "budget_mb": args.budget_mb, "before_mb": before,
                 "peak_mb": peak, "epoch_seconds": seconds,
                 "peak_within_budget": peak["VmRSS"] <= args.budget_mb}
     finally:
@@ -177,8 +178,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--memmap-gb", type=float, default=2.0)
-    parser.add_argument("--budget-mb", type=float, default=512)
+    parser.add_argument("--memmap-gb", type=float, default=4.0)
+    parser.add_argument("--budget-mb", type=float, default=1024)
+    parser.add_argument("--memmap-batch", type=int, default=1024, help="batch of the memory run (a random row maps "
+                                                                         "~256 KB until handed back)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -195,8 +198,8 @@ def main() -> None:
               f"({e['tutorial_over_memory']:.2f}x)")
     if not args.skip_memory:
         result["memory"] = m = memmap_memory(args)
-        print(f"memory-mapped x.npy of {m['file_mb']:.0f} MB ({m['rows']} rows), one epoch in "
-              f"{m['epoch_seconds']:.1f}s: peak RSS {m['peak_mb']['VmRSS']:.0f} MB (own {m['peak_mb']['RssAnon']:.0f}"
+        print(f"memory-mapped x.npy of {m['file_mb']:.0f} MB ({m['rows']} rows), one epoch (batch "
+              f"{m['batch_size']}) in {m['epoch_seconds']:.1f}s: peak RSS {m['peak_mb']['VmRSS']:.0f} MB (own {m['peak_mb']['RssAnon']:.0f}"
               f" MB, file pages {m['peak_mb']['RssFile']:.0f} MB) against a budget of {m['budget_mb']:.0f} MB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

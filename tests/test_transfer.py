@@ -109,6 +109,22 @@ def test_a_memory_mapped_npy_trains(tmp_path):
     assert mapped.fingerprint() == ArrayTransferSet(x, y).fingerprint()
 
 
+def test_a_large_memory_map_is_read_with_pread_and_maps_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(transfer, "FILE_READ_BYTES", 1000)
+    x = np.random.default_rng(0).integers(0, 256, size=(300, 3, 4, 4), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    data = ArrayTransferSet(np.load(tmp_path / "x.npy", mmap_mode="r"), np.arange(300) % 3)
+    assert isinstance(data.inputs, transfer._FileRows)
+    rows = torch.tensor([299, 0, 17, 17])
+    assert np.array_equal(data.raw(rows).numpy(), x[rows.numpy()])
+    part = data.subset(np.arange(100, 200))
+    assert np.array_equal(part.raw(torch.tensor([5, 0])).numpy(), x[[105, 100]])
+    assert data.fingerprint() == ArrayTransferSet(x, np.arange(300) % 3).fingerprint()
+    streamed = list(transfer.batches(DatasetTransferSet(TensorDataset(torch.from_numpy(x), torch.arange(300) % 3),
+                                                        num_workers=1), [rows]))
+    torch.testing.assert_close(streamed[0][0], data.batch(rows)[0])
+
+
 def test_large_inputs_are_fingerprinted_by_a_seeded_sample(monkeypatch):
     monkeypatch.setattr(transfer, "FULL_HASH_BYTES", 100)
     monkeypatch.setattr(transfer, "SAMPLE_ITEMS", 4)
@@ -242,3 +258,15 @@ def test_transforms_are_declared_and_round_trip():
         ArrayTransferSet(torch.zeros(3, 2), torch.tensor([0, 1, 5]), classes=["a", "b"])
     with pytest.raises(DarkKnowledgeError, match="cannot use a str"):
         as_transfer_set("data.csv")
+
+
+def test_micro_batches_without_cases_still_step_through_a_dataloader():
+    images, labels = rgb(10)
+    streamed = DatasetTransferSet(PairsDataset(images, labels))
+    weights = []
+    for data in (streamed, ArrayTransferSet(images, labels)):
+        torch.manual_seed(0)
+        model = build_model("mlp:4", (3, 8, 8), 4)
+        fit(model, data, None, config(batch_size=3, grad_accumulation=4), **QUIET)  # 4 parts of 3 (or 1) cases
+        weights.append(torch.cat([p.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1])

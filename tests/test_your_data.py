@@ -201,5 +201,7 @@ def test_device_and_optimizer_options(tmp_path, capsys):
     assert training["optimizer"] == "adamw" and training["grad_accumulation"] == 2
     assert "unknown device" in error_line(["train", "--data", data, "--device", "gpu0", "--out", tmp_path / "x"],
                                           capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in error_line(["evaluate", tmp_path / "run", "--device", "cuda"], capsys)
     assert "fp16 training needs a CUDA device" in error_line(
         ["train", "--data", data, "--fp16", "--device", "cpu", "--out", tmp_path / "x"], capsys)

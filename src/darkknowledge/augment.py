@@ -40,3 +40,14 @@ def translate(images: torch.Tensor, offsets: torch.Tensor | None, max_shift: int
 def jitter(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Translate each image in ``[B, H, W]`` or ``[B, C, H, W]`` by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
     return translate(images, jitter_offsets(len(images), max_shift, generator), max_shift)
+
+
+def check_jitter(max_shift: int, image_shape: tuple[int, ...]) -> None:
+    """A shift of more than half the image moves most of it out of the frame: refused, with the largest allowed."""
+    from .errors import DarkKnowledgeError
+    if max_shift and len(image_shape) < 2:
+        raise DarkKnowledgeError(f"jitter shifts images; these inputs are of shape {tuple(image_shape)}: use 0")
+    largest = min(image_shape[-2:]) // 2 if len(image_shape) >= 2 else 0
+    if not 0 <= max_shift <= largest:
+        raise DarkKnowledgeError(f"jitter {max_shift} does not fit images of {'x'.join(map(str, image_shape))}: "
+                                 f"use 0 to {largest} pixels")

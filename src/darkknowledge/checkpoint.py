@@ -8,16 +8,26 @@ A run directory holds:
   model.safetensors + model.json    the model to use (best on validation), with spec, classes, data hash, metrics
   state-eNNNN.safetensors + state.json   where training stopped: weights, optimizer state, history, for --resume
   metrics.jsonl                     one line per epoch
+
+The model is a pair of files committed as a unit. Its new sidecar is first made durable as ``.model.json.next``
+(with the new weights' checksum), then the weights are renamed into place, then the sidecar. A crash between the
+renames leaves weights that only the pending sidecar vouches for: readers use it, and the next writer to open
+the run renames it into place (a pending sidecar that vouches for nothing is dropped). So the previous pair stays
+valid until the new one is complete. Every rename is followed by an fsync of the folder; temp files of a writer
+that died are removed when the next one opens the run (under the run's lock, :mod:`darkknowledge.locks`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,12 +37,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import DarkKnowledgeError
+from . import locks, schemas
+from .errors import DarkKnowledgeError, TrainingDiverged
+from .memory import check_fits
 from .models import build_model
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
 STATE_META = "state.json"
+PENDING_META = ".model.json.next"  # the sidecar of a model being committed (see the module doc)
 FORMAT = "darkknowledge/1"
 # Keys of a sidecar that say where a teacher's (or a generalist's) files are, not what it is: a run's key leaves them
 # out, so moving a results folder, or naming a teacher by another path, keeps its students resumable. What the
@@ -40,8 +53,33 @@ FORMAT = "darkknowledge/1"
 LOCATION_KEYS = frozenset({"run", "ensemble"})
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``; the temp file lives beside it so rename is atomic."""
+def _kill_here_for_tests() -> None:
+    """Fault injection: with DARKKNOWLEDGE_KILL_AT_RENAME=N the process kills itself (SIGKILL, as a crash would)
+    just before its N-th rename, so tests can stop a run in every window between two commits."""
+    global _renames
+    at = os.environ.get("DARKKNOWLEDGE_KILL_AT_RENAME")
+    if at:
+        _renames += 1
+        if _renames == int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_renames = 0
+
+
+def replace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """``os.replace`` made durable: the folder is fsynced so the new name survives a crash of the machine."""
+    _kill_here_for_tests()
+    os.replace(src, dst)
+    fd = os.open(Path(dst).parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(path: Path, write) -> str:
+    """Call ``write(tmp_path)`` on a temp file beside ``path`` (so a rename is atomic) and make it durable."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -49,10 +87,26 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:  # make the bytes durable before the rename makes them visible
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash leaves the old file or the new one."""
+    tmp = _write_temp(Path(path), write)
+    try:
+        replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temp(folder: Path, prefix: str = ".") -> None:
+    """Remove temp files (``.NAME.XXXX.tmp``) a killed writer left in ``folder``; call it holding the lock."""
+    for stale in Path(folder).glob(f"{prefix}*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -65,9 +119,19 @@ def write_json(path: Path, obj: Any) -> None:
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """Write tensors atomically; returns the file's SHA-256 for the sidecar."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensors = _finite(tensors, path)
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp))
     return sha256_file(path)
+
+
+def _finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """The tensors on the CPU, refused if any holds NaN or inf: nothing diverged is ever saved."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise TrainingDiverged(f"training diverged: {name} holds NaN or inf, so {path} was not written; "
+                                   "use a lower --lr (or --weight-decay)")
+    return tensors
 
 
 def sha256_file(path: Path) -> str:
@@ -92,7 +156,7 @@ def read_json(path: Path, what: str) -> dict:
 
 def read_tensors(path: Path, sha256: str, what: str) -> dict[str, torch.Tensor]:
     """Load a safetensors file after checking it against the checksum its sidecar recorded."""
-    if not path.exists():
+    if not path.is_file():  # a file of the run, not a device or a folder
         raise DarkKnowledgeError(f"{what}: {path} is missing; the run directory is incomplete: retrain or restore it")
     if sha256_file(path) != sha256:
         raise DarkKnowledgeError(f"{what}: {path} does not match the checksum in its sidecar (corrupt or replaced); "
@@ -123,34 +187,59 @@ def resolve_run_dir(path: str | os.PathLike) -> Path:
 
 
 def save_model(run_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write the model weights, then the sidecar that vouches for them (spec, image_shape, classes, ...)."""
+    """Commit the model weights and the sidecar that vouches for them (spec, image_shape, classes, ...) as a unit:
+    the pending sidecar first, then the weights, then the sidecar (see the module doc)."""
     run_dir = Path(run_dir)
-    digest = write_tensors(run_dir / MODEL_WEIGHTS, model.state_dict())
-    write_json(run_dir / MODEL_META, {"format": FORMAT, **meta, "weights": MODEL_WEIGHTS, "weights_sha256": digest,
-                                      "provenance": provenance()})
+    tensors = _finite(model.state_dict(), run_dir / MODEL_WEIGHTS)
+    weights = _write_temp(run_dir / MODEL_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    try:
+        write_json(run_dir / PENDING_META, {"format": FORMAT, **meta, "weights": MODEL_WEIGHTS,
+                                            "weights_sha256": sha256_file(weights), "provenance": provenance()})
+        replace(weights, run_dir / MODEL_WEIGHTS)
+    except BaseException:
+        Path(weights).unlink(missing_ok=True)
+        raise
+    replace(run_dir / PENDING_META, run_dir / MODEL_META)
+
+
+def _pending_meta(run_dir: Path) -> dict[str, Any] | None:
+    """The pending sidecar, if there is one and the weights in place are the ones it vouches for."""
+    try:
+        pending = schemas.check(schemas.ModelSidecar, json.loads((run_dir / PENDING_META).read_text()),
+                                run_dir / PENDING_META, "")
+        if sha256_file(run_dir / pending["weights"]) == pending["weights_sha256"]:
+            return pending
+    except (OSError, ValueError, DarkKnowledgeError):
+        pass
+    return None
 
 
 def read_model_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar of a run's model, checked against its schema; a pending one (a commit cut short between its
+    renames) when the weights in place are the ones it vouches for."""
     run_dir = resolve_run_dir(run_dir)
+    if (run_dir / PENDING_META).exists():
+        pending = _pending_meta(run_dir)
+        if pending is not None:
+            return pending
     meta = read_json(run_dir / MODEL_META, "model")
-    missing = [k for k in ("format", "spec", "image_shape", "classes", "weights_sha256") if k not in meta]
-    if meta.get("format") == FORMAT and missing == ["spec"]:  # written by fit for a module of the user's own
+    if isinstance(meta, dict) and meta.get("format") == FORMAT and "spec" not in meta:  # fit, a user's module
         raise DarkKnowledgeError(f"model: {run_dir / MODEL_META} records no spec, so its model cannot be rebuilt; "
                                  "make the model with darkknowledge.build_model (a spec, or "
                                  "'package.module:factory') before fit, or pass fit meta={'spec': ...}")
-    if meta.get("format") != FORMAT or missing:
-        raise DarkKnowledgeError(f"model: {run_dir / MODEL_META} is not a darkknowledge model sidecar "
-                                 f"(missing {', '.join(missing) or 'format'}); point to a run directory made by "
-                                 "'darkknowledge train' or 'distill'")
-    return meta
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DarkKnowledgeError(f"model: {run_dir / MODEL_META} is not a darkknowledge model sidecar; point to a "
+                                 "run directory made by 'darkknowledge train' or 'distill'")
+    return schemas.check(schemas.ModelSidecar, meta, run_dir / MODEL_META, "retrain the model or restore the file")
 
 
 def load_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a saved model from its sidecar and checksummed weights; returns (model in eval mode, meta)."""
     run_dir = resolve_run_dir(run_dir)
     meta = read_model_meta(run_dir)
-    model = build_model(meta["spec"], tuple(meta.get("input_shape", meta["image_shape"])), len(meta["classes"]),
-                        meta.get("model_options"))
+    shape = tuple(meta.get("input_shape", meta["image_shape"]))
+    check_fits(meta["spec"], shape, len(meta["classes"]), meta.get("model_options"), copies=2)  # may name any size
+    model = build_model(meta["spec"], shape, len(meta["classes"]), meta.get("model_options"))
     tensors = read_tensors(run_dir / meta["weights"], meta["weights_sha256"], "model")
     try:
         model.load_state_dict(tensors)
@@ -158,6 +247,29 @@ def load_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
         raise DarkKnowledgeError(f"model: weights in {run_dir} do not fit spec {meta['spec']!r} "
                                  f"({str(e).splitlines()[0]})") from None
     return model.eval(), meta
+
+
+def recover(run_dir: Path) -> None:
+    """Finish or drop a model commit a crash cut short, and remove temp files of dead writers. Call it holding
+    the run's lock (:func:`open_run` does)."""
+    run_dir = Path(run_dir)
+    if (run_dir / PENDING_META).exists():
+        if _pending_meta(run_dir) is not None:
+            replace(run_dir / PENDING_META, run_dir / MODEL_META)
+        else:  # cut short before the weights were renamed: the previous pair is the model
+            (run_dir / PENDING_META).unlink()
+    remove_stale_temp(run_dir)
+
+
+@contextlib.contextmanager
+def open_run(run_dir: str | os.PathLike | None, what: str = "run folder") -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the block, after recovering it from a crash; nothing for ``None``."""
+    if run_dir is None:
+        yield
+        return
+    with locks.hold_folder(run_dir, what):
+        recover(Path(run_dir))
+        yield
 
 
 def save_training_state(run_dir: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -183,23 +295,35 @@ def save_training_state(run_dir: Path, epoch: int, model: nn.Module, optimizer: 
             old.unlink(missing_ok=True)
 
 
+def read_training_state(run_dir: Path) -> dict[str, Any]:
+    """``state.json`` of a run, checked against its schema."""
+    path = Path(run_dir) / STATE_META
+    return schemas.check(schemas.TrainingState, read_json(path, "training state"), path,
+                         "delete the run folder's state* files to train again, or restore the file")
+
+
 def load_training_state(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     """Restore model and optimizer from the last saved epoch; None when the run has no saved state yet."""
     path = Path(run_dir) / STATE_META
     if not path.exists():
         return None
-    meta = read_json(path, "training state")
+    meta = read_training_state(run_dir)
     tensors = read_tensors(Path(run_dir) / meta["tensors"], meta["tensors_sha256"], "training state")
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
+    try:
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                opt_state.setdefault(int(index), {})[name] = value
+        for key, value in meta["optimizer_scalars"].items():
+            index, name = key.split(".", 1)
             opt_state.setdefault(int(index), {})[name] = value
-    for key, value in meta["optimizer_scalars"].items():
-        index, name = key.split(".", 1)
-        opt_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer_param_groups"]})
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["optimizer_param_groups"]})
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise DarkKnowledgeError(f"training state: {path} does not fit this model and optimizer "
+                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); resume with the "
+                                 "options the run was started with, or choose another output directory") from None
     return meta
 
 
@@ -219,20 +343,47 @@ def run_key(meta: dict[str, Any], *parts: str, locations: bool = False) -> str:
     return hashlib.sha256("\n".join([described, *parts]).encode()).hexdigest()
 
 
+def _first_epoch_model(run_dir: Path) -> bool:
+    """Whether the model in ``run_dir`` is from epoch 0 or 1: what a run killed before its first state leaves."""
+    try:
+        epoch = read_model_meta(run_dir).get("epoch")
+    except DarkKnowledgeError:
+        return False
+    return isinstance(epoch, int) and not isinstance(epoch, bool) and epoch <= 1
+
+
 def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, run_key: str,
                           resume: bool, kind: str = "training run", made_of: str = "model",
-                          legacy_key: str | None = None,
+                          legacy_key: str | None = None, epochs: int | None = None,
+                          best_key: str = "val_errors",
                           elsewhere: str = "choose another output directory") -> dict[str, Any] | None:
     """The saved state of ``run_dir`` restored into model and optimizer, or None for a new run. Refuses a saved
-    run unless ``resume`` is set, and one made with other settings (another ``run_key``). ``legacy_key``: the key
-    runs saved before locations were left out of it have, also accepted (the next checkpoint stores ``run_key``).
+    run unless ``resume`` is set, one made with other settings (another ``run_key``), one whose state says it
+    stopped outside ``0..epochs``, and a folder holding a model without a state (it would be overwritten).
+    ``legacy_key``: the key runs saved before locations were left out of it have, also accepted (the next
+    checkpoint stores ``run_key``). ``best_key``: what the loop compares epochs by, which ``best`` must hold.
     ``elsewhere``: how the refusals tell the user to start a new run instead."""
-    if run_dir is None or not (Path(run_dir) / STATE_META).exists():
+    if run_dir is None:
         return None
+    if not (Path(run_dir) / STATE_META).exists():
+        if (Path(run_dir) / MODEL_META).exists() and not (resume and _first_epoch_model(Path(run_dir))):
+            raise DarkKnowledgeError(f"{run_dir} holds a model but no training state ({STATE_META} was removed), "
+                                     f"so it can be neither resumed nor safely overwritten; {elsewhere}, or delete "
+                                     "the folder to train it again")
+        return None  # a new run (or one killed between its first model and its first state: started again)
     if not resume:
         raise DarkKnowledgeError(f"{run_dir} already holds a {kind}; pass --resume to continue it or {elsewhere}")
+    fix = "delete the run folder's state* files to train again, or restore the file"
+    saved = schemas.check(schemas.ResumableState, read_training_state(run_dir), Path(run_dir) / STATE_META, fix)
+    if best_key not in saved["best"]:
+        raise DarkKnowledgeError(f"{Path(run_dir) / STATE_META} is not a valid training state: field "
+                                 f"'best.{best_key}': Field required; {fix}")
     state = load_training_state(run_dir, model, optimizer)
     if state["run_key"] not in (run_key, legacy_key):
         raise DarkKnowledgeError(f"{run_dir} holds a {kind} with other settings, {made_of} or data; resume it with "
                                  f"the same options, or {elsewhere}")
+    if epochs is not None and not 0 <= state["epoch"] <= epochs:
+        raise DarkKnowledgeError(f"{Path(run_dir) / STATE_META} says training stopped after epoch {state['epoch']}, "
+                                 f"outside 0..{epochs}; the file was edited or is corrupt: restore it, or delete the "
+                                 "folder's state* files to train again")
     return state

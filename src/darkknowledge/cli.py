@@ -21,13 +21,17 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from . import __version__
-from . import distributed
-from .data import available_datasets
-from .ensemble import COMBINE_RULES
-from .errors import DarkKnowledgeError
-from .devices import DEVICE_HELP
-from .training import OPTIMIZERS, SCHEDULES, TrainConfig
+# Before torch loads OpenMP: a thread waiting for work sleeps instead of spinning, so a parallel region does not
+# stall when another process holds a core (docs/reliability.md, "CPU threads").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import __version__  # noqa: E402
+from . import distributed, options  # noqa: E402
+from .data import available_datasets  # noqa: E402
+from .ensemble import COMBINE_RULES  # noqa: E402
+from .errors import DarkKnowledgeError  # noqa: E402
+from .devices import DEVICE_HELP  # noqa: E402
+from .training import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
 DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train")  # what runs under torchrun
@@ -201,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which split to evaluate on: test, the validation split cut from training, or the "
                         "training cases (default: %(default)s)")
     p.add_argument("--jitter", type=int, default=0, help="translate test inputs by up to N pixels (default: 0)")
+    p.add_argument("--device", default="cpu", help=f"where to run the model: {DEVICE_HELP} (default: %(default)s)")
     _add_data_options(p, default_dataset=None,
                       dataset_help="dataset to evaluate on (default: the one the model was trained on)")
 
@@ -334,7 +339,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argp
             values = tomllib.load(f)
     except FileNotFoundError:
         raise DarkKnowledgeError(f"config file {args.config} not found") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise DarkKnowledgeError(f"config file {args.config} is not valid TOML: {e}") from None
     subparser = args.commands[args.command]
     known = set(vars(args)) - {"command", "commands", "config"}
@@ -467,7 +472,8 @@ def run(args: argparse.Namespace) -> int:
         say(_summary(model, result, args.out))
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset or args.data else None
-        print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter, args.combine), indent=2))
+        print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter, args.combine, args.device),
+                         indent=2))
     elif args.command == "reproduce" and args.experiment == "specialists":
         from .specialists.cli import reproduce
         return reproduce(args)
@@ -513,11 +519,13 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    options.install(parser)
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv  # anywhere on the line: also show the traceback of the user's code behind an error
     argv = [a for a in argv if a != "--debug"]
     try:
         args = _apply_config_file(parser, argv)
+        options.check(parser, args)  # command line and config file alike
         args.argv = argv  # recorded in reports as the command that made them
         if args.command is None:
             parser.print_help()
@@ -528,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
                 return 1  # rank 0 says why, once
             raise DarkKnowledgeError(f"'{command}' runs as one process: start it without torchrun (under torchrun: "
                                      f"{', '.join(DISTRIBUTED_COMMANDS)})")
+        if "OMP_NUM_THREADS" not in os.environ:
+            # One intra-op thread unless asked for more: the same model on any machine, and no collapse when the
+            # cores are shared (docs/reliability.md, "CPU threads")
+            import torch
+            torch.set_num_threads(1)
         if command in DISTRIBUTED_COMMANDS:
             distributed.init_from_env()
         code = run(args)
@@ -537,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         if debug and e.__cause__ is not None:
             traceback.print_exception(e.__cause__)
         print(f"darkknowledge: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, options.UsageError) else 1
     except OSError as e:  # disk full, permission denied, ...: say which file
         print(f"darkknowledge: error: {e.strerror or e} ({e.filename})", file=sys.stderr)
         return 1

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, schemas
 from .errors import DarkKnowledgeError
 
 COMBINE_RULES = ("arithmetic", "geometric", "logits")
@@ -246,10 +246,11 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
                                  "'darkknowledge train --members N --out FOLDER', or give members as --teacher A "
                                  "--teacher B")
     manifest = checkpoint.read_json(path, "ensemble")
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("members"), list):
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DarkKnowledgeError(f"ensemble: {path} is not a darkknowledge ensemble manifest; make the folder with "
                                  "'darkknowledge train --members N'")
-    return manifest
+    return schemas.check(schemas.EnsembleManifest, manifest, path,
+                         "rerun 'darkknowledge train --members N --resume' with the options it was made with")
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:

@@ -7,3 +7,8 @@ class DarkKnowledgeError(Exception):
 
 class TrainingDiverged(DarkKnowledgeError):
     """The model's outputs became NaN or inf during training (too high a learning rate, usually)."""
+
+    @classmethod
+    def in_epoch(cls, epoch: int) -> "TrainingDiverged":
+        return cls(f"training diverged in epoch {epoch}: the model's outputs became NaN or inf; use a lower --lr "
+                   "(or --weight-decay; distilling at temperature T scales the soft-target gradient by up to T)")

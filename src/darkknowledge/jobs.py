@@ -6,6 +6,7 @@ They glue data, models, the training loop and checkpoints together with the book
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .distributed import current
+from .augment import check_jitter
 from .data import DEFAULT_VALIDATION_SIZE, LabeledImages, load_dataset, validation_split
 from .data.files import DEFAULT_VALIDATION_FRACTION as DEFAULT_FILES_VALIDATION, load_files
 from .data.transfer import Transform, input_shape, subset
@@ -26,6 +28,7 @@ from .ensemble import MANIFEST, Ensemble, is_ensemble_dir, read_manifest, write_
 from .devices import resolve_device
 from .errors import DarkKnowledgeError
 from .evaluation import evaluate
+from .memory import check_fits
 from .models import build_model, count_parameters, parse_spec
 from .soft_targets import SoftTargets
 from .training import (Distillation, FitResult, HardTargets, TrainConfig, _run_key, _silent, cache_teacher_logits,
@@ -154,6 +157,7 @@ def _log_to_stderr(line: str) -> None:
 
 
 def _seeded_model(spec: str, train, seed: int, options: dict[str, Any] | None = None):
+    check_fits(spec, input_shape(train), len(train.classes), options)
     with torch.random.fork_rng():  # the caller's random state is left as it was
         torch.manual_seed(seed)
         return build_model(spec, input_shape(train), len(train.classes), options)
@@ -269,10 +273,17 @@ def train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: str | 
     load the finished ensemble. With ``resume`` a rerun skips finished members, resumes a half-finished one from
     its last epoch and trains the missing ones; the same call with a larger ``members`` grows the ensemble.
     """
-    log = log or _log_to_stderr
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise DarkKnowledgeError(f"members must be an integer >= 1, got {members!r}")
-    out = Path(out)
+    with contextlib.ExitStack() as held:  # one writer per folder: rank 0 holds its lock for every rank
+        current().on_main(lambda: held.enter_context(checkpoint.open_run(Path(out), "ensemble folder")))
+        return _train_ensemble(spec, data, config, Path(out), members, resume, log or _log_to_stderr, options,
+                               device)
+
+
+def _train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: Path, members: int, resume: bool,
+                    log: Callable[[str], None], options: dict[str, Any] | None,
+                    device: str | None) -> EnsembleResult:
     # Under torchrun every rank trains every member (data-parallel); rank 0 reads and writes the folder and
     # tells the others which members are left, so they need not see it.
     workers = current()
@@ -333,7 +344,7 @@ def _record_members(out: Path, entries: list[dict[str, Any]], meta: dict[str, An
     for entry in entries:
         run_dir = out / entry["run"]
         state_path = run_dir / checkpoint.STATE_META
-        state = checkpoint.read_json(state_path, "training state") if state_path.exists() else {}
+        state = checkpoint.read_training_state(run_dir) if state_path.exists() else {}
         entry["done"] = bool(state.get("done")) and (run_dir / checkpoint.MODEL_META).exists()
         entry["model_missing"] = bool(state) and not (run_dir / checkpoint.MODEL_META).exists()
         entry["epochs"] = state.get("epoch", 0)
@@ -348,15 +359,15 @@ def _record_members(out: Path, entries: list[dict[str, Any]], meta: dict[str, An
                          "image_shape": meta["image_shape"], "combine": "arithmetic",
                          "complete": all(e["done"] for e in entries),
                          "members": [{k: v for k, v in e.items() if k != "model_missing"} for e in entries],
-                         "training": {k: v for k, v in vars(config).items() if k not in ("progress", "seed")},
+                         "training": {k: v for k, v in config.settings().items() if k != "seed"},
                          "data": data.describe(train)})
     return entries
 
 
 def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str = "test",
-                 jitter: int = 0, combine: str | None = None) -> dict[str, Any]:
+                 jitter: int = 0, combine: str | None = None, device: str | None = "cpu") -> dict[str, Any]:
     """Errors of a saved model, or of an ensemble folder (members combined by ``combine``, default the
-    manifest's rule), on a split of its dataset (or ``data``'s), as a JSON-ready dict."""
+    manifest's rule), on a split of its dataset (or ``data``'s), as a JSON-ready dict; run on ``device``."""
     if is_ensemble_dir(run_dir):
         model = Ensemble.from_dir(run_dir, combine)
         meta = model.member_meta[0]  # the members share dataset and split (train_ensemble makes them so)
@@ -381,7 +392,8 @@ def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str
     if chosen is None:
         raise DarkKnowledgeError(f"{data.name} has no validation split with val_size 0; choose train or test")
     check_compatible(meta, chosen, Path(run_dir))
-    result = evaluate(model, chosen, jitter=jitter).to_dict()
+    check_jitter(jitter, input_shape(chosen))
+    result = evaluate(model.to(resolve_device(device)), chosen, jitter=jitter).to_dict()
     result["per_class_errors"] = dict(zip(chosen.classes, result["per_class_errors"]))  # readable JSON
     return {"run": str(run_dir), "model": name, "parameters": count_parameters(model),
             "dataset": data.name, "split": split, "jitter": jitter, **result}

@@ -33,6 +33,7 @@ Pages the kernel brought in are file-backed page cache (reclaimable, shared), no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, locks, schemas
 from .distributed import Workers, current
 from .ensemble import COMBINE_RULES, Ensemble, check_combine, distillation_targets
 from .errors import DarkKnowledgeError
@@ -268,43 +269,44 @@ class SoftTargets:
         workers = current()
         if not workers.is_main:
             log = lambda _: None  # noqa: E731  every rank computes its share; rank 0 alone says what was done
-        # Rank 0 looks for an intact store of this key (one checksum pass); every rank follows what it found.
-        found = None
-        if workers.is_main and header_path is not None and (header_path.exists()
-                                                             or header_path.with_suffix(".bin").exists()):
-            try:
-                cls.open(header_path, combine=combine, expected_key=key)
-                found = "intact"
-            except DarkKnowledgeError as problem:
-                found = f"not using {header_path}: {problem}; computing it again"
-        found = workers.broadcast_json(found)
-        if found == "intact":
-            store = cls.open(header_path, combine=combine, expected_key=key, verify=False)  # verified just now
-            log(f"soft targets: reusing {header_path} ({store.nbytes / 1e6:.1f} MB)")
-            return store
-        if found:
-            log(f"soft targets: {found}")
+        with _store_lock(header_path, workers, log):  # one writer per store; others wait, then reuse it
+            # Rank 0 looks for an intact store of this key (one checksum pass); every rank follows what it found.
+            found = None
+            if workers.is_main and header_path is not None and (header_path.exists()
+                                                                 or header_path.with_suffix(".bin").exists()):
+                try:
+                    cls.open(header_path, combine=combine, expected_key=key)
+                    found = "intact"
+                except DarkKnowledgeError as problem:
+                    found = f"not using {header_path}: {problem}; computing it again"
+            found = workers.broadcast_json(found)
+            if found == "intact":
+                store = cls.open(header_path, combine=combine, expected_key=key, verify=False)  # verified just now
+                log(f"soft targets: reusing {header_path} ({store.nbytes / 1e6:.1f} MB)")
+                return store
+            if found:
+                log(f"soft targets: {found}")
 
-        started = time.perf_counter()
-        describe = teacher.describe() if isinstance(teacher, Ensemble) else {"module": type(teacher).__name__}
-        cases = num_cases(transfer_set)
-        header = {"key_parts": key_parts, "num_cases": cases, "combine": combine,
-                  "extra": {"teacher": describe, "members_in_teacher": len(members),
-                            "transfer_set": {"name": transfer_set.name, "cases": cases,
-                                             "classes": list(transfer_set.classes)}}}
-        if workers.distributed and header_path is not None:
-            store = cls._compute_sharded(teacher, transfer_set, header_path, workers, batch_size, bf16, **header)
-            how = f"{workers.world_size} ranks, each one batched pass of each member over its share"
-        else:
-            num_classes, chunks = _stored_logits(teacher, transfer_set, range(len(transfer_set)), key_parts,
-                                                 batch_size, bf16)
-            store = cls.write(chunks, header_path, num_classes=num_classes, **header)
-            how = "one batched pass of each member"
-        seconds = time.perf_counter() - started
-        where = str(header_path) if header_path is not None else "memory"
-        log(f"soft targets: computed {cases} cases x {len(members)} member(s) in {seconds:.1f}s "
-            f"({how}), {store.nbytes / 1e6:.1f} MB {layout} store in {where}")
-        return store
+            started = time.perf_counter()
+            describe = teacher.describe() if isinstance(teacher, Ensemble) else {"module": type(teacher).__name__}
+            cases = num_cases(transfer_set)
+            header = {"key_parts": key_parts, "num_cases": cases, "combine": combine,
+                      "extra": {"teacher": describe, "members_in_teacher": len(members),
+                                "transfer_set": {"name": transfer_set.name, "cases": cases,
+                                                 "classes": list(transfer_set.classes)}}}
+            if workers.distributed and header_path is not None:
+                store = cls._compute_sharded(teacher, transfer_set, header_path, workers, batch_size, bf16, **header)
+                how = f"{workers.world_size} ranks, each one batched pass of each member over its share"
+            else:
+                num_classes, chunks = _stored_logits(teacher, transfer_set, range(len(transfer_set)), key_parts,
+                                                     batch_size, bf16)
+                store = cls.write(chunks, header_path, num_classes=num_classes, **header)
+                how = "one batched pass of each member"
+            seconds = time.perf_counter() - started
+            where = str(header_path) if header_path is not None else "memory"
+            log(f"soft targets: computed {cases} cases x {len(members)} member(s) in {seconds:.1f}s "
+                f"({how}), {store.nbytes / 1e6:.1f} MB {layout} store in {where}")
+            return store
 
     @classmethod
     def _compute_sharded(cls, teacher: nn.Module, transfer_set, header_path: Path, workers: Workers,
@@ -362,7 +364,7 @@ class SoftTargets:
                                           "sha256": _sha256_range(f, offsets[name], row_bytes[name] * shape[0])}
                                    for name, (dtype, shape) in specs.items()}
                     os.fsync(f.fileno())
-                os.replace(tmp, data_path)
+                checkpoint.replace(tmp, data_path)
                 for marker in header_path.parent.glob(f"{tmp.name}.rank*"):
                     marker.unlink()
                 checkpoint.write_json(header_path, _header(key_parts, num_cases, specs, num_classes, extra,
@@ -418,15 +420,13 @@ class SoftTargets:
             raise DarkKnowledgeError(f"soft-target store header {header_path} is not valid JSON ({e})") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise DarkKnowledgeError(f"{header_path} is not a {FORMAT} soft-target store header")
-        try:
-            if _key(header["key_parts"]) != header["key"] or (expected_key and header["key"] != expected_key):
-                raise DarkKnowledgeError(f"soft-target store {header_path} was made for another teacher, transfer "
-                                         "set or settings (key mismatch)")
-            data_path = header_path.parent / header["data_file"]
-            arrays_meta = header["arrays"]
-        except (KeyError, TypeError):
-            raise DarkKnowledgeError(f"soft-target store header {header_path} is incomplete") from None
-        if not data_path.exists():
+        schemas.check(schemas.StoreHeader, header, header_path, "delete it: the store is computed again")
+        if _key(header["key_parts"]) != header["key"] or (expected_key and header["key"] != expected_key):
+            raise DarkKnowledgeError(f"soft-target store {header_path} was made for another teacher, transfer "
+                                     "set or settings (key mismatch)")
+        data_path = header_path.parent / header["data_file"]
+        arrays_meta = header["arrays"]
+        if not data_path.is_file():
             raise DarkKnowledgeError(f"soft-target store data {data_path} is missing")
         size = data_path.stat().st_size
         if size != header["data_bytes"]:
@@ -462,6 +462,16 @@ def _header(key_parts: dict[str, Any], num_cases: int, specs: dict[str, tuple[st
             "stored_combine": key_parts.get("stored_combine"), "members_in_teacher": num_members,
             **(extra or {}), "data_file": data_file, "data_bytes": data_bytes, "arrays": arrays_meta,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "provenance": checkpoint.provenance()}
+
+
+def _store_lock(header_path: Path | None, workers: Workers, log: Callable[[str], None]):
+    """The store's exclusive lock (rank 0 holds it for all), after removing temp files of dead writers."""
+    if header_path is None or not workers.is_main:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(locks.hold(header_path.with_suffix(".lock"), f"soft-target store {header_path}", wait=log))
+    checkpoint.remove_stale_temp(header_path.parent, f".{header_path.stem}.")
+    return stack
 
 
 def _stored_members(teacher: nn.Module, key_parts: dict[str, Any]) -> int:
@@ -655,7 +665,7 @@ class _Writer:
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = None
-        os.replace(self.tmp, self.data_path)
+        checkpoint.replace(self.tmp, self.data_path)
         return meta, None
 
     def abort(self) -> None:

@@ -16,6 +16,7 @@ N workers resumes with any other number. Rank 0 alone writes checkpoints and log
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .augment import jitter_offsets, translate
+from .augment import check_jitter, jitter_offsets, translate
 from .data.transfer import as_transfer_set, batches, case_rows, input_shape, num_cases, subset
 from .devices import resolve_device
 from .distributed import Workers, current
@@ -238,12 +239,14 @@ class Distillation:
             inputs = to_device(batch.inputs, self.teacher_device)
             with torch.no_grad(), autocast(self.bf16, self.teacher_device):
                 if isinstance(self.teacher, Ensemble):
-                    members = self.teacher.member_logits(inputs).float()  # [B, M, ..., C]
+                    members = self.teacher.member_logits(inputs).float()  # [B, M, ..., C] -> [cases, M, C]
                     members = members.movedim(1, -2).reshape(-1, members.shape[1], members.shape[-1])
-                    targets = distillation_targets(members[_on(batch.keep, members.device)] if batch.keep is not None else members,
-                                                   self.teacher.combine, self.temperature)
+                    if batch.keep is not None:
+                        members = members[_on(batch.keep, members.device)]
+                    targets = distillation_targets(members, self.teacher.combine, self.temperature)
                 else:
-                    targets = {"teacher_logits": as_cases(self.teacher(inputs).float(), _on(batch.keep, self.teacher_device))}
+                    targets = {"teacher_logits": as_cases(self.teacher(inputs).float(),
+                                                          _on(batch.keep, self.teacher_device))}
             targets = _to_device(targets, logits.device)
         out = distillation_loss(logits, labels=batch.labels, temperature=self.temperature,
                                 soft_weight=self.soft_weight, hard_weight=self.hard_weight, **targets)
@@ -332,6 +335,17 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
     ``workers``: the process group to train with (default: torchrun's, if this process joined one; see the
     module doc). Every rank calls ``fit`` with the same arguments; all return the same model.
     """
+    workers = workers or current()
+    with contextlib.ExitStack() as held:  # one writer per run folder: rank 0 holds its lock for every rank
+        if run_dir is not None:
+            workers.on_main(lambda: held.enter_context(checkpoint.open_run(run_dir)))  # a refusal stops all ranks
+        return _fit(model, train, val, config, objective, run_dir, resume, meta, log, monitor, workers, device,
+                    callbacks)
+
+
+def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, run_dir: str | Path | None,
+         resume: bool, meta: dict[str, Any] | None, log: Callable[[str], None] | None, monitor, workers: Workers,
+         device: str | torch.device | None, callbacks: Sequence[Callable[[dict[str, Any]], Any]]) -> FitResult:
     config = config or TrainConfig()
     objective = objective or HardTargets()
     workers = workers or current()
@@ -357,6 +371,7 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
         raise DarkKnowledgeError(f"{workers.world_size} workers need a batch size and a training set of at least "
                                  f"{workers.world_size} cases (batch size {config.batch_size}, {len(train)} cases); "
                                  "use fewer workers or a larger batch")
+    check_jitter(config.jitter, input_shape(train))
     model.to(workers.device)
     objective.prepare(train, config, workers.device)
     if isinstance(objective, Distillation) and (objective.teacher is not None or objective.store is not None):
@@ -378,7 +393,7 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
         """Where the saved run stopped (None: a new run); loads its weights, optimizer state and best model."""
         nonlocal best_state
         state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume,
-                                                 legacy_key=legacy_key)
+                                                 legacy_key=legacy_key, epochs=config.epochs)
         if state is None:
             return None
         if state["best"]["val_errors"] is not None:
@@ -445,10 +460,7 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
                         except DarkKnowledgeError:
                             if torch.isfinite(logits).all():
                                 raise
-                            raise TrainingDiverged(
-                                f"training diverged in epoch {epoch + 1}: the model's outputs became NaN or inf; use "
-                                "a lower --lr (distilling at temperature T scales the soft-target gradient by up to "
-                                "T)") from None
+                            raise TrainingDiverged.in_epoch(epoch + 1) from None
                     else:  # a micro-batch with no case of this rank's: it still joins the gradient sum
                         loss, terms = logits.sum() * 0.0, {}
                     # Each micro-batch's mean loss weighted by its share of the step's batch: the gradient is the
@@ -471,6 +483,8 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
         totals = workers.all_sum(torch.stack([*(sums[k].double() for k in names), train_errors.double(),
                                               counted.double()]))
         cases_seen = max(int(totals[-1]), 1)
+        if not bool(torch.isfinite(totals).all()):  # before anything of this epoch is saved
+            raise TrainingDiverged.in_epoch(epoch + 1)
         record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": float(v) / cases_seen for k, v in zip(names, totals)},
                   "train_errors": int(totals[-2]), "train_error_rate": int(totals[-2]) / cases_seen}

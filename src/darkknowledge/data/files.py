@@ -33,7 +33,8 @@ from .transfer import ArrayTransferSet, Transform
 DEFAULT_VALIDATION_FRACTION = 0.1  # of a user's training cases, when --val-size is not given
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TABLE_SUFFIXES = (".csv", ".parquet")
-FORMATS = "a .npz file, a folder with x.npy and y.npy, a folder of class sub-folders of images, or a .csv/.parquet table"
+FORMATS = ("a .npz file, a folder with x.npy and y.npy, a folder of class sub-folders of images, or a "
+           ".csv/.parquet table")
 
 _loaded: dict[tuple, DatasetSplits] = {}
 
@@ -239,9 +240,9 @@ def load_table(path: Path, label_column: str | None = None, transform: Transform
                                  "numbers or drop them")
     if features.shape[1] == 0 or len(frame) == 0:
         raise DarkKnowledgeError(f"{path}: no feature columns or no rows beside the label column {label_column!r}")
-    if features.isna().to_numpy().any():
-        raise DarkKnowledgeError(f"{path}: missing values in {', '.join(map(str, features.columns[features.isna().any()][:6]))}; "
-                                 "fill or drop them")
+    missing = [str(c) for c in features.columns[features.isna().any()]]
+    if missing:
+        raise DarkKnowledgeError(f"{path}: missing values in {', '.join(missing[:6])}; fill or drop them")
     labels = frame[label_column]
     if labels.isna().any():
         raise DarkKnowledgeError(f"{path}: {int(labels.isna().sum())} rows have no label in {label_column!r}; "

@@ -14,7 +14,8 @@ counts for nothing.
 
 Adapters (:func:`as_transfer_set` picks one):
 
-- :class:`ArrayTransferSet`: inputs and labels as tensors or NumPy arrays (a memory-mapped ``.npy`` too), any
+- :class:`ArrayTransferSet`: inputs and labels as tensors or NumPy arrays (a memory-mapped ``.npy`` too: one
+  larger than 1 GB is read row by row with ``pread``, so a file larger than RAM trains in bounded memory), any
   shape and dtype: float features, RGB ``[3, H, W]``, uint8 images, int64 token ids. A batch is one gather.
   :class:`darkknowledge.data.LabeledImages` (the built-in image sets) is the same fast path.
 - :class:`DatasetTransferSet`: any map-style ``torch.utils.data.Dataset`` yielding ``(input, label)``; batches go
@@ -36,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -49,8 +51,8 @@ from ..errors import DarkKnowledgeError
 FULL_HASH_BYTES = 1 << 28  # 256 MB: inputs up to this size are hashed whole
 SAMPLE_ITEMS = 1024  # items hashed from larger inputs (and from any Dataset), drawn with FINGERPRINT_SEED
 FINGERPRINT_SEED = 2015
+FILE_READ_BYTES = 1 << 30  # memory-mapped inputs larger than this are read row by row with pread (see _FileRows)
 IGNORE_INDEX = -100  # the label of a position that counts for nothing (token-level sets)
-_RELEASE_BYTES = 256 << 20  # a memory-mapped input hands its pages back after this many bytes read
 
 
 @runtime_checkable
@@ -160,6 +162,8 @@ class ArrayTransferSet:
                  transform: Transform | None = None, ignore_index: int | None = None):
         if isinstance(inputs, Tensor):
             inputs = inputs.detach().cpu()
+        elif _FileRows.readable(inputs):
+            inputs = _FileRows(inputs)
         labels = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
         if len(inputs) != len(labels):
             raise DarkKnowledgeError(f"{name}: {len(inputs)} inputs but {len(labels)} labels; give one label per "
@@ -180,7 +184,6 @@ class ArrayTransferSet:
                                      + (f" or be {ignore_index}" if ignore_index is not None else "")
                                      + f", got {int(valid.min())}..{int(valid.max())}")
         self._fingerprint: str | None = None
-        self._read = 0
 
     def __repr__(self) -> str:
         return f"ArrayTransferSet({self.name!r}: {len(self)} x {list(self.input_shape)} {self.dtype}, " \
@@ -215,31 +218,19 @@ class ArrayTransferSet:
             index = indices if isinstance(indices, Tensor) else torch.as_tensor(indices)
             return self.inputs.index_select(0, index.cpu().long())
         index = _as_index(indices)
-        rows = self.inputs.take(index) if isinstance(self.inputs, _LazyRows) else np.take(self.inputs, index, 0)
-        self._release_after(len(index) * max(rows[:1].nbytes, mmap.PAGESIZE))  # pages touched, at least one a row
-        return torch.from_numpy(rows)
+        return torch.from_numpy(self.inputs.take(index) if isinstance(self.inputs, _FileRows)
+                                else np.take(self.inputs, index, 0))
 
     def batch(self, indices) -> tuple[Tensor, Tensor]:
         index = indices if isinstance(indices, Tensor) else torch.as_tensor(indices)
         return self.transform(self.raw(index)), self._labels.index_select(0, index.cpu().long())
-
-    def _release_after(self, nbytes: int) -> None:
-        """A memory-mapped input's pages read so far go back to the kernel every few hundred MB, so one pass over
-        a file larger than RAM keeps the process small (the pages stay in the page cache; no data is lost)."""
-        mapping = getattr(self.inputs, "_mmap", None)
-        if not isinstance(mapping, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        self._read += nbytes
-        if self._read >= _RELEASE_BYTES:
-            mapping.madvise(mmap.MADV_DONTNEED)
-            self._read = 0
 
     def subset(self, indices, name: str | None = None) -> ArrayTransferSet:
         index = _as_index(indices)
         if index.dtype == bool:
             index = np.flatnonzero(index)
         inputs = self.inputs[torch.from_numpy(index)] if isinstance(self.inputs, Tensor) \
-            else _LazyRows(self.inputs, index)
+            else self.inputs.rows(index) if isinstance(self.inputs, _FileRows) else self.inputs[index]
         return ArrayTransferSet(inputs, self._labels[torch.from_numpy(index)], self.classes,
                                 self.name if name is None else name, self.transform, self.ignore_index)
 
@@ -267,24 +258,52 @@ class ArrayTransferSet:
         return described
 
 
-class _LazyRows:
-    """Rows ``index`` of a (memory-mapped) array, read only when asked: a subset of a file larger than RAM
-    stays on disk."""
+class _FileRows:
+    """The rows of a memory-mapped ``.npy`` array read with ``pread``: the page cache serves them, and nothing is
+    mapped into the process, so one pass over a file larger than RAM keeps the process small (reading through the
+    memory map would map up to 2 MB around every random row: file pages count as the process's resident memory).
+    ``index``: which rows of the file, in order (a subset)."""
 
-    def __init__(self, array, index: np.ndarray):
-        base = array.array if isinstance(array, _LazyRows) else array
-        self.array = base
-        self.index = array.index[index] if isinstance(array, _LazyRows) else index
-        self.shape = (len(self.index), *base.shape[1:])
-        self.dtype = base.dtype
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * base.dtype.itemsize
-        self._mmap = getattr(base, "_mmap", None)
+    def __init__(self, array: np.memmap, index: np.ndarray | None = None):
+        self.filename, self.offset = array.filename, array.offset
+        self.dtype, self.row_shape = array.dtype, array.shape[1:]
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * array.dtype.itemsize
+        self.index = np.arange(len(array)) if index is None else index
+        self.shape = (len(self.index), *self.row_shape)
+        self._fd: int | None = None
+        self._pid = None
+
+    @staticmethod
+    def readable(array) -> bool:
+        """A whole C-ordered array mapped straight from its file (not a view of one), of more than
+        :data:`FILE_READ_BYTES` (a smaller one is faster gathered through the map, and fits in memory)."""
+        return isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename is not None \
+            and array.flags.c_contiguous and array.ndim >= 1 and array.nbytes > FILE_READ_BYTES
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def rows(self, index: np.ndarray) -> _FileRows:
+        part = _FileRows.__new__(_FileRows)
+        part.__dict__.update(self.__dict__, index=self.index[index], _fd=None, _pid=None)
+        part.shape = (len(part.index), *self.row_shape)
+        return part
+
     def take(self, rows: np.ndarray) -> np.ndarray:
-        return np.take(self.array, self.index[rows], axis=0)
+        if self._fd is None or self._pid != os.getpid():  # a DataLoader worker opens its own
+            self._fd, self._pid = os.open(self.filename, os.O_RDONLY), os.getpid()
+        out = np.empty((len(rows), *self.row_shape), dtype=self.dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        for i, row in enumerate(self.index[rows]):
+            os.preadv(self._fd, [flat[i]], self.offset + int(row) * self.row_bytes)
+        return out
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None and self._pid == os.getpid():
+            os.close(self._fd)
 
 
 def _itemsize(inputs) -> int:
@@ -306,12 +325,15 @@ def _item_tensor(x) -> Tensor:
 
 
 class _Collate:
-    """Stack ``(input, label)`` items and apply the transform, in the DataLoader's worker (picklable)."""
+    """Stack ``(input, label)`` items and apply the transform, in the DataLoader's worker (picklable). No items
+    (a micro-batch with no case of this rank's) give empty tensors of the items' shape."""
 
-    def __init__(self, transform: Transform):
-        self.transform = transform
+    def __init__(self, transform: Transform, input_shape: tuple[int, ...], dtype: torch.dtype):
+        self.transform, self.input_shape, self.dtype = transform, input_shape, dtype
 
     def __call__(self, items):
+        if not items:
+            return self.transform(torch.empty(0, *self.input_shape, dtype=self.dtype)), torch.empty(0).long()
         inputs = torch.stack([_item_tensor(x) for x, _ in items])
         labels = torch.stack([_item_tensor(y).long() for _, y in items])
         return self.transform(inputs), labels
@@ -338,6 +360,7 @@ class DatasetTransferSet:
         example = _item_tensor(first[0])
         self.input_shape = tuple(example.shape)
         self.dtype = str(example.dtype).replace("torch.", "")
+        self._collate_args = (tuple(example.shape), example.dtype)
         self.transform = transform if transform is not None else default_transform(example.dtype)
         self.ignore_index = ignore_index
         self.num_workers = num_workers
@@ -371,7 +394,7 @@ class DatasetTransferSet:
         return self._labels
 
     def batch(self, indices) -> tuple[Tensor, Tensor]:
-        return _Collate(self.transform)([self.dataset[int(i)] for i in _as_index(indices)])
+        return _Collate(self.transform, *self._collate_args)([self.dataset[int(i)] for i in _as_index(indices)])
 
     def batches(self, index_batches: Sequence[Tensor]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         """(inputs, labels, indices) for each batch of ``index_batches``, in order, read ahead by the workers."""
@@ -379,7 +402,7 @@ class DatasetTransferSet:
         index_batches = [torch.as_tensor(b).long() for b in index_batches]
         loader = DataLoader(self.dataset, batch_sampler=[b.tolist() for b in index_batches],
                             num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            collate_fn=_Collate(self.transform), persistent_workers=False)
+                            collate_fn=_Collate(self.transform, *self._collate_args))
         for (inputs, labels), indices in zip(loader, index_batches):  # a DataLoader keeps its sampler's order
             yield inputs, labels, indices
 

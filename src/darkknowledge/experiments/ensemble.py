@@ -99,7 +99,7 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
     folder = runs / "ensemble"
     train_ensemble(plan.spec, data, config(plan.training), folder, plan.members, resume=True, log=log)
     seconds["ensemble"] = round(sum(
-        checkpoint.read_json(folder / member_dir(i) / checkpoint.STATE_META, "training state")["seconds"]
+        checkpoint.read_training_state(folder / member_dir(i))["seconds"]
         for i in range(plan.members)), 1)
 
     train, val, test = data.load()

@@ -121,7 +121,7 @@ def _run_dataset(plan: Plan, dataset: str, runs: Path, data_dir: str | None, pro
 def _system(run: Path) -> dict[str, Any]:
     """Chosen-epoch numbers from the evaluation code on the saved model, plus the per-epoch curves fit logged."""
     meta = checkpoint.read_model_meta(run)
-    history = checkpoint.read_json(run / checkpoint.STATE_META, "training state")["history"]
+    history = checkpoint.read_training_state(run)["history"]
     test, train, val = evaluate_run(run), evaluate_run(run, split="train"), evaluate_run(run, split="val")
     curves = {"epoch": [h["epoch"] for h in history],
               "train_accuracy": [1 - h["train_eval_error_rate"] for h in history],

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import checkpoint
+from .. import checkpoint, schemas
 from ..errors import DarkKnowledgeError
 
 SUBSETS_FORMAT = "darkknowledge-subsets/1"
@@ -129,6 +129,8 @@ class ClassSubsets:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "subsets") -> ClassSubsets:
+        if isinstance(data, dict) and data.get("format") == SUBSETS_FORMAT:
+            schemas.check(schemas.SubsetsFile, data, where, "make it again with 'darkknowledge specialists cluster'")
         try:
             if data.get("format") != SUBSETS_FORMAT:
                 raise KeyError("format")

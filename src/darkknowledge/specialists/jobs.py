@@ -164,9 +164,10 @@ def train_specialists(folder: str | Path, indices: Sequence[int] | None = None, 
         sizes = {i: int(torch.isin(labels, torch.tensor(subsets.subsets[i])).sum()) for i in indices}
         indices = share_specialists(sizes, workers.world_size)[workers.rank]
     for index in indices:
-        _, result = train_specialist(generalist, subsets.subsets[index], train, val, config, generalist_logits=logits,
-                                     run_dir=specialist_dir(folder, index), resume=resume,
-                                     meta={**base, "specialist_index": index}, log=log)
+        with checkpoint.open_run(specialist_dir(folder, index), "specialist folder"):  # one writer at a time
+            _, result = train_specialist(generalist, subsets.subsets[index], train, val, config,
+                                         generalist_logits=logits, run_dir=specialist_dir(folder, index),
+                                         resume=resume, meta={**base, "specialist_index": index}, log=log)
         done[index] = {"subset": list(result.subset), "seconds": round(result.seconds, 2),
                        "best_epoch": result.best_epoch, "dustbin_offset": result.dustbin_offset}
         if on_done is not None:
@@ -196,7 +197,7 @@ def load_specialists(folder: str | Path, subsets: ClassSubsets) -> list[tuple[nn
 
 def training_seconds(folder: str | Path, index: int) -> float | None:
     path = specialist_dir(folder, index) / checkpoint.STATE_META
-    return round(checkpoint.read_json(path, "training state")["seconds"], 2) if path.exists() else None
+    return round(checkpoint.read_training_state(path.parent)["seconds"], 2) if path.exists() else None
 
 
 def _accuracy(correct: torch.Tensor) -> float | None:

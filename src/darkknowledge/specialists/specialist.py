@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checkpoint
-from ..augment import jitter
+from ..augment import check_jitter, jitter
 from ..data import LabeledImages
-from ..errors import DarkKnowledgeError
+from ..errors import DarkKnowledgeError, TrainingDiverged
 from ..data.transfer import subset as subset_of
 from ..evaluation import autocast, labels_of, predict_logits
 from ..losses import distillation_loss
@@ -313,6 +313,7 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
         raise DarkKnowledgeError(f"the generalist predicts {num_classes} classes but {train.name} has "
                                  f"{len(train.classes)}")
     subset = _check_subset(subset, num_classes)
+    check_jitter(cfg.jitter, train.image_shape)
     in_subset = torch.zeros(num_classes, dtype=torch.bool)
     in_subset[list(subset)] = True
     inside = torch.nonzero(in_subset[labels_of(train)]).flatten()
@@ -348,6 +349,7 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     best_state = None
     state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume, "specialist run", "subset",
                                              _run_key(meta, train, val, subset, config, locations=True),
+                                             epochs=cfg.epochs, best_key="val_loss",
                                              elsewhere="train into another specialists folder (copy subsets.json "
                                                        "into it)")
     if state is not None:
@@ -399,6 +401,8 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
             for key, value in parts.items():
                 sums[key] = sums.get(key, 0) + value.detach()
         record = {"epoch": epoch + 1, **{f"train_{k}": float(v) / sampler.steps for k, v in sums.items()}}
+        if not all(math.isfinite(v) for k, v in record.items() if k != "epoch"):  # before anything is saved
+            raise TrainingDiverged.in_epoch(epoch + 1)
         improved = True
         if val is not None:
             scores = validation_scores(model, val, subset, offset, cfg.bf16)

@@ -1,0 +1,157 @@
+"""Crashes and concurrent writers: a run killed at any rename resumes to the model an uninterrupted run makes
+(and its previous best model stays loadable meanwhile); a second writer of a run folder is refused naming the
+holder; a lock of a dead process is taken over; a second writer of a soft-target store waits and reuses it."""
+
+import io
+import json
+import os
+import signal
+import socket
+import time
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import pytest
+import torch
+
+from darkknowledge import checkpoint, jobs, locks
+from darkknowledge.cli import main
+from darkknowledge.data import load_dataset
+from darkknowledge.soft_targets import SoftTargets
+from darkknowledge.training import TrainConfig
+
+SPEC = "mlp:16"
+CONFIG = TrainConfig(epochs=2, batch_size=256, progress=False)
+
+
+def _in_child(work, *, kill_at_rename: int | None = None) -> int:
+    """Run ``work()`` in a forked child (cheap: torch is already imported); returns its wait status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            torch.set_num_threads(1)
+            checkpoint._renames = 0
+            if kill_at_rename is not None:
+                os.environ["DARKKNOWLEDGE_KILL_AT_RENAME"] = str(kill_at_rename)
+            work()
+        except BaseException:
+            code = 3
+        os._exit(code)
+    return pid
+
+
+def _train(out: Path, resume: bool = False, config: TrainConfig = CONFIG):
+    return jobs.train_run(SPEC, jobs.DataChoice("digits"), config, out, resume, log=lambda _: None)
+
+
+def _count_renames(out: Path) -> int:
+    os.environ["DARKKNOWLEDGE_KILL_AT_RENAME"] = "1000000000"  # counts, never kills
+    checkpoint._renames = 0
+    try:
+        _train(out)
+        return checkpoint._renames
+    finally:
+        del os.environ["DARKKNOWLEDGE_KILL_AT_RENAME"]
+
+
+def _killed_at(out: Path, rename: int) -> None:
+    _, status = os.waitpid(_in_child(lambda: _train(out), kill_at_rename=rename), 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+def _kill_and_resume(tmp_path, renames_to_kill):
+    renames = _count_renames(tmp_path / "reference")
+    reference = checkpoint.read_model_meta(tmp_path / "reference")["weights_sha256"]
+    assert renames == 2 * 6  # per improving epoch: pending sidecar, weights, sidecar, state (2), metrics
+    for rename in renames_to_kill or range(1, renames + 1):
+        out = tmp_path / f"killed-{rename}"
+        _killed_at(out, rename)
+        if (out / checkpoint.MODEL_META).exists() or checkpoint._pending_meta(out):
+            checkpoint.load_model(out)  # the previous (or the new) best model, whole
+        _train(out, resume=True)
+        assert checkpoint.read_model_meta(out)["weights_sha256"] == reference, f"killed at rename {rename}"
+        assert not list(out.glob(".*.tmp")) and not (out / checkpoint.PENDING_META).exists()
+
+
+def test_a_run_killed_in_the_windows_of_its_second_epoch_resumes_to_the_uninterrupted_model(tmp_path):
+    _kill_and_resume(tmp_path, [8, 9, 11])  # before the weights', the sidecar's and the state's rename
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_any_rename_keeps_its_last_model_and_resumes_to_the_uninterrupted_model(tmp_path):
+    _kill_and_resume(tmp_path, None)
+
+
+def test_a_commit_cut_between_the_weights_and_the_sidecar_is_read_from_the_pending_sidecar(tmp_path):
+    # Epoch 2 commits its model with renames 7 (pending sidecar), 8 (weights) and 9 (sidecar): killed before 9.
+    _killed_at(tmp_path / "run", 9)
+    sidecar = json.loads((tmp_path / "run" / checkpoint.MODEL_META).read_text())
+    in_place = checkpoint.sha256_file(tmp_path / "run" / checkpoint.MODEL_WEIGHTS)
+    assert sidecar["epoch"] == 1 and sidecar["weights_sha256"] != in_place  # the old sidecar no longer vouches ...
+    _, meta = checkpoint.load_model(tmp_path / "run")  # ... the pending one does
+    assert meta["weights_sha256"] == in_place and meta["epoch"] == 2
+
+
+def test_the_long_run_folder_layout_of_older_versions_still_resumes(tmp_path):
+    _killed_at(tmp_path / "run", 7)  # after epoch 1 was saved whole
+    (tmp_path / "run" / locks.LOCK_FILE).unlink()  # older versions wrote no lock file
+    _, result = _train(tmp_path / "run", resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    slow = TrainConfig(epochs=10_000, batch_size=256, progress=False)
+    writer = _in_child(lambda: _train(out, config=slow))
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / checkpoint.STATE_META).exists():  # the first writer is training
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        err = io.StringIO()
+        with redirect_stderr(err):
+            code = main(["train", "--model", SPEC, "--out", str(out), "--epochs", "1", "--no-progress", "--resume"])
+        lines = err.getvalue().strip().splitlines()
+        assert code == 1 and len(lines) == 1, err.getvalue()
+        assert f"pid {writer} on host {socket.gethostname()}" in lines[0] and "in use" in lines[0]
+    finally:
+        os.kill(writer, signal.SIGKILL)
+        os.waitpid(writer, 0)
+    # The holder died without releasing anything: its lock file still names it, and is taken over.
+    assert str(writer) in (out / locks.LOCK_FILE).read_text()
+    with locks.hold_folder(out):
+        assert json.loads((out / locks.LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_a_second_writer_of_a_store_waits_for_the_first_and_reuses_its_store(tmp_path):
+    train = load_dataset("digits").train
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    first = SoftTargets.compute(teacher, train, tmp_path)
+    lock = next(tmp_path.glob("*.lock"))
+    def hold_a_while():
+        with locks.hold(lock, "store"):
+            time.sleep(1.0)
+    holder = _in_child(hold_a_while)
+    while str(holder) not in lock.read_text():  # until the child holds it
+        time.sleep(0.01)
+    said = []
+    second = SoftTargets.compute(teacher, train, tmp_path, log=said.append)
+    os.waitpid(holder, 0)
+    assert "waiting for it" in said[0] and f"pid {holder}" in said[0] and "reusing" in said[-1]
+    assert torch.equal(second.member_logits(slice(None)), first.member_logits(slice(None)))
+
+
+def test_temp_files_of_a_dead_writer_are_removed_when_the_run_is_opened(tmp_path):
+    _killed_at(tmp_path / "run", 7)
+    stale = tmp_path / "run" / ".model.safetensors.abc123.tmp"
+    stale.write_bytes(b"x" * 1000)
+    _train(tmp_path / "run", resume=True)
+    assert not stale.exists()
+
+
+@pytest.mark.parametrize("rename", [2, 3, 4])
+def test_a_killed_first_epoch_is_started_again_by_resume_not_refused(tmp_path, rename):
+    _killed_at(tmp_path / "run", rename)  # before the weights', the sidecar's, the state's rename: no state yet
+    _, result = _train(tmp_path / "run", resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2]
