@@ -142,7 +142,7 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
     if state_path is not None and state_path.exists() and \
             checkpoint.read_json(state_path, "training state").get("run_key") == key:
         state = checkpoint.load_training_state(run_dir, model, optimizer)
-        first_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        first_epoch, history, best = state["epoch"] + 1, state["history"], state["best_validation"]
         best["weights"] = checkpoint.read_tensors(run_dir / BEST_WEIGHTS, best["sha256"], "best weights")
         log(f"{run_dir}: resumed after epoch {state['epoch']}")
     for epoch in range(first_epoch, config.epochs + 1):
@@ -185,7 +185,8 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
             if is_best:  # the best weights first, then the state that points at them
                 best["sha256"] = checkpoint.write_tensors(run_dir / BEST_WEIGHTS, best["weights"])
             checkpoint.save_training_state(run_dir, epoch, model, optimizer, {
-                "run_key": key, "history": history, "best": {k: v for k, v in best.items() if k != "weights"}})
+                "run_key": key, "history": history,
+                "best_validation": {k: v for k, v in best.items() if k != "weights"}})
         log(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, val log-loss "
             f"{val['log_loss']:.4f}, val accuracy {val['accuracy']:.4f} ({record['tokens_per_second']:.0f} tok/s)")
     model.load_state_dict(best["weights"])
