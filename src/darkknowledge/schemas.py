@@ -78,7 +78,7 @@ class TrainingState(_Schema):
     optimizer_scalars: dict[str, Number | bool | None]
     run_key: Annotated[str, Field(min_length=1)] | None = None
     history: list[dict[str, Any]] = []
-    best: Best | None = None
+    best: dict[str, Any] | None = None  # each loop's own; the image loops' is checked by ResumableState
     seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     done: bool = False
 
