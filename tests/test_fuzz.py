@@ -232,7 +232,8 @@ def test_fuzz_store_header_is_reused_only_while_valid_and_else_rebuilt(made, tmp
 TRAIN_OPTIONS = ["epochs", "batch-size", "lr", "momentum", "weight-decay", "schedule", "jitter", "seed",
                  "patience", "val-size", "val-seed", "members", "model"]
 option_text = st.sampled_from(["1e308", "-1e308", "inf", "nan", "-1", "0", "1.5", "99999999999999999999999", "",
-                               "2", "0.5", "true", "mlp:1000000000000", "mlp:0", "x" * 200]) | st.text(max_size=10)
+                               "2", "0.5", "true", "mlp:1000000000000", "mlp:10x100000000", "mlp:0",
+                               "x" * 200]) | st.text(max_size=10)
 toml_values = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=12) \
     | st.lists(st.integers(-2**63, 2**63 - 1), max_size=3)
 

@@ -124,6 +124,20 @@ def test_store_rows_are_the_teachers_per_token_targets(splits, tmp_path, top_k):
         torch.testing.assert_close(top.logits, expected.topk(4, -1).values, atol=2e-2, rtol=1e-2)
 
 
+def test_topk_store_summarised_from_a_dense_store_matches_one_from_the_members(splits, tmp_path):
+    torch.manual_seed(0)
+    members = [build_language_model(TINY, splits.tokenizer.vocab_size) for _ in range(2)]
+    train, sha = splits.windows["train"], splits.tokenizer.sha256
+    dense = TokenTargets.build(members, train, tmp_path, tokenizer_sha256=sha)
+    from_dense = TokenTargets.build(dense, train, tmp_path, tokenizer_sha256=sha, top_k=4)
+    from_members = TokenTargets.build(members, train, tmp_path, tokenizer_sha256=sha, top_k=4)
+    assert from_dense.folder != from_members.folder  # keyed by their sources
+    a, b = (s.targets(train, [0, 3])["topk_targets"] for s in (from_dense, from_members))
+    torch.testing.assert_close(a.logits, b.logits, atol=2e-2, rtol=1e-2)  # float16 rows, summarised again
+    with pytest.raises(DarkKnowledgeError, match="must be a dense store over these windows"):
+        TokenTargets.build(from_dense, train, tmp_path, tokenizer_sha256=sha, top_k=2)
+
+
 def test_a_killed_build_resumes_and_a_corrupted_store_is_rebuilt(splits, tmp_path):
     torch.manual_seed(0)
     teacher = build_language_model(TINY, splits.tokenizer.vocab_size)

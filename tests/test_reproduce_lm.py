@@ -62,7 +62,7 @@ def test_rerun_reuses_every_stage_and_generate_samples(quick_run, capsys):
     assert main(["generate", str(quick_run / "runs" / "baseline"), "--prompt", "KING.", "--tokens", "12"]) == 0
     assert capsys.readouterr().out.startswith("KING.")
     assert main(["generate", str(quick_run / "runs" / "baseline"), "--top-k", "0"]) == 1
-    assert "top_k >= 1" in capsys.readouterr().err
+    assert "--top-k must be in [1," in capsys.readouterr().err
 
 
 def test_own_text_folder_with_data_and_its_mistakes_in_one_line(tmp_path, capsys):

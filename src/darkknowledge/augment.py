@@ -38,7 +38,8 @@ def translate(images: torch.Tensor, offsets: torch.Tensor | None, max_shift: int
 
 
 def jitter(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Translate each image in ``[B, H, W]`` or ``[B, C, H, W]`` by its own random (dy, dx) in [-max_shift, max_shift], zero-filled."""
+    """Translate each image in ``[B, H, W]`` or ``[B, C, H, W]`` by its own random (dy, dx) in
+    [-max_shift, max_shift], zero-filled."""
     return translate(images, jitter_offsets(len(images), max_shift, generator), max_shift)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, schemas
 from .data.text import TextTokenizer, TokenWindows
 from .errors import DarkKnowledgeError
 from .losses import distillation_loss
@@ -142,7 +142,7 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
     if state_path is not None and state_path.exists() and \
             checkpoint.read_json(state_path, "training state").get("run_key") == key:
         state = checkpoint.load_training_state(run_dir, model, optimizer)
-        first_epoch, history, best = state["epoch"] + 1, state["history"], state["best"]
+        first_epoch, history, best = state["epoch"] + 1, state["history"], state["best_validation"]
         best["weights"] = checkpoint.read_tensors(run_dir / BEST_WEIGHTS, best["sha256"], "best weights")
         log(f"{run_dir}: resumed after epoch {state['epoch']}")
     for epoch in range(first_epoch, config.epochs + 1):
@@ -185,7 +185,8 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
             if is_best:  # the best weights first, then the state that points at them
                 best["sha256"] = checkpoint.write_tensors(run_dir / BEST_WEIGHTS, best["weights"])
             checkpoint.save_training_state(run_dir, epoch, model, optimizer, {
-                "run_key": key, "history": history, "best": {k: v for k, v in best.items() if k != "weights"}})
+                "run_key": key, "history": history,
+                "best_validation": {k: v for k, v in best.items() if k != "weights"}})
         log(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, val log-loss "
             f"{val['log_loss']:.4f}, val accuracy {val['accuracy']:.4f} ({record['tokens_per_second']:.0f} tok/s)")
     model.load_state_dict(best["weights"])
@@ -211,9 +212,11 @@ def load_language_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]
     """The model of a language-model run folder (eval mode) and its model.json."""
     run_dir = checkpoint.resolve_run_dir(run_dir)
     meta = checkpoint.read_json(run_dir / checkpoint.MODEL_META, "model")
-    if meta.get("kind") != KIND:
+    if not isinstance(meta, dict) or meta.get("kind") != KIND:
         raise DarkKnowledgeError(f"{run_dir} is not a language-model run (its model.json has no kind "
                                  f"'{KIND}'); give a run made by 'darkknowledge reproduce lm' or train_language_model")
+    schemas.check(schemas.LanguageModelSidecar, meta, run_dir / checkpoint.MODEL_META,
+                  "train the run again or restore the file")
     model = build_language_model(meta["spec"], meta["vocab_size"], meta["context"])
     model.load_state_dict(checkpoint.read_tensors(run_dir / meta["weights"], meta["weights_sha256"], "model"))
     return model.eval(), meta
@@ -265,4 +268,7 @@ def block_bootstrap_share(baseline: dict, ensemble: dict, student: dict, metric:
     draws = share(values[:, picks].sum(-1))
     low, high = np.nanpercentile(draws, [2.5, 97.5])
     gain = (values[1].sum() - values[0].sum()) / (values.shape[1] * tokens_per_window)
-    return {"share": point, "low": float(low), "high": float(high), "gain_per_token": float(gain)}
+    # Without a gain there is nothing to transfer: a share of a loss (or of noise) means nothing.
+    better = gain > 0 if metric == "accuracy" else gain < 0
+    return {"share": point, "low": float(low), "high": float(high), "gain_per_token": float(gain),
+            "ensemble_better": bool(better)}

@@ -143,10 +143,15 @@ def register_model(kind: str, parse: Callable[[str, str], ModelSpec]):
     return decorator
 
 
+MAX_DEPTH = 1000  # hidden layers an mlp spec may ask for
+
+
 def _parse_sizes(text: str, spec: str) -> tuple[int, ...]:
     try:
         if "x" in text:  # "1200x2": two layers of 1200 units
             width, depth = text.split("x")
+            if not 0 < int(depth) <= MAX_DEPTH:  # checked before the tuple of sizes is made
+                raise DarkKnowledgeError(f"model spec {spec!r}: depth must be 1 to {MAX_DEPTH} layers, got {depth}")
             sizes = (int(width),) * int(depth)
         else:  # "500-300": one layer of 500 then one of 300
             sizes = tuple(int(s) for s in text.split("-"))
@@ -154,6 +159,8 @@ def _parse_sizes(text: str, spec: str) -> tuple[int, ...]:
         raise DarkKnowledgeError(f"model spec {spec!r}: cannot read layer sizes {text!r}; {SPEC_HELP}") from None
     if not sizes or min(sizes) < 1:
         raise DarkKnowledgeError(f"model spec {spec!r}: layer sizes must be positive; {SPEC_HELP}")
+    if len(sizes) > MAX_DEPTH:
+        raise DarkKnowledgeError(f"model spec {spec!r}: depth must be 1 to {MAX_DEPTH} layers, got {len(sizes)}")
     return sizes
 
 

@@ -1,4 +1,4 @@
-"""One schema per kind of file the tool reads back: model and state sidecars, soft-target store headers, ensemble
+"""One schema per kind of file the tool reads back: model (and language-model) and state sidecars, soft-target store headers, ensemble
 manifests and specialists' subsets files. A file is checked as a whole before any field of it is used, so a file
 of the wrong shape (a list, a missing key, a string where a number goes, a path out of its folder) is refused in
 one line naming the file, the field and the fix, never half-used. Fields the code does not read are left free
@@ -58,6 +58,17 @@ class ModelSidecar(_Schema):
     train_classes: list[Count] | None = None
     input_shape: Annotated[list[Positive], Field(min_length=1, max_length=4)] | None = None
     model_options: dict[str, Any] | None = None
+
+
+class LanguageModelSidecar(_Schema):
+    """``model.json`` of a language-model run: what the weights beside it are."""
+    kind: ClassVar[str] = "language-model sidecar"
+    spec: Annotated[str, Field(min_length=1)]
+    vocab_size: Positive
+    context: Positive
+    weights: FileName
+    weights_sha256: Sha256
+    tokenizer_sha256: str
 
 
 class Best(_Schema):

@@ -107,8 +107,9 @@ class TokenTargets:
     # -- making and opening ------------------------------------------------------------------------------------
 
     @staticmethod
-    def key_parts(members: list[nn.Module], windows, tokenizer_sha256: str, top_k: int | None) -> dict[str, Any]:
-        return {"format": FORMAT, "members": [module_sha256(m) for m in members], "windows": windows.fingerprint(),
+    def key_parts(members: list, windows, tokenizer_sha256: str, top_k: int | None) -> dict[str, Any]:
+        teachers = [f"store:{m.header['key']}" if isinstance(m, TokenTargets) else module_sha256(m) for m in members]
+        return {"format": FORMAT, "members": teachers, "windows": windows.fingerprint(),
                 "tokenizer": tokenizer_sha256, "vocab_size": windows.vocab_size,
                 "layout": "dense" if top_k is None else "topk", "top_k": top_k}
 
@@ -119,11 +120,18 @@ class TokenTargets:
               log: Callable[[str], None] = print) -> TokenTargets:
         """Reuse an intact store of this key, resume a partial one, or compute it; ``top_k=None`` is dense.
 
+        ``teacher``: a model, a list of members (their mean distribution), or a dense store over the same windows,
+        whose rows are summarised without running the members again (top-k of its float16 logits).
+
         ``on_chunk(done, total)`` is called after each chunk is durable (progress, or a test's kill switch); ``log``
         says when a store is resumed or rebuilt, and why.
         """
         members = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
         vocab_size = windows.vocab_size
+        if isinstance(teacher, TokenTargets) and (teacher.layout != "dense" or teacher.header["windows_fingerprint"]
+                                                  != windows.fingerprint()):
+            raise DarkKnowledgeError(f"a store as teacher must be a dense store over these windows, got "
+                                     f"{teacher.layout} {teacher.folder}")
         if top_k is not None and not 1 <= top_k <= vocab_size:
             raise DarkKnowledgeError(f"top_k must be in [1, {vocab_size}] (the vocabulary), got {top_k}")
         parts = cls.key_parts(members, windows, tokenizer_sha256, top_k)
@@ -160,14 +168,18 @@ class TokenTargets:
     def _fill(members, windows, folder: Path, header: dict, batch_windows: int, on_chunk) -> None:
         arrays = {name: np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r+", shape=tuple(shape))
                   for name, (dtype, shape) in header["arrays"].items()}
-        for m in members:
+        source = members[0] if isinstance(members[0], TokenTargets) else None
+        for m in members if source is None else ():
             m.eval()
         context, started = windows.context, time.perf_counter()
         first_window = header["positions_done"] // context
         for start in range(first_window, len(windows), batch_windows):
             stop = min(start + batch_windows, len(windows))
-            ids, _ = windows.batch(torch.arange(start, stop))
-            logits = ensemble_logits(members, ids).reshape(-1, windows.vocab_size)
+            if source is None:
+                logits = ensemble_logits(members, windows.batch(torch.arange(start, stop))[0])
+            else:
+                logits = source.targets(windows, torch.arange(start, stop))["teacher_logits"]
+            logits = logits.reshape(-1, windows.vocab_size)
             rows = slice(start * context, stop * context)
             if header["layout"] == "dense":
                 arrays["logits"][rows] = logits.numpy().astype(np.float16)

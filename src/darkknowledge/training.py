@@ -549,14 +549,15 @@ def _share_weights_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimi
     """Rank 0's weights and optimizer state (SGD momentum, AdamW moments; fresh, or resumed from its checkpoint)
     on every rank."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    layout = workers.broadcast_json([{k: [list(v.shape), str(v.dtype).replace("torch.", "")]
+    # each state tensor's shape, dtype and whether it lives on the CPU (AdamW's step counter does)
+    layout = workers.broadcast_json([{k: [list(v.shape), str(v.dtype).replace("torch.", ""), v.device.type == "cpu"]
                                       for k, v in optimizer.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
                                      for p in params])
     buffers = []
     for p, tensors in zip(params, layout):
         state = optimizer.state[p]
-        for key, (shape, dtype) in sorted(tensors.items()):
-            state.setdefault(key, torch.zeros(shape, dtype=getattr(torch, dtype), device=p.device))
+        for key, (shape, dtype, on_cpu) in sorted(tensors.items()):
+            state.setdefault(key, torch.zeros(shape, dtype=getattr(torch, dtype), device="cpu" if on_cpu else p.device))
             buffers.append(state[key])
     workers.broadcast_tensors([*model.state_dict().values(), *buffers])
 

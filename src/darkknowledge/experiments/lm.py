@@ -7,8 +7,8 @@ Stages (each a folder under ``OUT/runs``, reused when finished, resumed at the l
                (``OUT/tokenizer.json``, checked by SHA-256 on every rerun), token windows of ``context`` tokens
   baseline     one model trained on the labels
   members      ``members`` models of the same spec and recipe differing only in seed
-  stores       the members' mean distribution per training token: dense float16 (the T sweep) and top-k for each
-               K of the K sweep, each built once, chunk by chunk
+  stores       the members' mean distribution per training token: dense float16 (the T sweep; the members run
+               once), and top-k for each K of the K sweep summarised from the dense rows, chunk by chunk
   students     the same spec distilled from the dense store at every T (soft 1 + hard 0.5, the paper's speech
                recipe); T chosen on validation log-loss
   deployment   a half-width student distilled at the chosen T against the same half-width model on labels only;
@@ -149,8 +149,9 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
         name = "dense" if k is None else f"top{k}"
         log(f"[store {name}]")
         t = time.perf_counter()
-        stores[name] = TokenTargets.build(members, train, runs / "token-targets", tokenizer_sha256=tokenizer.sha256,
-                                          top_k=k, log=log)
+        # The members run once, for the dense store; each top-k store summarises its rows.
+        stores[name] = TokenTargets.build(members if k is None else stores["dense"], train, runs / "token-targets",
+                                          tokenizer_sha256=tokenizer.sha256, top_k=k, log=log)
         seconds[f"store-{name}"] = round(time.perf_counter() - t, 1)
 
     def distil(name: str, spec: str, temperature: float, store: str):
@@ -220,6 +221,11 @@ def _share(student: float, baseline: float, ensemble: float) -> float | None:
     return None if ensemble == baseline else (student - baseline) / (ensemble - baseline)
 
 
+def _ensemble_better(metric: str, share: dict[str, Any]) -> bool:
+    gain = share["gain_per_token"]  # ensemble minus baseline: accuracy up, or log-loss down, is a gain
+    return gain > 0 if metric == "accuracy" else gain < 0
+
+
 def _fmt_share(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
@@ -256,6 +262,9 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
         f">= {100 * paper['target_share']:.0f}%).", "",
         "## Share of the ensemble's gain transferred (test, 95% block bootstrap over windows)", "",
         _table(["metric", "share", "95% interval", "ensemble gain per token"], share_rows), "",
+        *[f"**On test the ensemble is no better than the baseline in {metric} (gain per token "
+          f"{s['gain_per_token']:+.4f}): there is no gain to transfer, and this share means nothing.**\n"
+          for metric, s in r["share_transferred"].items() if not _ensemble_better(metric, s)],
         "## Temperature sweep (dense store, soft 1 + hard 0.5)", "",
         _table(["T", "val log-loss", "val accuracy", "test log-loss", "test accuracy", "share (acc)",
                 "share (log-loss)"], sweep), "",
