@@ -1,5 +1,6 @@
 """The ``darkknowledge`` command: train, distill, evaluate, demo, TOML configs, and one-line errors."""
 
+import functools
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 
 from darkknowledge import checkpoint
 from darkknowledge.cli import main
+from darkknowledge.experiments import demo
 
 FAST = ["--epochs", "2", "--batch-size", "64", "--no-progress"]
 DATA = Path(os.environ.get("DARKKNOWLEDGE_DATA", Path(__file__).parents[2] / "shared" / "data"))
@@ -144,7 +146,9 @@ def test_module_entry_point_and_help():
     assert done.returncode == 0 and done.stdout.startswith("darkknowledge ")
 
 
-def test_demo_prints_three_models_and_reuses_finished_runs(tmp_path, capsys):
+def test_demo_prints_three_models_and_reuses_finished_runs(tmp_path, capsys, monkeypatch):
+    # the command's flow on the demo's tiny plan (seconds); the real recipe's numbers are measured in the README
+    monkeypatch.setattr(demo, "run_demo", functools.partial(demo.run_demo, plan=demo.TINY))
     code, out, _ = run_cli(capsys, "demo", "--out", tmp_path, "--no-progress")
     assert code == 0
     rows = {line.split("  ")[0]: line for line in out.splitlines() if line.startswith(("teacher", "small"))}
