@@ -15,6 +15,8 @@ import importlib.util
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,13 @@ def test_an_expression_that_fails_names_its_page_and_itself():
     hooks = _hooks()
     with pytest.raises(ValueError, match=r"page.md: \{\{ mnist.nothing \}\} failed"):
         hooks.render("x {{ mnist.nothing }}", hooks.namespace(), "page.md")
+
+
+def test_the_site_builds_strictly(tmp_path):
+    """What CI's `make docs` checks, where the docs extra is installed: links, anchors, nav, API references."""
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("mkdocstrings")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
