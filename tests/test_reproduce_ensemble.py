@@ -88,7 +88,8 @@ def test_share_of_the_gain():
 
 def test_a_rerun_reuses_every_finished_stage(quick_run):
     weights = sorted((quick_run / "runs").rglob("model.safetensors")) + \
-        sorted((quick_run / "runs" / "soft-targets").glob("*"))
+        sorted(p for p in (quick_run / "runs" / "soft-targets").glob("*") if p.suffix != ".lock")  # a lock names
+    # its last holder, so each run that opens a store writes its lock file, not the store
     assert len(weights) >= 1 + QUICK.members + 12
     stamps = [w.stat().st_mtime_ns for w in weights]
     before = json.loads((quick_run / "results.json").read_text())
