@@ -37,6 +37,7 @@ from darkknowledge.jobs import DataChoice
 from darkknowledge.models import build_model
 from darkknowledge.soft_targets import SoftTargets
 from darkknowledge.training import Distillation, TrainConfig, fit
+from store_speed import memory_mb  # the benchmarks' folder is on sys.path when a script runs
 
 
 class NpyImages(Dataset):
@@ -52,16 +53,6 @@ class NpyImages(Dataset):
         if self.images is None:  # opened in each worker process
             self.images = np.load(self.path, mmap_mode="r")
         return torch.from_numpy(np.array(self.images[i])), int(self.labels[i])
-
-
-def memory_mb() -> dict[str, float]:
-    values = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in ("VmRSS", "RssAnon", "RssFile"):
-                values[name] = int(rest.split()[0]) / 1024
-    return values
 
 
 def tutorial_epoch(student, teacher, images, labels, config, temperature) -> None:
