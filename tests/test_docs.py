@@ -26,7 +26,7 @@ from darkknowledge.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
-DATA = Path(os.environ.get("DARKKNOWLEDGE_DATA", ROOT.parent / "shared" / "data"))
+DATA = Path(os.environ.get("DARKKNOWLEDGE_DATA", ROOT.parent / "shared" / "data")).resolve()  # blocks run in a temp folder
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
 SKIP = "# not run by the tests:"
 NEEDS_MNIST = "# needs MNIST"
