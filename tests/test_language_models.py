@@ -2,6 +2,8 @@
 (top-k and dense, kill-safe), training with resume, evaluation, sampling, and the one-line refusals."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,9 @@ import pytest
 import torch
 
 from darkknowledge.data.text import TextTokenizer, load_corpus, split_documents, tokenise_corpus
-from darkknowledge.errors import DarkKnowledgeError
+from darkknowledge import language_model
+from darkknowledge.errors import DarkKnowledgeError, TrainingDiverged
+from darkknowledge.locks import LOCK_FILE
 from darkknowledge.language_model import (LMConfig, Objective, block_bootstrap_share, evaluate_language_model,
                                           generate, load_language_model, load_run_tokenizer, train_language_model)
 from darkknowledge.token_store import TokenTargets
@@ -218,13 +222,47 @@ def test_train_distil_resume_evaluate_and_generate(splits, tmp_path):
                                                  run_dir=tmp_path / "s", log=lines.append)
     assert any("resumed after epoch 1" in line for line in lines)
     assert student_meta["objective"] == "distillation" and student_meta["top_k"] == 8
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["model.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.name != LOCK_FILE) == \
+        ["model.json", "model.safetensors", "tokenizer.json"]
     # The same settings again: the finished run is reused, not retrained.
     train_language_model(TINY, tokenizer, train, val, config, objective, run_dir=tmp_path / "s", log=lines.append)
     assert "finished run of these settings, reused" in lines[-1]
     text = generate(student, tokenizer, "the quick", tokens=20, seed=0)
     assert isinstance(text, str) and len(text) == 20  # character level: one character per token
     assert generate(student, tokenizer, "the quick", tokens=20, seed=0) == text
+
+
+def test_a_diverged_language_model_is_refused_and_nothing_is_saved(splits, tmp_path, monkeypatch):
+    build = language_model.build_language_model
+
+    def nan_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+        return model
+
+    monkeypatch.setattr(language_model, "build_language_model", nan_model)
+    with pytest.raises(TrainingDiverged, match="diverged in epoch 1"):
+        train_language_model(TINY, splits.tokenizer, splits.windows["train"], splits.windows["validation"],
+                             LMConfig(epochs=2, batch_size=8), run_dir=tmp_path / "run", log=print)
+    assert not (tmp_path / "run" / "model.json").exists() and not list((tmp_path / "run").glob("state*"))
+
+
+def test_a_second_writer_of_a_language_model_run_is_refused_in_one_line(splits, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
+                               "from darkknowledge.locks import hold_folder\n"
+                               f"with hold_folder({str(run)!r}):\n"
+                               "    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DarkKnowledgeError, match=f"in use by another darkknowledge process \\(pid {holder.pid}"):
+            train_language_model(TINY, splits.tokenizer, splits.windows["train"], splits.windows["validation"],
+                                 LMConfig(epochs=1, batch_size=8), run_dir=run, log=print)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (run / "model.json").exists()
 
 
 def test_block_bootstrap_share_of_the_gain():

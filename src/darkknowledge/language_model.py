@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import checkpoint, schemas
 from .data.text import TextTokenizer, TokenWindows
-from .errors import DarkKnowledgeError
+from .errors import DarkKnowledgeError, TrainingDiverged
 from .losses import distillation_loss
 from .token_store import TokenTargets, ensemble_logits
 from .transformer import build_language_model
@@ -118,7 +118,15 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
                          config: LMConfig = LMConfig(), objective: Objective = Objective(),
                          run_dir: str | Path | None = None, log: Callable[[str], None] = print
                          ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train (or resume, or reuse a finished run of the same key) and return ``(best model, model.json meta)``."""
+    """Train (or resume, or reuse a finished run of the same key) and return ``(best model, model.json meta)``.
+    One writer per run folder: its lock is held for the whole job, as ``training.fit`` holds its own."""
+    with checkpoint.open_run(run_dir):
+        return _train_language_model(spec, tokenizer, train, validation, config, objective, run_dir, log)
+
+
+def _train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindows, validation: TokenWindows,
+                          config: LMConfig, objective: Objective, run_dir: str | Path | None,
+                          log: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any]]:
     if objective.store is not None:
         TokenTargets.open(objective.store.folder, windows=train, tokenizer_sha256=tokenizer.sha256,
                           vocab_size=tokenizer.vocab_size, verify=False)
@@ -173,6 +181,8 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
                 sums[name] = sums.get(name, 0) + value.detach() * labels.numel()
             tokens += labels.numel()
         seconds = time.perf_counter() - started
+        if not math.isfinite(float(sums["loss"])):  # before anything of this epoch is evaluated or saved
+            raise TrainingDiverged.in_epoch(epoch)
         val = _summary(evaluate_language_model(model, validation))
         record = {"epoch": epoch, **{f"train_{k}": float(v) / tokens for k, v in sums.items()}, "seconds": seconds,
                   "tokens_per_second": tokens / seconds, **{f"val_{k}": v for k, v in val.items()}}
