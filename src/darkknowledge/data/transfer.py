@@ -251,11 +251,16 @@ class ArrayTransferSet:
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
-        described = {"kind": "arrays", "name": self.name, "cases": len(self), "input_shape": list(self.input_shape),
-                     "dtype": self.dtype, "classes": list(self.classes), "transform": self.transform.describe()}
-        if self.ignore_index is not None:
-            described["ignore_index"] = self.ignore_index
-        return described
+        return _described(self, "arrays")
+
+
+def _described(data, kind: str) -> dict[str, Any]:
+    """What model.json records of an array or Dataset transfer set (``ignore_index`` only where one is set)."""
+    described = {"kind": kind, "name": data.name, "cases": len(data), "input_shape": list(data.input_shape),
+                 "dtype": data.dtype, "classes": list(data.classes), "transform": data.transform.describe()}
+    if data.ignore_index is not None:
+        described["ignore_index"] = data.ignore_index
+    return described
 
 
 class _FileRows:
@@ -432,11 +437,7 @@ class DatasetTransferSet:
         return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
-        described = {"kind": "dataset", "name": self.name, "cases": len(self), "input_shape": list(self.input_shape),
-                     "dtype": self.dtype, "classes": list(self.classes), "transform": self.transform.describe()}
-        if self.ignore_index is not None:
-            described["ignore_index"] = self.ignore_index
-        return described
+        return _described(self, "dataset")
 
 
 class _View:
