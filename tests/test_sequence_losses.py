@@ -108,6 +108,38 @@ def test_topk_targets_per_token_with_k_equal_to_vocabulary_equal_full_logits():
                                distillation_loss(z, soft_targets=mean_p, temperature=2.0).soft, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [3, 11])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_topk_targets_sparse_path_equals_the_same_targets_made_dense(k, temperature):
+    # One member's top-k summary is never made dense (the sparse formula); two identical members take the dense
+    # path and mean the same distribution, so values and gradients must agree, also chunked and with padding.
+    z, labels = tokens(), padded_labels()
+    one = topk_targets(tokens(seed=1), k)
+    two = type(one)(*(torch.stack([x, x], dim=2) for x in (one.logits, one.indices, one.tail_logsumexp,
+                                                             one.tail_mean)))
+    for chunk in (None, 3):
+        loss = lambda targets: lambda s: distillation_loss(s, labels=labels, topk_targets=targets,  # noqa: E731
+                                                           temperature=temperature, hard_weight=0.5,
+                                                           chunk_rows=chunk)
+        sparse, dense = loss(one)(z), loss(two)(z)
+        for name in ("total", "soft", "kl", "hard"):
+            torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad_of(lambda s: loss(one)(s).total, z), grad_of(lambda s: loss(two)(s).total, z),
+                                   rtol=0, atol=1e-12)
+
+
+def test_soft_and_hard_terms_each_backpropagate_alone():
+    # The chunked function gives both terms; either one's gradient is its own formula, whatever the other's weight.
+    z, v, labels = tokens(), tokens(seed=1), padded_labels()
+    real = labels != -100
+    hard = grad_of(lambda s: distillation_loss(s, v, labels, temperature=2.0).hard, z)
+    reference = grad_of(lambda s: F.cross_entropy(s.reshape(-1, 11), labels.reshape(-1)), z)
+    torch.testing.assert_close(hard, reference, rtol=0, atol=1e-12)
+    soft = grad_of(lambda s: distillation_loss(s, v, labels, temperature=2.0, hard_weight=0.5).soft, z)
+    q, p = torch.softmax(z / 2.0, -1), torch.softmax(v / 2.0, -1)
+    torch.testing.assert_close(soft, 2.0 * (q - p) / real.sum() * real.unsqueeze(-1), rtol=0, atol=1e-12)
+
+
 def test_reduction_sum_gives_exact_gradient_accumulation_and_none_is_per_position():
     z, v, labels = tokens(batch=4), tokens(batch=4, seed=1), padded_labels(batch=4)
     whole = grad_of(lambda s: distillation_loss(s, v, labels, temperature=2.0, hard_weight=0.5).total, z)

@@ -44,8 +44,10 @@ IGNORE_INDEX = -100
 # The paper's forward KL (= its cross-entropy, less a constant); the other two are common in LM distillation.
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
-# Floats of [positions, C] temporaries per chunk of the soft term: 16 MB in float32, whatever the vocabulary.
-CHUNK_ELEMENTS = 1 << 22
+# Floats of [positions, C] temporaries per chunk: 2 MB in float32, whatever the vocabulary. Small enough that a
+# chunk stays in cache across its passes (measured faster than 16 MB chunks at V = 4,096) and that no large
+# temporary is allocated (a fresh 16 MB buffer costs page faults on every step).
+CHUNK_ELEMENTS = 1 << 19
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,7 +168,8 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 class _Teacher:
     """Where a chunk's target distribution comes from: ``log_probs(rows)`` is ``log p`` at T, ``[rows, C]``.
 
-    ``rows`` index the flattened positions; only this chunk's dense distribution is ever built.
+    ``rows`` index the flattened positions; only this chunk's dense distribution is ever built, and for a top-k
+    teacher with one member not even that (:meth:`forward_kl`).
     """
 
     def __init__(self, kind: str, tensors: tuple[Tensor, ...], classes: int, temperature: float):
@@ -180,45 +183,73 @@ class _Teacher:
             p = self.tensors[0][rows]
             _check_soft_target_rows(p, first_row)
             return p.to(dtype).log()
-        return self._topk_log_probs(rows, dtype)
+        log_p_top, log_p_tail, indices = self._topk_parts(rows, dtype)
+        n, members, _ = log_p_top.shape
+        dense = log_p_tail.unsqueeze(-1).expand(n, members, self.classes).clone()
+        dense.scatter_(-1, indices, log_p_top)
+        return dense[:, 0] if members == 1 else dense.logsumexp(1) - math.log(members)
 
-    def _topk_log_probs(self, rows, dtype: torch.dtype) -> Tensor:
-        """The top-k classes at their exact probability; the tail's mass spread evenly over the other classes;
-        several members mixed arithmetically (the mean of their distributions)."""
+    def _topk_parts(self, rows, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """``log p`` of the k stored classes ``[n, M, k]`` and of each tail class ``[n, M]`` (the tail's mass spread
+        evenly over the other classes), and the stored classes' indices; several members are mixed
+        arithmetically (the mean of their distributions) by the caller."""
         logits, indices, tail_lse, tail_mean = (t[rows] for t in self.tensors)  # [n, M, k], [n, M]
         n, members, k = logits.shape
         s = 1.0 / self.temperature
         top = logits.to(dtype) * s
         tail = self.classes - k
         if tail == 0:
-            log_p_top, log_p_tail = top - top.logsumexp(-1, keepdim=True), torch.full((n, members), -math.inf,
-                                                                                      dtype=dtype)
-        else:
-            chunk = TopKTargets(logits, indices, tail_lse, tail_mean)
-            lse = _tail_logsumexp(chunk, s, dtype, tail)
-            log_z = torch.logaddexp(top.logsumexp(-1), lse)
-            log_p_top, log_p_tail = top - log_z.unsqueeze(-1), lse - log_z - math.log(tail)
-        dense = log_p_tail.unsqueeze(-1).expand(n, members, self.classes).clone()
-        dense.scatter_(-1, indices.long(), log_p_top)
-        return dense[:, 0] if members == 1 else dense.logsumexp(1) - math.log(members)
+            return (top - top.logsumexp(-1, keepdim=True), torch.full((n, members), -math.inf, dtype=dtype),
+                    indices.long())
+        lse = _tail_logsumexp(TopKTargets(logits, indices, tail_lse, tail_mean), s, dtype, tail)
+        log_z = torch.logaddexp(top.logsumexp(-1), lse)
+        return top - log_z.unsqueeze(-1), lse - log_z - math.log(tail), indices.long()
+
+    def forward_kl(self, z: Tensor, rows, first_row: int, grad: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per position (T^2 x the paper's soft cross-entropy ``-sum p log q``, T^2 x KL(p || q)) of the chunk's
+        student logits ``z``; §2's gradient in closed form, ``T^2 (q - p) / T``, is written into ``grad`` if given.
+
+        A top-k teacher with one member is never made dense: with ``p`` equal to ``p_t`` on each of the n tail
+        classes, ``-sum p log q = -sum_top p log q - p_t (sum_all log q - sum_top log q)``, and the gradient is
+        ``q - p_t`` plus a scatter at the top k.
+        """
+        t, dtype = self.temperature, z.dtype
+        if self.kind != "topk" or self.tensors[0].shape[1] > 1:
+            log_p = self.log_probs(rows, first_row, dtype)
+            log_q = torch.log_softmax(z * (1.0 / t), dim=-1)
+            p = log_p.exp()
+            ce = -(p * log_q).sum(-1)
+            # nansum: a target of exactly 0 has log p = -inf and contributes 0 * -inf = nan, which is 0 here.
+            neg_entropy = (p * log_p).nansum(-1)
+            if grad is not None:
+                torch.exp(log_q, out=grad) if grad.dtype == dtype else grad.copy_(log_q.exp())
+                grad.sub_(p).mul_(t)
+            return t * t * ce, t * t * (ce + neg_entropy)
+        log_p_top, log_p_tail, indices = (x.squeeze(1) for x in self._topk_parts(rows, dtype))
+        tail = self.classes - log_p_top.shape[-1]
+        log_q = torch.log_softmax(z * (1.0 / t), dim=-1)
+        log_q_top = log_q.gather(-1, indices)
+        p_top, p_tail = log_p_top.exp(), log_p_tail.exp()
+        ce = -(p_top * log_q_top).sum(-1)
+        neg_entropy = (p_top * log_p_top).sum(-1)
+        if tail:
+            ce = ce - p_tail * (log_q.sum(-1) - log_q_top.sum(-1))
+            neg_entropy = neg_entropy + tail * p_tail * log_p_tail
+        if grad is not None:
+            q = torch.exp(log_q, out=log_q)
+            q.sub_(p_tail.unsqueeze(-1)).scatter_add_(-1, indices, p_tail.unsqueeze(-1) - p_top)
+            grad.copy_(q.mul_(t))
+        return t * t * ce, t * t * (ce + neg_entropy)
 
 
-def _divergence(z: Tensor, log_p: Tensor, temperature: float, divergence: str) -> tuple[Tensor, Tensor]:
-    """Per-position (T^2-scaled soft term, T^2-scaled KL) of student logits ``z`` against targets ``log p``.
+def _divergence(z: Tensor, log_p: Tensor, temperature: float, divergence: str) -> Tensor:
+    """Per-position T^2-scaled reverse KL ``KL(q || p)`` or JSD ``(KL(p || m) + KL(q || m)) / 2``,
+    ``m = (p + q) / 2``, of student logits ``z`` against targets ``log p`` (forward KL: :meth:`_Teacher.forward_kl`).
 
-    forward_kl: the paper's ``-sum p log q`` (its gradient is that of KL(p || q)); its KL is the cross-entropy less
-    the targets' entropy. reverse_kl: ``KL(q || p)``. jsd: ``(KL(p || m) + KL(q || m)) / 2``, ``m = (p + q) / 2``.
-    For the last two the soft term is itself the divergence, and ``log p`` is floored at the dtype's smallest
-    normal number so a target of exactly 0 gives a large finite loss, not inf.
+    ``log p`` is floored at the dtype's smallest normal number so a target of exactly 0 gives a large finite loss,
+    not inf.
     """
     log_q = torch.log_softmax(z * (1.0 / temperature), dim=-1)
-    scale = temperature ** 2
-    if divergence == "forward_kl":
-        p = log_p.exp()
-        ce = -(p * log_q).sum(-1)
-        # nansum: a target of exactly 0 has log p = -inf and contributes 0 * -inf = nan, which is 0 here.
-        entropy = -(p * log_p).detach().nansum(-1)
-        return scale * ce, scale * (ce - entropy)
     log_p = log_p.clamp_min(math.log(torch.finfo(log_p.dtype).tiny))
     q = log_q.exp()
     if divergence == "reverse_kl":
@@ -226,64 +257,77 @@ def _divergence(z: Tensor, log_p: Tensor, temperature: float, divergence: str) -
     else:
         log_m = torch.logaddexp(log_p, log_q) - math.log(2)
         kl = 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (q * (log_q - log_m)).sum(-1))
-    return scale * kl, scale * kl
+    return temperature ** 2 * kl
 
 
-class _ChunkedSoftTerm(torch.autograd.Function):
-    """Per-position soft losses of the rows ``rows`` of ``z`` (``[N, C]``), one chunk of rows at a time.
+class _ChunkedTerms(torch.autograd.Function):
+    """Per-position soft term, its KL and the hard term of the rows ``rows`` of ``z`` (``[N, C]``), one chunk of
+    rows at a time.
 
-    The gradient of each chunk is taken in the forward pass (by autograd on the chunk alone) and kept in the
-    student's dtype, so backward is one multiply: nothing of size ``[N, C]`` besides the student's logits and
-    their gradient is ever held.
+    The soft term's gradient is taken in the forward pass (in closed form for forward KL, by autograd on the chunk
+    alone otherwise) and kept in the student's dtype; the hard term keeps nothing and rebuilds ``softmax(z) -
+    onehot`` in backward. So nothing of size ``[N, C]`` besides the student's logits and one gradient
+    is ever held, and the hard term costs fewer passes over the logits than a separate ``F.cross_entropy``.
+    Only first derivatives are defined (no double backward).
     """
 
     @staticmethod
-    def forward(ctx, z, rows, teacher, temperature, divergence, chunk_rows):
+    def forward(ctx, z, rows, labels, teacher, divergence, chunk_rows):
+        ctx.set_materialize_grads(False)  # an unused term (e.g. a hard term for logging only) costs no backward
         n = z.shape[0] if rows is None else rows.numel()
         dtype = _compute_dtype(z)
         want_grad = ctx.needs_input_grad[0]
-        soft, kl = torch.empty(n, dtype=dtype, device=z.device), torch.empty(n, dtype=dtype, device=z.device)
+        new = lambda: torch.empty(n, dtype=dtype, device=z.device)  # noqa: E731
+        soft, kl, hard = new(), new(), None if labels is None else new()
         grad = torch.empty((n, z.shape[1]), dtype=z.dtype, device=z.device) if want_grad else None
         for start in range(0, n, chunk_rows):
             stop = min(start + chunk_rows, n)
             index = slice(start, stop) if rows is None else rows[start:stop]
-            log_p = teacher.log_probs(index, start, dtype)
             zc = z[index].to(dtype)
-            if want_grad and divergence == "forward_kl":
-                # §2's gradient in closed form, T^2 * (q - p) / T per position, written straight into the buffer:
-                # no autograd pass over the chunk.
-                log_q = torch.log_softmax(zc * (1.0 / temperature), dim=-1)
-                p = log_p.exp()
-                ce = -(p * log_q).sum(-1)
-                soft_c = temperature ** 2 * ce
-                kl_c = temperature ** 2 * (ce + (p * log_p).nansum(-1))
-                chunk_grad = grad[start:stop]
-                torch.exp(log_q, out=chunk_grad) if chunk_grad.dtype == dtype else chunk_grad.copy_(log_q.exp())
-                chunk_grad.sub_(p).mul_(temperature)
-            elif want_grad:
+            if labels is not None:
+                hard[start:stop] = -torch.log_softmax(zc, dim=-1).gather(-1, labels[start:stop, None]).squeeze(-1)
+            if divergence == "forward_kl":
+                chunk_grad = None if grad is None else grad[start:stop]
+                soft[start:stop], kl[start:stop] = teacher.forward_kl(zc, index, start, chunk_grad)
+                continue
+            log_p = teacher.log_probs(index, start, dtype)
+            if want_grad:
                 with torch.enable_grad():
                     zc.requires_grad_(True)
-                    soft_c, kl_c = _divergence(zc, log_p, temperature, divergence)
+                    soft_c = _divergence(zc, log_p, teacher.temperature, divergence)
                     (grad[start:stop],) = torch.autograd.grad(soft_c.sum(), zc)
-                soft_c, kl_c = soft_c.detach(), kl_c.detach()
+                soft_c = soft_c.detach()
             else:
-                soft_c, kl_c = _divergence(zc, log_p, temperature, divergence)
-            soft[start:stop], kl[start:stop] = soft_c, kl_c
+                soft_c = _divergence(zc, log_p, teacher.temperature, divergence)
+            soft[start:stop], kl[start:stop] = soft_c, soft_c
         ctx.mark_non_differentiable(kl)
-        ctx.save_for_backward(grad, rows)
-        ctx.num_rows = z.shape[0]
-        return soft, kl
+        ctx.save_for_backward(z, grad, rows, labels)
+        ctx.chunk_rows = chunk_rows
+        return (soft, kl) if labels is None else (soft, kl, hard)
 
     @staticmethod
-    def backward(ctx, grad_soft, grad_kl):
-        grad, rows = ctx.saved_tensors
-        # Scaled in place, so the step holds one [N, C] gradient, not two. A second backward through the same loss
+    def backward(ctx, grad_soft, grad_kl, grad_hard=None):
+        z, grad, rows, labels = ctx.saved_tensors
+        if grad_soft is None and grad_hard is None:
+            return (None,) * 6
+        # Chunk by chunk, so each chunk's rows stay in cache between the passes. The saved gradient is scaled in
+        # place (the step holds one [N, C] gradient, not two); a second backward through the same loss
         # (retain_graph=True) is refused by autograd's version check on the saved tensor, never silently wrong.
-        scaled = grad.mul_(grad_soft.to(grad.dtype).unsqueeze(-1))
+        for start in range(0, grad.shape[0], ctx.chunk_rows):
+            stop = min(start + ctx.chunk_rows, grad.shape[0])
+            chunk = grad[start:stop]
+            if grad_soft is not None:
+                chunk.mul_(grad_soft[start:stop].to(grad.dtype).unsqueeze(-1))
+            if grad_hard is not None:
+                index = slice(start, stop) if rows is None else rows[start:stop]
+                g = grad_hard[start:stop].unsqueeze(-1)
+                softmax = torch.softmax(z[index].to(g.dtype), dim=-1).mul_(g)
+                chunk.copy_(softmax) if grad_soft is None else chunk.add_(softmax)
+                chunk.scatter_add_(-1, labels[start:stop, None], -g.to(grad.dtype))
         if rows is None:
-            return scaled, None, None, None, None, None
-        full = torch.zeros((ctx.num_rows, grad.shape[1]), dtype=grad.dtype, device=grad.device)
-        full[rows] = scaled
+            return grad, None, None, None, None, None
+        full = torch.zeros((z.shape[0], grad.shape[1]), dtype=grad.dtype, device=grad.device)
+        full[rows] = grad
         return full, None, None, None, None, None
 
 
@@ -415,21 +459,9 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = No
     z = student_logits.reshape(-1, classes)
     tokens = z.shape[0] if rows is None else rows.numel()
     chunk = chunk_rows or max(1, CHUNK_ELEMENTS // classes)
-    if tokens <= chunk:  # one chunk: plain autograd is cheaper than the chunked function and holds no more
-        index = slice(None) if rows is None else rows
-        soft_rows, kl_rows = _divergence(z[index].to(_compute_dtype(z)), teacher.log_probs(index, 0, _compute_dtype(z)),
-                                         temperature, divergence)
-        kl_rows = kl_rows.detach()
-    else:
-        soft_rows, kl_rows = _ChunkedSoftTerm.apply(z, rows, teacher, temperature, divergence, chunk)
-    hard = None
-    if labels is not None:
-        if reduction == "mean" and tokens:
-            hard = F.cross_entropy(z.to(_compute_dtype(z)), labels, ignore_index=ignore_index)
-        else:
-            hard = F.cross_entropy(z.to(_compute_dtype(z)), labels, ignore_index=ignore_index,
-                                   reduction="sum" if reduction == "mean" else reduction)
-            hard = hard.reshape(leading) if reduction == "none" else hard
+    row_labels = None if labels is None else (labels if rows is None else labels[rows]).long()
+    soft_rows, kl_rows, *hard_rows = _ChunkedTerms.apply(z, rows, row_labels, teacher, divergence, chunk)
+    hard = _reduce(hard_rows[0], rows, leading, tokens, reduction) if hard_rows else None
     soft, kl = (_reduce(t, rows, leading, tokens, reduction) for t in (soft_rows, kl_rows))
 
     # Terms with weight 0 are left out rather than multiplied by 0, so the total (and its gradient) is exactly

@@ -44,8 +44,8 @@ class Plan:
 
     FULL is sized from throughputs measured on this 2-core machine with one core busy (one thread, V = 4,096,
     context 128): ``gpt:layers=2,dim=96,heads=4`` trains at ~3,600 tokens/s on labels and ~1,600 distilling from
-    a store (benchmarks/token_store_speed.py: the soft term at V = 4,096 costs more than this small model) and
-    runs forward at ~13,000. Two epochs of 400,000 training tokens for 11 label-trained models (~2,450 s), 9
+    a store (as measured when the plan was made, before the soft term was fused; benchmarks/token_store_speed.py
+    now gives 1.05x a labels step from a top-k store and 1.33x from the dense one) and runs forward at ~13,000. Two epochs of 400,000 training tokens for 11 label-trained models (~2,450 s), 9
     students (~4,000 s), the 4 stores (10 members' forward pass each, ~1,250 s) and the evaluations (~700 s):
     ~2.3 hours, inside the 3 hours the issue allows. (An estimate from those rates; the FULL run itself has not
     been timed yet.)
