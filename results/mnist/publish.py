@@ -5,11 +5,12 @@ results/mnist/runs/NAME`` reprints its number (tests/test_results.py checks that
     python results/mnist/publish.py teacher=/work/runs/mnist-teacher-long small=RUN distilled=RUN
 
 NAME is a key of results.json's ``table1`` (teacher, small, distilled). Each source must be a finished run
-(its state.json says done; ``--unfinished`` copies the best model so far anyway). The weights are checked against
-their sidecar's checksum, staged in a hidden folder beside the target and renamed into place (the old folder is first
-renamed to .NAME.old, and put back by the next publish if a crash came between the renames). Afterwards each published model is evaluated on test and compared with the number
-results.json records for it: a mismatch (exit 1) means results.json describes other weights; rerun
-``darkknowledge reproduce mnist --out results/mnist`` on these runs, or publish the runs it used.
+(its state.json says done; ``--unfinished`` copies the best model so far anyway). The weights are checked
+against their sidecar's checksum, staged in a hidden folder beside the target and renamed into place (the old
+folder is first renamed to .NAME.old, and put back by the next publish if a crash came between the renames).
+Afterwards each published model is evaluated on test and compared with the number results.json records for it:
+a mismatch (exit 1) means results.json describes other weights; rerun ``darkknowledge reproduce mnist --out
+results/mnist`` on these runs, or publish the runs it used.
 """
 
 from __future__ import annotations
