@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -206,3 +208,93 @@ def test_an_ensemble_trains_and_grows_under_torchrun(tmp_path):
                                                                     cwd=tmp_path))
     manifest = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
     assert manifest["complete"] and [m["seed"] for m in manifest["members"]] == [0, 1, 2]
+
+
+TOKEN_STORE = '''
+import os, signal, sys
+import numpy as np, torch
+from darkknowledge import distributed
+from darkknowledge.data.text import TokenWindows
+from darkknowledge.token_store import TokenTargets
+from darkknowledge.transformer import build_language_model
+
+
+def build(folder, top_k=None, kill_after=0):
+    """A tiny store (vocabulary 32, 40 windows of 8 tokens, 2 members) built 3 windows a chunk; rank 1 kills
+    itself after ``kill_after`` chunks (0: never)."""
+    workers = distributed.current()
+    windows = TokenWindows(np.random.default_rng(0).integers(0, 32, 40 * 8 + 1), 8, "train", 32)
+    torch.manual_seed(0)
+    members = [build_language_model("gpt:layers=1,dim=16,heads=2,context=8", 32) for _ in range(2)]
+    chunks = []
+
+    def on_chunk(done, total):
+        chunks.append(done)
+        if workers.rank == 1 and len(chunks) == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    store = TokenTargets.build(members, windows, folder, tokenizer_sha256="0" * 64, top_k=top_k, batch_windows=3,
+                               on_chunk=on_chunk)
+    print(f"rank {workers.rank} returns {store.folder.name}, {len(chunks)} chunks")
+    return store
+
+
+if __name__ == "__main__":
+    distributed.init_from_env()
+    build(sys.argv[1], int(sys.argv[2]) or None, int(sys.argv[3]))
+    distributed.shutdown()
+'''
+
+
+def token_store(tmp_path, folder, top_k=None, kill_after=None):
+    """The tiny token store built in ``folder``: by 2 ranks under torchrun (``kill_after``: rank 1 killed after
+    that many chunks; returns the launcher's exit code and output), or in this process (returns the store)."""
+    script = tmp_path / "token_store.py"
+    script.write_text(TOKEN_STORE)
+    if kill_after is None:
+        return runpy.run_path(str(script))["build"](tmp_path / folder, top_k)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), folder, str(top_k or 0), str(kill_after)], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())  # no rank files left
+    headers = [json.loads((folder / "targets.json").read_text()) for folder in (a, b)]
+    assert headers[0]["complete"] and headers[0]["checksums"] == headers[1]["checksums"]
+    assert all(p.read_bytes() == (b / p.name).read_bytes() for p in a.glob("*.bin"))
+
+
+def test_two_ranks_build_the_token_store_one_process_builds(tmp_path):
+    code, out = token_store(tmp_path, "two", kill_after=0)
+    assert code == 0, out
+    one = token_store(tmp_path, "one")
+    assert out.count(f"returns {one.folder.name}") == 2  # every rank opens the one store
+    assert_same_store(one.folder, tmp_path / "two" / one.folder.name)
+    # 20 windows each, 3 a chunk: each rank computed its own half (the ranks' lines may share one line of output)
+    assert re.findall(r"returns \w+, (\d+) chunks", out) == ["7", "7"]
+
+
+def test_a_token_store_killed_on_one_rank_resumes_to_the_rows_one_process_writes(tmp_path, capsys):
+    code, out = token_store(tmp_path, "s", top_k=4, kill_after=2)
+    assert code != 0, out
+    (folder,) = (tmp_path / "s").iterdir()
+    assert not json.loads((folder / "targets.json").read_text())["complete"]
+    resumed = token_store(tmp_path, "s", top_k=4)  # here, in one process: progress does not depend on the ranks
+    stopped_after = int(capsys.readouterr().out.split("its build stopped after ", 1)[1].split()[0])
+    assert 2 * 3 * 8 <= stopped_after < 320  # rank 1's two chunks at least were kept, and the rest was resumed
+    assert resumed.folder == folder
+    assert_same_store(token_store(tmp_path, "one", top_k=4).folder, folder)
+
+
+def test_the_windows_left_are_shared_out_once_in_contiguous_parts():
+    from darkknowledge.token_store import _missing, _share
+    left = _missing([[0, 4], [10, 12], [12, 20]], 25)
+    assert left == [[4, 10], [20, 25]]
+    for world in (1, 2, 3, 7, 16):
+        parts = [_share(left, Workers(rank, world)) for rank in range(world)]
+        windows = [w for part in parts for start, stop in part for w in range(start, stop)]
+        assert windows == [*range(4, 10), *range(20, 25)]  # each once, in rank order
+        sizes = [sum(stop - start for start, stop in part) for part in parts]
+        assert max(sizes) - min(sizes) <= 1

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from darkknowledge.augment import jitter
+from darkknowledge.augment import jitter, jitter_offsets, translate
 from darkknowledge.errors import DarkKnowledgeError
 from darkknowledge.models import MLP, build_model, count_parameters, parse_spec
 
@@ -59,6 +59,16 @@ def test_jitter_translates_each_image_within_bounds_and_zero_fills():
     assert rows.min() == 2 and rows.max() == 6 and cols.min() == 2 and cols.max() == 6
     # shifts differ per image, and every one of the 25 offsets occurs
     assert len(set(zip(rows.tolist(), cols.tolist()))) == 25
+
+
+@pytest.mark.parametrize("shape", [(16, 7, 9), (16, 3, 7, 9)])
+def test_translate_moves_each_image_by_its_own_offsets(shape):
+    images = torch.rand(shape)
+    offsets = jitter_offsets(len(images), 2, torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    expected = torch.stack([padded[i, ..., dy:dy + shape[-2], dx:dx + shape[-1]]
+                            for i, (dy, dx) in enumerate(offsets[:, :, 0].t().tolist())])
+    assert torch.equal(translate(images, offsets, 2), expected)
 
 
 def test_jitter_zero_is_identity_and_seeded():

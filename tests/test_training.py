@@ -50,6 +50,23 @@ def test_same_seed_same_numbers_other_seed_other_numbers(digits):
     assert not all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[2][1]))
 
 
+def test_sgd_steps_fused_with_the_numbers_of_the_for_loop_step(digits):
+    train, _, _ = digits
+    runs = []
+    for options in ({}, {"foreach": False}):  # the default (fused), then torch's CPU for-loop
+        torch.manual_seed(0)
+        model = build_model("mlp:64,dropout=0.2", train.image_shape, train.num_classes)
+        config = quiet(epochs=2, lr=0.1, momentum=0.9, jitter=1, optimizer_options=options)
+        result = fit(model, train, None, config, log=lambda _: None)
+        runs.append((result.history, [p.detach().clone() for p in model.parameters()]))
+    assert quiet().make_optimizer(model.parameters()).param_groups[0]["fused"]
+    for fused, loop in zip(runs[0][0], runs[1][0]):
+        assert fused["train_loss"] == pytest.approx(loop["train_loss"], rel=1e-5)
+        assert fused["train_errors"] == loop["train_errors"]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 def test_early_stopping_uses_validation_and_restores_the_best_epoch(digits):
     train, val, _ = digits
     # A validation set with shuffled labels cannot keep improving: patience must stop the run.

@@ -269,7 +269,7 @@ class SoftTargets:
         workers = current()
         if not workers.is_main:
             log = lambda _: None  # noqa: E731  every rank computes its share; rank 0 alone says what was done
-        with _store_lock(header_path, workers, log):  # one writer per store; others wait, then reuse it
+        with store_lock(header_path, workers, log):  # one writer per store; others wait, then reuse it
             # Rank 0 looks for an intact store of this key (one checksum pass); every rank follows what it found.
             found = None
             if workers.is_main and header_path is not None and (header_path.exists()
@@ -331,15 +331,15 @@ class SoftTargets:
         num_classes = next(c for c in workers.all_gather_json(num_classes) if c is not None)
         specs = _array_specs(key_parts["layout"], num_cases, _stored_members(teacher, key_parts), num_classes,
                              key_parts["top_k"], key_parts["dtype"])
-        offsets, row_bytes, total = _layout(specs)
+        offsets, row_bytes, total = array_layout(specs)
         problem = None
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 row = rows.start
                 for chunk in chunks:
-                    arrays = _checked_rows(specs, row, _chunk_arrays(chunk, key_parts["layout"], key_parts["top_k"]))
-                    row += _write_rows(fd, offsets, row_bytes, row, arrays)
+                    arrays = checked_rows(specs, row, _chunk_arrays(chunk, key_parts["layout"], key_parts["top_k"]))
+                    row += write_rows(fd, offsets, row_bytes, row, arrays)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -352,11 +352,9 @@ class SoftTargets:
         workers.agree(problem)
 
         if workers.is_main:
-            missing = [r for r in range(workers.world_size) if not tmp.with_name(f"{tmp.name}.rank{r}").exists()]
-            if missing:
-                problem = (f"ranks {missing} wrote their share of the soft-target store where rank 0 cannot see it; "
-                           "give --store-dir on a file system that every rank (every node) sees")
-            else:
+            problem = unseen_ranks([tmp.with_name(f"{tmp.name}.rank{r}") for r in range(workers.world_size)],
+                                   "soft-target store", "--store-dir")
+            if problem is None:
                 with open(tmp, "r+b") as f:
                     os.ftruncate(f.fileno(), total)
                     arrays_meta = {name: {"dtype": dtype, "shape": list(shape), "offset": offsets[name],
@@ -464,14 +462,25 @@ def _header(key_parts: dict[str, Any], num_cases: int, specs: dict[str, tuple[st
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "provenance": checkpoint.provenance()}
 
 
-def _store_lock(header_path: Path | None, workers: Workers, log: Callable[[str], None]):
+def store_lock(header_path: Path | None, workers: Workers, log: Callable[[str], None],
+               what: str = "soft-target store"):
     """The store's exclusive lock (rank 0 holds it for all), after removing temp files of dead writers."""
     if header_path is None or not workers.is_main:
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
-    stack.enter_context(locks.hold(header_path.with_suffix(".lock"), f"soft-target store {header_path}", wait=log))
+    stack.enter_context(locks.hold(header_path.with_suffix(".lock"), f"{what} {header_path}", wait=log))
     checkpoint.remove_stale_temp(header_path.parent, f".{header_path.stem}.")
     return stack
+
+
+def unseen_ranks(markers: list[Path], what: str, folder: str) -> str | None:
+    """Rank 0's refusal to finish a store while it cannot see the marker of every rank (``markers[r]``: rank r's):
+    a rank that wrote its share on a disk of its own would leave a store with rows missing."""
+    missing = [r for r, marker in enumerate(markers) if not marker.exists()]
+    if not missing:
+        return None
+    return (f"ranks {missing} wrote their share of the {what} where rank 0 cannot see it; give {folder} on a "
+            "file system that every rank (every node) sees")
 
 
 def _stored_members(teacher: nn.Module, key_parts: dict[str, Any]) -> int:
@@ -505,7 +514,7 @@ def _stored_logits(teacher: nn.Module, transfer_set, items: range, key_parts: di
     return num_classes, chunks
 
 
-def _layout(specs: dict[str, tuple[str, tuple]]) -> tuple[dict[str, int], dict[str, int], int]:
+def array_layout(specs: dict[str, tuple[str, tuple]]) -> tuple[dict[str, int], dict[str, int], int]:
     """Each array's byte offset (page-aligned, back to back) and bytes per row, and the file's size."""
     offsets, row_bytes, offset = {}, {}, 0
     for name, (dtype, shape) in specs.items():
@@ -516,7 +525,7 @@ def _layout(specs: dict[str, tuple[str, tuple]]) -> tuple[dict[str, int], dict[s
     return offsets, row_bytes, offset
 
 
-def _checked_rows(specs: dict[str, tuple[str, tuple]], first_row: int,
+def checked_rows(specs: dict[str, tuple[str, tuple]], first_row: int,
                   arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``arrays`` as contiguous arrays of the store's dtypes, after checking they fit rows ``first_row..``."""
     if set(arrays) != set(specs):
@@ -537,9 +546,9 @@ def _checked_rows(specs: dict[str, tuple[str, tuple]], first_row: int,
     return checked
 
 
-def _write_rows(fd: int, offsets: dict[str, int], row_bytes: dict[str, int], first_row: int,
+def write_rows(fd: int, offsets: dict[str, int], row_bytes: dict[str, int], first_row: int,
                 arrays: dict[str, np.ndarray]) -> int:
-    """Write checked ``arrays`` (:func:`_checked_rows`) as rows ``first_row..`` of the store file ``fd`` laid out
+    """Write checked ``arrays`` (:func:`checked_rows`) as rows ``first_row..`` of the store file ``fd`` laid out
     as :func:`_layout` says; returns the number of rows."""
     count = 0
     for name, data in arrays.items():
@@ -632,7 +641,7 @@ class _Writer:
     def __init__(self, specs: dict[str, tuple[str, tuple]], data_path: Path | None):
         self.specs = specs
         self.data_path = data_path
-        self.offsets, self.row_bytes, self.total_bytes = _layout(specs)
+        self.offsets, self.row_bytes, self.total_bytes = array_layout(specs)
         self.hashes = {name: hashlib.sha256() for name in specs}
         self.rows = 0
         self.fd = self.tmp = None
@@ -644,13 +653,13 @@ class _Writer:
             self.fd, self.tmp = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=data_path.parent)
 
     def append(self, arrays: dict[str, np.ndarray]) -> None:
-        arrays = _checked_rows(self.specs, self.rows, arrays)
+        arrays = checked_rows(self.specs, self.rows, arrays)
         for name, data in arrays.items():
             self.hashes[name].update(memoryview(data).cast("B"))
             if self.memory is not None:
                 self.memory[name][self.rows:self.rows + len(data)] = data
         if self.fd is not None:
-            _write_rows(self.fd, self.offsets, self.row_bytes, self.rows, arrays)
+            write_rows(self.fd, self.offsets, self.row_bytes, self.rows, arrays)
         self.rows += len(next(iter(arrays.values())))
 
     def finish(self, num_cases: int) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:

@@ -10,10 +10,12 @@ softened at any T from one store. Two layouts:
   uint16 ids (136 B at K = 32). Exact at T = 1 up to float16 rounding; the tail is an estimate at other T.
 
 **Built chunk by chunk, safe against a kill.** :meth:`TokenTargets.build` runs the teacher over ``batch_windows``
-windows at a time and writes their rows into preallocated files; after every chunk it flushes the files and then
-records how many positions are done in the header (written to a temporary name and renamed). A build killed at
-any point leaves a header saying ``complete: false`` and a count of rows that are on disk: the next build with
-the same key resumes there (rows past the count are rewritten). A complete store records every file's SHA-256;
+windows at a time and writes their rows into preallocated files; after every chunk it syncs the files and then
+records which windows are done in the header (written to a temporary name and renamed). A build killed at
+any point leaves a header saying ``complete: false`` and the windows whose rows are on disk: the next build with
+the same key resumes there (rows not recorded are rewritten). Under torchrun every rank builds its contiguous
+share of the windows into the same files and records its progress in a file of its own; rank 0 checksums the
+files and writes the one complete header. A complete store records every file's SHA-256;
 opening checks the sizes and, by default, the checksums, and a store that fails is rebuilt by ``build`` (and
 refused by ``open``), never silently used. Memory is bounded by one chunk plus the memory map.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -36,12 +39,14 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
+from .distributed import Workers, current
 from .errors import DarkKnowledgeError
 from .losses import TopKTargets, topk_targets
-from .soft_targets import module_sha256
+from .soft_targets import array_layout, checked_rows, module_sha256, store_lock, unseen_ranks, write_rows
 
 FORMAT = "darkknowledge/token-targets-1"
 HEADER = "targets.json"
+RANK_PROGRESS = "targets.rank{}.json"  # under torchrun: the window ranges one rank has written
 
 
 def _array_specs(layout: str, positions: int, vocab_size: int, top_k: int | None) -> dict[str, tuple[str, tuple]]:
@@ -123,9 +128,17 @@ class TokenTargets:
         ``teacher``: a model, a list of members (their mean distribution), or a dense store over the same windows,
         whose rows are summarised without running the members again (top-k of its float16 logits).
 
-        ``on_chunk(done, total)`` is called after each chunk is durable (progress, or a test's kill switch); ``log``
-        says when a store is resumed or rebuilt, and why.
+        Under torchrun (any initialised process group) every rank computes its contiguous share of the windows
+        not yet done and writes their rows in place; rank 0 holds the store's lock, logs, checksums the files and
+        marks the store complete; every rank returns the same store. ``folder`` must be one every rank sees.
+
+        ``on_chunk(done, total)`` is called after each chunk is durable (progress, or a test's kill switch; under
+        torchrun on every rank, ``done`` counting what that rank knows is done); ``log`` says when a store is
+        resumed or rebuilt, and why.
         """
+        workers = current()
+        if not workers.is_main:
+            log = lambda _: None  # noqa: E731  every rank computes its share; rank 0 alone says what was done
         members = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
         vocab_size = windows.vocab_size
         if isinstance(teacher, TokenTargets) and (teacher.layout != "dense" or teacher.header["windows_fingerprint"]
@@ -137,66 +150,132 @@ class TokenTargets:
         parts = cls.key_parts(members, windows, tokenizer_sha256, top_k)
         key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         folder = Path(folder) / key[:16]
+        with store_lock(folder / HEADER, workers, log, "token store"):  # one build per store; others wait
+            # Rank 0 decides (reuse, resume or start) and every rank follows the header it sends.
+            header = workers.on_main(lambda: cls._start(folder, key, parts, len(members), windows, log))
+            if header["complete"]:
+                return cls(folder, header)
+            problem = None
+            try:
+                cls._fill(members, windows, folder, header, batch_windows, on_chunk, workers)
+            except DarkKnowledgeError as e:
+                problem = str(e)
+            except OSError as e:
+                problem = f"rank {workers.rank} could not write its share of the token store: {e.strerror} " \
+                          f"({e.filename})"
+            workers.agree(problem)
+            header = workers.on_main(lambda: cls._finish(folder, header, workers.world_size))
+            return cls(folder, header)
+
+    @classmethod
+    def _start(cls, folder: Path, key: str, parts: dict[str, Any], members: int, windows,
+               log: Callable[[str], None]) -> dict[str, Any]:
+        """Rank 0: the header of an intact store, of a partial one with every rank's progress gathered into it,
+        or of a new one whose files are made here (zeros)."""
         header_path = folder / HEADER
         header = json.loads(header_path.read_text()) if header_path.exists() else None
         if header is not None and header.get("key") == key and header.get("complete"):
             problem = cls._problem(folder, header, verify=True)
             if problem is None:
-                return cls(folder, header)
+                return header
             log(f"token store {folder}: {problem}; rebuilding it")
             header = None
         elif header is not None and header.get("key") == key:
+            header = _gather_progress(folder, header)
             log(f"token store {folder}: {cls._problem(folder, header, verify=False)}; resuming there")
         if header is None or header.get("key") != key:
-            header = {"format": FORMAT, "key": key, "key_parts": parts, "layout": parts["layout"], "top_k": top_k,
-                      "vocab_size": vocab_size, "members": len(members), "positions": windows.num_tokens,
-                      "context": windows.context, "windows": len(windows), "tokenizer": tokenizer_sha256,
-                      "windows_fingerprint": parts["windows"], "complete": False, "positions_done": 0,
-                      "arrays": {name: [d, list(s)] for name, (d, s) in
-                                 _array_specs(parts["layout"], windows.num_tokens, vocab_size, top_k).items()}}
+            header = {"format": FORMAT, "key": key, "key_parts": parts, "layout": parts["layout"],
+                      "top_k": parts["top_k"], "vocab_size": windows.vocab_size, "members": members,
+                      "positions": windows.num_tokens, "context": windows.context, "windows": len(windows),
+                      "tokenizer": parts["tokenizer"], "windows_fingerprint": parts["windows"], "complete": False,
+                      "positions_done": 0, "windows_done": [],
+                      "arrays": {name: [d, list(s)] for name, (d, s) in _array_specs(
+                          parts["layout"], windows.num_tokens, windows.vocab_size, parts["top_k"]).items()}}
             folder.mkdir(parents=True, exist_ok=True)
             for name, (dtype, shape) in header["arrays"].items():
                 np.memmap(folder / f"{name}.bin", dtype=dtype, mode="w+", shape=tuple(shape)).flush()
+            for stale in _rank_progress_files(folder):  # of an earlier build of these rows, now all zeros
+                stale.unlink()
             checkpoint.write_json(header_path, header)
-        cls._fill(members, windows, folder, header, batch_windows, on_chunk)
-        header["checksums"] = {name: checkpoint.sha256_file(folder / f"{name}.bin") for name in header["arrays"]}
-        header["complete"] = True
-        checkpoint.write_json(header_path, header)
-        return cls(folder, header)
+        return header
 
     @staticmethod
-    def _fill(members, windows, folder: Path, header: dict, batch_windows: int, on_chunk) -> None:
-        arrays = {name: np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r+", shape=tuple(shape))
-                  for name, (dtype, shape) in header["arrays"].items()}
+    def _finish(folder: Path, header: dict[str, Any], world_size: int) -> dict[str, Any]:
+        """Rank 0, once every rank has written its share: every file's SHA-256, and the header marked complete."""
+        if world_size > 1:
+            problem = unseen_ranks([folder / RANK_PROGRESS.format(r) for r in range(world_size)], "token store",
+                                   "a store folder")
+            if problem is not None:
+                raise DarkKnowledgeError(problem)
+            header = _gather_progress(folder, header)
+        header["checksums"] = {name: checkpoint.sha256_file(folder / f"{name}.bin") for name in header["arrays"]}
+        header["complete"] = True
+        checkpoint.write_json(folder / HEADER, header)
+        return header
+
+    @staticmethod
+    def _fill(members, windows, folder: Path, header: dict, batch_windows: int, on_chunk, workers: Workers) -> None:
+        """Compute this rank's share of the windows not yet done, chunk by chunk, and write their rows in place
+        (``pwrite`` of whole rows: ranks on several machines never rewrite each other's bytes of a shared page).
+
+        Progress is a list of done window ranges (``windows_done``; a header without it, from before, counts a
+        prefix in ``positions_done``). One process records it in the header after every chunk. Under torchrun
+        each rank records its own ranges in ``targets.rank<r>.json`` (rank-owned, so no rank waits for another
+        or races for the header; the file is also its marker that rank 0 sees its rows); rank 0 folds them into
+        the header when it finishes the store or resumes a killed build, and the next build, with any number of
+        ranks, shares out whatever is still missing."""
+        specs = {name: (dtype, tuple(shape)) for name, (dtype, shape) in header["arrays"].items()}
+        _, row_bytes, _ = array_layout(specs)
         source = members[0] if isinstance(members[0], TokenTargets) else None
         for m in members if source is None else ():
             m.eval()
         context, started = windows.context, time.perf_counter()
-        first_window = header["positions_done"] // context
-        for start in range(first_window, len(windows), batch_windows):
-            stop = min(start + batch_windows, len(windows))
-            if source is None:
-                logits = ensemble_logits(members, windows.batch(torch.arange(start, stop))[0])
-            else:
-                logits = source.targets(windows, torch.arange(start, stop))["teacher_logits"]
-            logits = logits.reshape(-1, windows.vocab_size)
-            rows = slice(start * context, stop * context)
-            if header["layout"] == "dense":
-                arrays["logits"][rows] = logits.numpy().astype(np.float16)
-            else:
-                summary = topk_targets(logits, header["top_k"])
-                arrays["topk_logits"][rows] = summary.logits.numpy().astype(np.float16)
-                arrays["topk_indices"][rows] = summary.indices.numpy()
-                arrays["tail"][rows] = torch.stack([summary.tail_logsumexp, summary.tail_mean], -1).numpy()
-            for array in arrays.values():
-                array.flush()
-            # Only after the rows are on disk does the header say so: a kill never leaves rows counted unwritten.
-            header["positions_done"] = stop * context
+        known = _windows_done(header)
+        mine = _share(_missing(known, len(windows)), workers)
+        done_here: list[list[int]] = []
+        progress = folder / RANK_PROGRESS.format(workers.rank)
+
+        def record() -> None:
+            if workers.distributed:
+                checkpoint.write_json(progress, {"windows_done": done_here})
+                return
+            header["windows_done"] = _merged(known + done_here)
+            header["positions_done"] = _count(header["windows_done"]) * context
             header["build_seconds"] = header.get("build_seconds", 0.0) + time.perf_counter() - started
-            started = time.perf_counter()
             checkpoint.write_json(folder / HEADER, header)
-            if on_chunk is not None:
-                on_chunk(header["positions_done"], header["positions"])
+
+        if workers.distributed:
+            record()  # the marker, even for a rank with nothing left to do
+        # O_CREAT: a rank that cannot see rank 0's files writes its own, and rank 0 misses its marker and says so
+        fds = {name: os.open(folder / f"{name}.bin", os.O_WRONLY | os.O_CREAT, 0o644) for name in specs}
+        try:
+            for first, last in mine:
+                for start in range(first, last, batch_windows):
+                    stop = min(start + batch_windows, last)
+                    if source is None:
+                        logits = ensemble_logits(members, windows.batch(torch.arange(start, stop))[0])
+                    else:
+                        logits = source.targets(windows, torch.arange(start, stop))["teacher_logits"]
+                    logits = logits.reshape(-1, windows.vocab_size)
+                    if header["layout"] == "dense":
+                        rows = {"logits": logits.numpy()}
+                    else:
+                        summary = topk_targets(logits, header["top_k"])
+                        rows = {"topk_logits": summary.logits.numpy(), "topk_indices": summary.indices.numpy(),
+                                "tail": torch.stack([summary.tail_logsumexp, summary.tail_mean], -1).numpy()}
+                    for name, data in checked_rows(specs, start * context, rows).items():
+                        write_rows(fds[name], {name: 0}, row_bytes, start * context, {name: data})
+                        os.fsync(fds[name])
+                    # Only after the rows are on disk is their range recorded: a kill never leaves rows counted
+                    # unwritten (rows written but not yet recorded are computed again).
+                    done_here = _merged(done_here + [[start, stop]])
+                    record()
+                    started = time.perf_counter()
+                    if on_chunk is not None:
+                        on_chunk(_count(_merged(known + done_here)) * context, header["positions"])
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     @staticmethod
     def _problem(folder: Path, header: dict, verify: bool) -> str | None:
@@ -237,3 +316,67 @@ class TokenTargets:
                                      f"fingerprint differs: {windows.describe()['split']} split, context "
                                      f"{windows.context}); build a store over this data")
         return cls(folder, header)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress: sorted, disjoint ranges [start, stop) of windows whose rows are on disk
+# ---------------------------------------------------------------------------------------------------------------
+
+def _windows_done(header: dict[str, Any]) -> list[list[int]]:
+    if "windows_done" in header:
+        return header["windows_done"]
+    done = header["positions_done"] // header["context"]  # a header from before: a prefix
+    return [[0, done]] if done else []
+
+
+def _merged(ranges: list[list[int]]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start, stop in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], stop)
+        elif start < stop:
+            out.append([start, stop])
+    return out
+
+
+def _count(ranges: list[list[int]]) -> int:
+    return sum(stop - start for start, stop in ranges)
+
+
+def _missing(done: list[list[int]], n: int) -> list[list[int]]:
+    """The ranges of ``range(n)`` not in ``done``."""
+    gaps, at = [], 0
+    for start, stop in done:
+        if start > at:
+            gaps.append([at, start])
+        at = max(at, stop)
+    return gaps + ([[at, n]] if at < n else [])
+
+
+def _share(ranges: list[list[int]], workers: Workers) -> list[list[int]]:
+    """This rank's contiguous share (:meth:`Workers.shard`) of the windows in ``ranges`` taken in order."""
+    part, out, offset = workers.shard(_count(ranges)), [], 0
+    for start, stop in ranges:
+        low, high = max(part.start - offset, 0), min(part.stop - offset, stop - start)
+        if low < high:
+            out.append([start + low, start + high])
+        offset += stop - start
+    return out
+
+
+def _rank_progress_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob(RANK_PROGRESS.format("*")))
+
+
+def _gather_progress(folder: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0: the ranges the ranks recorded folded into the header (written before their files are removed)."""
+    files = _rank_progress_files(folder)
+    if not files:
+        return header
+    ranges = _windows_done(header) + [r for f in files for r in json.loads(f.read_text())["windows_done"]]
+    header = {**header, "windows_done": _merged(ranges)}
+    header["positions_done"] = _count(header["windows_done"]) * header["context"]
+    checkpoint.write_json(folder / HEADER, header)
+    for f in files:
+        f.unlink()
+    return header

@@ -113,8 +113,13 @@ class TrainConfig:
     def make_optimizer(self, parameters) -> torch.optim.Optimizer:
         """The optimizer; its learning rate is set every step by :meth:`learning_rate`."""
         if self.optimizer == "sgd":
+            parameters = list(parameters)
+            # One fused pass over each tensor, not torch's CPU default of one per operation: the same update up to
+            # rounding, a 1.8x faster step for the MNIST teacher (benchmarks/teacher_speed.py).
+            fusable = not {"fused", "foreach"} & set(self.optimizer_options) and all(
+                p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
             return torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                                   **self.optimizer_options)
+                                   **({"fused": True} if fusable else {}), **self.optimizer_options)
         if self.optimizer == "adamw":
             return torch.optim.AdamW(parameters, lr=self.lr, weight_decay=self.weight_decay, **self.optimizer_options)
         options = {"weight_decay": self.weight_decay} if self.weight_decay else {}
