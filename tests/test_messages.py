@@ -111,3 +111,12 @@ def test_log_axes_are_labelled_with_plain_numbers(low, high, percent):
     assert labels
     for label in labels:
         float(label.rstrip("%"))  # '2', '0.5', '5%': never '$10^{0}$' or '$6\\times10^{-1}$'
+
+
+def test_a_usage_error_names_the_program_once_and_the_sub_command_that_refused(capsys):
+    assert main(["distil"]) == 2
+    top = capsys.readouterr().err.strip()
+    assert top.startswith("darkknowledge: error: argument COMMAND: invalid choice: 'distil'"), top
+    assert main(["train", "--epochs", "x"]) == 2
+    sub = capsys.readouterr().err.strip()
+    assert sub.startswith("darkknowledge: error: darkknowledge train: argument --epochs"), sub

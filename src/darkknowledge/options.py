@@ -54,7 +54,10 @@ def install(parser: argparse.ArgumentParser) -> None:
     """Make ``parser`` and its sub-command parsers report a usage problem as one :class:`UsageError` line (not
     argparse's usage block and exit), and refuse an empty path (``--out ''`` would mean the current folder)."""
     def error(message: str, prog: str = parser.prog) -> None:
-        raise UsageError(f"{prog}: {message}; see '{prog} --help'")
+        # A sub-command names itself ("darkknowledge train: ..."); the program's own name is already the line's
+        # "darkknowledge: error:" prefix.
+        where = f"{prog}: " if " " in prog else ""
+        raise UsageError(f"{where}{message}; see '{prog} --help'")
     parser.error = error
     for action in parser._actions:
         if action.type is Path:
