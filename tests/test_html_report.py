@@ -2,6 +2,7 @@
 in headless Chromium, holds results.json's numbers, refers to nothing outside itself and escapes every text."""
 
 import base64
+import html
 import json
 import os
 import re
@@ -15,10 +16,13 @@ import torch
 from darkknowledge import html_report
 from darkknowledge.cli import main
 from darkknowledge.html_report import calibration, detect_kind, markdown_to_html
+from darkknowledge.language_model import ensemble_is_better
 
 DATA = Path(os.environ.get("DARKKNOWLEDGE_DATA", Path(__file__).parents[2] / "shared" / "data"))
 needs_mnist = pytest.mark.skipif(not (DATA / "mnist").is_dir(), reason="MNIST files not found; set DARKKNOWLEDGE_DATA")
 PNG = b"\x89PNG\r\n\x1a\n"
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+LM_SMALL = RESULTS / "lm-small"  # a real `reproduce lm` folder (results.json, lm.png), committed
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +148,94 @@ def test_calibration_and_markdown_subset():
     wrong = torch.tensor([[0.0, 1.0]] * 4)
     assert calibration(wrong, torch.zeros(4, dtype=torch.long))[0] == pytest.approx(1.0)
     assert markdown_to_html("# T & <x>") == "<h3>T &amp; &lt;x&gt;</h3>"
+
+
+def test_committed_results_are_recognised_by_their_kind():
+    kinds = {"lm": "lm", "mnist": "mnist", "ensemble": "ensemble", "specialists": "specialists",
+             "regularizer": "regularizer"}
+    found = {}
+    for path in sorted(RESULTS.glob("*/results.json")):
+        found[path.parent.name] = detect_kind(json.loads(path.read_text()))
+    assert found["lm-small"] == "lm"
+    for folder, kind in found.items():  # lm-small, ensemble-small, ... are the kind their name starts with
+        assert kind == kinds[folder.split("-")[0]], folder
+
+
+def _lm_report(tmp_path, edit=lambda r: None, figure=True):
+    """A copy of results/lm-small (results.json edited by ``edit``, lm.png if ``figure``) and its report."""
+    folder = tmp_path / "lm-small"
+    folder.mkdir()
+    results = json.loads((LM_SMALL / "results.json").read_text())
+    edit(results)
+    (folder / "results.json").write_text(json.dumps(results))
+    if figure:
+        shutil.copyfile(LM_SMALL / "lm.png", folder / "lm.png")
+    out = tmp_path / "site" / "lm.html"
+    assert main(["report", str(folder), "--out", str(out)]) == 0
+    return results, out.read_text(), out.with_suffix(".md")
+
+
+def test_lm_report_holds_the_numbers_of_results_json_beside_the_papers(tmp_path):
+    results, text, _ = _lm_report(tmp_path)
+    assert "Language models (§4 on text)" in text and "QUICK" not in text
+    cells = re.findall(r"<td>([^<]*)</td>", text)
+    models, paper = results["models"], results["paper"]
+
+    def quality(m):
+        return [f"{100 * m['test_accuracy']:.2f}%", f"{m['test_log_loss']:.4f}", f"{m['test_perplexity']:.1f}",
+                f"{m['val_log_loss']:.4f}"]
+
+    def row(label):
+        i = cells.index(label)
+        return cells[i + 1:i + 7]
+
+    assert row("baseline (one model)") == [*quality(models["baseline"]), "", f"{100 * paper['baseline']:.1f}%"]
+    assert row(f"{results['plan']['members']}-member ensemble") == [*quality(models["ensemble"]), "",
+                                                                   f"{100 * paper['ensemble']:.1f}%"]
+    chosen = results["chosen_on_validation"]
+    for s in results["temperature_sweep"]:
+        mark = " (chosen on validation)" if s["run"] == chosen["run"] else ""
+        by_t = results["share_by_temperature"][s["run"]]
+        assert row(f"distilled, T = {s['temperature']:g}{mark}")[:5] == [
+            *quality(models[s["run"]]), f"{100 * by_t['accuracy']:.0f}% / {100 * by_t['log_loss']:.0f}%"]
+    assert row(f"distilled, T = {chosen['temperature']:g} (chosen on validation)")[5] == \
+        f"{100 * paper['distilled']:.1f}%"
+    for metric, share in results["share_transferred"].items():
+        assert row(metric.replace("_", "-"))[:3] == [
+            f"{100 * share['share']:.1f}%", f"{100 * share['low']:.0f}% to {100 * share['high']:.0f}%",
+            f"{share['gain_per_token']:+.4f}"]
+    for key, label in (("half_width_distilled", "half width, distilled"),
+                       ("half_width_labels_only", "half width, labels only")):
+        assert row(label)[:5] == [results["deployment"]["spec"], *quality(results["deployment"][key])]
+    dense = next(k["bytes_per_token"] for k in results["top_k"] if k["store"] == "dense")
+    for k in results["top_k"]:
+        assert row(k["store"])[:5] == [f"{k['bytes_per_token']:,}", f"1/{dense / k['bytes_per_token']:.0f}",
+                                       f"{100 * k['test_accuracy']:.2f}%", f"{k['test_log_loss']:.4f}",
+                                       f"{100 * k['share_of_dense_gain_accuracy']:.0f}%"]
+    # lm-small's ensemble is worse than its baseline on test: its shares are flagged, once per metric
+    flagged = [m for m, s in results["share_transferred"].items() if not ensemble_is_better(m, s["gain_per_token"])]
+    assert flagged and text.count("this share means nothing") == len(flagged)
+
+
+def test_lm_report_escapes_the_samples_and_embeds_lm_png(tmp_path):
+    def add_sample(r):
+        r["samples"]["odd <b>model</b>"] = "KING.\n<script>alert('x')</script> & more"
+    results, text, md = _lm_report(tmp_path, add_sample)
+    assert "<script" not in text and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; more</pre>" in text
+    assert "<strong>odd &lt;b&gt;model&lt;/b&gt;</strong>" in text
+    for name, sample in results["samples"].items():  # every sample, in a <pre> block, escaped (they hold quotes)
+        assert f"<pre>{html.escape(sample.strip(chr(10)))}</pre>" in text
+    png = (LM_SMALL / "lm.png").read_bytes()
+    assert f'src="data:image/png;base64,{base64.b64encode(png).decode()}"' in text
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.read_text())
+    assert [(md.parent / name).read_bytes() for name in images] == [png]
+
+
+def test_lm_report_without_lm_png_and_with_a_gain(tmp_path):
+    def better_ensemble(r):  # as if the ensemble had gained on both metrics
+        for metric, share in r["share_transferred"].items():
+            share["gain_per_token"] = abs(share["gain_per_token"]) * (1 if metric == "accuracy" else -1)
+        r["quick"] = True
+    _, text, md = _lm_report(tmp_path, better_ensemble, figure=False)
+    assert "QUICK smoke run" in text and "means nothing" not in text
+    assert "<img" not in text and "![" not in md.read_text()

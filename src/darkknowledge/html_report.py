@@ -2,7 +2,8 @@
 
 Each folder holds ``results.json`` written by ``darkknowledge reproduce``; the experiment is recognised from its
 keys (``table1``: MNIST §3, ``students``: ensembles §4, ``datasets`` with ``variants``: specialists §5, with
-``hard_3pct``: the regularizer §6). For a kind not known here the folder's ``report.md``
+``hard_3pct``: the regularizer §6; ``share_transferred`` with ``deployment`` and ``top_k``: language models,
+``reproduce lm``). For a kind not known here the folder's ``report.md``
 is rendered as it is. Beside the tables of ``results.json`` (with the paper's numbers), the saved models in
 ``RUN_DIR/runs`` are evaluated again on their test set for confusion matrices and reliability (calibration)
 diagrams, and each run's ``metrics.jsonl`` gives its training curves.
@@ -34,6 +35,7 @@ import torch  # noqa: E402
 
 from . import checkpoint  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
+from .language_model import no_gain_note  # noqa: E402
 from .plots import HELD_OUT, LEGEND, TRAIN, plain_log_axis  # noqa: E402
 
 RELIABILITY_BINS = 10
@@ -405,6 +407,9 @@ def model_sections(page: Page, prefix: str, runs: dict[str, Path], datasets: _Da
 # ---------------------------------------------------------------------------------------------------------------
 
 def detect_kind(results: dict[str, Any]) -> str:
+    # lm first: it shares temperature_sweep with mnist and chosen_on_validation with ensemble
+    if {"share_transferred", "deployment", "top_k"} <= set(results) and isinstance(results.get("models"), dict):
+        return "lm"
     if "table1" in results and "temperature_sweep" in results:
         return "mnist"
     if isinstance(results.get("datasets"), dict) and all(
@@ -608,6 +613,85 @@ def regularizer_section(page: Page, folder: Path, r: dict[str, Any], prefix: str
     _machine(page, r)
 
 
+def lm_section(page: Page, folder: Path, r: dict[str, Any], prefix: str, log: Callable[[str], None]) -> None:
+    """§4 on text (``reproduce lm``): baseline, ensemble and distilled language models beside the paper's speech row,
+    the share of the ensemble's gain kept, the half-width deployment, the top-k store sweep and samples."""
+    paper, models, chosen = r.get("paper", {}), r["models"], r["chosen_on_validation"]
+    data = r.get("data", {})
+    tokenizer = data.get("tokenizer", {})
+    page.add(Heading(2, f"Language models (§4 on text){' — QUICK smoke run' if r.get('quick') else ''}: {folder}"),
+             Para(f"Command: `{r.get('command') or 'darkknowledge reproduce lm'}`. Numbers from results.json: "
+                  "next-token accuracy is the paper's frame accuracy, log-loss in nats per token; the paper's are "
+                  f"{paper.get('measure', 'test frame accuracy (speech)')}, shown for the shape of the result. "
+                  f"Data: {tokenizer.get('kind', '-')} tokenizer of {tokenizer.get('vocab_size', '-')} tokens; "
+                  "tokens per split: " + ", ".join(f"{k} {v:,}" for k, v in data.get("tokens", {}).items()) + "."))
+
+    def quality(m: dict[str, Any]) -> list[str]:
+        return [_pct(m["test_accuracy"]), f"{m['test_log_loss']:.4f}", f"{m['test_perplexity']:.1f}",
+                f"{m['val_log_loss']:.4f}"]
+
+    by_t = r.get("share_by_temperature", {})
+    members = r.get("plan", {}).get("members")
+    rows = [["baseline (one model)", *quality(models["baseline"]), "", _pct(paper.get("baseline"), 1)],
+            [f"{members}-member ensemble" if members else "ensemble", *quality(models["ensemble"]), "",
+             _pct(paper.get("ensemble"), 1)]]
+    for s in r["temperature_sweep"]:
+        share = by_t.get(s["run"], {})
+        mark = " (chosen on validation)" if s["run"] == chosen["run"] else ""
+        rows.append([f"distilled, T = {s['temperature']:g}{mark}", *quality(models[s["run"]]),
+                     f"{_pct(share.get('accuracy'), 0)} / {_pct(share.get('log_loss'), 0)}",
+                     _pct(paper.get("distilled"), 1) if mark else ""])
+    page.add(Table(["model", "test next-token accuracy", "test log-loss", "test perplexity", "val log-loss",
+                    "share of the gain (accuracy / log-loss)", "paper"], rows, caption="The result (test)"),
+             Para(f"T = {chosen['temperature']:g} (`{chosen['run']}`) is chosen on validation log-loss; test gives "
+                  "the numbers."))
+
+    share_rows = []
+    for metric, s in r["share_transferred"].items():
+        share_rows.append([metric.replace("_", "-"), _pct(s["share"], 1),
+                           f"{_pct(s['low'], 0)} to {_pct(s['high'], 0)}", f"{s['gain_per_token']:+.4f}",
+                           _pct(paper.get("share_transferred"), 0) if metric == "accuracy" else ""])
+    page.add(Table(["metric", "share transferred", "95% interval", "ensemble gain per token", "paper"], share_rows,
+                   caption="Share of the ensemble's gain kept by the distilled model (test; 95% block bootstrap "
+                           f"over test windows; the paper's target: {_pct(paper.get('target_share'), 0)})"))
+    for metric, s in r["share_transferred"].items():
+        if note := no_gain_note(metric, s):
+            page.add(Para(f"**{note}**"))
+
+    d = r["deployment"]
+    page.add(Table(["student", "spec", "test next-token accuracy", "test log-loss", "test perplexity", "val log-loss"],
+                   [[label, d.get("spec", "-"), *quality(d[key])]
+                    for key, label in (("half_width_distilled", "half width, distilled"),
+                                       ("half_width_labels_only", "half width, labels only"))],
+                   caption="Deployment: a smaller student distilled from the ensemble against the same model on "
+                           "labels only"))
+
+    dense = next((row["bytes_per_token"] for row in r["top_k"] if row["store"] == "dense"), None)
+    page.add(Table(["store", "bytes per token", "of the dense bytes", "test next-token accuracy", "test log-loss",
+                    "share of the dense store's gain (accuracy)", "share of the dense store's gain (log-loss)"],
+                   [[row["store"], f"{row['bytes_per_token']:,.0f}",
+                     f"1/{dense / row['bytes_per_token']:.0f}" if dense else "-", _pct(row["test_accuracy"]),
+                     f"{row['test_log_loss']:.4f}", _pct(row["share_of_dense_gain_accuracy"], 0),
+                     _pct(row["share_of_dense_gain_log_loss"], 0)] for row in r["top_k"]],
+                   caption=f"The token store at top-k (students at T = {chosen['temperature']:g}): quality against "
+                           "bytes per token; the share is of the dense-store student's gain over the baseline"))
+
+    figure = folder / "lm.png"
+    if figure.is_file() and (png := figure.read_bytes())[:8] == b"\x89PNG\r\n\x1a\n":
+        page.add(Figure(f"{prefix}-lm", png, "test next-token accuracy against temperature and store bytes"))
+    elif figure.exists():
+        log(f"report: {figure} is not a PNG file; left out")
+
+    if r.get("samples"):
+        page.add(Heading(3, "Samples"), Para("Each model's continuation of the same prompt, as results.json holds it."))
+        for name, text in r["samples"].items():
+            page.add(Para(f"**{name}**"), Pre(text.strip("\n")))
+    if r.get("stage_seconds"):
+        total = f" (total {r['total_seconds']:,.0f} s)" if r.get("total_seconds") is not None else ""
+        page.add(Table(["stage", "seconds"], [[k, v] for k, v in r["stage_seconds"].items()], caption=f"Time{total}"))
+    _machine(page, r)
+
+
 def unknown_section(page: Page, folder: Path, r: dict[str, Any] | None, prefix: str) -> None:
     page.add(Heading(2, f"{folder}"))
     report = folder / "report.md"
@@ -661,6 +745,8 @@ def build_page(folders: list[str | Path], data_dir: str | None = None,
             ensemble_section(page, folder, r, prefix, datasets, log)
         elif kind == "regularizer":
             regularizer_section(page, folder, r, prefix, datasets, log)
+        elif kind == "lm":
+            lm_section(page, folder, r, prefix, log)
         else:
             unknown_section(page, folder, r if isinstance(r, dict) else None, prefix)
     return page

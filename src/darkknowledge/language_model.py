@@ -278,7 +278,20 @@ def block_bootstrap_share(baseline: dict, ensemble: dict, student: dict, metric:
     draws = share(values[:, picks].sum(-1))
     low, high = np.nanpercentile(draws, [2.5, 97.5])
     gain = (values[1].sum() - values[0].sum()) / (values.shape[1] * tokens_per_window)
-    # Without a gain there is nothing to transfer: a share of a loss (or of noise) means nothing.
-    better = gain > 0 if metric == "accuracy" else gain < 0
     return {"share": point, "low": float(low), "high": float(high), "gain_per_token": float(gain),
-            "ensemble_better": bool(better)}
+            "ensemble_better": ensemble_is_better(metric, float(gain))}
+
+
+def ensemble_is_better(metric: str, gain_per_token: float) -> bool:
+    """Whether the ensemble gains over the baseline (``gain_per_token``: ensemble minus baseline): accuracy up, or
+    log-loss down. Without a gain there is nothing to transfer: a share of a loss (or of noise) means nothing."""
+    return gain_per_token > 0 if metric == "accuracy" else gain_per_token < 0
+
+
+def no_gain_note(metric: str, share: dict[str, Any]) -> str | None:
+    """The line a report gives under a share of :func:`block_bootstrap_share` whose ensemble did not gain on test
+    (None when it did); from ``gain_per_token`` alone, so results written before ``ensemble_better`` read the same."""
+    if ensemble_is_better(metric, share["gain_per_token"]):
+        return None
+    return (f"On test the ensemble is no better than the baseline in {metric} (gain per token "
+            f"{share['gain_per_token']:+.4f}): there is no gain to transfer, and this share means nothing.")

@@ -29,7 +29,7 @@ from ..data.datasets import resolve_data_dir
 from ..data.text import TextTokenizer, load_corpus, split_documents, tokenise_corpus
 from ..errors import DarkKnowledgeError
 from ..language_model import (EnsembleLM, LMConfig, Objective, block_bootstrap_share, evaluate_language_model,
-                              generate, load_language_model, train_language_model)
+                              generate, load_language_model, no_gain_note, train_language_model)
 from ..token_store import TokenTargets
 from .report import _jsonable, _machine, _machine_line, _table, plt
 
@@ -221,11 +221,6 @@ def _share(student: float, baseline: float, ensemble: float) -> float | None:
     return None if ensemble == baseline else (student - baseline) / (ensemble - baseline)
 
 
-def _ensemble_better(metric: str, share: dict[str, Any]) -> bool:
-    gain = share["gain_per_token"]  # ensemble minus baseline: accuracy up, or log-loss down, is a gain
-    return gain > 0 if metric == "accuracy" else gain < 0
-
-
 def _fmt_share(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
@@ -262,9 +257,7 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
         f">= {100 * paper['target_share']:.0f}%).", "",
         "## Share of the ensemble's gain transferred (test, 95% block bootstrap over windows)", "",
         _table(["metric", "share", "95% interval", "ensemble gain per token"], share_rows), "",
-        *[f"**On test the ensemble is no better than the baseline in {metric} (gain per token "
-          f"{s['gain_per_token']:+.4f}): there is no gain to transfer, and this share means nothing.**\n"
-          for metric, s in r["share_transferred"].items() if not _ensemble_better(metric, s)],
+        *[f"**{note}**\n" for metric, s in r["share_transferred"].items() if (note := no_gain_note(metric, s))],
         "## Temperature sweep (dense store, soft 1 + hard 0.5)", "",
         _table(["T", "val log-loss", "val accuracy", "test log-loss", "test accuracy", "share (acc)",
                 "share (log-loss)"], sweep), "",
