@@ -24,7 +24,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 EXPRESSION = re.compile(r"\{\{(.+?)\}\}", re.S)
-README_TABLE = re.compile(r"(<!-- results-table -->\n)(.*?)(<!-- /results-table -->)", re.S)
+README_BLOCKS = ("results-table", "lm-table")  # README.md's generated blocks, <!-- NAME --> ... <!-- /NAME -->
+
+
+def readme_block(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- {name} -->\n)(.*?)(<!-- /{name} -->)", re.S)
 
 
 class Results(dict):
@@ -155,7 +159,7 @@ def specialists_table(r: Results) -> str:
 
 def summary_table(results: dict[str, Results], link: str = "results") -> str:
     """The front page's one table: each section's headline number beside the paper's, linking to its report."""
-    m, e, s, g = results["mnist"], results["ensemble"], results["specialists"], results["regularizer"]
+    m, e, s, g, lm = (results[k] for k in ("mnist", "ensemble", "specialists", "regularizer", "lm"))
     t1, sp = m.table1, s.datasets["mnist-100"].variants.hard.test.overall
     mn = g.datasets.mnist
     shares = lambda d: (d.soft_3pct.test_accuracy - d.hard_3pct.test_accuracy) / (  # noqa: E731
@@ -175,6 +179,10 @@ def summary_table(results: dict[str, Results], link: str = "results") -> str:
         ["§4 ensemble distilled into one model: share of the ensemble's gain kept (test)",
          f"{pct(e.chosen_on_validation.share_transferred)} (95%: {pct(interval[0], 0)} to {pct(interval[1], 0)}),"
          f" Fashion-MNIST", f"{pct(e.paper.share_transferred, 0)} (speech)", f"[report]({link}/ensemble/report.md)"],
+        ["§4 on text: share of the ensemble's next-token accuracy gain kept (test)",
+         f"{pct(lm.share_transferred.accuracy.share, 0)} (95%: {pct(lm.share_transferred.accuracy.low, 0)} to "
+         f"{pct(lm.share_transferred.accuracy.high, 0)}), 10 Shakespeare LMs",
+         f"{pct(lm.paper.share_transferred, 0)} (speech)", f"[report]({link}/lm/report.md)"],
         ["§5 specialists: test accuracy, generalist -> with specialists",
          f"{pct(sp.generalist_accuracy)} -> {pct(sp.combined_accuracy)} ({gain(sp.relative_gain)}), MNIST-100",
          f"{pct(s.paper.table3.baseline.accuracy)} -> {pct(s.paper.table3.specialists.accuracy)} "
@@ -183,6 +191,31 @@ def summary_table(results: dict[str, Results], link: str = "results") -> str:
          f"{pct(shares(mn))} (MNIST)", f"{pct(paper_share)} (speech)", f"[report]({link}/regularizer/report.md)"],
     ]
     return table(["result", "ours", "paper", ""], rows)
+
+
+def lm_table(r: Results) -> str:
+    """README's language-model table: §4 on text beside the paper's speech row, then the deployment students."""
+    m, p, chosen_run = r.models, r.paper, r.chosen_on_validation.run
+    share = lambda metric: (f"{pct(r.share_transferred[metric].share, 0)} (95%: "  # noqa: E731
+                            f"{pct(r.share_transferred[metric].low, 0)} to {pct(r.share_transferred[metric].high, 0)})")
+    top32 = next(row for row in r.top_k if row.store == "top32")
+    dense = r.top_k[0].bytes_per_token
+    rows = [
+        ["baseline (labels only)", pct(m.baseline.test_accuracy, 2), num(m.baseline.test_log_loss, 4),
+         pct(p.baseline)],
+        [f"ensemble of {p.members} (seeds differ)", pct(m.ensemble.test_accuracy, 2), num(m.ensemble.test_log_loss, 4),
+         pct(p.ensemble)],
+        [f"distilled from the ensemble's store, T = {r.chosen_on_validation.temperature:g} (on validation)",
+         pct(m[chosen_run].test_accuracy, 2), num(m[chosen_run].test_log_loss, 4), pct(p.distilled)],
+        ["share of the ensemble's gain kept", share("accuracy"), share("log_loss"), pct(p.share_transferred, 0)],
+        ["half width: distilled / labels only", f"{pct(r.deployment.half_width_distilled.test_accuracy, 2)} / "
+         f"{pct(r.deployment.half_width_labels_only.test_accuracy, 2)}",
+         f"{num(r.deployment.half_width_distilled.test_log_loss, 4)} / "
+         f"{num(r.deployment.half_width_labels_only.test_log_loss, 4)}", "-"],
+        [f"distilled from the top-32 store ({num(top32.bytes_per_token)} B/token, 1/{dense / top32.bytes_per_token:.0f}"
+         f" of dense)", pct(top32.test_accuracy, 2), num(top32.test_log_loss, 4), "-"],
+    ]
+    return table(["test", "next-token accuracy", "log-loss (nats)", "paper §4 (speech frame accuracy)"], rows)
 
 
 def load_json(path: str) -> Results:
@@ -254,19 +287,22 @@ def on_page_markdown(markdown, page, **_):
         raise PluginError(str(e)) from None
 
 
-def readme_table() -> str:
-    return summary_table(load_results(), link="results")
+def readme_blocks() -> dict[str, str]:
+    """What each of README's generated blocks holds, rendered from the committed results."""
+    results = load_results()
+    return {"results-table": summary_table(results, link="results"), "lm-table": lm_table(results["lm"])}
 
 
 def main() -> int:
     readme = ROOT / "README.md"
-    text = readme.read_text()
-    new, count = README_TABLE.subn(lambda m: m.group(1) + readme_table() + "\n" + m.group(3), text)
-    if count != 1:
-        print("README.md has no <!-- results-table --> ... <!-- /results-table --> block", file=sys.stderr)
-        return 1
+    text = new = readme.read_text()
+    for name, block in readme_blocks().items():
+        new, count = readme_block(name).subn(lambda m: m.group(1) + block + "\n" + m.group(3), new)
+        if count != 1:
+            print(f"README.md has no <!-- {name} --> ... <!-- /{name} --> block", file=sys.stderr)
+            return 1
     readme.write_text(new)
-    print("README.md: results table " + ("rewritten" if new != text else "already current"))
+    print("README.md: generated tables " + ("rewritten" if new != text else "already current"))
     return 0
 
 
