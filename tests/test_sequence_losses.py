@@ -108,24 +108,48 @@ def test_topk_targets_per_token_with_k_equal_to_vocabulary_equal_full_logits():
                                distillation_loss(z, soft_targets=mean_p, temperature=2.0).soft, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("k", [3, 11])
-@pytest.mark.parametrize("temperature", [1.0, 3.0])
-def test_topk_targets_sparse_path_equals_the_same_targets_made_dense(k, temperature):
-    # One member's top-k summary is never made dense (the sparse formula); two identical members take the dense
-    # path and mean the same distribution, so values and gradients must agree, also chunked and with padding.
+def coarse_cross_entropy(z, v, k):
+    """The reference at T = 1: cross-entropy between the teacher's and the student's distributions over the k
+    classes the teacher ranks highest plus one bucket for all the others, per position."""
+    p, q = torch.softmax(v, -1), torch.softmax(z, -1)
+    top = v.topk(k, -1).indices
+    p_top, q_top = p.gather(-1, top), q.gather(-1, top)
+    p_tail, q_tail = 1 - p_top.sum(-1), 1 - q_top.sum(-1)
+    return -(p_top * q_top.log()).sum(-1) - torch.xlogy(p_tail, q_tail)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_topk_targets_give_the_cross_entropy_of_the_top_k_classes_and_one_tail_bucket(k):
     z, labels = tokens(), padded_labels()
-    one = topk_targets(tokens(seed=1), k)
+    real = labels != -100
+    v = [tokens(seed=1), tokens(seed=2)]
+    one = topk_targets(v[0], k)
+    both = topk_targets(torch.stack(v, dim=2), k)  # two members: the mean of their terms
+
+    def ours(s, targets):
+        return distillation_loss(s, labels=labels, topk_targets=targets, temperature=1.0, chunk_rows=3).soft
+
+    def reference(s, members):
+        return torch.stack([coarse_cross_entropy(s, m, k) for m in members]).mean(0)[real].mean()
+
+    for targets, members in ((one, v[:1]), (both, v)):
+        torch.testing.assert_close(ours(z, targets), reference(z, members), rtol=0, atol=1e-12)
+        torch.testing.assert_close(grad_of(lambda s: ours(s, targets), z), grad_of(lambda s: reference(s, members), z),
+                                   rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_two_identical_members_give_the_one_members_loss(temperature):
+    z, labels = tokens(), padded_labels()
+    one = topk_targets(tokens(seed=1), 3)
     two = type(one)(*(torch.stack([x, x], dim=2) for x in (one.logits, one.indices, one.tail_logsumexp,
                                                              one.tail_mean)))
-    for chunk in (None, 3):
-        loss = lambda targets: lambda s: distillation_loss(s, labels=labels, topk_targets=targets,  # noqa: E731
-                                                           temperature=temperature, hard_weight=0.5,
-                                                           chunk_rows=chunk)
-        sparse, dense = loss(one)(z), loss(two)(z)
-        for name in ("total", "soft", "kl", "hard"):
-            torch.testing.assert_close(getattr(sparse, name), getattr(dense, name), rtol=0, atol=1e-12)
-        torch.testing.assert_close(grad_of(lambda s: loss(one)(s).total, z), grad_of(lambda s: loss(two)(s).total, z),
-                                   rtol=0, atol=1e-12)
+    loss = lambda targets: lambda s: distillation_loss(s, labels=labels, topk_targets=targets,  # noqa: E731
+                                                       temperature=temperature, hard_weight=0.5)
+    for name in ("total", "soft", "kl", "hard"):
+        torch.testing.assert_close(getattr(loss(one)(z), name), getattr(loss(two)(z), name), rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad_of(lambda s: loss(one)(s).total, z), grad_of(lambda s: loss(two)(s).total, z),
+                               rtol=0, atol=1e-12)
 
 
 def test_soft_and_hard_terms_each_backpropagate_alone():

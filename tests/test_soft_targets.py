@@ -208,7 +208,7 @@ def test_a_student_distilled_from_a_topk_store_learns_like_one_from_full_logits(
         fit(student, train, val, quiet(epochs=8, lr=0.1), Distillation(2.0, store=store), log=lambda _: None)
         errors[top_k] = evaluate(student, test).errors
     print("test errors of mlp:16 students (of 449), full vs top-5 store:", errors)
-    assert abs(errors[5] - errors[None]) <= 8
+    assert errors[5] <= errors[None] + 8  # no worse than from full logits, beyond noise
 
 
 def test_topk_store_of_an_ensemble_per_member_for_arithmetic_and_of_mean_logits_otherwise(digits, teachers):

@@ -62,7 +62,10 @@ class Objective:
             return {"objective": "labels"}
         return {"objective": "distillation", "temperature": self.temperature, "soft_weight": self.soft_weight,
                 "hard_weight": self.hard_weight, "store": self.store.header["key"], "layout": self.store.layout,
-                "top_k": self.store.top_k}
+                "top_k": self.store.top_k,
+                # the top-k loss matches the tail's total mass (before: spread it evenly); runs of the old loss are
+                # trained again, not reused
+                **({"topk_tail": "bucket"} if self.store.layout == "topk" else {})}
 
 
 class EnsembleLM(nn.Module):

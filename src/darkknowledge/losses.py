@@ -191,7 +191,8 @@ class _Teacher:
 
     def _topk_parts(self, rows, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
         """``log p`` of the k stored classes ``[n, M, k]`` and of each tail class ``[n, M]`` (the tail's mass spread
-        evenly over the other classes), and the stored classes' indices; several members are mixed
+        evenly over the other classes: only where a dense target is needed, for reverse KL and JSD; forward KL
+        uses the tail's total alone), and the stored classes' indices; several members are mixed
         arithmetically (the mean of their distributions) by the caller."""
         logits, indices, tail_lse, tail_mean = (t[rows] for t in self.tensors)  # [n, M, k], [n, M]
         n, members, k = logits.shape
@@ -209,12 +210,15 @@ class _Teacher:
         """Per position (T^2 x the paper's soft cross-entropy ``-sum p log q``, T^2 x KL(p || q)) of the chunk's
         student logits ``z``; §2's gradient in closed form, ``T^2 (q - p) / T``, is written into ``grad`` if given.
 
-        A top-k teacher with one member is never made dense: with ``p`` equal to ``p_t`` on each of the n tail
-        classes, ``-sum p log q = -sum_top p log q - p_t (sum_all log q - sum_top log q)``, and the gradient is
-        ``q - p_t`` plus a scatter at the top k.
+        A top-k teacher is never made dense. It knows the k stored classes' probabilities and the tail's total
+        mass P, not how P is split among the other n classes, so the target is the coarse distribution over the k
+        classes and one tail bucket: ``-sum_top p log q - P log Q`` with ``Q`` the student's own tail mass. Its
+        gradient is ``q - p`` at the top k and ``q (1 - P / Q)`` in the tail: the tail's mass is matched and its
+        shape left to the student (and the hard term), rather than pushed towards an even spread. Several members
+        give the mean of their terms (the cross-entropy is linear in the target: their mixture, arithmetically).
         """
         t, dtype = self.temperature, z.dtype
-        if self.kind != "topk" or self.tensors[0].shape[1] > 1:
+        if self.kind != "topk":
             log_p = self.log_probs(rows, first_row, dtype)
             log_q = torch.log_softmax(z * (1.0 / t), dim=-1)
             p = log_p.exp()
@@ -225,21 +229,31 @@ class _Teacher:
                 torch.exp(log_q, out=grad) if grad.dtype == dtype else grad.copy_(log_q.exp())
                 grad.sub_(p).mul_(t)
             return t * t * ce, t * t * (ce + neg_entropy)
-        log_p_top, log_p_tail, indices = (x.squeeze(1) for x in self._topk_parts(rows, dtype))
-        tail = self.classes - log_p_top.shape[-1]
+        log_p_top, log_p_tail, indices = self._topk_parts(rows, dtype)  # [n, M, k], [n, M], [n, M, k]
+        n, members, k = log_p_top.shape
+        flat = indices.reshape(n, members * k)
         log_q = torch.log_softmax(z * (1.0 / t), dim=-1)
-        log_q_top = log_q.gather(-1, indices)
-        p_top, p_tail = log_p_top.exp(), log_p_tail.exp()
-        ce = -(p_top * log_q_top).sum(-1)
+        log_q_top = log_q.gather(-1, flat).reshape(n, members, k)
+        p_top = log_p_top.exp()
+        ce = -(p_top * log_q_top).sum(-1)  # [n, M]
         neg_entropy = (p_top * log_p_top).sum(-1)
+        tail = self.classes - k
         if tail:
-            ce = ce - p_tail * (log_q.sum(-1) - log_q_top.sum(-1))
-            neg_entropy = neg_entropy + tail * p_tail * log_p_tail
+            p_tail = (log_p_tail + math.log(tail)).exp()  # P per member
+            # Q = 1 - (the student's top-k mass), in float64 so a small tail survives the subtraction.
+            q_tail = (1 - log_q_top.double().exp().sum(-1)).clamp_min(torch.finfo(dtype).tiny).to(dtype)
+            ce = ce - p_tail * q_tail.log()
+            neg_entropy = neg_entropy + torch.xlogy(p_tail, p_tail)
         if grad is not None:
             q = torch.exp(log_q, out=log_q)
-            q.sub_(p_tail.unsqueeze(-1)).scatter_add_(-1, indices, p_tail.unsqueeze(-1) - p_top)
+            pulled = p_top  # what each member takes from the top-k classes' gradient
+            if tail:
+                ratio = p_tail / q_tail
+                q.mul_(1 - ratio.mean(1, keepdim=True))
+                pulled = p_top - ratio.unsqueeze(-1) * log_q_top.exp()
+            q.scatter_add_(-1, flat, pulled.reshape(n, members * k).mul(-1.0 / members))
             grad.copy_(q.mul_(t))
-        return t * t * ce, t * t * (ce + neg_entropy)
+        return t * t * ce.mean(1), t * t * (ce + neg_entropy).mean(1)
 
 
 def _divergence(z: Tensor, log_p: Tensor, temperature: float, divergence: str) -> Tensor:
@@ -625,24 +639,27 @@ def _tail_logsumexp(t: TopKTargets, s: float, dtype: torch.dtype, tail: int) -> 
 
 def topk_soft_target_cross_entropy(student_logits: Tensor, targets: TopKTargets, temperature: float,
                                    **options) -> Tensor:
-    """§2 objective (a), x T^2, with the teacher's distribution rebuilt from its top-k summary (:class:`TopKTargets`).
+    """§2 objective (a), x T^2, from a teacher's top-k summary (:class:`TopKTargets`).
 
-    Targets at T: ``p_i = exp(v_i/T) / Z`` for the k stored classes; the other n classes share the tail mass
-    ``exp(L(T)) / Z`` equally, where ``L(T)`` estimates ``log sum_tail exp(v_j/T)`` (:func:`_tail_logsumexp`).
+    The summary gives at T: ``p_i = exp(v_i/T) / Z`` for the k stored classes and the tail's total mass
+    ``P = exp(L(T)) / Z``, where ``L(T)`` estimates ``log sum_tail exp(v_j/T)`` (:func:`_tail_logsumexp`); it
+    does not say how P is split among the other n classes. So the loss is the cross-entropy of the coarse
+    distributions, the k classes plus one tail bucket: ``-sum_top p_i log q_i - P log Q``, ``Q`` the student's
+    own tail mass. Its gradient, ``T (q - p)`` on the k classes and ``T q (1 - P / Q)`` on the tail, matches the
+    tail's mass and leaves its shape to the student and the hard term (an even spread, used before, pulled every
+    tail class towards ``P / n`` and cost a language-model student more log-loss than it gained; results/lm).
     What is exact and what is not:
 
     - ``k = C``: identical to :func:`soft_cross_entropy` on the full logits (no tail).
-    - T = 1: the top-k probabilities and the tail mass are exact; only how the tail mass is split among the tail
-      classes is not (evenly, instead of by their unknown logits).
+    - T = 1: exact for the coarse distribution (tests/test_sequence_losses.py checks values and gradients against
+      a reference); what the teacher knows about the tail's shape is lost.
     - T != 1: additionally the tail mass is an estimate, exact as T -> infinity to first order.
 
     Measured against full logits (tests/test_soft_targets.py, a small trained digits teacher, worst over
-    T in 1, 2, 4, 20): k = 3 of 10 classes, mean total variation between the targets 0.083 and cosine between
-    the loss gradients 0.85; k = 5: 0.037 and 0.93; a student distilled at T = 2 from a top-5 store made 94 test
-    errors of 449 against 88 from full logits. The error is the tail's: it grows with the mass the teacher puts
-    outside its top k (a synthetic 1,000-class teacher with a wide Gaussian tail, k = 32: 0.11 at T = 1, 0.25 at
-    T = 2), so choose k to hold most of the mass at the temperature used. Spreading the tail evenly is the dominant
-    error; the tail-mass estimate beats a flat tail (the chord) at every T > 1 we measured.
-    ``targets`` with a member axis ``[B, M, k]`` give the arithmetic mean of M members' targets, exactly.
+    T in 1, 2, 4, 20): cosine between the loss gradients 0.84 at k = 3 of 10 classes, 0.93 at k = 5; a student
+    distilled at T = 2 from a top-5 store made 79 test errors of 449 against 88 from full logits. The error grows
+    with the mass the teacher puts outside its top k, so choose k to hold most of the mass at the temperature
+    used. ``targets`` with a member axis ``[B, M, k]`` give the mean of the M members' terms: the cross-entropy
+    with their arithmetic mixture, as the loss is linear in the target.
     """
     return distillation_loss(student_logits, topk_targets=targets, temperature=temperature, **options).soft
