@@ -133,6 +133,20 @@ def test_one_cycle_schedule_warms_up_then_anneals_to_zero():
     assert TrainConfig(lr=0.3, schedule="constant").learning_rate(50, 100) == 0.3
 
 
+def test_a_step_schedule_with_step_epochs_follows_a_longer_runs_rates_to_its_end():
+    # A 382-epoch retrain with halvings every 100 epochs has the rates of a 1000-epoch step run's first 382 epochs.
+    steps_per_epoch = 7
+    long_run = TrainConfig(lr=0.01, schedule="step", epochs=1000)
+    short = TrainConfig(lr=0.01, schedule="step", epochs=382, step_epochs=100)
+    for step in range(0, 382 * steps_per_epoch, 5):
+        assert short.learning_rate(step, 382 * steps_per_epoch) == long_run.learning_rate(step, 1000 * steps_per_epoch)
+    assert short.learning_rate(381 * steps_per_epoch, 382 * steps_per_epoch) == 0.01 / 8
+    assert "step_epochs" not in TrainConfig().settings()  # unset, old runs' keys and sidecars are unchanged
+    assert short.settings()["step_epochs"] == 100
+    with pytest.raises(DarkKnowledgeError, match="step_epochs must be an integer >= 1"):
+        TrainConfig(schedule="step", step_epochs=0)
+
+
 def test_run_dir_refuses_to_overwrite_and_to_resume_other_settings(digits, tmp_path):
     train, val, _ = digits
     model = build_model("mlp:16", train.image_shape, train.num_classes)

@@ -72,6 +72,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty (default: %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="learning-rate schedule (default: %(default)s: warm-up then cosine to zero; step: halved every tenth of the epochs)")
+    g.add_argument("--step-epochs", type=int, default=None, metavar="N",
+                   help="with --schedule step: halve every N epochs instead of every tenth of the run, so a shorter "
+                        "run follows a longer one's rates (e.g. retraining to an epoch chosen on validation)")
     g.add_argument("--jitter", type=int, default=d.jitter,
                    help="translate inputs randomly by up to N pixels (the paper's teacher: 2; default: 0)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast: faster matmuls on CPUs that have them")
@@ -406,8 +409,8 @@ def _data_choice(args: argparse.Namespace, default: str | dict | None = None):
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        weight_decay=args.weight_decay, schedule=args.schedule, jitter=args.jitter, bf16=args.bf16,
-                       seed=args.seed, patience=args.patience, progress=not args.no_progress,
-                       optimizer=args.optimizer, grad_accumulation=args.grad_accumulation,
+                       seed=args.seed, patience=args.patience, step_epochs=args.step_epochs,
+                       progress=not args.no_progress, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation,
                        clip_grad_norm=args.clip_grad_norm, fp16=args.fp16)
 
 

@@ -30,6 +30,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "val_seed": (0, SEED_MAX, True, True),
     "val_size": (0, 1_000_000_000, True, True),
     "patience": (1, 1_000_000, True, True),
+    "step_epochs": (1, 1_000_000, True, True),
     "members": (1, 1000, True, True),
     "temperature": (0, 10_000, False, True),
     "soft_weight": (0, 1000, True, True),

@@ -48,7 +48,7 @@ SCHEDULES = ("onecycle", "cosine", "constant", "step")
 OPTIMIZERS = ("sgd", "adamw")
 # Settings added after runs were saved: left out of a run's key while at their defaults, so older runs resume.
 _NEWER_SETTINGS = {"optimizer": "sgd", "optimizer_options": {}, "grad_accumulation": 1, "clip_grad_norm": None,
-                   "fp16": False}
+                   "fp16": False, "step_epochs": None}
 
 
 @dataclass
@@ -71,6 +71,9 @@ class TrainConfig:
     grad_accumulation: int = 1  # each step's batch is split into this many micro-batches (same step, less memory)
     clip_grad_norm: float | None = None  # clip the gradient's global L2 norm to this before each step
     fp16: bool = False  # float16 autocast with a gradient scaler (CUDA only)
+    # step schedule: halve every this many epochs (unset: every tenth of the run). Set, a shorter run follows a
+    # longer run's rates exactly up to its end, e.g. a retrain to the epoch chosen on validation.
+    step_epochs: int | None = None
 
     def __post_init__(self):
         checks = [("epochs", self.epochs >= 1, "an integer >= 1"),
@@ -90,7 +93,9 @@ class TrainConfig:
                   ("clip_grad_norm", self.clip_grad_norm is None or (math.isfinite(self.clip_grad_norm)
                                                                      and self.clip_grad_norm > 0),
                    "a positive number or unset"),
-                  ("fp16", not (self.fp16 and self.bf16), "off when bf16 is on (choose one precision)")]
+                  ("fp16", not (self.fp16 and self.bf16), "off when bf16 is on (choose one precision)"),
+                  ("step_epochs", self.step_epochs is None or (isinstance(self.step_epochs, int)
+                                                               and self.step_epochs >= 1), "an integer >= 1 or unset")]
         for name, ok, allowed in checks:
             if not ok:
                 raise DarkKnowledgeError(f"training option {name} must be {allowed}, got {getattr(self, name)!r}")
@@ -134,6 +139,8 @@ class TrainConfig:
         if self.schedule == "constant":
             return self.lr
         if self.schedule == "step":  # the long dropout-net recipes: halve the rate every tenth of the run
+            if self.step_epochs is not None:
+                return self.lr * 0.5 ** int(progress * self.epochs / self.step_epochs)
             return self.lr * 0.5 ** min(int(10 * progress), 9)
         if self.schedule == "onecycle":
             warmup = 0.1
