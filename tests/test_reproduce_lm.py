@@ -55,8 +55,12 @@ def test_numbers_come_from_the_evaluation_code(quick_run):
 
 
 def test_rerun_reuses_every_stage_and_generate_samples(quick_run, capsys):
+    before = json.loads((quick_run / "results.json").read_text())
     assert _run(quick_run) == 0
     out = capsys.readouterr().out
+    after = json.loads((quick_run / "results.json").read_text())
+    # reused stages keep the seconds their runs recorded, so the rerun reports the experiment's time, not 0
+    assert after["stage_seconds"] == before["stage_seconds"] and after["training_seconds"] > 0
     assert out.count("finished run of these settings, reused") == len(json.loads(
         (quick_run / "results.json").read_text())["stage_seconds"]) - 1 - len(QUICK.top_ks)
     assert main(["generate", str(quick_run / "runs" / "baseline"), "--prompt", "KING.", "--tokens", "12"]) == 0
