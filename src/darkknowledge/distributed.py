@@ -110,6 +110,18 @@ class Workers:
         if found:
             raise DarkKnowledgeError(found[0])
 
+    def write_share(self, write: Callable[[], None], what: str) -> None:
+        """Run this rank's part of a shared write, then :meth:`agree` on how it went: a refusal, or an OS error
+        named by the rank that met it, is raised on every rank."""
+        problem = None
+        try:
+            write()
+        except DarkKnowledgeError as e:
+            problem = str(e)
+        except OSError as e:
+            problem = f"rank {self.rank} could not write its share of the {what}: {e.strerror} ({e.filename})"
+        self.agree(problem)
+
 
 SINGLE = Workers()
 

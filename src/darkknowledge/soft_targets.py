@@ -332,8 +332,7 @@ class SoftTargets:
         specs = _array_specs(key_parts["layout"], num_cases, _stored_members(teacher, key_parts), num_classes,
                              key_parts["top_k"], key_parts["dtype"])
         offsets, row_bytes, total = array_layout(specs)
-        problem = None
-        try:
+        def write_share():
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 row = rows.start
@@ -344,13 +343,10 @@ class SoftTargets:
             finally:
                 os.close(fd)
             tmp.with_name(f"{tmp.name}.rank{workers.rank}").touch()
-        except DarkKnowledgeError as e:
-            problem = str(e)
-        except OSError as e:
-            problem = f"rank {workers.rank} could not write its share of the soft-target store: {e.strerror} " \
-                      f"({e.filename})"
-        workers.agree(problem)
 
+        workers.write_share(write_share, "soft-target store")
+
+        problem = None
         if workers.is_main:
             problem = unseen_ranks([tmp.with_name(f"{tmp.name}.rank{r}") for r in range(workers.world_size)],
                                    "soft-target store", "--store-dir")

@@ -155,15 +155,8 @@ class TokenTargets:
             header = workers.on_main(lambda: cls._start(folder, key, parts, len(members), windows, log))
             if header["complete"]:
                 return cls(folder, header)
-            problem = None
-            try:
-                cls._fill(members, windows, folder, header, batch_windows, on_chunk, workers)
-            except DarkKnowledgeError as e:
-                problem = str(e)
-            except OSError as e:
-                problem = f"rank {workers.rank} could not write its share of the token store: {e.strerror} " \
-                          f"({e.filename})"
-            workers.agree(problem)
+            workers.write_share(lambda: cls._fill(members, windows, folder, header, batch_windows, on_chunk, workers),
+                                "token store")
             header = workers.on_main(lambda: cls._finish(folder, header, workers.world_size))
             return cls(folder, header)
 
