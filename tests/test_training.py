@@ -14,7 +14,7 @@ from darkknowledge.errors import DarkKnowledgeError
 from darkknowledge.evaluation import evaluate, predict_logits
 from darkknowledge.jobs import DataChoice
 from darkknowledge.models import build_model
-from darkknowledge.training import Distillation, TrainConfig, fit
+from darkknowledge.training import Distillation, HardTargets, TrainConfig, fit
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +306,31 @@ def test_a_run_keyed_with_its_teachers_location_still_resumes(tmp_path):
     distill_run(tmp_path / "teacher", "mlp:16", data, config, 4, out=tmp_path / "student", resume=True,
                 log=lines.append)
     assert any(line.startswith(("resuming", "reusing")) for line in lines)  # accepted, not refused
+
+
+def test_a_run_started_with_val_size_0_on_the_command_line_continues_from_python(tmp_path):
+    """``--val-size 0`` (read as 0.0) and ``val_size=0`` are one run, and a run saved with the float in its key
+    (as the command line wrote it before) still resumes."""
+    from darkknowledge.cli import main
+    from darkknowledge.jobs import train_run
+    from darkknowledge.training import _legacy_keys, _run_key
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "digits", "--model", "mlp:16", "--epochs", "1", "--val-size", "0",
+                 "--no-progress", "--out", str(run)]) == 0
+    data, config = DataChoice("digits", val_size=0), TrainConfig(epochs=1, progress=False)
+    assert checkpoint.read_model_meta(run)["validation"]["size"] == 0
+    lines = []
+    train_run("mlp:16", data, config, run, resume=True, log=lines.append)
+    assert any(line.startswith(("resuming", "reusing")) for line in lines)  # accepted, not refused
+    state_path = run / checkpoint.STATE_META
+    state = json.loads(state_path.read_text())
+    train, val, _ = data.load()
+    meta = {k: v for k, v in checkpoint.read_model_meta(run).items()
+            if k in ("spec", "image_shape", "classes", "dataset", "validation", "data_fingerprint")}
+    assert _run_key(meta, train, val, config, HardTargets()) == state["run_key"]  # the sidecar rebuilds the key
+    state["run_key"] = _legacy_keys(meta, train, val, config, HardTargets())[1]  # size 0.0, as saved before
+    assert state["run_key"] != _run_key(meta, train, val, config, HardTargets())
+    state_path.write_text(json.dumps(state))
+    lines.clear()
+    train_run("mlp:16", data, config, run, resume=True, log=lines.append)
+    assert any(line.startswith(("resuming", "reusing")) for line in lines)

@@ -354,14 +354,14 @@ def _first_epoch_model(run_dir: Path) -> bool:
 
 def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, run_key: str,
                           resume: bool, kind: str = "training run", made_of: str = "model",
-                          legacy_key: str | None = None, epochs: int | None = None,
+                          legacy_keys: tuple[str, ...] = (), epochs: int | None = None,
                           best_key: str = "val_errors",
                           elsewhere: str = "choose another output directory") -> dict[str, Any] | None:
     """The saved state of ``run_dir`` restored into model and optimizer, or None for a new run. Refuses a saved
     run unless ``resume`` is set, one made with other settings (another ``run_key``), one whose state says it
     stopped outside ``0..epochs``, and a folder holding a model without a state (it would be overwritten).
-    ``legacy_key``: the key runs saved before locations were left out of it have, also accepted (the next
-    checkpoint stores ``run_key``). ``best_key``: what the loop compares epochs by, which ``best`` must hold.
+    ``legacy_keys``: keys older versions saved the same run with, also accepted (the next checkpoint stores
+    ``run_key``). ``best_key``: what the loop compares epochs by, which ``best`` must hold.
     ``elsewhere``: how the refusals tell the user to start a new run instead."""
     if run_dir is None:
         return None
@@ -379,7 +379,7 @@ def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: tor
         raise DarkKnowledgeError(f"{Path(run_dir) / STATE_META} is not a valid training state: field "
                                  f"'best.{best_key}': Field required; {fix}")
     state = load_training_state(run_dir, model, optimizer)
-    if state["run_key"] not in (run_key, legacy_key):
+    if state["run_key"] not in (run_key, *legacy_keys):
         raise DarkKnowledgeError(f"{run_dir} holds a {kind} with other settings, {made_of} or data; resume it with "
                                  f"the same options, or {elsewhere}")
     if epochs is not None and not 0 <= state["epoch"] <= epochs:

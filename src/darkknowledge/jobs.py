@@ -35,6 +35,12 @@ from .training import (Distillation, FitResult, HardTargets, TrainConfig, _run_k
                        fit)
 
 
+def _count(size: int | float | None) -> int | float | None:
+    """A whole validation size as the count it is: ``0.0`` from the command line and ``0`` from Python are one
+    run (a fraction below 1 stays a fraction)."""
+    return int(size) if isinstance(size, float) and size.is_integer() else size
+
+
 @dataclass
 class DataChoice:
     """Which data a job uses: a dataset name (and where its files are) or a user's files (``path``: see
@@ -92,7 +98,7 @@ class DataChoice:
 
     def describe(self, train) -> dict[str, Any]:
         described = {"dataset": self.name, "data_fingerprint": train.fingerprint(),
-                     "validation": {"size": self.val_size, "seed": self.val_seed}}
+                     "validation": {"size": _count(self.val_size), "seed": self.val_seed}}
         if self.path is not None:
             described["data"] = {"path": str(Path(self.path).expanduser().resolve()),
                                  "label_column": self.label_column,

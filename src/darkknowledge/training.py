@@ -309,6 +309,18 @@ def _run_key(meta: dict, train, val, config: TrainConfig, objective, locations: 
                               locations=locations)
 
 
+def _legacy_keys(meta: dict, train, val, config: TrainConfig, objective) -> tuple[str, ...]:
+    """The keys older versions saved the same run with, also accepted on resume (its next checkpoint stores the
+    current key): the one that held locations, and the one of a whole validation size the command line wrote as
+    a float (``--val-size 0`` was saved as ``0.0``, so Python's ``val_size=0`` could not continue that run)."""
+    keys = [_run_key(meta, train, val, config, objective, locations=True)]
+    size = meta.get("validation", {}).get("size")
+    if isinstance(size, int) and not isinstance(size, bool):
+        as_float = {**meta, "validation": {**meta["validation"], "size": float(size)}}
+        keys.append(_run_key(as_float, train, val, config, objective))
+    return tuple(keys)
+
+
 def _tensorboard(run_dir: Path | None, log: Callable[[str], None]):
     if run_dir is None:
         return None
@@ -397,7 +409,7 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
     steps_per_epoch = math.ceil(n / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     run_key = _run_key(meta, train, val, config, objective)
-    legacy_key = _run_key(meta, train, val, config, objective, locations=True)
+    legacy_keys = _legacy_keys(meta, train, val, config, objective)
 
     best_state = None
 
@@ -405,7 +417,7 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
         """Where the saved run stopped (None: a new run); loads its weights, optimizer state and best model."""
         nonlocal best_state
         state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume,
-                                                 legacy_key=legacy_key, epochs=config.epochs)
+                                                 legacy_keys=legacy_keys, epochs=config.epochs)
         if state is None:
             return None
         if state["best"]["val_errors"] is not None:

@@ -348,7 +348,7 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     start, history, elapsed, best = 0, [], 0.0, {"epoch": 0, "val_loss": None, "stale": 0}
     best_state = None
     state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume, "specialist run", "subset",
-                                             _run_key(meta, train, val, subset, config, locations=True),
+                                             (_run_key(meta, train, val, subset, config, locations=True),),
                                              epochs=cfg.epochs, best_key="val_loss",
                                              elsewhere="train into another specialists folder (copy subsets.json "
                                                        "into it)")
