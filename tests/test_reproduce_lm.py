@@ -85,3 +85,20 @@ def test_own_text_folder_with_data_and_its_mistakes_in_one_line(tmp_path, capsys
     assert "bad.txt is not UTF-8" in err and err.count("\n") == 1
     assert main(["reproduce", "ensemble", "--quick", "--data", str(folder)]) == 1
     assert "--data is lm's" in capsys.readouterr().err
+
+
+def test_jobs_trains_the_independent_runs_in_processes_to_the_same_numbers(quick_run, tmp_path, capfd):
+    """``--jobs 2``: members and each phase's students trained two at a time in worker processes, then reused by
+    the sequential pipeline; every model's numbers equal the one-process run's."""
+    out = tmp_path / "jobs"
+    assert main(["reproduce", "lm", "--quick", "--out", str(out), "--data-dir", str(DATA), "--no-progress",
+                 "--jobs", "2"]) == 0
+    printed = capfd.readouterr().out  # the file descriptor's: the worker processes print there too
+    assert "runs in 2 processes: baseline, member-0" in printed and "[member-0] epoch 1/" in printed
+    # the main process trained nothing itself: each run it names was finished by a worker
+    assert printed.count("finished run of these settings, reused") == 1 + QUICK.members + 1 + \
+        len(QUICK.temperatures) + 1 + len(QUICK.top_ks)
+    one, two = (json.loads((folder / "results.json").read_text()) for folder in (quick_run, out))
+    assert two["models"] == one["models"] and two["chosen_on_validation"] == one["chosen_on_validation"]
+    assert main(["reproduce", "mnist", "--quick", "--jobs", "2"]) == 1
+    assert "--jobs is lm's" in capfd.readouterr().err

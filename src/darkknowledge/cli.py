@@ -245,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars; stage and epoch lines are still printed (and flushed), for the log of "
                         "a background run")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="lm: train independent runs (the members, each phase's students) N at a time, each in a "
+                        "process of one thread, e.g. 2 on a 2-core machine; the numbers do not change "
+                        "(default: %(default)s)")
     _add_export_parsers(sub)
     p = sub.add_parser("report", help="one self-contained HTML page (and a Markdown twin) from reproduce folders",
                        description="Gather 'darkknowledge reproduce' output folders into one HTML page with every "
@@ -443,6 +447,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "reproduce" and args.data is not None and args.experiment != "lm":
         raise DarkKnowledgeError(f"reproduce {args.experiment} --data: --data is lm's (a folder of .txt files); "
                                  "the image experiments read their datasets from --data-dir")
+    if args.command == "reproduce" and args.jobs != 1 and args.experiment != "lm":
+        raise DarkKnowledgeError(f"reproduce {args.experiment} --jobs: --jobs is lm's; the image experiments "
+                                 "train one stage at a time")
     if args.command == "reproduce" and args.download:
         from .data import load_dataset
         if args.experiment not in REPRODUCE_DATASETS:
@@ -500,6 +507,8 @@ def run(args: argparse.Namespace) -> int:
 
             from .experiments import lm
             extra["plan"] = replace(lm.QUICK if args.quick else lm.FULL, corpus=str(args.data))
+        if args.experiment == "lm":
+            extra["jobs"] = args.jobs
         reproduce(out, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress,
                   command=command, log=lambda line: print(line, flush=True), **extra)
         print(f"wrote {out / 'results.json'} and {out / 'report.md'}")

@@ -38,6 +38,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "top_k": (1, 1_000_000, True, True),
     "atol": (0, 1000, False, True),
     "threads": (1, 1024, True, True),
+    "jobs": (1, 1024, True, True),
     "calls": (1, 10_000_000, True, True),
     "clusters": (1, 100_000, True, True),
     "overlap": (0, 100_000, True, True),

@@ -19,10 +19,14 @@ with a 95% bootstrap interval that resamples whole test windows (blocks of ``con
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from .. import checkpoint
 from ..data.datasets import resolve_data_dir
@@ -118,9 +122,46 @@ def prepare_data(plan: Plan, out: Path, data_dir: str | None, log: Callable[[str
     return splits
 
 
+# What one worker process of ``reproduce_lm(jobs=N)`` trains: a run name, its spec and recipe, and the store (None:
+# labels only) and temperature it is distilled from.
+Task = tuple[str, str, LMConfig, Path | None, float]
+_worker_data: dict[str, Any] = {}  # a worker process's splits, prepared once for all its tasks
+
+
+def _train_task(plan: Plan, out: Path, data_dir: str | None, task: Task) -> str:
+    """One run trained in a worker process (one thread), into the folder the sequential pipeline then reuses."""
+    name, spec, config, store, temperature = task
+    torch.set_num_threads(1)
+    if "splits" not in _worker_data:
+        _worker_data["splits"] = prepare_data(plan, out, data_dir, log=lambda _: None)
+    splits = _worker_data["splits"]
+    objective = Objective() if store is None else Objective(
+        TokenTargets.open(store, windows=splits.windows["train"], tokenizer_sha256=splits.tokenizer.sha256,
+                          vocab_size=splits.tokenizer.vocab_size, verify=False),
+        temperature, plan.soft_weight, plan.hard_weight)
+    train_language_model(spec, splits.tokenizer, splits.windows["train"], splits.windows["validation"], config,
+                         objective, out / "runs" / name, log=lambda line: print(f"[{name}] {line}", flush=True))
+    return name
+
+
+def _train_in_parallel(plan: Plan, out: Path, data_dir: str | None, tasks: list[Task], jobs: int,
+                       log: Callable[[str], None]) -> None:
+    """Train independent runs in ``jobs`` processes of one thread each. Nothing is returned: the sequential code
+    that follows finds each run finished and reuses it (same key), so results do not depend on ``jobs``."""
+    if jobs <= 1 or not tasks:
+        return
+    log(f"[{len(tasks)} runs in {jobs} processes: {', '.join(t[0] for t in tasks)}]")
+    with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
+        for name in pool.imap_unordered(functools.partial(_train_task, plan, out, data_dir), tasks):
+            log(f"[{name} done]")
+
+
 def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = None, progress: bool = True,
-                 command: str = "", log: Callable[[str], None] = print, plan: Plan | None = None) -> dict[str, Any]:
-    """Run (or reuse) every stage, then write ``results.json``, ``report.md`` and ``lm.png`` into ``out``."""
+                 command: str = "", log: Callable[[str], None] = print, plan: Plan | None = None,
+                 jobs: int = 1) -> dict[str, Any]:
+    """Run (or reuse) every stage, then write ``results.json``, ``report.md`` and ``lm.png`` into ``out``.
+    ``jobs``: independent runs (the members, each phase's students) are trained that many at a time, each in a
+    process of one thread; the numbers are the same as with one."""
     plan = plan or (QUICK if quick else FULL)
     out = Path(out)
     runs = out / "runs"
@@ -141,6 +182,12 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     def scores(model) -> dict[str, Any]:
         return {"val": evaluate_language_model(model, val), "test": evaluate_language_model(model, test)}
 
+    def parallel(tasks: list[Task]) -> None:
+        _train_in_parallel(plan, out, data_dir, tasks, jobs, log)
+
+    parallel([("baseline", plan.spec, replace(plan.training, seed=plan.baseline_seed), None, 1.0),
+              *[(f"member-{i}", plan.spec, replace(plan.training, seed=i), None, 1.0) for i in range(plan.members)],
+              ("half-labels", plan.half_spec, plan.student_training, None, 1.0)])
     baseline = fit("baseline", plan.spec, replace(plan.training, seed=plan.baseline_seed))
     members = [fit(f"member-{i}", plan.spec, replace(plan.training, seed=i)) for i in range(plan.members)]
     ensemble = EnsembleLM(members)
@@ -159,6 +206,8 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
                                                                 plan.hard_weight))
 
     evaluated = {"baseline": scores(baseline), "ensemble": scores(ensemble)}
+    parallel([(f"student-T{t:g}", plan.spec, plan.student_training, stores["dense"].folder, t)
+              for t in plan.temperatures])
     sweep = []
     for t in plan.temperatures:
         name = f"student-T{t:g}"
@@ -168,6 +217,9 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     t_chosen = chosen["temperature"]
 
     half_distilled = f"half-student-T{t_chosen:g}"
+    parallel([(half_distilled, plan.half_spec, plan.student_training, stores["dense"].folder, t_chosen),
+              *[(f"student-T{t_chosen:g}-top{k}", plan.spec, plan.student_training, stores[f"top{k}"].folder,
+                 t_chosen) for k in plan.top_ks]])
     evaluated[half_distilled] = scores(distil(half_distilled, plan.half_spec, t_chosen, "dense"))
     evaluated["half-labels"] = scores(fit("half-labels", plan.half_spec, plan.student_training))
     top_k_rows = [{"store": "dense", "bytes_per_token": stores["dense"].bytes_per_token, **_row(evaluated[chosen["run"]])}]
