@@ -176,7 +176,8 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     def fit(name: str, spec: str, config: LMConfig, objective: Objective = Objective()):
         log(f"[{name}]")
         model, meta = train_language_model(spec, tokenizer, train, val, config, objective, runs / name, log=log)
-        seconds[name] = round(sum(epoch["seconds"] for epoch in meta["history"]), 1)
+        # milliseconds: a --quick stage can take less than the 0.05 s a coarser rounding would make 0
+        seconds[name] = round(sum(epoch["seconds"] for epoch in meta["history"]), 3)
         return model
 
     def scores(model) -> dict[str, Any]:
@@ -199,7 +200,7 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
         # The members run once, for the dense store; each top-k store summarises its rows.
         stores[name] = TokenTargets.build(members if k is None else stores["dense"], train, runs / "token-targets",
                                           tokenizer_sha256=tokenizer.sha256, top_k=k, log=log)
-        seconds[f"store-{name}"] = round(stores[name].header.get("build_seconds", 0.0), 1)
+        seconds[f"store-{name}"] = round(stores[name].header.get("build_seconds", 0.0), 3)
 
     def distil(name: str, spec: str, temperature: float, store: str):
         return fit(name, spec, plan.student_training, Objective(stores[store], temperature, plan.soft_weight,
