@@ -36,7 +36,10 @@ def test_writes_results_report_and_plots(quick_run):
         assert all(len(r["test_errors"]) == len(seeds) for r in rows)
     assert set(results["stage_seconds"]) >= {"teacher", "small", "distilled", "no-threes", "only-7-8"}
     report = (quick_run / "report.md").read_text()
-    assert f"| {results['table1']['teacher']['test_errors']} | 67 |" in report
+    teacher = results["table1"]["teacher"]
+    low, high = teacher["test_errors_95"]
+    assert low <= teacher["test_errors"] <= high and teacher["test_total"] == 10000
+    assert f"| {teacher['test_errors']} | {low} to {high} | 67 |" in report
     assert "chosen on test (the paper's protocol)" in report
 
 

@@ -124,9 +124,12 @@ def write_mnist_report(out: Path, r: dict[str, Any]) -> None:
              "small": f"small net `{t1['small']['spec']}`, labels only",
              "distilled": f"small net distilled at T = {temperature:g}"
                           + (f", hard-label weight {r['plan']['hard_weight']:g}" if r["plan"].get("hard_weight") else "")}
-    table1 = _table(["model", "test errors", "paper", "chosen epoch"],
-                    [[names[k], t1[k]["test_errors"], paper[k], t1[k]["epoch"]] for k in ("teacher", "small",
-                                                                                            "distilled")])
+    def interval(k: str) -> str:  # the exact 95% interval of the count (older results.json files have none)
+        return "{} to {}".format(*t1[k]["test_errors_95"]) if "test_errors_95" in t1[k] else "-"
+
+    table1 = _table(["model", "test errors", "95% interval", "paper", "chosen epoch"],
+                    [[names[k], t1[k]["test_errors"], interval(k), paper[k], t1[k]["epoch"]]
+                     for k in ("teacher", "small", "distilled")])
     errors = {k: t1[k]["test_errors"] for k in t1}
     closer = "teacher" if abs(errors["distilled"] - errors["teacher"]) < abs(errors["distilled"] - errors["small"]) \
         else "small net"
@@ -174,6 +177,10 @@ on it; the teacher trains on all of them with a fixed schedule. The test set giv
 ## Table 1
 
 {table1}
+
+The interval is the exact (Clopper-Pearson) 95% interval of each error count on these {t1['teacher'].get('test_total', 10000):,}
+test cases (the model's error rate, as far as one test set of this size can tell it): a paper number inside
+it is within the test set's sampling error of ours.
 
 Distilled student minus teacher: {errors['distilled'] - errors['teacher']:+d} errors; minus small net:
 {errors['distilled'] - errors['small']:+d}. The distilled student is closer to the {closer}.
