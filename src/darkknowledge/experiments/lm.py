@@ -123,8 +123,8 @@ def prepare_data(plan: Plan, out: Path, data_dir: str | None, log: Callable[[str
     return splits
 
 
-# What one worker process of ``reproduce_lm(jobs=N)`` trains: a run name, its spec and recipe, and the store (None:
-# labels only) and temperature it is distilled from.
+# One run of the experiment: its name, spec and recipe, and the store (None: labels only) and temperature it is
+# distilled from. The same list feeds the worker processes of ``reproduce_lm(jobs=N)`` and the sequential pipeline.
 Task = tuple[str, str, LMConfig, Path | None, float]
 _worker_data: dict[str, Any] = {}  # a worker process's splits, prepared once for all its tasks
 
@@ -136,13 +136,20 @@ def _train_task(plan: Plan, out: Path, data_dir: str | None, task: Task) -> str:
     if "splits" not in _worker_data:
         _worker_data["splits"] = prepare_data(plan, out, data_dir, log=lambda _: None)
     splits = _worker_data["splits"]
-    objective = Objective() if store is None else Objective(
-        TokenTargets.open(store, windows=splits.windows["train"], tokenizer_sha256=splits.tokenizer.sha256,
-                          vocab_size=splits.tokenizer.vocab_size, verify=False),
-        temperature, plan.soft_weight, plan.hard_weight)
     train_language_model(spec, splits.tokenizer, splits.windows["train"], splits.windows["validation"], config,
-                         objective, out / "runs" / name, log=lambda line: print(f"[{name}] {line}", flush=True))
+                         _objective(plan, splits, store, temperature), out / "runs" / name,
+                         log=lambda line: print(f"[{name}] {line}", flush=True))
     return name
+
+
+def _objective(plan: Plan, splits, store: Path | None, temperature: float) -> Objective:
+    """A task's objective: labels only, or the plan's soft and hard weights on the store at ``store``."""
+    if store is None:
+        return Objective()
+    # verify=False: the store was checked when reproduce_lm built or reused it a moment ago
+    targets = TokenTargets.open(store, windows=splits.windows["train"], tokenizer_sha256=splits.tokenizer.sha256,
+                                vocab_size=splits.tokenizer.vocab_size, verify=False)
+    return Objective(targets, temperature, plan.soft_weight, plan.hard_weight)
 
 
 def _train_in_parallel(plan: Plan, out: Path, data_dir: str | None, tasks: list[Task], jobs: int,
@@ -174,24 +181,29 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     # invocation keeps its time and the total is the experiment's, however many stops it took.
     seconds: dict[str, float] = {}
 
-    def fit(name: str, spec: str, config: LMConfig, objective: Objective = Objective()):
+    def fit(task: Task):
+        name, spec, config, store, temperature = task
         log(f"[{name}]")
-        model, meta = train_language_model(spec, tokenizer, train, val, config, objective, runs / name, log=log)
+        model, meta = train_language_model(spec, tokenizer, train, val, config,
+                                           _objective(plan, splits, store, temperature), runs / name, log=log)
         # milliseconds: a --quick stage can take less than the 0.05 s a coarser rounding would make 0
         seconds[name] = round(sum(epoch["seconds"] for epoch in meta["history"]), 3)
         return model
 
+    def train_all(tasks: list[Task]) -> dict[str, Any]:
+        """The tasks' models: trained ``jobs`` at a time first when asked, then each fitted (reused) in order."""
+        _train_in_parallel(plan, out, data_dir, tasks, jobs, log)
+        return {task[0]: fit(task) for task in tasks}
+
     def scores(model) -> dict[str, Any]:
         return {"val": evaluate_language_model(model, val), "test": evaluate_language_model(model, test)}
 
-    def parallel(tasks: list[Task]) -> None:
-        _train_in_parallel(plan, out, data_dir, tasks, jobs, log)
-
-    parallel([("baseline", plan.spec, replace(plan.training, seed=plan.baseline_seed), None, 1.0),
-              *[(f"member-{i}", plan.spec, replace(plan.training, seed=i), None, 1.0) for i in range(plan.members)],
-              ("half-labels", plan.half_spec, plan.student_training, None, 1.0)])
-    baseline = fit("baseline", plan.spec, replace(plan.training, seed=plan.baseline_seed))
-    members = [fit(f"member-{i}", plan.spec, replace(plan.training, seed=i)) for i in range(plan.members)]
+    labelled = train_all([("baseline", plan.spec, replace(plan.training, seed=plan.baseline_seed), None, 1.0),
+                          *[(f"member-{i}", plan.spec, replace(plan.training, seed=i), None, 1.0)
+                            for i in range(plan.members)],
+                          ("half-labels", plan.half_spec, plan.student_training, None, 1.0)])
+    baseline = labelled["baseline"]
+    members = [labelled[f"member-{i}"] for i in range(plan.members)]
     ensemble = EnsembleLM(members)
 
     stores: dict[str, TokenTargets] = {}
@@ -202,32 +214,28 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
         stores[name] = TokenTargets.build(members if k is None else stores["dense"], train, runs / "token-targets",
                                           tokenizer_sha256=tokenizer.sha256, top_k=k, log=log)
         seconds[f"store-{name}"] = round(stores[name].header.get("build_seconds", 0.0), 3)
-
-    def distil(name: str, spec: str, temperature: float, store: str):
-        return fit(name, spec, plan.student_training, Objective(stores[store], temperature, plan.soft_weight,
-                                                                plan.hard_weight))
+    dense = stores["dense"].folder
 
     evaluated = {"baseline": scores(baseline), "ensemble": scores(ensemble)}
-    parallel([(f"student-T{t:g}", plan.spec, plan.student_training, stores["dense"].folder, t)
-              for t in plan.temperatures])
+    students = train_all([(f"student-T{t:g}", plan.spec, plan.student_training, dense, t) for t in plan.temperatures])
     sweep = []
     for t in plan.temperatures:
         name = f"student-T{t:g}"
-        evaluated[name] = scores(distil(name, plan.spec, t, "dense"))
+        evaluated[name] = scores(students[name])
         sweep.append({"run": name, "temperature": t, **_row(evaluated[name])})
     chosen = min(sweep, key=lambda r: (r["val_log_loss"], r["temperature"]))
     t_chosen = chosen["temperature"]
 
     half_distilled = f"half-student-T{t_chosen:g}"
-    parallel([(half_distilled, plan.half_spec, plan.student_training, stores["dense"].folder, t_chosen),
-              *[(f"student-T{t_chosen:g}-top{k}", plan.spec, plan.student_training, stores[f"top{k}"].folder,
-                 t_chosen) for k in plan.top_ks]])
-    evaluated[half_distilled] = scores(distil(half_distilled, plan.half_spec, t_chosen, "dense"))
-    evaluated["half-labels"] = scores(fit("half-labels", plan.half_spec, plan.student_training))
+    deployed = train_all([(half_distilled, plan.half_spec, plan.student_training, dense, t_chosen),
+                          *[(f"student-T{t_chosen:g}-top{k}", plan.spec, plan.student_training,
+                             stores[f"top{k}"].folder, t_chosen) for k in plan.top_ks]])
+    evaluated[half_distilled] = scores(deployed[half_distilled])
+    evaluated["half-labels"] = scores(labelled["half-labels"])
     top_k_rows = [{"store": "dense", "bytes_per_token": stores["dense"].bytes_per_token, **_row(evaluated[chosen["run"]])}]
     for k in plan.top_ks:
         name = f"student-T{t_chosen:g}-top{k}"
-        evaluated[name] = scores(distil(name, plan.spec, t_chosen, f"top{k}"))
+        evaluated[name] = scores(deployed[name])
         top_k_rows.append({"store": f"top{k}", "run": name, "bytes_per_token": stores[f"top{k}"].bytes_per_token,
                            **_row(evaluated[name])})
     for row in top_k_rows:  # each store's student against the labels-only baseline, as a share of dense's gain
