@@ -102,3 +102,16 @@ def test_jobs_trains_the_independent_runs_in_processes_to_the_same_numbers(quick
     assert two["models"] == one["models"] and two["chosen_on_validation"] == one["chosen_on_validation"]
     assert main(["reproduce", "mnist", "--quick", "--jobs", "2"]) == 1
     assert "--jobs is lm's" in capfd.readouterr().err
+
+
+def test_the_plan_sets_the_share_of_works_in_each_split(tmp_path):
+    from dataclasses import replace
+
+    from darkknowledge.experiments.lm import prepare_data
+
+    plan = replace(QUICK, validation_fraction=0.1, test_fraction=0.5)
+    splits = prepare_data(plan, tmp_path, None, log=lambda _: None)
+    documents = json.loads((tmp_path / "data.json").read_text())["documents"]
+    works = sum(len(names) for names in documents.values())
+    assert len(documents["test"]) == round(0.5 * works) and len(documents["validation"]) == round(0.1 * works)
+    assert splits.windows["train"].num_tokens == plan.max_train_tokens
