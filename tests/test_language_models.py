@@ -274,3 +274,37 @@ def test_block_bootstrap_share_of_the_gain():
     result = block_bootstrap_share(make(base), make(ensemble), make(student), "log_loss")
     assert result["share"] == pytest.approx((student.sum() - base.sum()) / (ensemble.sum() - base.sum()))
     assert result["low"] < result["share"] < result["high"] and result["high"] - result["low"] < 0.1
+
+
+def test_sampled_store_holds_unbiased_draws_at_t1_the_same_however_it_was_built(splits, tmp_path):
+    from darkknowledge.losses import sampled_targets, topk_soft_target_cross_entropy
+
+    # The frequencies of many draws approach the distribution: the estimate is unbiased.
+    logits = torch.randn(1, 50).repeat(4000, 1)
+    targets = sampled_targets(logits, 8, torch.Generator().manual_seed(0))
+    frequencies = torch.zeros(4000, 50).scatter_add_(1, targets.indices, targets.logits.exp()).mean(0)
+    torch.testing.assert_close(frequencies, torch.softmax(logits[0], -1), atol=4e-3, rtol=0)
+    # Its loss is -sum (c / K) log q, the tail empty; at T != 1 an Objective refuses the store.
+    z = torch.randn(4000, 50, requires_grad=True)
+    loss = topk_soft_target_cross_entropy(z, targets, temperature=1.0)
+    dense = torch.zeros(4000, 50).scatter_add_(1, targets.indices, targets.logits.exp())
+    torch.testing.assert_close(loss, -(dense * torch.log_softmax(z, -1)).sum(-1).mean())
+    loss.backward()
+    torch.testing.assert_close(z.grad, (torch.softmax(z, -1) - dense).detach() / 4000, atol=1e-7, rtol=1e-4)
+
+    torch.manual_seed(0)
+    teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
+    train, sha = splits.windows["train"], splits.tokenizer.sha256
+    one = TokenTargets.build(teacher, train, tmp_path / "a", tokenizer_sha256=sha, samples=4, batch_windows=3)
+    other = TokenTargets.build(teacher, train, tmp_path / "b", tokenizer_sha256=sha, samples=4, batch_windows=50)
+    assert one.layout == "sampled" and one.bytes_per_token == 4 * 4 + 8
+    every = list(range(len(train)))
+    a, b = (s.targets(train, every)["topk_targets"] for s in (one, other))
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.logits, b.logits)  # seeded per window, not chunk
+    torch.testing.assert_close(a.logits.exp().sum(-1), torch.ones(a.logits.shape[:-1]), atol=2e-3, rtol=0)
+    assert Objective(one, temperature=1.0).describe()["layout"] == "sampled"
+    with pytest.raises(DarkKnowledgeError, match="temperature 1 only") as raised:
+        Objective(one, temperature=2.0)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(DarkKnowledgeError, match="not both"):
+        TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, top_k=4, samples=4)

@@ -18,7 +18,7 @@ import torch
 from darkknowledge.experiments.lm import FULL, reproduce_lm
 
 torch.set_num_threads(1)
-plan = replace(FULL, test_fraction=0.5, training=replace(FULL.training, epochs=6),
+plan = replace(FULL, test_fraction=0.5, sampled=(32,), training=replace(FULL.training, epochs=6),
                student_training=replace(FULL.student_training, epochs=6))
 out = Path(os.environ["RUNS"]) / "lm-6epochs"
 reproduce_lm(out, plan=plan, progress=False, command="RUNS=... python results/lm-6epochs/run.py",

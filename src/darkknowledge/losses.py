@@ -412,7 +412,8 @@ def _flat_topk(targets, student_logits: Tensor) -> tuple[Tensor, ...]:
     if targets.indices.is_floating_point() or ((targets.indices < 0) | (targets.indices >= classes)).any():
         raise DarkKnowledgeError(f"topk_targets indices must be integer class indices in [0, {classes})")
     if k < classes:
-        _check_tensor("topk_targets tail_logsumexp", targets.tail_logsumexp)
+        lse = targets.tail_logsumexp  # -inf is a tail without mass (sampled targets); NaN or +inf is an error
+        _check_tensor("topk_targets tail_logsumexp", lse.masked_fill(torch.isneginf(lse), 0.0))
         _check_tensor("topk_targets tail_mean", targets.tail_mean)
     members = targets.logits.shape[-2] if with_members else 1
     return (targets.logits.reshape(n, members, k), targets.indices.reshape(n, members, k),
@@ -621,6 +622,26 @@ def topk_targets(logits: Tensor, k: int) -> TopKTargets:
     return TopKTargets(values, indices, tail_lse, tail_mean)
 
 
+def sampled_targets(logits: Tensor, draws: int, generator: torch.Generator | None = None) -> TopKTargets:
+    """``draws`` tokens drawn (with replacement) from ``softmax(logits)`` per row ``[n, C]``, kept as top-k targets
+    whose probabilities are the draws' frequencies ``c_i / draws`` and whose tail is empty.
+
+    The soft cross-entropy against them, ``-sum_i (c_i / draws) log q_i``, is an unbiased estimate of the one
+    against the full distribution, and so is its gradient ``q - c / draws`` (sparse logit sampling, Anshumann et
+    al., 2025), where a top-k summary is biased toward the head. Only at T = 1: the frequencies estimate the
+    distribution at the temperature it was drawn at. Columns past the distinct tokens drawn hold other tokens at
+    probability 0 (their logit the lowest float16, as targets must be finite), so every row has ``draws`` distinct
+    ids.
+    """
+    probs = torch.softmax(logits.float(), -1)
+    picks = torch.multinomial(probs, draws, replacement=True, generator=generator)
+    counts = torch.zeros_like(probs).scatter_add_(-1, picks, torch.ones_like(picks, dtype=probs.dtype))
+    frequencies, indices = counts.topk(draws, -1)  # the drawn tokens first, then distinct tokens never drawn
+    empty = torch.full(logits.shape[:-1], -math.inf)
+    logits = (frequencies / draws).log().clamp_min(torch.finfo(torch.float16).min)
+    return TopKTargets(logits, indices, empty, torch.zeros_like(empty))
+
+
 def _tail_logsumexp(t: TopKTargets, s: float, dtype: torch.dtype, tail: int) -> Tensor:
     """``log sum_tail exp(s * v_j)`` at ``s = 1/T``, from the two stored numbers.
 
@@ -634,6 +655,7 @@ def _tail_logsumexp(t: TopKTargets, s: float, dtype: torch.dtype, tail: int) -> 
     lse, mean = t.tail_logsumexp.to(dtype), t.tail_mean.to(dtype)
     curvature = (lse - log_n - mean).clamp_min(0)
     estimate = log_n + mean * s + curvature * (s * s)
+    estimate = torch.where(torch.isneginf(lse), lse, estimate)  # a tail without mass (sampled targets) stays empty
     return torch.minimum(estimate, log_n + s * t.logits.to(dtype).min(-1).values)
 
 

@@ -2,12 +2,16 @@
 
 **What a row holds.** The teacher's next-token distribution at T = 1 as logits: for an ensemble the log of the
 members' mean probability (their arithmetic mean at T = 1, the ensemble's own prediction), so a student can be
-softened at any T from one store. Two layouts:
+softened at any T from one store. Three layouts:
 
 - ``dense``: all V logits in float16 (``2 V`` bytes a token: 8 KB at V = 4,096);
 - ``topk``: the K largest logits (float16), their token ids (uint16 when V <= 65,536, else int32) and the two
   numbers of :class:`darkknowledge.losses.TopKTargets` summarising the rest (float32): ``4 K + 8`` bytes with
   uint16 ids (136 B at K = 32). Exact at T = 1 up to float16 rounding; the tail is an estimate at other T.
+- ``sampled``: the same arrays holding K tokens drawn from the teacher at T = 1 and their frequencies
+  (:func:`darkknowledge.losses.sampled_targets`: an unbiased estimate of its distribution, with an empty tail);
+  for distilling at T = 1. The draws are seeded by the store's key and the window, so a resumed or re-sharded
+  build writes the same rows.
 
 **Built chunk by chunk, safe against a kill.** :meth:`TokenTargets.build` runs the teacher over ``batch_windows``
 windows at a time and writes their rows into preallocated files; after every chunk it syncs the files and then
@@ -41,7 +45,7 @@ from torch import Tensor, nn
 from . import checkpoint
 from .distributed import Workers, current
 from .errors import DarkKnowledgeError
-from .losses import TopKTargets, topk_targets
+from .losses import TopKTargets, sampled_targets, topk_targets
 from .soft_targets import array_layout, checked_rows, module_sha256, store_lock, unseen_ranks, write_rows
 
 FORMAT = "darkknowledge/token-targets-1"
@@ -112,18 +116,21 @@ class TokenTargets:
     # -- making and opening ------------------------------------------------------------------------------------
 
     @staticmethod
-    def key_parts(members: list, windows, tokenizer_sha256: str, top_k: int | None) -> dict[str, Any]:
+    def key_parts(members: list, windows, tokenizer_sha256: str, top_k: int | None,
+                  samples: int | None = None) -> dict[str, Any]:
         teachers = [f"store:{m.header['key']}" if isinstance(m, TokenTargets) else module_sha256(m) for m in members]
+        layout = "dense" if top_k is None and samples is None else "topk" if samples is None else "sampled"
         return {"format": FORMAT, "members": teachers, "windows": windows.fingerprint(),
                 "tokenizer": tokenizer_sha256, "vocab_size": windows.vocab_size,
-                "layout": "dense" if top_k is None else "topk", "top_k": top_k}
+                "layout": layout, "top_k": top_k if samples is None else samples}
 
     @classmethod
     def build(cls, teacher: nn.Module | list[nn.Module], windows, folder: str | Path, *, tokenizer_sha256: str,
-              top_k: int | None = None, batch_windows: int = 16,
+              top_k: int | None = None, samples: int | None = None, batch_windows: int = 16,
               on_chunk: Callable[[int, int], None] | None = None,
               log: Callable[[str], None] = print) -> TokenTargets:
-        """Reuse an intact store of this key, resume a partial one, or compute it; ``top_k=None`` is dense.
+        """Reuse an intact store of this key, resume a partial one, or compute it; ``top_k=None`` is dense,
+        ``samples=K`` the sampled layout (K draws a position).
 
         ``teacher``: a model, a list of members (their mean distribution), or a dense store over the same windows,
         whose rows are summarised without running the members again (top-k of its float16 logits).
@@ -145,9 +152,12 @@ class TokenTargets:
                                                   != windows.fingerprint()):
             raise DarkKnowledgeError(f"a store as teacher must be a dense store over these windows, got "
                                      f"{teacher.layout} {teacher.folder}")
-        if top_k is not None and not 1 <= top_k <= vocab_size:
-            raise DarkKnowledgeError(f"top_k must be in [1, {vocab_size}] (the vocabulary), got {top_k}")
-        parts = cls.key_parts(members, windows, tokenizer_sha256, top_k)
+        if top_k is not None and samples is not None:
+            raise DarkKnowledgeError("give top_k or samples, not both: a store is top-k or sampled")
+        for name, k in (("top_k", top_k), ("samples", samples)):
+            if k is not None and not 1 <= k <= vocab_size:
+                raise DarkKnowledgeError(f"{name} must be in [1, {vocab_size}] (the vocabulary), got {k}")
+        parts = cls.key_parts(members, windows, tokenizer_sha256, top_k, samples)
         key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         folder = Path(folder) / key[:16]
         with store_lock(folder / HEADER, workers, log, "token store"):  # one build per store; others wait
@@ -253,7 +263,8 @@ class TokenTargets:
                     if header["layout"] == "dense":
                         rows = {"logits": logits.numpy()}
                     else:
-                        summary = topk_targets(logits, header["top_k"])
+                        summary = (topk_targets(logits, header["top_k"]) if header["layout"] == "topk" else
+                                   _drawn(logits, header, start, stop))
                         rows = {"topk_logits": summary.logits.numpy(), "topk_indices": summary.indices.numpy(),
                                 "tail": torch.stack([summary.tail_logsumexp, summary.tail_mean], -1).numpy()}
                     for name, data in checked_rows(specs, start * context, rows).items():
@@ -309,6 +320,18 @@ class TokenTargets:
                                      f"fingerprint differs: {windows.describe()['split']} split, context "
                                      f"{windows.context}); build a store over this data")
         return cls(folder, header)
+
+
+def _drawn(logits: Tensor, header: dict[str, Any], start: int, stop: int) -> TopKTargets:
+    """The sampled rows of windows ``start .. stop``, each window's draws seeded by the key and its index."""
+    rows = logits.reshape(stop - start, header["context"], -1)
+    generator = torch.Generator()
+    parts = []
+    for offset, window in enumerate(range(start, stop)):
+        generator.manual_seed((int(header["key"][:15], 16) + window) % (1 << 63))
+        parts.append(sampled_targets(rows[offset], header["top_k"], generator))
+    return TopKTargets(*(torch.cat([getattr(p, name) for p in parts]) for name in
+                         ("logits", "indices", "tail_logsumexp", "tail_mean")))
 
 
 # ---------------------------------------------------------------------------------------------------------------

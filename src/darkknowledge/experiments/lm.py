@@ -8,11 +8,13 @@ Stages (each a folder under ``OUT/runs``, reused when finished, resumed at the l
   baseline     one model trained on the labels
   members      ``members`` models of the same spec and recipe differing only in seed
   stores       the members' mean distribution per training token: dense float16 (the T sweep; the members run
-               once), and top-k for each K of the K sweep summarised from the dense rows, chunk by chunk
+               once), top-k for each K of the K sweep summarised from the dense rows, chunk by chunk, and
+               sampled stores (K draws a position from the dense rows) when the plan asks for them
   students     the same spec distilled from the dense store at every T (soft 1 + hard 0.5, the paper's speech
                recipe); T chosen on validation log-loss
   deployment   a half-width student distilled at the chosen T against the same half-width model on labels only;
-               students from the top-k stores at the chosen T (quality against bytes per token)
+               students from the top-k stores at the chosen T and from the sampled stores at T = 1 (quality
+               against bytes per token)
 Test windows give the final numbers; the share of the gain, (student - baseline) / (ensemble - baseline), comes
 with a 95% bootstrap interval that resamples whole test windows (blocks of ``context`` tokens).
 """
@@ -71,6 +73,7 @@ class Plan:
     soft_weight: float = 1.0
     hard_weight: float = 0.5
     top_ks: tuple[int, ...] = (128, 32, 8)  # beside the dense store
+    sampled: tuple[int, ...] = ()  # sampled stores, K draws a position; their students distil at T = 1
     max_train_tokens: int | None = 400_000
     max_eval_tokens: int | None = None
     sample_tokens: int = 200
@@ -81,7 +84,7 @@ QUICK = Plan(tokenizer="char", context=32, spec="gpt:layers=1,dim=16,heads=2,con
              half_spec="gpt:layers=1,dim=8,heads=2,context=32",
              training=LMConfig(epochs=1, batch_size=16, lr=1e-2), student_training=LMConfig(epochs=1, batch_size=16,
                                                                                          lr=1e-2),
-             members=3, temperatures=(1, 2), top_ks=(8,), max_train_tokens=4096, max_eval_tokens=1024,
+             members=3, temperatures=(1, 2), top_ks=(8,), sampled=(8,), max_train_tokens=4096, max_eval_tokens=1024,
              sample_tokens=40)
 
 
@@ -171,6 +174,9 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     ``jobs``: independent runs (the members, each phase's students) are trained that many at a time, each in a
     process of one thread; the numbers are the same as with one."""
     plan = plan or (QUICK if quick else FULL)
+    if plan.sampled and 1 not in plan.temperatures:
+        raise DarkKnowledgeError("a plan with sampled stores must sweep T = 1: their students are compared with "
+                                 "the dense store's student at T = 1")
     out = Path(out)
     runs = out / "runs"
     started = time.perf_counter()
@@ -214,6 +220,11 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
         stores[name] = TokenTargets.build(members if k is None else stores["dense"], train, runs / "token-targets",
                                           tokenizer_sha256=tokenizer.sha256, top_k=k, log=log)
         seconds[f"store-{name}"] = round(stores[name].header.get("build_seconds", 0.0), 3)
+    for k in plan.sampled:
+        log(f"[store sampled{k}]")
+        stores[f"sampled{k}"] = TokenTargets.build(stores["dense"], train, runs / "token-targets",
+                                                   tokenizer_sha256=tokenizer.sha256, samples=k, log=log)
+        seconds[f"store-sampled{k}"] = round(stores[f"sampled{k}"].header.get("build_seconds", 0.0), 3)
     dense = stores["dense"].folder
 
     evaluated = {"baseline": scores(baseline), "ensemble": scores(ensemble)}
@@ -229,20 +240,23 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     half_distilled = f"half-student-T{t_chosen:g}"
     deployed = train_all([(half_distilled, plan.half_spec, plan.student_training, dense, t_chosen),
                           *[(f"student-T{t_chosen:g}-top{k}", plan.spec, plan.student_training,
-                             stores[f"top{k}"].folder, t_chosen) for k in plan.top_ks]])
+                             stores[f"top{k}"].folder, t_chosen) for k in plan.top_ks],
+                          *[(f"student-T1-sampled{k}", plan.spec, plan.student_training, stores[f"sampled{k}"].folder,
+                             1.0) for k in plan.sampled]])
     evaluated[half_distilled] = scores(deployed[half_distilled])
     evaluated["half-labels"] = scores(labelled["half-labels"])
-    top_k_rows = [{"store": "dense", "bytes_per_token": stores["dense"].bytes_per_token, **_row(evaluated[chosen["run"]])}]
-    for k in plan.top_ks:
-        name = f"student-T{t_chosen:g}-top{k}"
+    # Each sparse store's student, and the dense store's student at the same T it is measured against.
+    top_k_rows = [{"store": "dense", "run": chosen["run"], "dense_run": chosen["run"],
+                   "bytes_per_token": stores["dense"].bytes_per_token, **_row(evaluated[chosen["run"]])}]
+    for store, name, dense_run in ([(f"top{k}", f"student-T{t_chosen:g}-top{k}", chosen["run"]) for k in plan.top_ks]
+                                   + [(f"sampled{k}", f"student-T1-sampled{k}", "student-T1") for k in plan.sampled]):
         evaluated[name] = scores(deployed[name])
-        top_k_rows.append({"store": f"top{k}", "run": name, "bytes_per_token": stores[f"top{k}"].bytes_per_token,
-                           **_row(evaluated[name])})
+        top_k_rows.append({"store": store, "run": name, "dense_run": dense_run,
+                           "bytes_per_token": stores[store].bytes_per_token, **_row(evaluated[name])})
     for row in top_k_rows:  # each store's student against the labels-only baseline, as a share of dense's gain
-        row["share_of_dense_gain_accuracy"] = _share(row["test_accuracy"], evaluated["baseline"]["test"]["accuracy"],
-                                                     top_k_rows[0]["test_accuracy"])
-        row["share_of_dense_gain_log_loss"] = _share(row["test_log_loss"], evaluated["baseline"]["test"]["log_loss"],
-                                                     top_k_rows[0]["test_log_loss"])
+        for metric in ("accuracy", "log_loss"):
+            row[f"share_of_dense_gain_{metric}"] = _share(row[f"test_{metric}"], evaluated["baseline"]["test"][metric],
+                                                          evaluated[row["dense_run"]]["test"][metric])
 
     test_of = {name: e["test"] for name, e in evaluated.items()}
     shares = {metric: block_bootstrap_share(test_of["baseline"], test_of["ensemble"], test_of[chosen["run"]], metric)
@@ -330,7 +344,8 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
                  f"{d['half_width_distilled']['test_log_loss']:.4f}"],
                 [f"{d['spec']} labels only", f"{100 * d['half_width_labels_only']['test_accuracy']:.2f}%",
                  f"{d['half_width_labels_only']['test_log_loss']:.4f}"]]), "",
-        "## Store size against student quality (chosen T)", "",
+        "## Store size against student quality (top-k at the chosen T, sampled at T = 1; each share is of the "
+        "gain of the dense store's student at the same T)", "",
         _table(["store", "bytes/token", "test accuracy", "test log-loss", "share of dense gain (acc)",
                 "share of dense gain (log-loss)"], top_k), "",
         "## Samples (prompt `KING.`)", ""]
