@@ -17,12 +17,18 @@ import torch
 
 from darkknowledge.experiments.lm import FULL, reproduce_lm
 
-torch.set_num_threads(1)
-plan = replace(FULL, test_fraction=0.5, sampled=(32,), training=replace(FULL.training, epochs=6),
-               student_training=replace(FULL.student_training, epochs=6))
-out = Path(os.environ["RUNS"]) / "lm-6epochs"
-reproduce_lm(out, plan=plan, progress=False, command="RUNS=... python results/lm-6epochs/run.py",
-             log=lambda line: print(line, flush=True), jobs=int(os.environ.get("JOBS", "2")))
-here = Path(__file__).parent
-for name in ("results.json", "report.md", "lm.png", "data.json"):
-    shutil.copy(out / name, here / name)
+
+def main():
+    torch.set_num_threads(1)
+    plan = replace(FULL, test_fraction=0.5, sampled=(32,), training=replace(FULL.training, epochs=6),
+                   student_training=replace(FULL.student_training, epochs=6))
+    out = Path(os.environ["RUNS"]) / "lm-6epochs"
+    reproduce_lm(out, plan=plan, progress=False, command="RUNS=... python results/lm-6epochs/run.py",
+                 log=lambda line: print(line, flush=True), jobs=int(os.environ.get("JOBS", "2")))
+    here = Path(__file__).parent
+    for name in ("results.json", "report.md", "lm.png", "data.json"):
+        shutil.copy(out / name, here / name)
+
+
+if __name__ == "__main__":  # reproduce lm trains in spawned workers, which import this file again
+    main()
