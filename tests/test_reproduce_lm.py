@@ -39,6 +39,12 @@ def test_writes_results_report_and_plot_with_every_stage(quick_run):
     sampled = r["top_k"][-1]  # distilled at T = 1, so measured against the dense store's student at T = 1
     assert sampled["run"] == f"student-T1-sampled{QUICK.sampled[0]}" and sampled["dense_run"] == "student-T1"
     assert r["stores"][sampled["store"]]["layout"] == "sampled"
+    # each sparse store's share of the dense gain has its block-bootstrap interval; dense's share is 1 by definition
+    assert "interval_of_dense_gain_accuracy" not in r["top_k"][0]
+    for row in r["top_k"][1:]:
+        for metric in ("accuracy", "log_loss"):
+            low, high = row[f"interval_of_dense_gain_{metric}"]
+            assert low <= high
     for metric in ("accuracy", "log_loss"):
         share = r["share_transferred"][metric]
         assert share["low"] <= share["share"] <= share["high"]
