@@ -427,8 +427,9 @@ def _pct(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def _dense_share(row: dict[str, Any], metric: str) -> str:
-    """A store row's share of the dense store's gain, with the 95% interval of runs that measured one."""
+def dense_share_text(row: dict[str, Any], metric: str) -> str:
+    """A store row's share of the dense store's gain, with the 95% interval of runs that measured one (the
+    HTML report and reproduce lm's report.md both write it so)."""
     interval = row.get(f"interval_of_dense_gain_{metric}")
     share = _pct(row[f"share_of_dense_gain_{metric}"], 0)
     return share if interval is None else f"{share} (95%: {_pct(interval[0], 0)} to {_pct(interval[1], 0)})"
@@ -678,7 +679,7 @@ def lm_section(page: Page, folder: Path, r: dict[str, Any], prefix: str, log: Ca
                     "share of the dense store's gain (accuracy)", "share of the dense store's gain (log-loss)"],
                    [[row["store"], f"{row['bytes_per_token']:,.0f}",
                      f"1/{dense / row['bytes_per_token']:.0f}" if dense else "-", _pct(row["test_accuracy"]),
-                     f"{row['test_log_loss']:.4f}", _dense_share(row, "accuracy"), _dense_share(row, "log_loss")]
+                     f"{row['test_log_loss']:.4f}", dense_share_text(row, "accuracy"), dense_share_text(row, "log_loss")]
                     for row in r["top_k"]],
                    caption=f"The token store at top-k (students at T = {chosen['temperature']:g}) and sampled (at "
                            "T = 1): quality against bytes per token; the share is of the gain over the baseline of "

@@ -34,6 +34,7 @@ from .. import checkpoint
 from ..data.datasets import resolve_data_dir
 from ..data.text import TextTokenizer, load_corpus, split_documents, tokenise_corpus
 from ..errors import DarkKnowledgeError
+from ..html_report import dense_share_text
 from ..language_model import (EnsembleLM, LMConfig, Objective, block_bootstrap_share, evaluate_language_model,
                               generate, load_language_model, no_gain_note, train_language_model)
 from ..token_store import TokenTargets
@@ -306,13 +307,6 @@ def _fmt_share(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
-def _dense_share(row: dict[str, Any], metric: str) -> str:
-    """A store's share of the dense store's gain, with its 95% interval where the run measured one."""
-    interval = row.get(f"interval_of_dense_gain_{metric}")  # absent for dense, and in results before intervals
-    share = _fmt_share(row[f"share_of_dense_gain_{metric}"])
-    return share if interval is None else f"{share} ({_fmt_share(interval[0])} to {_fmt_share(interval[1])})"
-
-
 def write_report(out: Path, r: dict[str, Any]) -> None:
     models = r["models"]
     chosen = r["chosen_on_validation"]["run"]
@@ -326,7 +320,7 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
               _fmt_share(r["share_by_temperature"][row["run"]]["accuracy"]),
               _fmt_share(r["share_by_temperature"][row["run"]]["log_loss"])] for row in r["temperature_sweep"]]
     top_k = [[row["store"], f"{row['bytes_per_token']:.0f}", f"{100 * row['test_accuracy']:.2f}%",
-              f"{row['test_log_loss']:.4f}", _dense_share(row, "accuracy"), _dense_share(row, "log_loss")]
+              f"{row['test_log_loss']:.4f}", dense_share_text(row, "accuracy"), dense_share_text(row, "log_loss")]
              for row in r["top_k"]]
     d = r["deployment"]
     paper = r["paper"]
