@@ -622,7 +622,8 @@ def topk_targets(logits: Tensor, k: int) -> TopKTargets:
     return TopKTargets(values, indices, tail_lse, tail_mean)
 
 
-def sampled_targets(logits: Tensor, draws: int, generator: torch.Generator | None = None) -> TopKTargets:
+def sampled_targets(logits: Tensor, draws: int, generator: torch.Generator | None = None,
+                    head: int = 0) -> TopKTargets:
     """``draws`` tokens drawn (with replacement) from ``softmax(logits)`` per row ``[n, C]``, kept as top-k targets
     whose probabilities are the draws' frequencies ``c_i / draws`` and whose tail is empty.
 
@@ -630,15 +631,31 @@ def sampled_targets(logits: Tensor, draws: int, generator: torch.Generator | Non
     against the full distribution, and so is its gradient ``q - c / draws`` (sparse logit sampling, Anshumann et
     al., 2025), where a top-k summary is biased toward the head. Only at T = 1: the frequencies estimate the
     distribution at the temperature it was drawn at. Columns past the distinct tokens drawn hold other tokens at
-    probability 0 (their logit the lowest float16, as targets must be finite), so every row has ``draws`` distinct
-    ids.
+    probability 0 (their logit the lowest float16, as targets must be finite), so every row has ``head + draws``
+    distinct ids.
+
+    ``head = h > 0`` keeps the h most probable tokens exact and draws only from the rest, renormalised, each
+    draw weighing the rest's total mass ``P``: the estimate ``P c_j / draws`` of the tail is still unbiased, and
+    the head, where pure sampling is noisiest in absolute terms, has no noise at all.
     """
     probs = torch.softmax(logits.float(), -1)
-    picks = torch.multinomial(probs, draws, replacement=True, generator=generator)
+    if head:
+        head_p, head_ids = probs.topk(head, -1)
+        rest = probs.scatter(-1, head_ids, 0.0)
+        mass = rest.sum(-1, keepdim=True)
+        # a row whose head holds all the mass: draw anywhere outside the head, the draws then weigh 0
+        rest = torch.where(mass > 0, rest, torch.ones_like(rest).scatter(-1, head_ids, 0.0))
+    else:
+        rest, mass = probs, 1.0
+    picks = torch.multinomial(rest, draws, replacement=True, generator=generator)
     counts = torch.zeros_like(probs).scatter_add_(-1, picks, torch.ones_like(picks, dtype=probs.dtype))
-    frequencies, indices = counts.topk(draws, -1)  # the drawn tokens first, then distinct tokens never drawn
+    estimate = counts / draws * mass
+    if head:
+        estimate = estimate.scatter(-1, head_ids, head_p)
+    # the head and the tokens drawn first, then distinct tokens never drawn
+    frequencies, indices = estimate.topk(head + draws, -1)
     empty = torch.full(logits.shape[:-1], -math.inf)
-    logits = (frequencies / draws).log().clamp_min(torch.finfo(torch.float16).min)
+    logits = frequencies.log().clamp_min(torch.finfo(torch.float16).min)
     return TopKTargets(logits, indices, empty, torch.zeros_like(empty))
 
 

@@ -10,7 +10,8 @@ softened at any T from one store. Three layouts:
   uint16 ids (136 B at K = 32). Exact at T = 1 up to float16 rounding; the tail is an estimate at other T.
 - ``sampled``: the same arrays holding K tokens drawn from the teacher at T = 1 and their frequencies
   (:func:`darkknowledge.losses.sampled_targets`: an unbiased estimate of its distribution, with an empty tail);
-  for distilling at T = 1. The draws are seeded by the store's key and the window, so a resumed or re-sharded
+  for distilling at T = 1. With a head of h, the h most probable tokens are kept exact and only the rest is
+  drawn (h + K columns). The draws are seeded by the store's key and the window, so a resumed or re-sharded
   build writes the same rows.
 
 **Built chunk by chunk, safe against a kill.** :meth:`TokenTargets.build` runs the teacher over ``batch_windows``
@@ -94,8 +95,14 @@ class TokenTargets:
     def bytes_per_token(self) -> float:
         return sum(np.dtype(d).itemsize * int(np.prod(s[1:])) for d, s in self.header["arrays"].values())
 
+    @property
+    def head(self) -> int:
+        """Of a sampled store: how many of each row's columns are the teacher's most probable tokens, exact."""
+        return self.header["key_parts"].get("head", 0)
+
     def describe(self) -> dict[str, Any]:
-        return {"folder": str(self.folder), "layout": self.layout, "top_k": self.top_k, "key": self.header["key"],
+        return {"folder": str(self.folder), "layout": self.layout, "top_k": self.top_k, "head": self.head,
+                "key": self.header["key"],
                 "members": self.header["members"], "positions": self.header["positions"],
                 "bytes_per_token": self.bytes_per_token}
 
@@ -117,20 +124,22 @@ class TokenTargets:
 
     @staticmethod
     def key_parts(members: list, windows, tokenizer_sha256: str, top_k: int | None,
-                  samples: int | None = None) -> dict[str, Any]:
+                  samples: int | None = None, head: int = 0) -> dict[str, Any]:
         teachers = [f"store:{m.header['key']}" if isinstance(m, TokenTargets) else module_sha256(m) for m in members]
         layout = "dense" if top_k is None and samples is None else "topk" if samples is None else "sampled"
-        return {"format": FORMAT, "members": teachers, "windows": windows.fingerprint(),
-                "tokenizer": tokenizer_sha256, "vocab_size": windows.vocab_size,
-                "layout": layout, "top_k": top_k if samples is None else samples}
+        parts = {"format": FORMAT, "members": teachers, "windows": windows.fingerprint(),
+                 "tokenizer": tokenizer_sha256, "vocab_size": windows.vocab_size,
+                 "layout": layout, "top_k": top_k if samples is None else head + samples}
+        return {**parts, "head": head} if head else parts  # without a head, the keys of stores made before
 
     @classmethod
     def build(cls, teacher: nn.Module | list[nn.Module], windows, folder: str | Path, *, tokenizer_sha256: str,
-              top_k: int | None = None, samples: int | None = None, batch_windows: int = 16,
+              top_k: int | None = None, samples: int | None = None, head: int = 0, batch_windows: int = 16,
               on_chunk: Callable[[int, int], None] | None = None,
               log: Callable[[str], None] = print) -> TokenTargets:
         """Reuse an intact store of this key, resume a partial one, or compute it; ``top_k=None`` is dense,
-        ``samples=K`` the sampled layout (K draws a position).
+        ``samples=K`` the sampled layout (K draws a position), ``head=h`` with it: the h most probable tokens
+        kept exact and the K draws made from the rest.
 
         ``teacher``: a model, a list of members (their mean distribution), or a dense store over the same windows,
         whose rows are summarised without running the members again (top-k of its float16 logits).
@@ -157,7 +166,10 @@ class TokenTargets:
         for name, k in (("top_k", top_k), ("samples", samples)):
             if k is not None and not 1 <= k <= vocab_size:
                 raise DarkKnowledgeError(f"{name} must be in [1, {vocab_size}] (the vocabulary), got {k}")
-        parts = cls.key_parts(members, windows, tokenizer_sha256, top_k, samples)
+        if head and (samples is None or not 0 < head <= vocab_size - samples):
+            raise DarkKnowledgeError(f"head is for a sampled store, with head + samples <= {vocab_size} (the "
+                                     f"vocabulary); got head {head}, samples {samples}")
+        parts = cls.key_parts(members, windows, tokenizer_sha256, top_k, samples, head)
         key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         folder = Path(folder) / key[:16]
         with store_lock(folder / HEADER, workers, log, "token store"):  # one build per store; others wait
@@ -326,10 +338,11 @@ def _drawn(logits: Tensor, header: dict[str, Any], start: int, stop: int) -> Top
     """The sampled rows of windows ``start .. stop``, each window's draws seeded by the key and its index."""
     rows = logits.reshape(stop - start, header["context"], -1)
     generator = torch.Generator()
+    head = header["key_parts"].get("head", 0)
     parts = []
     for offset, window in enumerate(range(start, stop)):
         generator.manual_seed((int(header["key"][:15], 16) + window) % (1 << 63))
-        parts.append(sampled_targets(rows[offset], header["top_k"], generator))
+        parts.append(sampled_targets(rows[offset], header["top_k"] - head, generator, head))
     return TopKTargets(*(torch.cat([getattr(p, name) for p in parts]) for name in
                          ("logits", "indices", "tail_logsumexp", "tail_mean")))
 

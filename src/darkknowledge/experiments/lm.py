@@ -75,6 +75,8 @@ class Plan:
     hard_weight: float = 0.5
     top_ks: tuple[int, ...] = (128, 32, 8)  # beside the dense store
     sampled: tuple[int, ...] = ()  # sampled stores, K draws a position; their students distil at T = 1
+    # sampled stores with a head, (h, K): the h most probable tokens exact and K draws from the rest; at T = 1
+    sampled_tails: tuple[tuple[int, int], ...] = ()
     max_train_tokens: int | None = 400_000
     max_eval_tokens: int | None = None
     sample_tokens: int = 200
@@ -175,7 +177,7 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     ``jobs``: independent runs (the members, each phase's students) are trained that many at a time, each in a
     process of one thread; the numbers are the same as with one."""
     plan = plan or (QUICK if quick else FULL)
-    if plan.sampled and 1 not in plan.temperatures:
+    if (plan.sampled or plan.sampled_tails) and 1 not in plan.temperatures:
         raise DarkKnowledgeError("a plan with sampled stores must sweep T = 1: their students are compared with "
                                  "the dense store's student at T = 1")
     out = Path(out)
@@ -221,11 +223,12 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
         stores[name] = TokenTargets.build(members if k is None else stores["dense"], train, runs / "token-targets",
                                           tokenizer_sha256=tokenizer.sha256, top_k=k, log=log)
         seconds[f"store-{name}"] = round(stores[name].header.get("build_seconds", 0.0), 3)
-    for k in plan.sampled:
-        log(f"[store sampled{k}]")
-        stores[f"sampled{k}"] = TokenTargets.build(stores["dense"], train, runs / "token-targets",
-                                                   tokenizer_sha256=tokenizer.sha256, samples=k, log=log)
-        seconds[f"store-sampled{k}"] = round(stores[f"sampled{k}"].header.get("build_seconds", 0.0), 3)
+    sampled = {_sampled_name(h, k): (h, k) for h, k in [(0, k) for k in plan.sampled] + list(plan.sampled_tails)}
+    for name, (h, k) in sampled.items():
+        log(f"[store {name}]")
+        stores[name] = TokenTargets.build(stores["dense"], train, runs / "token-targets",
+                                          tokenizer_sha256=tokenizer.sha256, samples=k, head=h, log=log)
+        seconds[f"store-{name}"] = round(stores[name].header.get("build_seconds", 0.0), 3)
     dense = stores["dense"].folder
 
     evaluated = {"baseline": scores(baseline), "ensemble": scores(ensemble)}
@@ -242,15 +245,15 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     deployed = train_all([(half_distilled, plan.half_spec, plan.student_training, dense, t_chosen),
                           *[(f"student-T{t_chosen:g}-top{k}", plan.spec, plan.student_training,
                              stores[f"top{k}"].folder, t_chosen) for k in plan.top_ks],
-                          *[(f"student-T1-sampled{k}", plan.spec, plan.student_training, stores[f"sampled{k}"].folder,
-                             1.0) for k in plan.sampled]])
+                          *[(f"student-T1-{name}", plan.spec, plan.student_training, stores[name].folder, 1.0)
+                            for name in sampled]])
     evaluated[half_distilled] = scores(deployed[half_distilled])
     evaluated["half-labels"] = scores(labelled["half-labels"])
     # Each sparse store's student, and the dense store's student at the same T it is measured against.
     top_k_rows = [{"store": "dense", "run": chosen["run"], "dense_run": chosen["run"],
                    "bytes_per_token": stores["dense"].bytes_per_token, **_row(evaluated[chosen["run"]])}]
     for store, name, dense_run in ([(f"top{k}", f"student-T{t_chosen:g}-top{k}", chosen["run"]) for k in plan.top_ks]
-                                   + [(f"sampled{k}", f"student-T1-sampled{k}", "student-T1") for k in plan.sampled]):
+                                   + [(name, f"student-T1-{name}", "student-T1") for name in sampled]):
         evaluated[name] = scores(deployed[name])
         top_k_rows.append({"store": store, "run": name, "dense_run": dense_run,
                            "bytes_per_token": stores[store].bytes_per_token, **_row(evaluated[name])})
@@ -288,6 +291,10 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     checkpoint.write_json(out / "results.json", results)
     write_report(out, results)
     return results
+
+
+def _sampled_name(head: int, draws: int) -> str:
+    return f"top{head}+sampled{draws}" if head else f"sampled{draws}"
 
 
 def _load(run: Path):
