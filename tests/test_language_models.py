@@ -308,3 +308,42 @@ def test_sampled_store_holds_unbiased_draws_at_t1_the_same_however_it_was_built(
     assert "\n" not in str(raised.value)
     with pytest.raises(DarkKnowledgeError, match="not both"):
         TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, top_k=4, samples=4)
+
+
+def test_sampled_store_with_a_head_keeps_the_head_exact_and_estimates_the_rest_without_bias(splits, tmp_path):
+    from darkknowledge.losses import sampled_targets
+
+    logits = torch.randn(1, 50).repeat(4000, 1)
+    probs = torch.softmax(logits[0], -1)
+    targets = sampled_targets(logits, 4, torch.Generator().manual_seed(0), head=3)
+    # the 3 most probable tokens in every row at their exact probability; 3 + 4 columns, summing to 1
+    head_p, head_ids = probs.topk(3)
+    dense = torch.zeros(4000, 50).scatter_add_(1, targets.indices, targets.logits.exp())
+    assert targets.indices.shape == (4000, 7)
+    torch.testing.assert_close(dense[:, head_ids], head_p.expand(4000, 3), atol=1e-3, rtol=1e-3)  # float16
+    torch.testing.assert_close(dense.sum(1), torch.ones(4000), atol=2e-3, rtol=0)
+    # the draws from the rest: each weighs the rest's mass, so their mean is the rest of the distribution
+    torch.testing.assert_close(dense.mean(0), probs, atol=3e-3, rtol=0)
+    # a head holding all the mass: the draws weigh nothing, and the row is still the distribution
+    peaked = torch.full((2, 50), -1e4)
+    peaked[:, :2] = 0.0
+    exact = sampled_targets(peaked, 4, torch.Generator().manual_seed(0), head=2)
+    torch.testing.assert_close(exact.logits[:, :2].exp(), torch.full((2, 2), 0.5))
+
+    torch.manual_seed(0)
+    teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
+    train, sha = splits.windows["train"], splits.tokenizer.sha256
+    plain = TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, samples=4)
+    headed = TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, samples=4, head=2)
+    assert headed.folder != plain.folder and headed.head == 2 and plain.head == 0
+    assert headed.top_k == 6 and headed.bytes_per_token == 4 * 6 + 8
+    rows = headed.targets(train, [0])["topk_targets"]
+    with torch.no_grad():
+        full = torch.softmax(teacher.eval()(train.batch(torch.tensor([0]))[0]).float(), -1)
+    stored = torch.zeros_like(full).scatter_add_(-1, rows.indices, rows.logits.exp())
+    top2 = full.topk(2).indices
+    torch.testing.assert_close(stored.gather(-1, top2), full.gather(-1, top2), atol=2e-3, rtol=2e-3)
+    for bad in (dict(top_k=4, head=2), dict(samples=4, head=-1), dict(samples=4, head=10**6)):
+        with pytest.raises(DarkKnowledgeError, match="head is for a sampled store") as raised:
+            TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, **bad)
+        assert "\n" not in str(raised.value)

@@ -34,11 +34,15 @@ def test_writes_results_report_and_plot_with_every_stage(quick_run):
     assert r["quick"] is True and "reproduce lm --quick" in r["command"]
     assert set(r["models"]) >= {"baseline", "ensemble", "student-T1", "student-T2", "half-labels"}
     assert [row["store"] for row in r["top_k"]] == (["dense"] + [f"top{k}" for k in QUICK.top_ks]
-                                                     + [f"sampled{k}" for k in QUICK.sampled])
+                                                     + [f"sampled{k}" for k in QUICK.sampled]
+                                                     + [f"top{h}+sampled{k}" for h, k in QUICK.sampled_tails])
     assert r["top_k"][1]["bytes_per_token"] == 4 * QUICK.top_ks[0] + 8
-    sampled = r["top_k"][-1]  # distilled at T = 1, so measured against the dense store's student at T = 1
-    assert sampled["run"] == f"student-T1-sampled{QUICK.sampled[0]}" and sampled["dense_run"] == "student-T1"
-    assert r["stores"][sampled["store"]]["layout"] == "sampled"
+    for sampled in r["top_k"][-2:]:  # distilled at T = 1, so measured against the dense store's student at T = 1
+        assert sampled["run"] == f"student-T1-{sampled['store']}" and sampled["dense_run"] == "student-T1"
+        assert r["stores"][sampled["store"]]["layout"] == "sampled"
+    head, draws = QUICK.sampled_tails[0]
+    assert r["stores"][f"top{head}+sampled{draws}"]["head"] == head
+    assert r["top_k"][-1]["bytes_per_token"] == 4 * (head + draws) + 8
     # each sparse store's share of the dense gain has its block-bootstrap interval; dense's share is 1 by definition
     assert "interval_of_dense_gain_accuracy" not in r["top_k"][0]
     for row in r["top_k"][1:]:
@@ -72,7 +76,8 @@ def test_rerun_reuses_every_stage_and_generate_samples(quick_run, capsys):
     # reused stages keep the seconds their runs recorded, so the rerun reports the experiment's time, not 0
     assert after["stage_seconds"] == before["stage_seconds"] and after["training_seconds"] > 0
     assert out.count("finished run of these settings, reused") == len(json.loads(
-        (quick_run / "results.json").read_text())["stage_seconds"]) - 1 - len(QUICK.top_ks) - len(QUICK.sampled)
+        (quick_run / "results.json").read_text())["stage_seconds"]) - 1 - len(QUICK.top_ks) - len(QUICK.sampled) \
+        - len(QUICK.sampled_tails)
     assert main(["generate", str(quick_run / "runs" / "baseline"), "--prompt", "KING.", "--tokens", "12"]) == 0
     assert capsys.readouterr().out.startswith("KING.")
     assert main(["generate", str(quick_run / "runs" / "baseline"), "--top-k", "0"]) == 1
@@ -107,7 +112,7 @@ def test_jobs_trains_the_independent_runs_in_processes_to_the_same_numbers(quick
     assert "runs in 2 processes: baseline, member-0" in printed and "[member-0] epoch 1/" in printed
     # the main process trained nothing itself: each run it names was finished by a worker
     assert printed.count("finished run of these settings, reused") == 1 + QUICK.members + 1 + \
-        len(QUICK.temperatures) + 1 + len(QUICK.top_ks) + len(QUICK.sampled)
+        len(QUICK.temperatures) + 1 + len(QUICK.top_ks) + len(QUICK.sampled) + len(QUICK.sampled_tails)
     one, two = (json.loads((folder / "results.json").read_text()) for folder in (quick_run, out))
     assert two["models"] == one["models"] and two["chosen_on_validation"] == one["chosen_on_validation"]
     assert main(["reproduce", "mnist", "--quick", "--jobs", "2"]) == 1

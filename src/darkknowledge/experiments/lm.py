@@ -87,7 +87,8 @@ QUICK = Plan(tokenizer="char", context=32, spec="gpt:layers=1,dim=16,heads=2,con
              half_spec="gpt:layers=1,dim=8,heads=2,context=32",
              training=LMConfig(epochs=1, batch_size=16, lr=1e-2), student_training=LMConfig(epochs=1, batch_size=16,
                                                                                          lr=1e-2),
-             members=3, temperatures=(1, 2), top_ks=(8,), sampled=(8,), max_train_tokens=4096, max_eval_tokens=1024,
+             members=3, temperatures=(1, 2), top_ks=(8,), sampled=(8,), sampled_tails=((4, 4),),
+             max_train_tokens=4096, max_eval_tokens=1024,
              sample_tokens=40)
 
 
