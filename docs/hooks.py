@@ -24,8 +24,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
 EXPRESSION = re.compile(r"\{\{(.+?)\}\}", re.S)
-README_BLOCKS = ("results-table", "lm-table")  # README.md's generated blocks, <!-- NAME --> ... <!-- /NAME -->
+README_BLOCKS = ("results-table", "lm-table", "lm-stores-table")  # README.md's generated blocks, <!-- NAME --> ... <!-- /NAME -->
 LM_HEADLINE = "lm_6epochs"  # the §4-on-text run the front page quotes: every model 6 epochs, half the works as test
+LM_STORES = ("lm-6epochs", "lm-stores")  # the runs whose stores the front page's store table lists
 
 
 def readme_block(name: str) -> re.Pattern:
@@ -202,11 +203,10 @@ def share_of_dense(row: Results, metric: str) -> str:
 
 
 def lm_table(r: Results) -> str:
-    """README's language-model table: §4 on text beside the paper's speech row, then the deployment students."""
+    """README's language-model table: §4 on text beside the paper's speech row, then the half-width students."""
     m, p, chosen_run = r.models, r.paper, r.chosen_on_validation.run
     share = lambda metric: (f"{pct(r.share_transferred[metric].share, 0)} (95%: "  # noqa: E731
                             f"{pct(r.share_transferred[metric].low, 0)} to {pct(r.share_transferred[metric].high, 0)})")
-    dense = r.top_k[0].bytes_per_token
     rows = [
         ["baseline (labels only)", pct(m.baseline.test_accuracy, 2), num(m.baseline.test_log_loss, 4),
          pct(p.baseline)],
@@ -220,15 +220,28 @@ def lm_table(r: Results) -> str:
          f"{num(r.deployment.half_width_distilled.test_log_loss, 4)} / "
          f"{num(r.deployment.half_width_labels_only.test_log_loss, 4)}", "-"],
     ]
-    for row in r.top_k:
-        if row.store in ("top32", "sampled32"):  # the issue's K = 32, and the same bytes drawn rather than the head
-            store = row.store.replace("top", "top-").replace("sampled", "sampled-")
-            rows += [[f"distilled from the {store} store ({num(row.bytes_per_token)} B/token, "
-                      f"1/{dense / row.bytes_per_token:.0f} of dense)", pct(row.test_accuracy, 2),
-                      num(row.test_log_loss, 4), "-"],
-                     [f"{store}: share of the dense-store student's gain", share_of_dense(row, "accuracy"),
-                      share_of_dense(row, "log_loss"), "-"]]
     return table(["test", "next-token accuracy", "log-loss (nats)", "paper §4 (speech frame accuracy)"], rows)
+
+
+def store_name(store: str) -> str:
+    """``top16+sampled16`` as "top-16 + 16 drawn from the rest", ``sampled32`` as "sampled-32"."""
+    head, _, drawn = store.partition("+sampled")
+    if drawn:
+        return f"{store_name(head)} + {drawn} drawn from the rest"
+    return re.sub(r"^(top|sampled)(\d+)$", r"\1-\2", store)
+
+
+def store_table(runs: dict[str, Results]) -> str:
+    """README's store table: each run's sparse stores (``runs``: folder name to results), each as a share of the
+    gain of its own run's dense-store student over its baseline, with the run it comes from."""
+    rows = []
+    for folder, r in runs.items():
+        dense = r.top_k[0].bytes_per_token
+        rows += [[store_name(row.store), num(row.bytes_per_token), f"1/{dense / row.bytes_per_token:.0f}",
+                  pct(row.test_accuracy, 2), num(row.test_log_loss, 4), share_of_dense(row, "accuracy"),
+                  share_of_dense(row, "log_loss"), f"[{folder}](results/{folder}/README.md)"] for row in r.top_k[1:]]
+    return table(["store", "bytes/token", "of dense", "test accuracy", "test log-loss", "share of the dense gain "
+                  "(accuracy)", "share (log-loss)", "run"], rows)
 
 
 def load_json(path: str) -> Results:
@@ -303,7 +316,8 @@ def on_page_markdown(markdown, page, **_):
 def readme_blocks() -> dict[str, str]:
     """What each of README's generated blocks holds, rendered from the committed results."""
     results = load_results()
-    return {"results-table": summary_table(results, link="results"), "lm-table": lm_table(results[LM_HEADLINE])}
+    return {"results-table": summary_table(results, link="results"), "lm-table": lm_table(results[LM_HEADLINE]),
+            "lm-stores-table": store_table({name: results[name.replace("-", "_")] for name in LM_STORES})}
 
 
 def main() -> int:
