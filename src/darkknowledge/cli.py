@@ -441,9 +441,27 @@ def _teachers(args: argparse.Namespace) -> list[Path]:
     return teachers
 
 
+def _refuse_foreign_destinations(args: argparse.Namespace) -> None:
+    """Before any work: refuse an output path inside a run, store or experiment folder this command does not write
+    (``destinations.py``). A reproduction checks its own folder (``experiments/folder.py``)."""
+    from .destinations import EXPERIMENT, RUN, refuse_foreign_destination
+    command = " ".join(filter(None, (args.command, getattr(args, "specialists_command", None))))
+    files = {"export": "out", "bench": "json", "report": "out", "specialists evaluate": "json"}
+    if command in files and getattr(args, files[command]) is not None:  # an export's model card, a report's
+        # Markdown twin and images go beside the file named: into the same folder
+        refuse_foreign_destination(getattr(args, files[command]), f"{command} --{files[command]}")
+    elif command in ("train", "distill", "specialists cluster") and args.out is not None:
+        # a run folder, which may lie in an experiment folder (as its stages' runs do) or in another run folder
+        # (as an ensemble's members do)
+        refuse_foreign_destination(args.out, f"{command} --out", makes=RUN, inside=(RUN, EXPERIMENT))
+    elif command == "demo":  # a folder of three runs
+        refuse_foreign_destination(args.out, "demo --out")
+
+
 def run(args: argparse.Namespace) -> int:
     from . import jobs
     say = print if distributed.current().is_main else (lambda *_: None)
+    _refuse_foreign_destinations(args)
     if args.command == "reproduce" and args.data is not None and args.experiment != "lm":
         raise DarkKnowledgeError(f"reproduce {args.experiment} --data: --data is lm's (a folder of .txt files); "
                                  "the image experiments read their datasets from --data-dir")

@@ -241,20 +241,24 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
     train, val, test = data.load()
     sources = [teacher_dir] if isinstance(teacher_dir, (str, os.PathLike)) else list(teacher_dir)
     check_compatible(member_meta, train, Path(sources[0]))
-    cached = store = None
-    if config.jitter == 0:
-        if store_dir is not None or isinstance(teacher, Ensemble) or top_k is not None:
-            store = SoftTargets.compute(teacher, train, store_dir, top_k=top_k, dtype=store_dtype, combine=combine,
-                                        bf16=config.bf16, log=log)
-        else:
-            cached = cache_teacher_logits(teacher, train, config.bf16)
-    objective = Distillation(temperature, soft_weight, hard_weight, teacher=teacher, teacher_logits=cached,
-                             store=store, teacher_device=teacher_device)
-    model = _seeded_model(spec, train, config.seed, options)
-    meta = {**_model_meta(spec, train, data, options), "teacher": teacher_info}
-    result = fit(model, train, val, config, objective, out, resume, meta, log,
-                 monitor=monitor(train, val, test) if monitor else None, device=device)
-    return model, result
+    with contextlib.ExitStack() as held:  # the run's lock before the teacher's outputs: a second writer is refused
+        # before it computes them (fit takes the lock again, re-entrantly); rank 0 holds it for every rank
+        if out is not None:
+            current().on_main(lambda: held.enter_context(checkpoint.open_run(Path(out))))
+        cached = store = None
+        if config.jitter == 0:
+            if store_dir is not None or isinstance(teacher, Ensemble) or top_k is not None:
+                store = SoftTargets.compute(teacher, train, store_dir, top_k=top_k, dtype=store_dtype,
+                                            combine=combine, bf16=config.bf16, log=log)
+            else:
+                cached = cache_teacher_logits(teacher, train, config.bf16)
+        objective = Distillation(temperature, soft_weight, hard_weight, teacher=teacher, teacher_logits=cached,
+                                 store=store, teacher_device=teacher_device)
+        model = _seeded_model(spec, train, config.seed, options)
+        meta = {**_model_meta(spec, train, data, options), "teacher": teacher_info}
+        result = fit(model, train, val, config, objective, out, resume, meta, log,
+                     monitor=monitor(train, val, test) if monitor else None, device=device)
+        return model, result
 
 
 def member_dir(index: int) -> str:

@@ -31,6 +31,7 @@ from ..html_report import ensemble_figure
 from ..jobs import DataChoice, distill_run, evaluate_run, member_dir, train_ensemble, train_run
 from ..soft_targets import SoftTargets
 from ..training import TrainConfig
+from .folder import experiment_folder
 from .report import _jsonable, _machine, _machine_line, _pct, _table
 
 PAPER = {"baseline": 0.589, "ensemble": 0.611, "distilled": 0.608, "share_transferred": 0.86, "target_share": 0.80,
@@ -76,6 +77,7 @@ QUICK = Plan(spec="mlp:32x2,dropout=0.2", training=TrainConfig(epochs=3, batch_s
              student_training=TrainConfig(epochs=3, batch_size=64, lr=0.05, bf16=True), subset=3000, val_size=1000)
 
 
+@experiment_folder("ensemble")
 def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | None = None, progress: bool = True,
                        command: str = "", log: Callable[[str], None] = print,
                        plan: Plan | None = None) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from ..html_report import dense_share_text
 from ..language_model import (EnsembleLM, LMConfig, Objective, block_bootstrap_share, evaluate_language_model,
                               generate, load_language_model, no_gain_note, train_language_model)
 from ..token_store import TokenTargets
+from .folder import experiment_folder
 from .report import _jsonable, _machine, _machine_line, _table, plt
 
 PAPER = {"baseline": 0.589, "ensemble": 0.611, "distilled": 0.608, "share_transferred": 0.86, "target_share": 0.80,
@@ -171,6 +172,7 @@ def _train_in_parallel(plan: Plan, out: Path, data_dir: str | None, tasks: list[
             log(f"[{name} done]")
 
 
+@experiment_folder("lm")
 def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = None, progress: bool = True,
                  command: str = "", log: Callable[[str], None] = print, plan: Plan | None = None,
                  jobs: int = 1) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from ..bias import search_bias_offset, shift_biases
 from ..evaluation import predict_logits, summarize
 from ..jobs import DataChoice, distill_run, evaluate_run, train_run
 from ..training import TrainConfig
+from .folder import experiment_folder
 from .report import _jsonable, _machine, write_mnist_report
 
 # The whole run's budget: the chosen teacher recipe alone takes ~90 minutes of one core here (382 epochs of ~14 s).
@@ -83,6 +84,7 @@ QUICK = Plan(teacher="mlp:64x2,dropout=0.2,max_norm=3.5",
 ALL_BUT_THREE = (0, 1, 2, 4, 5, 6, 7, 8, 9)
 
 
+@experiment_folder("mnist")
 def reproduce_mnist(out: str | Path, quick: bool = False, data_dir: str | None = None, progress: bool = True,
                     command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or reuse) every stage, then write ``results.json``, ``report.md`` and plots into ``out``."""

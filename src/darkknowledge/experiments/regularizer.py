@@ -23,6 +23,7 @@ from ..errors import TrainingDiverged
 from ..html_report import regularizer_figure
 from ..jobs import DataChoice, distill_run, evaluate_run, train_run
 from ..training import TrainConfig
+from .folder import experiment_folder
 from .report import _jsonable, _machine, _machine_line, _pct, _table
 
 PAPER = {"full": {"train_accuracy": 0.634, "test_accuracy": 0.589},
@@ -60,6 +61,7 @@ def _curves(tr, va, te) -> dict:
     return {"test": te, "train_eval": tr}
 
 
+@experiment_folder("regularizer")
 def reproduce_regularizer(out: str | Path, quick: bool = False, data_dir: str | None = None, progress: bool = True,
                           command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or reuse) every stage, then write ``results.json``, ``report.md`` and ``curves.png`` into ``out``."""

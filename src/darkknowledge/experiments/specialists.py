@@ -24,6 +24,7 @@ from ..specialists.clustering import ClassSubsets
 from ..specialists.jobs import SUBSETS_FILE, cluster_run, evaluate_specialists, train_specialists
 from ..specialists.specialist import SpecialistConfig
 from ..training import TrainConfig
+from .folder import experiment_folder
 from .report import _jsonable, _machine, _machine_line, _table
 
 PAPER = {
@@ -137,6 +138,7 @@ def run_dataset(plan: DatasetPlan, runs: Path, top_n: int, variants: tuple[str, 
             "clusters": subsets.to_dict(), "variants": found}
 
 
+@experiment_folder("specialists")
 def reproduce_specialists(out: str | Path, quick: bool = False, data_dir: str | None = None, progress: bool = True,
                           command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or reuse) every stage, then write ``results.json`` and ``report.md`` into ``out``."""
