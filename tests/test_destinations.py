@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from darkknowledge import checkpoint, locks
+from darkknowledge import locks
 from darkknowledge.cli import main
 from darkknowledge.data import load_dataset
 from darkknowledge.destinations import EXPERIMENT, RUN, refuse_foreign_destination
