@@ -100,6 +100,8 @@ def test_commands_still_write_their_own_folders_and_beside_others(folders, tmp_p
     refuse_foreign_destination(started, "reproduce mnist --out", makes=EXPERIMENT, inside=(EXPERIMENT,))
     with pytest.raises(DarkKnowledgeError, match="is a darkknowledge run folder"):
         refuse_foreign_destination(started, "export --out")
+    with pytest.raises(DarkKnowledgeError, match="is not a usable path"):  # one line, not a traceback
+        refuse_foreign_destination("a\0b", "bench --json")
 
 
 @pytest.mark.parametrize("experiment, other", [("lm", "mnist"), ("mnist", "lm")])

@@ -64,7 +64,10 @@ def refuse_foreign_destination(path: str | os.PathLike, what: str, makes: str | 
     ``makes``: the kind of folder the command writes at ``path`` (None: a file, so ``path`` must be no such
     folder); a folder holding nothing but a lock is taken too, having nothing to lose. ``inside``: the kinds of
     folder ``path`` may lie in (a run inside an experiment folder, an ensemble's member inside the ensemble)."""
-    target = Path(path).resolve()  # through symbolic links: a link to a run folder leads into that run
+    try:
+        target = Path(path).resolve()  # through symbolic links: a link to a run folder leads into that run
+    except (OSError, RuntimeError, ValueError) as e:  # a NUL character, a loop of symbolic links
+        raise DarkKnowledgeError(f"{what} {str(path)!r} is not a usable path ({e}); choose another path") from None
     found = folder_kind(target)
     if found is not None and found[0] != makes and not (makes is not None and found[1] == LOCK_FILE):
         kind, marker = found
