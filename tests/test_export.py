@@ -13,8 +13,9 @@ from torch import nn
 from darkknowledge import checkpoint
 from darkknowledge.cli import main
 from darkknowledge.evaluation import as_inputs, predict_logits
-from darkknowledge.export import (DEFAULT_ATOL, Parity, card_path, check_parity, export_model, export_run,
-                                  load_deployable, load_test_split, onnx_session, run_onnx)
+from darkknowledge.deploy import card_path, export_run
+from darkknowledge.export import (DEFAULT_ATOL, Parity, check_parity, export_model, load_deployable, load_test_split,
+                                  onnx_session, run_onnx)
 from darkknowledge.jobs import DataChoice, distill_run, train_run
 from darkknowledge.models import build_model
 from darkknowledge.training import TrainConfig

@@ -320,7 +320,8 @@ def _add_export_parsers(sub) -> None:
 
 def _run_export_or_bench(args: argparse.Namespace) -> int:
     if args.command == "export":
-        from .export import check_format, export_run
+        from .deploy import export_run
+        from .export import check_format
         check_format(args.format)
         if args.out is None:
             raise DarkKnowledgeError("export needs --out FILE, e.g. --out student.onnx")
@@ -491,9 +492,6 @@ def run(args: argparse.Namespace) -> int:
         data = _data_choice(args) if args.dataset or args.data else None
         print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter, args.combine, args.device),
                          indent=2))
-    elif args.command == "reproduce" and args.experiment == "specialists":
-        from .specialists.cli import reproduce
-        return reproduce(args)
     elif args.command == "specialists":
         from .specialists.cli import run_specialists
         return run_specialists(args)
@@ -504,6 +502,8 @@ def run(args: argparse.Namespace) -> int:
             from .experiments.lm import reproduce_lm as reproduce
         elif args.experiment == "regularizer":
             from .experiments.regularizer import reproduce_regularizer as reproduce
+        elif args.experiment == "specialists":
+            from .experiments.specialists import reproduce_specialists as reproduce
         else:
             from .experiments.mnist import reproduce_mnist as reproduce
         out = args.out or Path("results") / (args.experiment + "-quick" * args.quick)

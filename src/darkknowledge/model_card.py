@@ -150,7 +150,7 @@ def render_model_card(deployable: Deployable, exported: Path, format: str, parit
         *_speed_lines(speed),
         "",
         "## Provenance",
-        f"- Command: `{command or 'darkknowledge.export.export_run (Python)'}`",
+        f"- Command: `{command or 'darkknowledge.deploy.export_run (Python)'}`",
         f"- Exported with darkknowledge {now.get('darkknowledge')} at git commit `{now.get('git_commit')}`, "
         f"torch {now.get('torch')}",
         f"- Model trained at git commit `{trained.get('git_commit')}`, torch {trained.get('torch')}",
