@@ -164,9 +164,9 @@ def test_card_says_which_epoch_was_kept_and_why(real_run, tmp_path):
 
 
 def test_a_failed_parity_check_writes_nothing(real_run, tmp_path, monkeypatch):
-    import darkknowledge.export as export
-    monkeypatch.setattr(export, "check_parity", lambda *a, **k: Parity("onnx", 10, [1], 0.5, 3, DEFAULT_ATOL))
-    with pytest.raises(export.DarkKnowledgeError, match="does not reproduce PyTorch"):
+    import darkknowledge.deploy as deploy
+    monkeypatch.setattr(deploy, "check_parity", lambda *a, **k: Parity("onnx", 10, [1], 0.5, 3, DEFAULT_ATOL))
+    with pytest.raises(deploy.DarkKnowledgeError, match="does not reproduce PyTorch"):
         export_run(real_run, "onnx", tmp_path / "bad.onnx", _data_dir(), speed=False)
     assert list(tmp_path.iterdir()) == []
 
