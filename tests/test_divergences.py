@@ -178,3 +178,11 @@ def test_distill_refuses_beta_without_jsd_in_one_line(teacher_run, tmp_path, cap
     assert err == "darkknowledge: error: beta is a parameter of jsd, not of forward_kl; drop it or choose " \
                   "divergence jsd"
     assert not (tmp_path / "s").exists()  # refused before the teacher is loaded or a folder made
+
+
+def test_a_model_card_names_a_divergence_other_than_the_papers():
+    from darkknowledge.model_card import _teacher_lines
+    meta = {"objective": "distillation", "teacher": "t", **Distillation(4.0).describe()}
+    assert not any("Soft term" in line for line in _teacher_lines(meta))
+    jsd = {**meta, **Distillation(4.0, divergence="jsd", beta=0.3).describe()}
+    assert "- Soft term: jsd, beta 0.3 instead of the paper's forward KL" in _teacher_lines(jsd)

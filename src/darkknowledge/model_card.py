@@ -25,6 +25,9 @@ def _teacher_lines(meta: dict[str, Any]) -> list[str]:
                        ("hard_weight", "Hard-label weight")):
         if key in meta:
             lines.append(f"- {label}: {meta[key]:g}")
+    if "divergence" in meta:  # recorded only when not the paper's forward KL
+        beta = f", beta {meta['beta']:g}" if "beta" in meta else ""
+        lines.append(f"- Soft term: {meta['divergence']}{beta} instead of the paper's forward KL")
     return lines
 
 
