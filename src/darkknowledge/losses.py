@@ -19,6 +19,10 @@ at a time): the teacher's dense distribution (rebuilt from logits, probabilities
 chunk only, and the student's gradient is written chunk by chunk, so a vocabulary of 32,000 over thousands of
 positions needs no ``[tokens, V]`` teacher tensor (benchmarks/loss_memory.py measures it).
 
+**Divergences.** The soft term is the paper's forward KL unless another entry of :data:`DIVERGENCES` is named
+(reverse KL, TRL's generalized JSD with its ``beta``); each is x T^2, and the one registry is what every loop, the
+run keys and the command line read.
+
 Every public function validates its arguments and raises :class:`DarkKnowledgeError` with a one-line message.
 The checks run every training step, so each is a handful of whole-tensor reductions, never a Python loop.
 Half-precision inputs (bf16/fp16) are computed in float32; float64 stays float64 (for gradient checks).
@@ -380,8 +384,8 @@ class _ChunkedTerms(torch.autograd.Function):
     rows at a time.
 
     The soft term's gradient is taken in the forward pass by the divergence's ``terms`` (in closed form for forward
-    KL, by autograd on the chunk alone otherwise) and kept in the student's dtype; the hard term keeps nothing and rebuilds ``softmax(z) -
-    onehot`` in backward. So nothing of size ``[N, C]`` besides the student's logits and one gradient
+    KL, by autograd on the chunk alone otherwise) and kept in the student's dtype; the hard term keeps nothing and
+    rebuilds ``softmax(z) - onehot`` in backward. So nothing of size ``[N, C]`` besides the student's logits and one gradient
     is ever held, and the hard term costs fewer passes over the logits than a separate ``F.cross_entropy``.
     Only first derivatives are defined (no double backward).
     """
@@ -528,8 +532,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = No
     Positions with ``labels == ignore_index`` or ``mask == 0`` are left out of both terms, which are averaged over
     the remaining ones (module doc: normalisation, gradient accumulation, ``reduction``). ``divergence`` names an
     entry of :data:`DIVERGENCES` (forward KL, the paper's, by default; every one x T^2), ``beta`` the generalized
-    JSD's parameter (None: its default, 0.5); ``chunk_rows`` overrides
-    how many positions the soft term handles at once (default: :data:`CHUNK_ELEMENTS` // C).
+    JSD's parameter (None: its default, 0.5); ``chunk_rows`` overrides how many positions the soft term handles at
+    once (default: :data:`CHUNK_ELEMENTS` // C).
     """
     temperature = _check_temperature(temperature)
     soft_weight, hard_weight = _check_weights(soft_weight, hard_weight)

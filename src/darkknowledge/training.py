@@ -631,7 +631,8 @@ def distill(student: nn.Module, transfer_set, teacher, temperature: float, soft_
     ``temperature`` (plus ``hard_weight`` x cross-entropy with the labels); returns the student with its best
     weights. ``teacher``: a :class:`darkknowledge.soft_targets.SoftTargets` store over the transfer set, or a
     module (an :class:`Ensemble` too), whose logits are then computed once (run on every batch with jitter).
-    ``divergence`` and ``beta``: see :class:`Distillation`. ``fit_options`` go to :func:`fit` (``run_dir``, ``device``, ``callbacks``, ...)."""
+    ``divergence`` and ``beta``: see :class:`Distillation`. ``fit_options`` go to :func:`fit` (``run_dir``,
+    ``device``, ``callbacks``, ...)."""
     config = config or TrainConfig()
     transfer_set = as_transfer_set(transfer_set)
     if isinstance(teacher, nn.Module):
