@@ -13,8 +13,9 @@ from torch import nn
 from darkknowledge import checkpoint
 from darkknowledge.cli import main
 from darkknowledge.evaluation import as_inputs, predict_logits
-from darkknowledge.export import (DEFAULT_ATOL, Parity, card_path, check_parity, export_model, export_run,
-                                  load_deployable, load_test_split, onnx_session, run_onnx)
+from darkknowledge.deploy import card_path, export_run
+from darkknowledge.export import (DEFAULT_ATOL, Parity, check_parity, export_model, load_deployable, load_test_split,
+                                  onnx_session, run_onnx)
 from darkknowledge.jobs import DataChoice, distill_run, train_run
 from darkknowledge.models import build_model
 from darkknowledge.training import TrainConfig
@@ -163,9 +164,9 @@ def test_card_says_which_epoch_was_kept_and_why(real_run, tmp_path):
 
 
 def test_a_failed_parity_check_writes_nothing(real_run, tmp_path, monkeypatch):
-    import darkknowledge.export as export
-    monkeypatch.setattr(export, "check_parity", lambda *a, **k: Parity("onnx", 10, [1], 0.5, 3, DEFAULT_ATOL))
-    with pytest.raises(export.DarkKnowledgeError, match="does not reproduce PyTorch"):
+    import darkknowledge.deploy as deploy
+    monkeypatch.setattr(deploy, "check_parity", lambda *a, **k: Parity("onnx", 10, [1], 0.5, 3, DEFAULT_ATOL))
+    with pytest.raises(deploy.DarkKnowledgeError, match="does not reproduce PyTorch"):
         export_run(real_run, "onnx", tmp_path / "bad.onnx", _data_dir(), speed=False)
     assert list(tmp_path.iterdir()) == []
 

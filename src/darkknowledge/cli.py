@@ -29,8 +29,9 @@ from . import __version__  # noqa: E402
 from . import distributed, options  # noqa: E402
 from .data import available_datasets  # noqa: E402
 from .ensemble import COMBINE_RULES  # noqa: E402
+from .losses import DEFAULT_DIVERGENCE, DIVERGENCES  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
-from .devices import DEVICE_HELP  # noqa: E402
+from .devices import DEFAULT_DEVICE, DEVICE_HELP  # noqa: E402
 from .training import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
@@ -79,8 +80,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="translate inputs randomly by up to N pixels (the paper's teacher: 2; default: 0)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast: faster matmuls on CPUs that have them")
     g.add_argument("--fp16", action="store_true", help="float16 autocast with a gradient scaler (CUDA only)")
-    g.add_argument("--device", default="auto", help=f"where to train: {DEVICE_HELP} (default: %(default)s, CUDA "
-                                                     "when present)")
+    g.add_argument("--device", default=None, help=f"where to train: {DEVICE_HELP} (default: {DEFAULT_DEVICE}, "
+                                                  "CUDA when present)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                    help="sgd (with --momentum) or adamw (default: %(default)s); --lr is the peak rate of either")
     g.add_argument("--grad-accumulation", type=int, default=d.grad_accumulation, metavar="N",
@@ -102,6 +103,11 @@ def _add_distillation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hard-weight", type=float, default=0.0,
                    help="weight of the hard-label cross-entropy, relative to the soft term (default: 0; "
                         "the paper's speech run used 0.5)")
+    g.add_argument("--divergence", choices=list(DIVERGENCES), default=DEFAULT_DIVERGENCE,
+                   help="how the soft term compares teacher p and student q at T, x T^2: "
+                        + "; ".join(f"{name}: {entry.summary}" for name, entry in DIVERGENCES.items()))
+    g.add_argument("--beta", type=float, default=None,
+                   help="with --divergence jsd: the teacher's weight in [0, 1] (default: 0.5)")
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
@@ -208,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which split to evaluate on: test, the validation split cut from training, or the "
                         "training cases (default: %(default)s)")
     p.add_argument("--jitter", type=int, default=0, help="translate test inputs by up to N pixels (default: 0)")
-    p.add_argument("--device", default="cpu", help=f"where to run the model: {DEVICE_HELP} (default: %(default)s)")
+    p.add_argument("--device", default=None, help=f"where to run the model: {DEVICE_HELP} (default: "
+                                                  f"{DEFAULT_DEVICE}, as for training)")
     _add_data_options(p, default_dataset=None,
                       dataset_help="dataset to evaluate on (default: the one the model was trained on)")
 
@@ -313,7 +320,8 @@ def _add_export_parsers(sub) -> None:
 
 def _run_export_or_bench(args: argparse.Namespace) -> int:
     if args.command == "export":
-        from .export import check_format, export_run
+        from .deploy import export_run
+        from .export import check_format
         check_format(args.format)
         if args.out is None:
             raise DarkKnowledgeError("export needs --out FILE, e.g. --out student.onnx")
@@ -496,15 +504,12 @@ def run(args: argparse.Namespace) -> int:
             args.temperature, args.soft_weight, args.hard_weight, args.out, args.resume, combine=args.combine,
             store_dir=args.store_dir or Path(args.out).parent / "soft-targets", top_k=args.top_k,
             store_dtype=args.store_dtype, options=_model_options(args.student_options, "student"),
-            device=args.device, teacher_device=args.teacher_device)
+            device=args.device, teacher_device=args.teacher_device, divergence=args.divergence, beta=args.beta)
         say(_summary(model, result, args.out))
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset or args.data else None
         print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter, args.combine, args.device),
                          indent=2))
-    elif args.command == "reproduce" and args.experiment == "specialists":
-        from .specialists.cli import reproduce
-        return reproduce(args)
     elif args.command == "specialists":
         from .specialists.cli import run_specialists
         return run_specialists(args)
@@ -515,6 +520,8 @@ def run(args: argparse.Namespace) -> int:
             from .experiments.lm import reproduce_lm as reproduce
         elif args.experiment == "regularizer":
             from .experiments.regularizer import reproduce_regularizer as reproduce
+        elif args.experiment == "specialists":
+            from .experiments.specialists import reproduce_specialists as reproduce
         else:
             from .experiments.mnist import reproduce_mnist as reproduce
         out = args.out or Path("results") / (args.experiment + "-quick" * args.quick)

@@ -1,4 +1,8 @@
-"""Choosing where a model runs: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``."""
+"""Choosing where a model runs: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+
+Every job and command that runs a model takes ``device=None`` for :data:`DEFAULT_DEVICE` and resolves it here, so
+training, distilling and evaluating agree on where a model runs unless told otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,16 @@ import torch
 from .errors import DarkKnowledgeError
 
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+DEFAULT_DEVICE = "auto"
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """The device ``device`` names, checked to exist here; a one-line error names what is missing."""
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device ``device`` names (None: :data:`DEFAULT_DEVICE`), checked to exist here; a one-line error names
+    what is missing."""
     if isinstance(device, torch.device):
         text = str(device)
     else:
-        text = "auto" if device is None else str(device).strip().lower()
+        text = DEFAULT_DEVICE if device is None else str(device).strip().lower()
     if text == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     try:

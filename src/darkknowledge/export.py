@@ -1,5 +1,6 @@
 """Shipping a trained model (§1's reason to distil: a small model that answers fast): ONNX or TorchScript files
-checked to answer like the PyTorch model, each with a model card beside it.
+checked to answer like the PyTorch model, each with a model card beside it (the whole job:
+:func:`darkknowledge.deploy.export_run`).
 
 An exported graph takes what the model took in training: model-ready inputs ``[B, *input_shape]``, made from
 the data by the transform its model.json records (the built-in images: float32 ``[B, H, W]`` with pixels scaled
@@ -16,8 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -354,66 +353,3 @@ def check_parity(path: str | os.PathLike, format: str, model: nn.Module, images:
         worst = max(worst, float(np.abs(got - expected[:n]).max()) if n else 0.0)
         mismatches += int((got.argmax(1) != expected[:n].argmax(1)).sum())
     return Parity(format, len(images), list(batch_sizes), worst, mismatches, atol)
-
-
-# --- the whole job --------------------------------------------------------------------------------------------
-
-@dataclass
-class ExportResult:
-    out: Path
-    card: Path | None
-    parity: Parity
-    accuracy: dict[str, Any]
-    speed: dict[str, Any] | None
-
-
-def card_path(out: str | os.PathLike) -> Path:
-    """Where the model card of an exported file goes: beside it, ``student.onnx`` -> ``student.onnx.model_card.md``
-    (one card per file, so two exports in one folder never overwrite each other's card)."""
-    out = Path(out)
-    return out.with_name(out.name + ".model_card.md")
-
-
-def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data_dir: str | None = None,
-               atol: float = DEFAULT_ATOL, card: bool = True, command: str | None = None, threads: int = 1,
-               speed: bool = True, data_path: str | os.PathLike | None = None) -> ExportResult:
-    """Export a run (or ensemble folder), check it against PyTorch on the test set, write its model card.
-
-    The file is moved into place only after the parity check passes: a file at ``out`` is always a checked one.
-    """
-    check_format(format)
-    out = Path(out)
-    if atol <= 0:
-        raise DarkKnowledgeError(f"atol must be positive, got {atol}")
-    if out.is_dir():
-        raise DarkKnowledgeError(f"--out {out} is a folder; give a file name, e.g. {out / ('model' + FORMATS[format])}")
-    deployable = load_deployable(run)
-    test = test_set(deployable, data_dir, data_path)
-    inputs = model_inputs(test)
-    metadata = {"classes": json.dumps(deployable.classes), "model": deployable.spec, "dataset": deployable.dataset,
-                "source": deployable.name, "preprocessing": deployable.preprocessing}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        staged = export_model(deployable.model, staging / out.name, format, deployable.image_shape, metadata,
-                              example=inputs)
-        parity = check_parity(staged, format, deployable.model, inputs, atol, threads=threads)
-        if not parity.passed:
-            raise DarkKnowledgeError(f"the exported {format} model does not reproduce PyTorch: {parity.describe()}; "
-                                     "nothing written")
-        os.chmod(staged, 0o644)  # a file to ship: readable by the service that loads it (temp files are 0600)
-        os.replace(staged, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    from .evaluation import evaluate
-    accuracy = evaluate(deployable.model, test).to_dict()
-    measured = None
-    if speed:
-        from .bench import BenchConfig, measure_speed  # bench builds on this module, so it is imported late
-        measured = measure_speed(deployable.model, inputs, BenchConfig.quick(threads),
-                                 onnx_path=out if format == "onnx" else None)
-    card_file = None
-    if card:
-        from .model_card import write_model_card
-        card_file = write_model_card(card_path(out), deployable, out, format, parity, accuracy, measured, command)
-    return ExportResult(out, card_file, parity, accuracy, measured)

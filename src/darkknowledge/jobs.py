@@ -31,6 +31,7 @@ from .evaluation import evaluate
 from .memory import check_fits
 from .models import build_model, count_parameters, parse_spec
 from .soft_targets import SoftTargets
+from .losses import DEFAULT_DIVERGENCE
 from .training import (Distillation, FitResult, HardTargets, TrainConfig, _run_key, _silent, cache_teacher_logits,
                        fit)
 
@@ -144,12 +145,13 @@ def _model_meta(spec: str, train, data: DataChoice, options: dict[str, Any] | No
 def train_run(spec: str, data: DataChoice, config: TrainConfig, out: str | Path | None = None,
               resume: bool = False, log: Callable[[str], None] | None = None,
               monitor: Callable | None = None, *, options: dict[str, Any] | None = None,
-              device: str | None = "auto") -> tuple[Any, FitResult]:
+              device: str | None = None) -> tuple[Any, FitResult]:
     """Train a model from scratch on hard labels (a teacher, an ensemble member or a baseline).
 
     The initial weights come from ``config.seed`` (as do the order of cases and dropout), so a run is repeatable.
     ``monitor(train, val, test)`` may return sets whose errors ``fit`` logs every epoch (its ``monitor``).
-    ``options``: a model factory's keyword arguments; ``device``: where it trains (see ``fit``).
+    ``options``: a model factory's keyword arguments; ``device``: where it trains (None: the default,
+    :data:`darkknowledge.devices.DEFAULT_DEVICE`).
     """
     train, val, test = data.load()
     model = _seeded_model(spec, train, config.seed, options)
@@ -226,18 +228,24 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
                 resume: bool = False, log: Callable[[str], None] | None = None, *, combine: str = "arithmetic",
                 store_dir: str | Path | None = None, top_k: int | None = None,
                 store_dtype: str = "float32", monitor: Callable | None = None, options: dict[str, Any] | None = None,
-                device: str | None = "auto", teacher_device: str | None = None) -> tuple[Any, FitResult]:
+                device: str | None = None, teacher_device: str | None = None, divergence: str = DEFAULT_DIVERGENCE,
+                beta: float | None = None) -> tuple[Any, FitResult]:
     """Distil a saved teacher (a run, several runs or an ensemble folder) into a new ``spec`` student on the
     dataset's training split (§2, §3, §4).
 
     Without jitter the teacher's outputs are computed once over the transfer set: into the soft-target store in
     ``store_dir`` (reused by every later student of the same teacher and data) when it is given, an ensemble's
     or a top-k store in memory otherwise, and a single teacher's logits in memory when neither. With jitter the
-    teacher runs online on every batch. ``monitor`` as for :func:`train_run`.
+    teacher runs online on every batch, under the run's precision as when its outputs are computed once.
+    ``monitor`` as for :func:`train_run`; ``divergence`` and ``beta`` as for
+    :class:`darkknowledge.training.Distillation`.
     """
     log = log or _log_to_stderr
+    objective = Distillation(temperature, soft_weight, hard_weight, divergence=divergence, beta=beta)  # checked now
+    device = resolve_device(device)
+    teacher_device = resolve_device(teacher_device) if teacher_device is not None else device
     teacher, teacher_info, member_meta = load_teacher(teacher_dir, combine)
-    teacher.to(resolve_device(teacher_device or device))
+    teacher.to(teacher_device)
     train, val, test = data.load()
     sources = [teacher_dir] if isinstance(teacher_dir, (str, os.PathLike)) else list(teacher_dir)
     check_compatible(member_meta, train, Path(sources[0]))
@@ -249,11 +257,11 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
         if config.jitter == 0:
             if store_dir is not None or isinstance(teacher, Ensemble) or top_k is not None:
                 store = SoftTargets.compute(teacher, train, store_dir, top_k=top_k, dtype=store_dtype,
-                                            combine=combine, bf16=config.bf16, log=log)
+                                            combine=combine, bf16=config.precision, log=log)
             else:
-                cached = cache_teacher_logits(teacher, train, config.bf16)
-        objective = Distillation(temperature, soft_weight, hard_weight, teacher=teacher, teacher_logits=cached,
-                                 store=store, teacher_device=teacher_device)
+                cached = cache_teacher_logits(teacher, train, config.precision)
+        objective = replace(objective, teacher=teacher, teacher_logits=cached, store=store,
+                            teacher_device=teacher_device)
         model = _seeded_model(spec, train, config.seed, options)
         meta = {**_model_meta(spec, train, data, options), "teacher": teacher_info}
         result = fit(model, train, val, config, objective, out, resume, meta, log,
@@ -275,7 +283,7 @@ class EnsembleResult:
 
 def train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: str | Path, members: int,
                    resume: bool = False, log: Callable[[str], None] | None = None, *,
-                   options: dict[str, Any] | None = None, device: str | None = "auto") -> EnsembleResult:
+                   options: dict[str, Any] | None = None, device: str | None = None) -> EnsembleResult:
     """§4: ``members`` models of one spec and recipe differing only in seed (``config.seed + i`` for the
     initial weights, the order of cases and dropout), in ``out/member-00``, ``member-01``, ...
 
@@ -375,9 +383,10 @@ def _record_members(out: Path, entries: list[dict[str, Any]], meta: dict[str, An
 
 
 def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str = "test",
-                 jitter: int = 0, combine: str | None = None, device: str | None = "cpu") -> dict[str, Any]:
+                 jitter: int = 0, combine: str | None = None, device: str | None = None) -> dict[str, Any]:
     """Errors of a saved model, or of an ensemble folder (members combined by ``combine``, default the
-    manifest's rule), on a split of its dataset (or ``data``'s), as a JSON-ready dict; run on ``device``."""
+    manifest's rule), on a split of its dataset (or ``data``'s), as a JSON-ready dict; run on ``device`` (None:
+    :data:`darkknowledge.devices.DEFAULT_DEVICE`, as for training)."""
     if is_ensemble_dir(run_dir):
         model = Ensemble.from_dir(run_dir, combine)
         meta = model.member_meta[0]  # the members share dataset and split (train_ensemble makes them so)

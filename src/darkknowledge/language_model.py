@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import checkpoint, schemas
 from .data.text import TextTokenizer, TokenWindows
 from .errors import DarkKnowledgeError, TrainingDiverged
-from .losses import distillation_loss
+from .losses import DEFAULT_DIVERGENCE, check_drawn_targets, describe_divergence, distillation_loss
 from .token_store import TokenTargets, ensemble_logits
 from .transformer import build_language_model
 
@@ -50,14 +50,20 @@ class LMConfig:
 
 @dataclass(frozen=True)
 class Objective:
-    """Hard labels only (``store is None``), or the §2 objective per token against a token store."""
+    """Hard labels only (``store is None``), or the §2 objective per token against a token store, with any
+    divergence of :data:`darkknowledge.losses.DIVERGENCES` (forward KL, the paper's, by default)."""
 
     store: TokenTargets | None = None
     temperature: float = 1.0
     soft_weight: float = 1.0
     hard_weight: float = 0.0
+    divergence: str = DEFAULT_DIVERGENCE
+    beta: float | None = None
 
     def __post_init__(self):
+        describe_divergence(self.divergence, beta=self.beta)
+        if self.store is not None and self.store.layout == "sampled":
+            check_drawn_targets(self.divergence)
         if self.store is not None and self.store.layout == "sampled" and self.temperature != 1:
             raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
                                      f"got {self.temperature}; use temperature 1 or a dense or top-k store")
@@ -66,7 +72,8 @@ class Objective:
         if self.store is None:
             return {"objective": "labels"}
         return {"objective": "distillation", "temperature": self.temperature, "soft_weight": self.soft_weight,
-                "hard_weight": self.hard_weight, "store": self.store.header["key"], "layout": self.store.layout,
+                "hard_weight": self.hard_weight, **describe_divergence(self.divergence, beta=self.beta),
+                "store": self.store.header["key"], "layout": self.store.layout,
                 "top_k": self.store.top_k,
                 # the top-k loss matches the tail's total mass (before: spread it evenly); runs of the old loss are
                 # trained again, not reused
@@ -178,6 +185,7 @@ def _train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindo
             else:
                 terms = distillation_loss(logits, labels=labels, temperature=objective.temperature,
                                           soft_weight=objective.soft_weight, hard_weight=objective.hard_weight,
+                                          divergence=objective.divergence, beta=objective.beta,
                                           **objective.store.targets(train, indices))
                 loss, parts = terms.total, {"loss": terms.total, "soft": terms.soft, "soft_kl": terms.kl,
                                             "hard": terms.hard}

@@ -19,6 +19,10 @@ at a time): the teacher's dense distribution (rebuilt from logits, probabilities
 chunk only, and the student's gradient is written chunk by chunk, so a vocabulary of 32,000 over thousands of
 positions needs no ``[tokens, V]`` teacher tensor (benchmarks/loss_memory.py measures it).
 
+**Divergences.** The soft term is the paper's forward KL unless another entry of :data:`DIVERGENCES` is named
+(reverse KL, TRL's generalized JSD with its ``beta``); each is x T^2, and the one registry is what every loop, the
+run keys and the command line read.
+
 Every public function validates its arguments and raises :class:`DarkKnowledgeError` with a one-line message.
 The checks run every training step, so each is a handful of whole-tensor reductions, never a Python loop.
 Half-precision inputs (bf16/fp16) are computed in float32; float64 stays float64 (for gradient checks).
@@ -28,21 +32,22 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
-from functools import reduce
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial, reduce
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import constraints
 from .errors import DarkKnowledgeError
 
 # Rows of soft targets must sum to 1 within this (or the dtype's epsilon, for bf16 targets whose rounding alone
 # moves a row sum by more than 1e-3).
 SUM_TOLERANCE = 1e-3
 IGNORE_INDEX = -100
-# The paper's forward KL (= its cross-entropy, less a constant); the other two are common in LM distillation.
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 # Floats of [positions, C] temporaries per chunk: 2 MB in float32, whatever the vocabulary. Small enough that a
 # chunk stays in cache across its passes (measured faster than 16 MB chunks at V = 4,096) and that no large
@@ -169,7 +174,7 @@ class _Teacher:
     """Where a chunk's target distribution comes from: ``log_probs(rows)`` is ``log p`` at T, ``[rows, C]``.
 
     ``rows`` index the flattened positions; only this chunk's dense distribution is ever built, and for a top-k
-    teacher with one member not even that (:meth:`forward_kl`).
+    teacher not even that (:meth:`forward_kl`, :meth:`outcomes`).
     """
 
     def __init__(self, kind: str, tensors: tuple[Tensor, ...], classes: int, temperature: float):
@@ -183,17 +188,16 @@ class _Teacher:
             p = self.tensors[0][rows]
             _check_soft_target_rows(p, first_row)
             return p.to(dtype).log()
-        log_p_top, log_p_tail, indices = self._topk_parts(rows, dtype)
+        log_p_top, log_p_tail, indices = self._topk_parts(rows, dtype)  # k = C here (see outcomes): no tail
         n, members, _ = log_p_top.shape
         dense = log_p_tail.unsqueeze(-1).expand(n, members, self.classes).clone()
         dense.scatter_(-1, indices, log_p_top)
         return dense[:, 0] if members == 1 else dense.logsumexp(1) - math.log(members)
 
     def _topk_parts(self, rows, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-        """``log p`` of the k stored classes ``[n, M, k]`` and of each tail class ``[n, M]`` (the tail's mass spread
-        evenly over the other classes: only where a dense target is needed, for reverse KL and JSD; forward KL
-        uses the tail's total alone), and the stored classes' indices; several members are mixed
-        arithmetically (the mean of their distributions) by the caller."""
+        """``log p`` of the k stored classes ``[n, M, k]`` and of each tail class ``[n, M]`` (the tail's mass
+        spread evenly over the other classes; callers use only its total), and the stored classes' indices;
+        several members are mixed arithmetically (the mean of their distributions) by the caller."""
         logits, indices, tail_lse, tail_mean = (t[rows] for t in self.tensors)  # [n, M, k], [n, M]
         n, members, k = logits.shape
         s = 1.0 / self.temperature
@@ -202,9 +206,23 @@ class _Teacher:
         if tail == 0:
             return (top - top.logsumexp(-1, keepdim=True), torch.full((n, members), -math.inf, dtype=dtype),
                     indices.long())
-        lse = _tail_logsumexp(TopKTargets(logits, indices, tail_lse, tail_mean), s, dtype, tail)
+        lse = tail_logsumexp_at(TopKTargets(logits, indices, tail_lse, tail_mean), s, dtype, tail)
         log_z = torch.logaddexp(top.logsumexp(-1), lse)
         return top - log_z.unsqueeze(-1), lse - log_z - math.log(tail), indices.long()
+
+    def outcomes(self, z: Tensor, rows, first_row: int) -> tuple[Tensor, Tensor]:
+        """``(log p, log q)`` at T over the outcomes the teacher knows: every class, or for a top-k teacher with a
+        tail the k stored classes and one bucket for all the others (what :meth:`forward_kl` compares too).
+        Differentiable in the student's logits ``z``. A top-k teacher with a tail has one member here
+        (:func:`distillation_loss` refuses several for a divergence that is not linear in p)."""
+        log_q = torch.log_softmax(z * (1.0 / self.temperature), dim=-1)
+        if self.kind != "topk" or self.tensors[0].shape[-1] == self.classes:
+            return self.log_probs(rows, first_row, z.dtype), log_q
+        log_p_top, log_p_tail, indices = self._topk_parts(rows, z.dtype)  # [n, 1, k], [n, 1]
+        indices = indices[:, 0]
+        log_p = torch.cat([log_p_top[:, 0], log_p_tail + math.log(self.classes - indices.shape[-1])], -1)
+        log_q_tail = log_q.scatter(-1, indices, -math.inf).logsumexp(-1, keepdim=True)  # log Q, exactly
+        return log_p, torch.cat([log_q.gather(-1, indices), log_q_tail], -1)
 
     def forward_kl(self, z: Tensor, rows, first_row: int, grad: Tensor | None) -> tuple[Tensor, Tensor]:
         """Per position (T^2 x the paper's soft cross-entropy ``-sum p log q``, T^2 x KL(p || q)) of the chunk's
@@ -256,37 +274,124 @@ class _Teacher:
         return t * t * ce.mean(1), t * t * (ce + neg_entropy).mean(1)
 
 
-def _divergence(z: Tensor, log_p: Tensor, temperature: float, divergence: str) -> Tensor:
-    """Per-position T^2-scaled reverse KL ``KL(q || p)`` or JSD ``(KL(p || m) + KL(q || m)) / 2``,
-    ``m = (p + q) / 2``, of student logits ``z`` against targets ``log p`` (forward KL: :meth:`_Teacher.forward_kl`).
+# ---------------------------------------------------------------------------------------------------------------
+# Divergences: the one menu every loop and the command line read
+# ---------------------------------------------------------------------------------------------------------------
+
+def reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(q || p)`` per row: mode-seeking, the student may ignore what the teacher spreads thinly."""
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def generalized_jsd(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """TRL's (GKD, Agarwal et al. 2024) generalized Jensen-Shannon divergence per row, ``p`` the teacher:
+    ``beta KL(p || m) + (1 - beta) KL(q || m)`` with ``m = beta p + (1 - beta) q``; beta 0.5 is the plain JSD.
+
+    It vanishes at both ends (``~ beta KL(p || q)`` as beta -> 0), so, as in TRL, beta = 0 is defined as forward
+    KL ``KL(p || q)`` and beta = 1 as reverse KL ``KL(q || p)``: the limits of ``JSD / beta`` and
+    ``JSD / (1 - beta)``. The value therefore jumps at the ends; between them it is continuous in beta.
+    """
+    if beta == 0:
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if beta == 1:
+        return reverse_kl(log_p, log_q)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+
+
+def _by_autograd(per_row: Callable[..., Tensor]) -> Callable[..., tuple[Tensor, Tensor]]:
+    """A divergence given as a formula in ``(log p, log q)`` per row, made into a chunk's terms: ``T^2`` x the
+    formula, its gradient by autograd on the chunk alone (written into ``grad``); its KL column is itself.
 
     ``log p`` is floored at the dtype's smallest normal number so a target of exactly 0 gives a large finite loss,
     not inf.
     """
-    log_q = torch.log_softmax(z * (1.0 / temperature), dim=-1)
-    log_p = log_p.clamp_min(math.log(torch.finfo(log_p.dtype).tiny))
-    q = log_q.exp()
-    if divergence == "reverse_kl":
-        kl = (q * (log_q - log_p)).sum(-1)
-    else:
-        log_m = torch.logaddexp(log_p, log_q) - math.log(2)
-        kl = 0.5 * ((log_p.exp() * (log_p - log_m)).sum(-1) + (q * (log_q - log_m)).sum(-1))
-    return temperature ** 2 * kl
+    def terms(teacher: _Teacher, z: Tensor, rows, first_row: int, grad: Tensor | None,
+              **parameters) -> tuple[Tensor, Tensor]:
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(grad is not None)
+            log_p, log_q = teacher.outcomes(z, rows, first_row)
+            log_p = log_p.detach().clamp_min(math.log(torch.finfo(log_p.dtype).tiny))
+            value = teacher.temperature ** 2 * per_row(log_p, log_q, **parameters)
+            if grad is not None:
+                grad.copy_(torch.autograd.grad(value.sum(), z)[0])
+        value = value.detach()
+        return value, value
+    return terms
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """An entry of :data:`DIVERGENCES`: how the soft term compares the teacher's ``p`` with the student's ``q``.
+
+    ``terms(teacher, z, rows, first_row, grad, **parameters)`` gives a chunk's per-row ``(soft term, KL)``, both
+    x T^2, and writes the soft term's gradient into ``grad`` when given; a formula in ``(log p, log q)`` becomes
+    one with :func:`_by_autograd`. ``parameters`` maps each parameter's name (a key of
+    :data:`darkknowledge.constraints.RANGES`) to its default. ``linear``: linear in ``p``, so several members'
+    top-k summaries give the term of their mixture, and targets drawn from p (a sampled store) an unbiased
+    estimate; a divergence that is not refuses both.
+    """
+
+    terms: Callable[..., tuple[Tensor, Tensor]]
+    summary: str
+    parameters: dict[str, float] = field(default_factory=dict)
+    linear: bool = False
+
+
+# Adding a divergence: one function of (log p, log q) per row, and one entry here.
+DIVERGENCES: dict[str, Divergence] = {
+    "forward_kl": Divergence(_Teacher.forward_kl, "KL(p || q), the paper's: its soft cross-entropy less the "
+                             "targets' entropy, with §2's closed-form gradient (the default)", linear=True),
+    "reverse_kl": Divergence(_by_autograd(reverse_kl), "KL(q || p): mode-seeking"),
+    "jsd": Divergence(_by_autograd(generalized_jsd), "generalized Jensen-Shannon, TRL's GKD convention: beta "
+                      "weighs the teacher, 0.5 the plain JSD, 0 forward KL, 1 reverse KL", {"beta": 0.5}),
+}
+DEFAULT_DIVERGENCE = "forward_kl"
+
+
+def divergence_parameters(name: str, **given) -> dict[str, float]:
+    """The parameters ``name`` takes, defaults filled in for those ``given`` as None; each checked against its range
+    (one line naming the problem). A parameter the divergence does not take is refused."""
+    entry = DIVERGENCES.get(name)
+    if entry is None:
+        raise DarkKnowledgeError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {name!r}")
+    for key, value in given.items():
+        if value is not None and key not in entry.parameters:
+            takers = [n for n, d in DIVERGENCES.items() if key in d.parameters]
+            raise DarkKnowledgeError(f"{key} is a parameter of {' and '.join(takers)}, not of {name}; drop it or "
+                                     f"choose divergence {takers[0]}")
+    return {key: float(constraints.check(key, default if given.get(key) is None else given[key], what="divergence "
+                                         "parameter")) for key, default in entry.parameters.items()}
+
+
+def check_drawn_targets(divergence: str) -> None:
+    """Refuse targets drawn from the teacher (a sampled store) for a divergence not linear in p."""
+    if not DIVERGENCES[divergence].linear:
+        raise DarkKnowledgeError(f"{divergence} cannot learn from drawn (sampled) targets: it is not linear in the "
+                                 "teacher's distribution, so the draws would give a biased estimate (reverse KL an "
+                                 "infinite one); use forward_kl, or a dense or top-k store")
+
+
+def describe_divergence(name: str, **given) -> dict[str, Any]:
+    """What a run's key and sidecar record of its divergence: nothing for the paper's default (so runs saved before
+    the menu keep their key), else its name and every parameter."""
+    parameters = divergence_parameters(name, **given)
+    return {} if name == DEFAULT_DIVERGENCE else {"divergence": name, **parameters}
 
 
 class _ChunkedTerms(torch.autograd.Function):
     """Per-position soft term, its KL and the hard term of the rows ``rows`` of ``z`` (``[N, C]``), one chunk of
     rows at a time.
 
-    The soft term's gradient is taken in the forward pass (in closed form for forward KL, by autograd on the chunk
-    alone otherwise) and kept in the student's dtype; the hard term keeps nothing and rebuilds ``softmax(z) -
-    onehot`` in backward. So nothing of size ``[N, C]`` besides the student's logits and one gradient
+    The soft term's gradient is taken in the forward pass by the divergence's ``terms`` (in closed form for forward
+    KL, by autograd on the chunk alone otherwise) and kept in the student's dtype; the hard term keeps nothing and
+    rebuilds ``softmax(z) - onehot`` in backward. So nothing of size ``[N, C]`` besides the student's logits and one gradient
     is ever held, and the hard term costs fewer passes over the logits than a separate ``F.cross_entropy``.
     Only first derivatives are defined (no double backward).
     """
 
     @staticmethod
-    def forward(ctx, z, rows, labels, teacher, divergence, chunk_rows):
+    def forward(ctx, z, rows, labels, teacher, terms, chunk_rows):
         ctx.set_materialize_grads(False)  # an unused term (e.g. a hard term for logging only) costs no backward
         n = z.shape[0] if rows is None else rows.numel()
         dtype = _compute_dtype(z)
@@ -300,20 +405,8 @@ class _ChunkedTerms(torch.autograd.Function):
             zc = z[index].to(dtype)
             if labels is not None:
                 hard[start:stop] = -torch.log_softmax(zc, dim=-1).gather(-1, labels[start:stop, None]).squeeze(-1)
-            if divergence == "forward_kl":
-                chunk_grad = None if grad is None else grad[start:stop]
-                soft[start:stop], kl[start:stop] = teacher.forward_kl(zc, index, start, chunk_grad)
-                continue
-            log_p = teacher.log_probs(index, start, dtype)
-            if want_grad:
-                with torch.enable_grad():
-                    zc.requires_grad_(True)
-                    soft_c = _divergence(zc, log_p, teacher.temperature, divergence)
-                    (grad[start:stop],) = torch.autograd.grad(soft_c.sum(), zc)
-                soft_c = soft_c.detach()
-            else:
-                soft_c = _divergence(zc, log_p, teacher.temperature, divergence)
-            soft[start:stop], kl[start:stop] = soft_c, soft_c
+            chunk_grad = None if grad is None else grad[start:stop]
+            soft[start:stop], kl[start:stop] = terms(teacher, zc, index, start, chunk_grad)
         ctx.mark_non_differentiable(kl)
         ctx.save_for_backward(z, grad, rows, labels)
         ctx.chunk_rows = chunk_rows
@@ -423,8 +516,9 @@ def _flat_topk(targets, student_logits: Tensor) -> tuple[Tensor, ...]:
 def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = None, labels: Tensor | None = None, *,
                       temperature: float, soft_weight: float = 1.0, hard_weight: float = 0.0,
                       soft_targets: Tensor | None = None, topk_targets: TopKTargets | None = None,
-                      mask: Tensor | None = None, ignore_index: int = IGNORE_INDEX, divergence: str = "forward_kl",
-                      reduction: str = "mean", chunk_rows: int | None = None) -> DistillationTerms:
+                      mask: Tensor | None = None, ignore_index: int = IGNORE_INDEX,
+                      divergence: str = DEFAULT_DIVERGENCE, beta: float | None = None, reduction: str = "mean",
+                      chunk_rows: int | None = None) -> DistillationTerms:
     """§2: ``total = soft_weight * T^2 * CE(p, softmax(z/T)) + hard_weight * CE(labels, softmax(z))``.
 
     The weights are relative, as in the paper, not a convex alpha: its "0.5 on the hard targets" is
@@ -436,13 +530,14 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = No
 
     Logits may be ``[..., C]`` (e.g. ``[B, S, V]``); targets and ``labels``/``mask`` share the leading dims.
     Positions with ``labels == ignore_index`` or ``mask == 0`` are left out of both terms, which are averaged over
-    the remaining ones (module doc: normalisation, gradient accumulation, ``reduction``). ``divergence`` is
-    ``"forward_kl"`` (the paper's), ``"reverse_kl"`` or ``"jsd"`` (:func:`_divergence`); ``chunk_rows`` overrides
-    how many positions the soft term handles at once (default: :data:`CHUNK_ELEMENTS` // C).
+    the remaining ones (module doc: normalisation, gradient accumulation, ``reduction``). ``divergence`` names an
+    entry of :data:`DIVERGENCES` (forward KL, the paper's, by default; every one x T^2), ``beta`` the generalized
+    JSD's parameter (None: its default, 0.5); ``chunk_rows`` overrides how many positions the soft term handles at
+    once (default: :data:`CHUNK_ELEMENTS` // C).
     """
     temperature = _check_temperature(temperature)
     soft_weight, hard_weight = _check_weights(soft_weight, hard_weight)
-    divergence = _check_choice("divergence", divergence, DIVERGENCES)
+    parameters = divergence_parameters(divergence, beta=beta)
     reduction = _check_choice("reduction", reduction, REDUCTIONS)
     _check_logits("student logits", student_logits)
     leading, classes = student_logits.shape[:-1], student_logits.shape[-1]
@@ -452,6 +547,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = No
         raise DarkKnowledgeError(f"give exactly one of teacher_logits, soft_targets or topk_targets, got {given}")
     if topk_targets is not None:
         teacher = _Teacher("topk", _flat_topk(topk_targets, student_logits), classes, temperature)
+        _check_linear(divergence, *teacher.tensors, classes)
     else:
         name, given = ("teacher logits", teacher_logits) if teacher_logits is not None else ("soft_targets",
                                                                                              soft_targets)
@@ -475,7 +571,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = No
     tokens = z.shape[0] if rows is None else rows.numel()
     chunk = chunk_rows or max(1, CHUNK_ELEMENTS // classes)
     row_labels = None if labels is None else (labels if rows is None else labels[rows]).long()
-    soft_rows, kl_rows, *hard_rows = _ChunkedTerms.apply(z, rows, row_labels, teacher, divergence, chunk)
+    terms = partial(DIVERGENCES[divergence].terms, **parameters)
+    soft_rows, kl_rows, *hard_rows = _ChunkedTerms.apply(z, rows, row_labels, teacher, terms, chunk)
     hard = _reduce(hard_rows[0], rows, leading, tokens, reduction) if hard_rows else None
     soft, kl = (_reduce(t, rows, leading, tokens, reduction) for t in (soft_rows, kl_rows))
 
@@ -484,6 +581,20 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = No
     terms = [w * t for w, t in ((soft_weight, soft), (hard_weight, hard)) if w > 0]
     total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     return DistillationTerms(total=total, soft=soft, hard=hard, kl=kl, tokens=tokens)
+
+
+def _check_linear(divergence: str, logits: Tensor, indices: Tensor, tail_logsumexp: Tensor, tail_mean: Tensor,
+                  classes: int) -> None:
+    """Top-k targets ``[N, M, k]`` a divergence not linear in p cannot use soundly (see :class:`Divergence`)."""
+    members, k = logits.shape[1:]
+    if DIVERGENCES[divergence].linear or k == classes:
+        return
+    if torch.isneginf(tail_logsumexp).any():  # a tail without mass: drawn targets
+        check_drawn_targets(divergence)
+    if members > 1:
+        raise DarkKnowledgeError(f"{divergence} needs the teacher's one distribution, but a top-k store of "
+                                 f"{members} members keeps each member's tail apart; use forward_kl, a full store, "
+                                 "or top-k of one teacher")
 
 
 def _reduce(per_row: Tensor, rows: Tensor | None, leading: torch.Size, tokens: int, reduction: str) -> Tensor:
@@ -526,16 +637,19 @@ class DistillationLoss(nn.Module):
 
     ``temperature`` may be a number or a 0-d tensor; it is kept as a buffer (moved by ``.to()``, saved in the
     state_dict), so a schedule can set it in place (``criterion.temperature.fill_(4.0)``); no gradient flows to it.
-    ``reduction``, ``divergence``, ``ignore_index`` and ``chunk_rows`` are those of :func:`distillation_loss`.
+    ``reduction``, ``divergence``, ``beta``, ``ignore_index`` and ``chunk_rows`` are those of
+    :func:`distillation_loss`.
     """
 
     def __init__(self, temperature, soft_weight: float = 1.0, hard_weight: float = 0.0, *, reduction: str = "mean",
-                 divergence: str = "forward_kl", ignore_index: int = IGNORE_INDEX, chunk_rows: int | None = None):
+                 divergence: str = DEFAULT_DIVERGENCE, beta: float | None = None, ignore_index: int = IGNORE_INDEX,
+                 chunk_rows: int | None = None):
         super().__init__()
         _check_temperature(temperature)
         self.soft_weight, self.hard_weight = _check_weights(soft_weight, hard_weight)
         self.reduction = _check_choice("reduction", reduction, REDUCTIONS)
-        self.divergence = _check_choice("divergence", divergence, DIVERGENCES)
+        divergence_parameters(divergence, beta=beta)
+        self.divergence, self.beta = divergence, beta
         self.ignore_index, self.chunk_rows = ignore_index, chunk_rows
         self.register_buffer("temperature", torch.as_tensor(temperature, dtype=torch.float64).detach().clone())
         self.terms: DistillationTerms | None = None
@@ -544,7 +658,7 @@ class DistillationLoss(nn.Module):
                 **targets) -> Tensor:
         terms = distillation_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
                                   soft_weight=self.soft_weight, hard_weight=self.hard_weight,
-                                  reduction=self.reduction, divergence=self.divergence,
+                                  reduction=self.reduction, divergence=self.divergence, beta=self.beta,
                                   ignore_index=self.ignore_index, chunk_rows=self.chunk_rows, **targets)
         self.terms = DistillationTerms(*(t.detach() if isinstance(t, Tensor) else t for t in
                                          (terms.total, terms.soft, terms.hard, terms.kl)), tokens=terms.tokens)
@@ -552,7 +666,8 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature.item():g}, soft_weight={self.soft_weight:g}, "
-                f"hard_weight={self.hard_weight:g}, reduction={self.reduction!r}, divergence={self.divergence!r}")
+                f"hard_weight={self.hard_weight:g}, reduction={self.reduction!r}, divergence={self.divergence!r}"
+                + (f", beta={self.beta:g}" if self.beta is not None else ""))
 
 
 def logit_matching_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -659,7 +774,7 @@ def sampled_targets(logits: Tensor, draws: int, generator: torch.Generator | Non
     return TopKTargets(logits, indices, empty, torch.zeros_like(empty))
 
 
-def _tail_logsumexp(t: TopKTargets, s: float, dtype: torch.dtype, tail: int) -> Tensor:
+def tail_logsumexp_at(t: TopKTargets, s: float, dtype: torch.dtype, tail: int) -> Tensor:
     """``log sum_tail exp(s * v_j)`` at ``s = 1/T``, from the two stored numbers.
 
     ``f(s) = log n + K(s)`` where K is the cumulant generating function of the tail logits: ``K(0) = 0``,
@@ -681,7 +796,7 @@ def topk_soft_target_cross_entropy(student_logits: Tensor, targets: TopKTargets,
     """§2 objective (a), x T^2, from a teacher's top-k summary (:class:`TopKTargets`).
 
     The summary gives at T: ``p_i = exp(v_i/T) / Z`` for the k stored classes and the tail's total mass
-    ``P = exp(L(T)) / Z``, where ``L(T)`` estimates ``log sum_tail exp(v_j/T)`` (:func:`_tail_logsumexp`); it
+    ``P = exp(L(T)) / Z``, where ``L(T)`` estimates ``log sum_tail exp(v_j/T)`` (:func:`tail_logsumexp_at`); it
     does not say how P is split among the other n classes. So the loss is the cross-entropy of the coarse
     distributions, the k classes plus one tail bucket: ``-sum_top p_i log q_i - P log Q``, ``Q`` the student's
     own tail mass. Its gradient, ``T (q - p)`` on the k classes and ``T q (1 - P / Q)`` on the tail, matches the

@@ -25,6 +25,9 @@ def _teacher_lines(meta: dict[str, Any]) -> list[str]:
                        ("hard_weight", "Hard-label weight")):
         if key in meta:
             lines.append(f"- {label}: {meta[key]:g}")
+    if "divergence" in meta:  # recorded only when not the paper's forward KL
+        beta = f", beta {meta['beta']:g}" if "beta" in meta else ""
+        lines.append(f"- Soft term: {meta['divergence']}{beta} instead of the paper's forward KL")
     return lines
 
 
@@ -150,7 +153,7 @@ def render_model_card(deployable: Deployable, exported: Path, format: str, parit
         *_speed_lines(speed),
         "",
         "## Provenance",
-        f"- Command: `{command or 'darkknowledge.export.export_run (Python)'}`",
+        f"- Command: `{command or 'darkknowledge.deploy.export_run (Python)'}`",
         f"- Exported with darkknowledge {now.get('darkknowledge')} at git commit `{now.get('git_commit')}`, "
         f"torch {now.get('torch')}",
         f"- Model trained at git commit `{trained.get('git_commit')}`, torch {trained.get('torch')}",

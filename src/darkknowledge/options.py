@@ -3,53 +3,19 @@
 
 argparse converts command-line strings (``--lr 1e308`` is a float) but takes a config file's values as they come
 (``epochs = 1.5``, ``resume = "false"``), so each value is checked here against its option's kind (an on/off flag
-takes a boolean, an integer option an integer, a path option a string), its choices, and a finite range.
+takes a boolean, an integer option an integer, a path option a string), its choices, and a finite range: the
+ranges are :data:`darkknowledge.constraints.RANGES`, the table the library checks its settings against too.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
+from . import constraints
+from .constraints import RANGES
 from .errors import DarkKnowledgeError
-
-SEED_MAX = 2**63 - 1  # seeds and their offsets (member i's seed + i, epoch seeds) stay within torch's 64 bits
-
-# Ranges, by option name: (low, high, low included, high included). An integer or number option not named here
-# is bounded to what 64 bits hold.
-RANGES: dict[str, tuple[float, float, bool, bool]] = {
-    "epochs": (1, 1_000_000, True, True),
-    "batch_size": (1, 10_000_000, True, True),
-    "lr": (0, 100, False, True),
-    "momentum": (0, 1, True, False),
-    "weight_decay": (0, 1, True, True),
-    "jitter": (0, 64, True, True),
-    "seed": (0, SEED_MAX, True, True),
-    "val_seed": (0, SEED_MAX, True, True),
-    "val_size": (0, 1_000_000_000, True, True),
-    "patience": (1, 1_000_000, True, True),
-    "step_epochs": (1, 1_000_000, True, True),
-    "members": (1, 1000, True, True),
-    "temperature": (0, 10_000, False, True),
-    "soft_weight": (0, 1000, True, True),
-    "hard_weight": (0, 1000, True, True),
-    "top_k": (1, 1_000_000, True, True),
-    "atol": (0, 1000, False, True),
-    "threads": (1, 1024, True, True),
-    "jobs": (1, 1024, True, True),
-    "calls": (1, 10_000_000, True, True),
-    "clusters": (1, 100_000, True, True),
-    "overlap": (0, 100_000, True, True),
-    "overlap_ratio": (0, 1, True, True),
-    "min_size": (1, 100_000, True, True),
-    "subset_fraction": (0, 1, False, False),
-    "top_n": (1, 100_000, True, True),
-    "tol": (0, 1, True, True),
-}
-_ANY_INT = (-(2**63), 2**63 - 1, True, True)
-_ANY_NUMBER = (-1e300, 1e300, True, True)
 
 
 def install(parser: argparse.ArgumentParser) -> None:
@@ -114,27 +80,12 @@ def _problem(action: argparse.Action, value: Any) -> str | None:
 
 def _problem_of_one(action: argparse.Action, value: Any) -> str | None:
     if action.type is int or (action.type is None and isinstance(value, int) and action.dest in RANGES):
-        if isinstance(value, bool) or not isinstance(value, int):
-            return "must be a whole number"
-        return _out_of_range(action.dest, value, RANGES.get(action.dest, _ANY_INT))
+        return constraints.problem(action.dest, value, integer=True)
     if action.type is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return "must be a number"
-        if not math.isfinite(value):
-            return "must be a finite number"
-        return _out_of_range(action.dest, value, RANGES.get(action.dest, _ANY_NUMBER))
+        return constraints.problem(action.dest, value)
     if action.type in (_path, Path, str, None) and not isinstance(value, (str, Path)):
         return "must be a text (a path or a name)"
     if action.choices is not None and value not in action.choices:
         return f"must be one of {', '.join(map(str, action.choices))}"
     return None
 
-
-def _out_of_range(name: str, value: float, bounds: tuple[float, float, bool, bool]) -> str | None:
-    low, high, low_in, high_in = bounds
-    inside = (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
-    if inside:
-        return None
-    def show(x: float) -> str:
-        return str(x) if isinstance(x, int) else f"{x:g}"
-    return f"must be in {'[' if low_in else '('}{show(low)}, {show(high)}{']' if high_in else ')'}"

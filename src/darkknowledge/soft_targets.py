@@ -54,8 +54,8 @@ from .distributed import Workers, current
 from .ensemble import COMBINE_RULES, Ensemble, check_combine, distillation_targets
 from .errors import DarkKnowledgeError
 from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, cases_per_item, num_cases
-from .evaluation import autocast, device_of, to_device
-from .losses import TopKTargets, topk_targets
+from .evaluation import autocast, device_of, precision_of, to_device
+from .losses import TopKTargets, tail_logsumexp_at, topk_targets
 
 FORMAT = "darkknowledge/soft-targets-1"
 LAYOUTS = ("full", "topk")
@@ -189,7 +189,7 @@ class SoftTargets:
 
     def probabilities(self, indices, temperature: float) -> Tensor:
         """Dense soft targets ``[B, C]`` at ``temperature`` (top-k: the tail mass spread evenly over the tail)."""
-        from .losses import _tail_logsumexp, softmax_with_temperature
+        from .losses import softmax_with_temperature
         targets = self.targets(indices, temperature)
         if "soft_targets" in targets:
             return targets["soft_targets"]
@@ -202,7 +202,7 @@ class SoftTargets:
         if tail == 0:
             dense = torch.zeros(batch, members, self.num_classes).scatter_(-1, t.indices, torch.softmax(top, -1))
             return dense.mean(1)
-        tail_lse = _tail_logsumexp(t, 1 / temperature, torch.float32, tail)
+        tail_lse = tail_logsumexp_at(t, 1 / temperature, torch.float32, tail)
         log_z = torch.logaddexp(top.logsumexp(-1), tail_lse)
         dense = (torch.exp(tail_lse - log_z) / tail).unsqueeze(-1).expand(batch, members, self.num_classes).clone()
         dense.scatter_(-1, t.indices, torch.exp(top - log_z.unsqueeze(-1)))
@@ -230,7 +230,7 @@ class SoftTargets:
     @classmethod
     def compute(cls, teacher: nn.Module, transfer_set, store_dir: str | os.PathLike | None = None, *,
                 top_k: int | None = None, dtype: str = "float32", combine: str | None = None,
-                batch_size: int = 2048, bf16: bool = False,
+                batch_size: int = 2048, bf16: bool | str = False,
                 log: Callable[[str], None] | None = None) -> SoftTargets:
         """The teacher's outputs over ``transfer_set``, from ``store_dir`` if an intact store of the same key is
         there, else computed in one batched pass of each member and written there (on the device the teacher's
@@ -261,7 +261,7 @@ class SoftTargets:
             "format": FORMAT,
             "teacher": [module_sha256(m) for m in members],
             "transfer_set": transfer_set.fingerprint(),
-            "preprocessing": {"inputs": _preprocessing(transfer_set), "jitter": 0, "bf16": bool(bf16)},
+            "preprocessing": {"inputs": _preprocessing(transfer_set), "jitter": 0, **_precision_key(bf16)},
             "layout": layout, "top_k": top_k, "dtype": dtype, "stored_combine": stored_combine,
         }
         key = _key(key_parts)
@@ -598,6 +598,13 @@ def _chunk_arrays(chunk, layout: str, top_k: int | None) -> dict[str, np.ndarray
     t = topk_targets(chunk, top_k)
     return {"topk_logits": t.logits.numpy(), "topk_indices": t.indices.numpy(),
             "tail_logsumexp": t.tail_logsumexp.numpy(), "tail_mean": t.tail_mean.numpy()}
+
+
+def _precision_key(bf16: bool | str) -> dict[str, Any]:
+    """The autocast the teacher ran under (``bf16``: True or a precision name), as the key records it: the same
+    entry as before fp16 was told apart (``bf16``), so older stores keep their key."""
+    precision = precision_of(bf16)
+    return {"bf16": precision == "bf16", **({"precision": precision} if precision == "fp16" else {})}
 
 
 def _check_classes(member_logits: Tensor, transfer_set) -> int:

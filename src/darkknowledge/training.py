@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, constraints
 from .augment import check_jitter, jitter_offsets, translate
 from .data.transfer import as_transfer_set, batches, case_rows, input_shape, num_cases, subset
 from .devices import resolve_device
@@ -42,10 +42,14 @@ from .distributed import Workers, current
 from .errors import DarkKnowledgeError, TrainingDiverged
 from .ensemble import Ensemble, distillation_targets
 from .evaluation import Evaluation, autocast, evaluate, predict_logits, to_device
-from .losses import distillation_loss
+from .losses import DEFAULT_DIVERGENCE, describe_divergence, distillation_loss
 
 SCHEDULES = ("onecycle", "cosine", "constant", "step")
 OPTIMIZERS = ("sgd", "adamw")
+# The numeric settings TrainConfig checks against constraints.RANGES, and whether each is a whole number.
+_BOUNDED = {"epochs": True, "batch_size": True, "lr": False, "momentum": False, "weight_decay": False, "jitter": True,
+            "seed": True, "patience": True, "grad_accumulation": True, "clip_grad_norm": False, "step_epochs": True}
+_UNSET_ALLOWED = {"patience", "clip_grad_norm", "step_epochs"}
 # Settings added after runs were saved: left out of a run's key while at their defaults, so older runs resume.
 _NEWER_SETTINGS = {"optimizer": "sgd", "optimizer_options": {}, "grad_accumulation": 1, "clip_grad_norm": None,
                    "fp16": False, "step_epochs": None}
@@ -76,26 +80,16 @@ class TrainConfig:
     step_epochs: int | None = None
 
     def __post_init__(self):
-        checks = [("epochs", self.epochs >= 1, "an integer >= 1"),
-                  ("batch_size", self.batch_size >= 1, "an integer >= 1"),
-                  ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number"),
-                  ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-                  ("weight_decay", self.weight_decay >= 0, ">= 0"),
-                  ("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
-                  ("jitter", self.jitter >= 0, "an integer >= 0"),
-                  ("patience", self.patience is None or self.patience >= 1, "an integer >= 1 or unset"),
+        # Numbers keep the ranges the command line gives them (constraints.RANGES); unset ones are left out.
+        for name, integer in _BOUNDED.items():
+            if not (name in _UNSET_ALLOWED and getattr(self, name) is None):
+                constraints.check(name, getattr(self, name), integer, what="training option")
+        checks = [("schedule", self.schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
                   ("optimizer", self.optimizer in OPTIMIZERS or (isinstance(self.optimizer, type) and issubclass(
                       self.optimizer, torch.optim.Optimizer)), f"one of {', '.join(OPTIMIZERS)} or a "
                    "torch.optim.Optimizer class"),
                   ("optimizer_options", isinstance(self.optimizer_options, dict), "a dict of keyword arguments"),
-                  ("grad_accumulation", isinstance(self.grad_accumulation, int) and self.grad_accumulation >= 1,
-                   "an integer >= 1"),
-                  ("clip_grad_norm", self.clip_grad_norm is None or (math.isfinite(self.clip_grad_norm)
-                                                                     and self.clip_grad_norm > 0),
-                   "a positive number or unset"),
-                  ("fp16", not (self.fp16 and self.bf16), "off when bf16 is on (choose one precision)"),
-                  ("step_epochs", self.step_epochs is None or (isinstance(self.step_epochs, int)
-                                                               and self.step_epochs >= 1), "an integer >= 1 or unset")]
+                  ("fp16", not (self.fp16 and self.bf16), "off when bf16 is on (choose one precision)")]
         for name, ok, allowed in checks:
             if not ok:
                 raise DarkKnowledgeError(f"training option {name} must be {allowed}, got {getattr(self, name)!r}")
@@ -192,6 +186,9 @@ class Distillation:
     (needed when the inputs are jittered, since the teacher must see what the student sees; cached logits or a
     store are then set aside and the loop says so). A ``teacher`` that is an
     :class:`darkknowledge.ensemble.Ensemble` run online gives its combine rule's targets at the temperature.
+
+    ``divergence`` compares the targets with the student's softmax at T: ``forward_kl`` (the paper's, default),
+    or another entry of :data:`darkknowledge.losses.DIVERGENCES` (``reverse_kl``, ``jsd`` with its ``beta``).
     """
 
     temperature: float
@@ -201,8 +198,13 @@ class Distillation:
     teacher_logits: torch.Tensor | None = None
     store: Any = None  # a SoftTargets over the training set
     teacher_device: str | torch.device | None = None  # where an online teacher runs (default: the student's device)
-    bf16: bool | str = field(default=False, init=False)
+    divergence: str = DEFAULT_DIVERGENCE
+    beta: float | None = None  # the generalized JSD's weight of the teacher (None: its default, 0.5)
+    precision: str = field(default="fp32", init=False)  # the run's, for an online teacher's autocast
     online_reason: str | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        describe_divergence(self.divergence, beta=self.beta)  # a bad name or beta fails here, not in epoch 1
 
     def prepare(self, train, config: TrainConfig, device: torch.device = torch.device("cpu")) -> None:
         if self.teacher is None and self.teacher_logits is None and self.store is None:
@@ -230,7 +232,7 @@ class Distillation:
                                       "cached outputs are not used")
             self.teacher_logits = None
             self.store = None
-        self.bf16 = config.precision
+        self.precision = config.precision
         if self.teacher is not None:
             self.teacher_device = resolve_device(self.teacher_device) if self.teacher_device is not None else device
             self.teacher.to(self.teacher_device).eval()
@@ -249,7 +251,7 @@ class Distillation:
             targets = {"teacher_logits": self.teacher_logits[batch.indices].to(logits.device)}
         else:
             inputs = to_device(batch.inputs, self.teacher_device)
-            with torch.no_grad(), autocast(self.bf16, self.teacher_device):
+            with torch.no_grad(), autocast(self.precision, self.teacher_device):
                 if isinstance(self.teacher, Ensemble):
                     members = self.teacher.member_logits(inputs).float()  # [B, M, ..., C] -> [cases, M, C]
                     members = members.movedim(1, -2).reshape(-1, members.shape[1], members.shape[-1])
@@ -261,8 +263,10 @@ class Distillation:
                                                           _on(batch.keep, self.teacher_device))}
             targets = _to_device(targets, logits.device)
         out = distillation_loss(logits, labels=batch.labels, temperature=self.temperature,
-                                soft_weight=self.soft_weight, hard_weight=self.hard_weight, **targets)
-        # soft_kl: the soft term less the targets' entropy, comparable with other libraries' KLDivLoss * T^2.
+                                soft_weight=self.soft_weight, hard_weight=self.hard_weight,
+                                divergence=self.divergence, beta=self.beta, **targets)
+        # soft_kl: the soft term as a KL (forward KL: less the targets' entropy), comparable with other
+        # libraries' KLDivLoss * T^2.
         parts = {"loss": out.total, "soft": out.soft, "soft_kl": out.kl}
         if out.hard is not None:
             parts["hard"] = out.hard
@@ -270,7 +274,7 @@ class Distillation:
 
     def describe(self) -> dict[str, Any]:
         described = {"objective": "distillation", "temperature": self.temperature, "soft_weight": self.soft_weight,
-                     "hard_weight": self.hard_weight}
+                     "hard_weight": self.hard_weight, **describe_divergence(self.divergence, beta=self.beta)}
         if self.store is not None:
             described["soft_targets"] = self.store.describe()
         elif isinstance(self.teacher, Ensemble):
@@ -621,19 +625,23 @@ def cache_teacher_logits(teacher: nn.Module, train, bf16: bool | str = False) ->
 
 
 def distill(student: nn.Module, transfer_set, teacher, temperature: float, soft_weight: float = 1.0,
-            hard_weight: float = 0.0, val=None, config: TrainConfig | None = None, **fit_options) -> nn.Module:
+            hard_weight: float = 0.0, val=None, config: TrainConfig | None = None, *,
+            divergence: str = DEFAULT_DIVERGENCE, beta: float | None = None, **fit_options) -> nn.Module:
     """§2 in one call: train ``student`` on ``transfer_set`` to match ``teacher``'s soft targets at
     ``temperature`` (plus ``hard_weight`` x cross-entropy with the labels); returns the student with its best
     weights. ``teacher``: a :class:`darkknowledge.soft_targets.SoftTargets` store over the transfer set, or a
     module (an :class:`Ensemble` too), whose logits are then computed once (run on every batch with jitter).
-    ``fit_options`` go to :func:`fit` (``run_dir``, ``device``, ``callbacks``, ...)."""
+    ``divergence`` and ``beta``: see :class:`Distillation`. ``fit_options`` go to :func:`fit` (``run_dir``,
+    ``device``, ``callbacks``, ...)."""
     config = config or TrainConfig()
     transfer_set = as_transfer_set(transfer_set)
     if isinstance(teacher, nn.Module):
         cached = cache_teacher_logits(teacher, transfer_set, config.precision) \
             if config.jitter == 0 and not isinstance(teacher, Ensemble) else None
-        objective = Distillation(temperature, soft_weight, hard_weight, teacher=teacher, teacher_logits=cached)
+        objective = Distillation(temperature, soft_weight, hard_weight, teacher=teacher, teacher_logits=cached,
+                                 divergence=divergence, beta=beta)
     else:
-        objective = Distillation(temperature, soft_weight, hard_weight, store=teacher)
+        objective = Distillation(temperature, soft_weight, hard_weight, store=teacher, divergence=divergence,
+                                 beta=beta)
     fit(student, transfer_set, val, config, objective, **fit_options)
     return student

@@ -32,7 +32,7 @@ from ..jobs import DataChoice, distill_run, evaluate_run, member_dir, train_ense
 from ..soft_targets import SoftTargets
 from ..training import TrainConfig
 from .folder import experiment_folder
-from .report import _jsonable, _machine, _machine_line, _pct, _table
+from .report import jsonable, machine, machine_line, pct, table
 
 PAPER = {"baseline": 0.589, "ensemble": 0.611, "distilled": 0.608, "share_transferred": 0.86, "target_share": 0.80,
          "temperatures": [1, 2, 5, 10], "best_temperature": 2, "hard_weight": 0.5, "members": 10,
@@ -149,7 +149,7 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
     same = [(a, by_rule_and_t[("logits", t)]) for (rule, t), a in by_rule_and_t.items()
             if rule == "geometric" and ("logits", t) in by_rule_and_t]
     results = {
-        "command": command, "quick": quick, "plan": _jsonable(asdict(plan)), "paper": PAPER,
+        "command": command, "quick": quick, "plan": jsonable(asdict(plan)), "paper": PAPER,
         "store": {"key": store.key, "bytes": store.nbytes, "cases": len(store), "members": store.num_members,
                   "students_using_it": sum(r["store_key"] == store.key for r in students)},
         "baseline": baseline, "members": members,
@@ -167,7 +167,7 @@ def reproduce_ensemble(out: str | Path, quick: bool = False, data_dir: str | Non
         "chosen_per_rule": by_rule,
         "geometric_vs_logits": {"max_test_error_difference": max(abs(a["test_errors"] - b["test_errors"])
                                                                  for a, b in same) if same else None},
-        "stage_seconds": seconds, "machine": _machine()}
+        "stage_seconds": seconds, "machine": machine()}
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(out / "results.json", results)
     write_report(out, results)
@@ -230,11 +230,11 @@ def _share_interval(student: torch.Tensor, baseline: torch.Tensor, ensemble: tor
 
 
 def _fmt_share(share: float | None) -> str:
-    return "n/a (ensemble no better)" if share is None else _pct(share)
+    return "n/a (ensemble no better)" if share is None else pct(share)
 
 
 def _fmt_interval(interval: list[float] | None) -> str:
-    return "" if interval is None else f" (95% interval {_pct(interval[0])} to {_pct(interval[1])})"
+    return "" if interval is None else f" (95% interval {pct(interval[0])} to {pct(interval[1])})"
 
 
 def plot_students(r: dict[str, Any], path: Path) -> None:
@@ -248,27 +248,27 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
     plot_students(r, out / "ensemble.png")
     paper, plan, chosen = r["paper"], r["plan"], r["chosen_on_validation"]
     base = r["baseline"]
-    headline = _table(
+    headline = table(
         ["system", "test accuracy", "test errors", "paper (speech frame accuracy)"],
-        [["baseline (one model)", _pct(base["test_accuracy"]), base["test_errors"], _pct(paper["baseline"])],
-         [f"{len(r['members'])}x ensemble ({chosen['combine']})", _pct(chosen["ensemble_test_accuracy"]),
-          r["ensemble"][chosen["combine"]]["test"]["errors"], _pct(paper["ensemble"])],
+        [["baseline (one model)", pct(base["test_accuracy"]), base["test_errors"], pct(paper["baseline"])],
+         [f"{len(r['members'])}x ensemble ({chosen['combine']})", pct(chosen["ensemble_test_accuracy"]),
+          r["ensemble"][chosen["combine"]]["test"]["errors"], pct(paper["ensemble"])],
          [f"distilled single model ({chosen['combine']}, T = {chosen['temperature']:g})",
-          _pct(chosen["test_accuracy"]), next(s["test_errors"] for s in r["students"] if s["run"] == chosen["run"]),
-          _pct(paper["distilled"])],
+          pct(chosen["test_accuracy"]), next(s["test_errors"] for s in r["students"] if s["run"] == chosen["run"]),
+          pct(paper["distilled"])],
          ["share of the ensemble's gain transferred", _fmt_share(chosen["share_transferred"]) + _fmt_interval(
              chosen["share_interval_95"]), "",
-          f"{_pct(paper['share_transferred'])} (target >= {_pct(paper['target_share'])})"],
+          f"{pct(paper['share_transferred'])} (target >= {pct(paper['target_share'])})"],
          ["the same, over the members' mean in place of the baseline",
           _fmt_share(chosen["share_over_members_mean"]), "", ""]])
-    ensemble_rows = [[rule, _pct(e["test"]["accuracy"]), e["test"]["errors"], e["val"]["errors"]]
+    ensemble_rows = [[rule, pct(e["test"]["accuracy"]), e["test"]["errors"], e["val"]["errors"]]
                      for rule, e in r["ensemble"].items()]
     student_rows = [[s["combine"], f"{s['temperature']:g}", s["val_errors"], s["test_errors"],
-                     _pct(s["test_accuracy"]), _fmt_share(s["share_transferred"]), s["epoch"],
+                     pct(s["test_accuracy"]), _fmt_share(s["share_transferred"]), s["epoch"],
                      "chosen" if s["run"] == chosen["run"] else ("best T for the rule" if s["run"] in
                                                                  r["chosen_per_rule"].values() else "")]
                     for s in r["students"]]
-    member_rows = [[member_dir(i), m["test_errors"], _pct(m["test_accuracy"]), m["epoch"]]
+    member_rows = [[member_dir(i), m["test_errors"], pct(m["test_accuracy"]), m["epoch"]]
                    for i, m in enumerate(r["members"])]
     diff = r["geometric_vs_logits"]["max_test_error_difference"]
     stage_rows = [[k, f"{int(v // 60)}:{int(v % 60):02d}"] for k, v in r["stage_seconds"].items()]
@@ -290,7 +290,7 @@ on validation too. The test set gives final numbers only.
 {headline}
 
 Share transferred = (distilled - baseline) / (ensemble - baseline), test accuracy, the ensemble combined by the
-student's rule. The mean test accuracy of the {len(r['members'])} members alone: {_pct(r['members_mean_test_accuracy'])}.
+student's rule. The mean test accuracy of the {len(r['members'])} members alone: {pct(r['members_mean_test_accuracy'])}.
 The 95% interval: percentiles of the share over {chosen['bootstrap_draws']:,} bootstrap resamples of the test
 cases (the three models resampled together): how precisely this one test set pins the share down. Values inside
 it are not told apart from the measured share by this test set.
@@ -304,7 +304,7 @@ targets). All {len(r['students'])} students read one soft-target store of the me
 ({r['store']['members']} members x {r['store']['cases']:,} cases, {r['store']['bytes'] / 1e6:.1f} MB, key
 `{r['store']['key'][:16]}`; {r['store']['students_using_it']} of {len(r['students'])} students used it).
 
-{_table(["combine", "T", "val errors", "test errors", "test accuracy", "share transferred", "epoch", ""],
+{table(["combine", "T", "val errors", "test errors", "test accuracy", "share transferred", "epoch", ""],
         student_rows)}
 {"".join(f"{chr(10)}Diverged at the plan's learning rate, so not a candidate: {d['combine']}, T = "
          f"{d['temperature']:g}: {d['diverged']}{chr(10)}" for d in r.get("diverged", []))}
@@ -315,16 +315,16 @@ same T: {diff}. Both are reported as asked.
 
 ## The ensemble, by combine rule
 
-{_table(["combine", "test accuracy", "test errors", "val errors"], ensemble_rows)}
+{table(["combine", "test accuracy", "test errors", "val errors"], ensemble_rows)}
 
 ## The members
 
-{_table(["member", "test errors", "test accuracy", "epoch"], member_rows)}
+{table(["member", "test errors", "test accuracy", "epoch"], member_rows)}
 
 ## Time and machine
 
-{_table(["stage", "training time (m:ss)"], stage_rows)}
+{table(["stage", "training time (m:ss)"], stage_rows)}
 
-{_machine_line(m)}
+{machine_line(m)}
 """
     checkpoint.atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))

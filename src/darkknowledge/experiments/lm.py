@@ -39,7 +39,7 @@ from ..language_model import (EnsembleLM, LMConfig, Objective, block_bootstrap_s
                               generate, load_language_model, no_gain_note, train_language_model)
 from ..token_store import TokenTargets
 from .folder import experiment_folder
-from .report import _jsonable, _machine, _machine_line, _table, plt
+from .report import jsonable, machine, machine_line, table, plt
 
 PAPER = {"baseline": 0.589, "ensemble": 0.611, "distilled": 0.608, "share_transferred": 0.86, "target_share": 0.80,
          "temperatures": [1, 2, 5, 10], "hard_weight": 0.5, "members": 10, "measure": "test frame accuracy (speech)"}
@@ -279,7 +279,7 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
                for name, model in (("ensemble", ensemble), ("baseline", baseline),
                                    (chosen["run"], _load(runs / chosen["run"])))}
     results = {
-        "command": command, "quick": quick, "plan": _jsonable(asdict(plan)), "paper": PAPER,
+        "command": command, "quick": quick, "plan": jsonable(asdict(plan)), "paper": PAPER,
         "data": checkpoint.read_json(out / "data.json", "data"),
         "models": {name: _row(e) for name, e in evaluated.items()},
         "temperature_sweep": sweep, "chosen_on_validation": {"run": chosen["run"], "temperature": t_chosen},
@@ -289,7 +289,7 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
         "top_k": top_k_rows, "stores": {name: s.describe() for name, s in stores.items()},
         "samples": samples, "stage_seconds": seconds, "training_seconds": round(sum(seconds.values()), 1),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "machine": _machine()}
+        "machine": machine()}
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(out / "results.json", results)
     write_report(out, results)
@@ -341,20 +341,20 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
         f"Data: {r['data']['tokenizer']['kind']} tokenizer, {r['data']['tokenizer']['vocab_size']} tokens; "
         f"tokens per split {r['data']['tokens']}; test windows are the bootstrap's blocks.", "",
         "## Baseline, ensemble and distilled model (test; validation beside)", "",
-        _table(["model", "next-token accuracy", "log-loss (nats)", "perplexity", "val accuracy", "val log-loss"],
+        table(["model", "next-token accuracy", "log-loss (nats)", "perplexity", "val accuracy", "val log-loss"],
                rows), "",
         f"The distilled model is `{chosen}` (T chosen on validation log-loss). Paper §4 (speech, frame accuracy): "
         f"baseline {100 * paper['baseline']:.1f}%, ensemble {100 * paper['ensemble']:.1f}%, distilled "
         f"{100 * paper['distilled']:.1f}% (share {100 * paper['share_transferred']:.0f}%; target "
         f">= {100 * paper['target_share']:.0f}%).", "",
         "## Share of the ensemble's gain transferred (test, 95% block bootstrap over windows)", "",
-        _table(["metric", "share", "95% interval", "ensemble gain per token"], share_rows), "",
+        table(["metric", "share", "95% interval", "ensemble gain per token"], share_rows), "",
         *[f"**{note}**\n" for metric, s in r["share_transferred"].items() if (note := no_gain_note(metric, s))],
         "## Temperature sweep (dense store, soft 1 + hard 0.5)", "",
-        _table(["T", "val log-loss", "val accuracy", "test log-loss", "test accuracy", "share (acc)",
+        table(["T", "val log-loss", "val accuracy", "test log-loss", "test accuracy", "share (acc)",
                 "share (log-loss)"], sweep), "",
         "## Deployment: half width", "",
-        _table(["student", "test accuracy", "test log-loss"],
+        table(["student", "test accuracy", "test log-loss"],
                [[f"{d['spec']} distilled", f"{100 * d['half_width_distilled']['test_accuracy']:.2f}%",
                  f"{d['half_width_distilled']['test_log_loss']:.4f}"],
                 [f"{d['spec']} labels only", f"{100 * d['half_width_labels_only']['test_accuracy']:.2f}%",
@@ -362,7 +362,7 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
         "## Store size against student quality (top-k at the chosen T, sampled at T = 1; each share is of the "
         "gain of the dense store's student at the same T over the baseline, with its 95% block-bootstrap interval)",
         "",
-        _table(["store", "bytes/token", "test accuracy", "test log-loss", "share of dense gain (acc)",
+        table(["store", "bytes/token", "test accuracy", "test log-loss", "share of dense gain (acc)",
                 "share of dense gain (log-loss)"], top_k), "",
         "## Samples (prompt `KING.`)", ""]
     for name, text in r["samples"].items():
@@ -370,7 +370,7 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
     lines += [f"Training and store-building seconds per stage, as each run recorded them: {r['stage_seconds']}; "
               f"{r.get('training_seconds', sum(r['stage_seconds'].values())):.0f} s in all. This invocation: "
               f"{r['total_seconds']:.0f} s (evaluations included, reused stages not).", "",
-              _machine_line(r["machine"]), ""]
+              machine_line(r["machine"]), ""]
     (out / "report.md").write_text("\n".join(lines))
     _plot(out / "lm.png", r)
 

@@ -28,7 +28,7 @@ from ..evaluation import predict_logits, summarize
 from ..jobs import DataChoice, distill_run, evaluate_run, train_run
 from ..training import TrainConfig
 from .folder import experiment_folder
-from .report import _jsonable, _machine, write_mnist_report
+from .report import jsonable, machine, write_mnist_report
 
 # The whole run's budget: the chosen teacher recipe alone takes ~90 minutes of one core here (382 epochs of ~14 s).
 MINUTES = 180
@@ -148,11 +148,11 @@ def reproduce_mnist(out: str | Path, quick: bool = False, data_dir: str | None =
     jittered = {name: evaluate_run(run, jitter=plan.test_jitter)["errors"]
                 for name, run in (("teacher", teacher), ("small", small), ("distilled", distilled))}
 
-    results = {"command": command, "quick": quick, "plan": _jsonable(asdict(plan)), "paper": PAPER,
+    results = {"command": command, "quick": quick, "plan": jsonable(asdict(plan)), "paper": PAPER,
                "table1": table1, "temperature_sweep": sweep, **missing,
                "jittered_test": {"max_shift": plan.test_jitter, "errors": jittered,
                                  "unjittered_errors": {k: v["test_errors"] for k, v in table1.items()}},
-               "stage_seconds": seconds, "minutes_budget": MINUTES, "machine": _machine()}
+               "stage_seconds": seconds, "minutes_budget": MINUTES, "machine": machine()}
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(out / "results.json", results)
     write_mnist_report(out, results)

@@ -24,7 +24,7 @@ from ..html_report import regularizer_figure
 from ..jobs import DataChoice, distill_run, evaluate_run, train_run
 from ..training import TrainConfig
 from .folder import experiment_folder
-from .report import _jsonable, _machine, _machine_line, _pct, _table
+from .report import jsonable, machine, machine_line, pct, table
 
 PAPER = {"full": {"train_accuracy": 0.634, "test_accuracy": 0.589},
          "hard_3pct": {"train_accuracy": 0.673, "test_accuracy": 0.445, "note": "early stopped; falls after"},
@@ -67,13 +67,13 @@ def reproduce_regularizer(out: str | Path, quick: bool = False, data_dir: str | 
     """Run (or reuse) every stage, then write ``results.json``, ``report.md`` and ``curves.png`` into ``out``."""
     plan = QUICK if quick else FULL
     out = Path(out)
-    results = {"command": command, "quick": quick, "plan": _jsonable(asdict(plan)), "paper": PAPER,
+    results = {"command": command, "quick": quick, "plan": jsonable(asdict(plan)), "paper": PAPER,
                "datasets": {}, "stage_seconds": {}}
     for dataset in plan.datasets:
         found, seconds = _run_dataset(plan, dataset, out / "runs" / dataset, data_dir, progress, log)
         results["datasets"][dataset] = found
         results["stage_seconds"].update({f"{dataset} {k}": v for k, v in seconds.items()})
-    results["machine"] = _machine()
+    results["machine"] = machine()
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(out / "results.json", results)
     write_report(out, results)
@@ -158,13 +158,13 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
                            ("soft_3pct", f"3%, soft targets (T = {d['soft_3pct']['temperature']:g}, chosen on "
                                          "validation)")):
             s = d[key]
-            rows.append([label, _pct(s["train_accuracy"]), _pct(s["test_accuracy"]),
-                         f"{s['epoch']} of {s['epochs']}", _pct(s["last_epoch_test_accuracy"]),
-                         f"{_pct(s['peak_test_accuracy'])} (epoch {s['peak_epoch']})",
+            rows.append([label, pct(s["train_accuracy"]), pct(s["test_accuracy"]),
+                         f"{s['epoch']} of {s['epochs']}", pct(s["last_epoch_test_accuracy"]),
+                         f"{pct(s['peak_test_accuracy'])} (epoch {s['peak_epoch']})",
                          f"{100 * s['drop_after_peak']:.1f} points",
-                         f"{_pct(paper[key]['train_accuracy'])} / {_pct(paper[key]['test_accuracy'])}"])
-        t_rows = [[f"{s['temperature']:g}", s["val_errors"], _pct(s["test_accuracy"]), s["epoch"],
-                   _pct(s["last_epoch_test_accuracy"])] if "diverged" not in s
+                         f"{pct(paper[key]['train_accuracy'])} / {pct(paper[key]['test_accuracy'])}"])
+        t_rows = [[f"{s['temperature']:g}", s["val_errors"], pct(s["test_accuracy"]), s["epoch"],
+                   pct(s["last_epoch_test_accuracy"])] if "diverged" not in s
                   else [f"{s['temperature']:g}", "diverged", "-", "-", "-"] for s in d["soft_3pct_by_temperature"]]
         diverged = [s["diverged"] for s in d["soft_3pct_by_temperature"] if "diverged" in s]
         hard, soft_, full = d["hard_3pct"], d["soft_3pct"], d["full"]
@@ -174,19 +174,19 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
 
 {d['training_cases']['small']:,} training cases (3%) against {d['training_cases']['full']:,} (100%).
 
-{_table(["system", "train accuracy", "test accuracy (epoch chosen on validation)", "chosen epoch",
+{table(["system", "train accuracy", "test accuracy (epoch chosen on validation)", "chosen epoch",
          "test accuracy, last epoch (no early stopping)", "peak test accuracy", "drop from peak to last epoch",
          "paper: train / test"], rows)}
 
-Soft targets recover {'n/a' if recovered is None else _pct(recovered)} of the test-accuracy gap between hard
-targets on 3% and the full data (paper: {_pct((paper['soft_3pct']['test_accuracy'] - paper['hard_3pct']['test_accuracy'])
+Soft targets recover {'n/a' if recovered is None else pct(recovered)} of the test-accuracy gap between hard
+targets on 3% and the full data (paper: {pct((paper['soft_3pct']['test_accuracy'] - paper['hard_3pct']['test_accuracy'])
 / (paper['full']['test_accuracy'] - paper['hard_3pct']['test_accuracy']))}). Without early stopping, hard targets
 on 3% end {100 * hard['drop_after_peak']:.1f} points below their peak test accuracy, soft targets
 {100 * soft_['drop_after_peak']:.1f} points.
 
 Soft targets at each temperature:
 
-{_table(["T", "val errors", "test accuracy", "chosen epoch", "test accuracy, last epoch"], t_rows)}
+{table(["T", "val errors", "test accuracy", "chosen epoch", "test accuracy, last epoch"], t_rows)}
 {"".join(f"{chr(10)}Diverged, so not a candidate: {text}{chr(10)}" for text in diverged)}""")
     stage_rows = [[k, f"{int(v // 60)}:{int(v % 60):02d}"] for k, v in r["stage_seconds"].items()]
     m = r["machine"]
@@ -206,8 +206,8 @@ never used to choose anything). The paper's numbers are speech frame accuracies.
 {chr(10).join(sections)}
 ## Time and machine
 
-{_table(["stage", "training time (m:ss)"], stage_rows)}
+{table(["stage", "training time (m:ss)"], stage_rows)}
 
-{_machine_line(m)}
+{machine_line(m)}
 """
     checkpoint.atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))

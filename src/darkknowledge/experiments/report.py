@@ -18,36 +18,36 @@ from .. import checkpoint  # noqa: E402
 from ..plots import HELD_OUT, LEGEND, plain_log_axis  # noqa: E402
 
 
-def _jsonable(value):
+def jsonable(value):
     """Tuples as lists and keys as strings, so a plan dataclass round-trips through results.json."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
     """Where and when a reproduction ran, for its results.json."""
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-def _machine_line(m: dict[str, Any]) -> str:
+def machine_line(m: dict[str, Any]) -> str:
     """The machine of a results.json, for the foot of a report."""
     threads = f"{m['threads']} thread{'s' * (m['threads'] != 1)}"
     return (f"{m['cpus']} CPUs ({m['processor']}, {m['platform']}), torch {m['torch']}, {threads}; "
             f"finished {m['finished']}.")
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _pct(rate: float) -> str:
+def pct(rate: float) -> str:
     return f"{100 * rate:.1f}%"
 
 
@@ -98,8 +98,8 @@ def _leaky_validation(t1: dict[str, Any], val_size: int) -> str:
     total = t1["teacher"].get("test_total", 10000)
 
     def rates(run: dict[str, Any]) -> str:
-        return (f"{_pct(run['val_errors'] / val_size)} of the validation cases and "
-                f"{_pct(run['test_errors'] / total)} of the test cases")
+        return (f"{pct(run['val_errors'] / val_size)} of the validation cases and "
+                f"{pct(run['test_errors'] / total)} of the test cases")
 
     return f"""The teacher trained on the validation cases too, so a student's validation errors are optimistic: the
 distilled student errs on {rates(student)} (the small net, which never met a teacher, {rates(small)}). It never
@@ -146,7 +146,7 @@ def write_mnist_report(out: Path, r: dict[str, Any]) -> None:
     def interval(k: str) -> str:  # the exact 95% interval of the count (older results.json files have none)
         return "{} to {}".format(*t1[k]["test_errors_95"]) if "test_errors_95" in t1[k] else "-"
 
-    table1 = _table(["model", "test errors", "95% interval", "paper", "chosen epoch"],
+    table1 = table(["model", "test errors", "95% interval", "paper", "chosen epoch"],
                     [[names[k], t1[k]["test_errors"], interval(k), paper[k], t1[k]["epoch"]]
                      for k in ("teacher", "small", "distilled")])
     errors = {k: t1[k]["test_errors"] for k in t1}
@@ -174,7 +174,7 @@ def write_mnist_report(out: Path, r: dict[str, Any]) -> None:
     def bias_rows(study: dict, as_rate: bool) -> list[list[Any]]:
         def fmt(s: dict) -> str:
             on = ", ".join(f"{n} on {c}s" for c, n in s["errors_on_classes"].items())
-            return f"{_pct(s['error_rate'])} ({s['errors']}; {on})" if as_rate else f"{s['errors']} ({on})"
+            return f"{pct(s['error_rate'])} ({s['errors']}; {on})" if as_rate else f"{s['errors']} ({on})"
         return [["no correction", "0", fmt(study["before"])],
                 ["offset chosen on validation", f"{study['chosen_on_validation']['offset']:+g}",
                  fmt(study["chosen_on_validation"])],
@@ -206,7 +206,7 @@ it is within the test set's sampling error of ours.
 
 ### Targets
 
-{_table(["target", "ours", "met"], target_rows)}
+{table(["target", "ours", "met"], target_rows)}
 
 {_missed_targets(r) if any(row[2] != "yes" for row in target_rows[:3]) else ""}
 
@@ -214,7 +214,7 @@ it is within the test set's sampling error of ours.
 
 ![test errors against temperature](temperature.png)
 
-{_table(["student", "T", "test errors (mean ± sd over seeds)", "validation errors per seed"], sweep_rows)}
+{table(["student", "T", "test errors (mean ± sd over seeds)", "validation errors per seed"], sweep_rows)}
 
 Temperature chosen on validation: {chosen}. The paper: all temperatures above 8 give similar results for
 students with 300 or more units per layer; with 30 units per layer, 2.5 to 4 work best.
@@ -225,14 +225,14 @@ Student distilled at T = {temperature:g} on a transfer set with no 3s ({r['no_th
 bias of class 3 raised. Paper: {p3['errors']} errors ({p3['errors_on_3']} on 3s), and {p3['corrected_errors']}
 ({p3['corrected_errors_on_3']} on 3s) with the bias raised by {p3['offset']}, chosen on test.
 
-{_table(["", "offset", "test errors"], bias_rows(r['no_threes'], as_rate=False))}
+{table(["", "offset", "test errors"], bias_rows(r['no_threes'], as_rate=False))}
 
 ## Only 7s and 8s in the transfer set
 
-Paper: {_pct(p78['error_rate'])} test error, {_pct(p78['corrected_error_rate'])} with the 7 and 8 biases lowered
+Paper: {pct(p78['error_rate'])} test error, {pct(p78['corrected_error_rate'])} with the 7 and 8 biases lowered
 by {-p78['offset']}, chosen on test. Transfer set: {r['only_7_8']['transfer_cases']} cases.
 
-{_table(["", "offset", "test error"], bias_rows(r['only_7_8'], as_rate=True))}
+{table(["", "offset", "test error"], bias_rows(r['only_7_8'], as_rate=True))}
 
 ![errors against bias offset](bias.png)
 
@@ -241,12 +241,12 @@ by {-p78['offset']}, chosen on test. Transfer set: {r['only_7_8']['transfer_case
 Test images shifted at random by up to {jit['max_shift']} pixels (seeded). Only the teacher saw shifted images
 in training; the distilled student saw its soft targets on un-shifted ones.
 
-{_table(["model", "test errors", f"test errors, jittered {jit['max_shift']} px"], jit_rows)}
+{table(["model", "test errors", f"test errors, jittered {jit['max_shift']} px"], jit_rows)}
 
 ## Time and machine
 
-{_table(["stage", "training time (m:ss)"], stage_rows)}
+{table(["stage", "training time (m:ss)"], stage_rows)}
 
-Total training: {total_min:.0f} minutes on {_machine_line(m)}
+Total training: {total_min:.0f} minutes on {machine_line(m)}
 """
     checkpoint.atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))

@@ -25,7 +25,7 @@ from ..specialists.jobs import SUBSETS_FILE, cluster_run, evaluate_specialists, 
 from ..specialists.specialist import SpecialistConfig
 from ..training import TrainConfig
 from .folder import experiment_folder
-from .report import _jsonable, _machine, _machine_line, _table
+from .report import jsonable, machine, machine_line, table
 
 PAPER = {
     "table3": {"baseline": {"conditional_accuracy": 0.431, "accuracy": 0.250},
@@ -146,8 +146,8 @@ def reproduce_specialists(out: str | Path, quick: bool = False, data_dir: str | 
     out = Path(out)
     datasets = {p.dataset: run_dataset(p, out / "runs", plan.top_n, plan.variants, data_dir, progress, log)
                 for p in plan.datasets}
-    results = {"command": command, "quick": quick, "plan": _jsonable(asdict(plan)), "paper": PAPER,
-               "datasets": datasets, "machine": _machine()}
+    results = {"command": command, "quick": quick, "plan": jsonable(asdict(plan)), "paper": PAPER,
+               "datasets": datasets, "machine": machine()}
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(out / "results.json", results)
     write_report(out, results)
@@ -184,11 +184,11 @@ def _dataset_section(d: dict[str, Any], paper: dict[str, Any]) -> str:
                      _gain(t["overall"]["relative_gain"]),
                      f"{_pct(p3['specialists']['conditional_accuracy'])} / {_pct(p3['specialists']['accuracy'])} "
                      f"({_gain(p3['specialists']['relative_gain'])})" if name == "hard" else ""])
-    table3 = _table(["system", "conditional test accuracy", "test accuracy", "relative gain",
+    table3 = table(["system", "conditional test accuracy", "test accuracy", "relative gain",
                      "paper (JFT): conditional / overall"], rows)
     val_rows = [[name, _pct(v["val"]["overall"]["generalist_accuracy"]), _pct(v["val"]["overall"]["combined_accuracy"]),
                  _gain(v["val"]["overall"]["relative_gain"])] for name, v in variants.items()]
-    val_table = _table(["targets", "generalist", "generalist + specialists", "relative gain"], val_rows)
+    val_table = table(["targets", "generalist", "generalist + specialists", "relative gain"], val_rows)
 
     sections = []
     for name, v in variants.items():
@@ -200,7 +200,7 @@ def _dataset_section(d: dict[str, Any], paper: dict[str, Any]) -> str:
                  for k, c in t["by_coverage"].items()]
         sections.append(f"**{name} targets** (active specialists per case: {t['active_specialists_per_case']:.2f}; "
                         f"cases with one active: {t['conditional']['cases']} of {t['test_cases']})\n\n" +
-                        _table(["specialists covering the correct class", "test cases",
+                        table(["specialists covering the correct class", "test cases",
                                 "change in correct (± 95% interval)", "relative gain", "validation: relative gain",
                                 "paper"], rows4))
     table4 = "\n\n".join(sections)
@@ -249,7 +249,7 @@ intervals overlap are not told apart by this test set.
 
 ### Specialists' training
 
-{_table(time_header, time_rows)}
+{table(time_header, time_rows)}
 """
 
 
@@ -264,7 +264,7 @@ specialists); they are shown for the shape of the result, not as targets for the
 the generalist's top {r['plan']['top_n']} class(es) pick them (the paper: 1).
 
 {sections}
-Machine: {_machine_line(m)}
+Machine: {machine_line(m)}
 """
     checkpoint.atomic_write(out / "report.md", lambda tmp: Path(tmp).write_text(text))
 

@@ -1,4 +1,5 @@
-"""``darkknowledge specialists cluster|train|evaluate`` and ``darkknowledge reproduce specialists``.
+"""``darkknowledge specialists cluster|train|evaluate`` (``reproduce specialists`` is the main CLI's, with the
+other reproductions).
 
 CLI code only: it parses and calls :mod:`darkknowledge.specialists.jobs`; the library never imports this module.
 """
@@ -151,13 +152,3 @@ def run_specialists(args: argparse.Namespace) -> int:
             write_json(args.json, result)
     return 0
 
-
-def reproduce(args: argparse.Namespace) -> int:
-    """``darkknowledge reproduce specialists``."""
-    from ..experiments.specialists import reproduce_specialists
-    out = args.out or Path("results") / ("specialists" + "-quick" * args.quick)
-    reproduce_specialists(out, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress,
-                          command="darkknowledge " + " ".join(args.argv),
-                          log=lambda line: print(line, flush=True))  # --no-progress drops bars, not stage lines
-    print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
-    return 0
