@@ -119,7 +119,7 @@ def test_store_rows_are_the_teachers_per_token_targets(splits, tmp_path, top_k):
     ids, _ = train.batch([1, 5])
     with torch.no_grad():
         expected = torch.log(torch.stack([torch.softmax(m.eval()(ids), -1) for m in members]).mean(0))
-    targets = store.targets(train, [1, 5])
+    targets = store.window_targets(train, [1, 5])
     if top_k is None:
         torch.testing.assert_close(targets["teacher_logits"], expected, atol=2e-2, rtol=1e-2)
     else:
@@ -136,7 +136,7 @@ def test_topk_store_summarised_from_a_dense_store_matches_one_from_the_members(s
     from_dense = TokenTargets.build(dense, train, tmp_path, tokenizer_sha256=sha, top_k=4)
     from_members = TokenTargets.build(members, train, tmp_path, tokenizer_sha256=sha, top_k=4)
     assert from_dense.folder != from_members.folder  # keyed by their sources
-    a, b = (s.targets(train, [0, 3])["topk_targets"] for s in (from_dense, from_members))
+    a, b = (s.window_targets(train, [0, 3])["topk_targets"] for s in (from_dense, from_members))
     torch.testing.assert_close(a.logits, b.logits, atol=2e-2, rtol=1e-2)  # float16 rows, summarised again
     with pytest.raises(DarkKnowledgeError, match="must be a dense store over these windows"):
         TokenTargets.build(from_dense, train, tmp_path, tokenizer_sha256=sha, top_k=2)
@@ -166,8 +166,8 @@ def test_a_killed_build_resumes_and_a_corrupted_store_is_rebuilt(splits, tmp_pat
     fresh = TokenTargets.build(teacher, train, tmp_path / "fresh", batch_windows=50, **kwargs)
     every = list(range(len(train)))
     for name in ("logits", "indices"):
-        assert torch.equal(getattr(resumed.targets(train, every)["topk_targets"], name),
-                           getattr(fresh.targets(train, every)["topk_targets"], name))
+        assert torch.equal(getattr(resumed.window_targets(train, every)["topk_targets"], name),
+                           getattr(fresh.window_targets(train, every)["topk_targets"], name))
     # A complete store whose file changed afterwards is never used: open refuses it, build recomputes it.
     with open(folder / "topk_logits.bin", "r+b") as f:
         f.write(b"\x00\x7c")
@@ -220,10 +220,10 @@ def test_train_distil_resume_evaluate_and_generate(splits, tmp_path):
                              log=stop_after_epoch_1)
     student, student_meta = train_language_model(TINY, tokenizer, train, val, config, objective,
                                                  run_dir=tmp_path / "s", log=lines.append)
-    assert any("resumed after epoch 1" in line for line in lines)
+    assert any(line.startswith("resuming") and "after epoch 1" in line for line in lines)
     assert student_meta["objective"] == "distillation" and student_meta["top_k"] == 8
     assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.name != LOCK_FILE) == \
-        ["model.json", "model.safetensors", "tokenizer.json"]
+        ["metrics.jsonl", "model.json", "model.safetensors", "tokenizer.json"]
     # The same settings again: the finished run is reused, not retrained.
     train_language_model(TINY, tokenizer, train, val, config, objective, run_dir=tmp_path / "s", log=lines.append)
     assert "finished run of these settings, reused" in lines[-1]
@@ -299,7 +299,7 @@ def test_sampled_store_holds_unbiased_draws_at_t1_the_same_however_it_was_built(
     other = TokenTargets.build(teacher, train, tmp_path / "b", tokenizer_sha256=sha, samples=4, batch_windows=50)
     assert one.layout == "sampled" and one.bytes_per_token == 4 * 4 + 8
     every = list(range(len(train)))
-    a, b = (s.targets(train, every)["topk_targets"] for s in (one, other))
+    a, b = (s.window_targets(train, every)["topk_targets"] for s in (one, other))
     assert torch.equal(a.indices, b.indices) and torch.equal(a.logits, b.logits)  # seeded per window, not chunk
     torch.testing.assert_close(a.logits.exp().sum(-1), torch.ones(a.logits.shape[:-1]), atol=2e-3, rtol=0)
     assert Objective(one, temperature=1.0).describe()["layout"] == "sampled"
@@ -337,7 +337,7 @@ def test_sampled_store_with_a_head_keeps_the_head_exact_and_estimates_the_rest_w
     headed = TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, samples=4, head=2)
     assert headed.folder != plain.folder and headed.head == 2 and plain.head == 0
     assert headed.top_k == 6 and headed.bytes_per_token == 4 * 6 + 8
-    rows = headed.targets(train, [0])["topk_targets"]
+    rows = headed.window_targets(train, [0])["topk_targets"]
     with torch.no_grad():
         full = torch.softmax(teacher.eval()(train.batch(torch.tensor([0]))[0]).float(), -1)
     stored = torch.zeros_like(full).scatter_add_(-1, rows.indices, rows.logits.exp())

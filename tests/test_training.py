@@ -283,10 +283,10 @@ def test_a_student_resumes_after_its_teacher_folder_moves_but_not_with_another_t
                     log=lambda _: None)
 
 
-def test_a_run_keyed_with_its_teachers_location_still_resumes(tmp_path):
+def test_arun_keyed_with_its_teachers_location_still_resumes(tmp_path):
     """Runs saved before locations left the key (their state holds the older key) are still recognised."""
     from darkknowledge.jobs import distill_run, train_run
-    from darkknowledge.training import _run_key
+    from darkknowledge.training import run_key
     data, config = DataChoice("digits"), quiet(epochs=1, batch_size=64)
     train_run("mlp:32", data, config, tmp_path / "teacher", log=lambda _: None)
     distill_run(tmp_path / "teacher", "mlp:16", data, config, 4, out=tmp_path / "student", log=lambda _: None)
@@ -298,8 +298,8 @@ def test_a_run_keyed_with_its_teachers_location_still_resumes(tmp_path):
             if k in ("spec", "image_shape", "classes", "dataset", "validation", "data_fingerprint", "subset",
                      "train_classes", "train_subset", "teacher")}
     objective = Distillation(4, 1.0, 0.0, teacher=checkpoint.load_model(tmp_path / "teacher")[0])
-    assert _run_key(meta, train, val, config, objective) == new_key  # the sidecar rebuilds the key
-    state["run_key"] = _run_key(meta, train, val, config, objective, locations=True)
+    assert run_key(meta, train, val, config, objective) == new_key  # the sidecar rebuilds the key
+    state["run_key"] = run_key(meta, train, val, config, objective, locations=True)
     assert state["run_key"] != new_key
     state_path.write_text(json.dumps(state))
     lines = []
@@ -313,7 +313,7 @@ def test_a_run_started_with_val_size_0_on_the_command_line_continues_from_python
     (as the command line wrote it before) still resumes."""
     from darkknowledge.cli import main
     from darkknowledge.jobs import train_run
-    from darkknowledge.training import _legacy_keys, _run_key
+    from darkknowledge.training import _legacy_keys, run_key
     run = tmp_path / "run"
     assert main(["train", "--dataset", "digits", "--model", "mlp:16", "--epochs", "1", "--val-size", "0",
                  "--no-progress", "--out", str(run)]) == 0
@@ -327,9 +327,9 @@ def test_a_run_started_with_val_size_0_on_the_command_line_continues_from_python
     train, val, _ = data.load()
     meta = {k: v for k, v in checkpoint.read_model_meta(run).items()
             if k in ("spec", "image_shape", "classes", "dataset", "validation", "data_fingerprint")}
-    assert _run_key(meta, train, val, config, HardTargets()) == state["run_key"]  # the sidecar rebuilds the key
+    assert run_key(meta, train, val, config, HardTargets()) == state["run_key"]  # the sidecar rebuilds the key
     state["run_key"] = _legacy_keys(meta, train, val, config, HardTargets())[1]  # size 0.0, as saved before
-    assert state["run_key"] != _run_key(meta, train, val, config, HardTargets())
+    assert state["run_key"] != run_key(meta, train, val, config, HardTargets())
     state_path.write_text(json.dumps(state))
     lines.clear()
     train_run("mlp:16", data, config, run, resume=True, log=lines.append)
