@@ -347,3 +347,46 @@ def test_sampled_store_with_a_head_keeps_the_head_exact_and_estimates_the_rest_w
         with pytest.raises(DarkKnowledgeError, match="head is for a sampled store") as raised:
             TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, **bad)
         assert "\n" not in str(raised.value)
+
+
+def test_token_windows_are_a_transfer_set_that_fit_distils_from_a_token_store(splits, tmp_path):
+    from darkknowledge.data.transfer import num_cases
+    from darkknowledge.evaluation import evaluate
+    from darkknowledge.training import Distillation, TrainConfig, fit
+    tokenizer, train, val = splits.tokenizer, splits.windows["train"], splits.windows["validation"]
+    assert num_cases(train) == train.num_tokens and len(train.classes) == tokenizer.vocab_size
+    torch.manual_seed(0)
+    teacher = build_language_model(TINY, tokenizer.vocab_size)
+    store = TokenTargets.build(teacher, train, tmp_path / "store", tokenizer_sha256=tokenizer.sha256, top_k=4)
+    assert len(store) == train.num_tokens and store.transfer_fingerprint == train.fingerprint()
+    student = build_language_model(TINY, tokenizer.vocab_size)
+    config = TrainConfig(epochs=2, batch_size=8, lr=1e-2, optimizer="adamw", schedule="cosine", warmup=0.1,
+                         select_by="log_loss", progress=False)
+    result = fit(student, train, val, config, Distillation(2.0, hard_weight=0.5, store=store),
+                 run_dir=tmp_path / "run", log=lambda _: None)
+    record = result.history[result.best_epoch - 1]
+    assert {"train_soft", "train_hard", "val_perplexity", "val_tokens"} <= set(record)
+    assert record["val_log_loss"] == min(r["val_log_loss"] for r in result.history)
+    # per-token numbers of the loop's evaluation: those of evaluate_language_model, to the bit
+    in_units = evaluate_language_model(student, val)
+    assert record["val_log_loss"] == in_units["log_loss"] == evaluate(student, val).loss
+    assert record["val_accuracy"] == in_units["accuracy"] and record["val_tokens"] == val.num_tokens
+    assert record["val_perplexity"] == pytest.approx(np.exp(in_units["log_loss"]))
+    # a store of other windows is refused, as a SoftTargets of another transfer set is
+    with pytest.raises(DarkKnowledgeError, match="computed over another transfer set") as raised:
+        fit(student, val, None, config, Distillation(2.0, store=store), log=lambda _: None)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_sampled_store_distils_at_temperature_1_only_in_the_loop_too(splits, tmp_path):
+    from darkknowledge.training import Distillation, TrainConfig, fit
+    train = splits.windows["train"]
+    torch.manual_seed(0)
+    teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
+    store = TokenTargets.build(teacher, train, tmp_path / "store", tokenizer_sha256="t", samples=4)
+    student = build_language_model(TINY, splits.tokenizer.vocab_size)
+    config = TrainConfig(epochs=1, batch_size=8, optimizer="adamw", progress=False)
+    with pytest.raises(DarkKnowledgeError, match="distils at temperature 1 only, got 2.0") as raised:
+        fit(student, train, None, config, Distillation(2.0, store=store), log=lambda _: None)
+    assert "\n" not in str(raised.value)
+    fit(student, train, None, config, Distillation(1.0, store=store), log=lambda _: None)
