@@ -59,9 +59,8 @@ class Objective:
     hard_weight: float = 0.0
 
     def __post_init__(self):
-        if self.store is not None and self.store.layout == "sampled" and self.temperature != 1:
-            raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
-                                     f"got {self.temperature}; use temperature 1 or a dense or top-k store")
+        if self.store is not None:
+            self.store.check_temperature(self.temperature)  # up front, before any training
 
     def describe(self) -> dict[str, Any]:
         if self.store is None:

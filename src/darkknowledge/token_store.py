@@ -126,10 +126,14 @@ class TokenTargets:
         rows (token positions: case rows, as :class:`darkknowledge.soft_targets.SoftTargets` reads them):
         ``teacher_logits`` ``[rows, V]`` (dense) or ``topk_targets`` ``[rows, K]``. The logits are the teacher's
         at T = 1, softened by the loss; a sampled store's draws are frequencies at T = 1, so it refuses another T."""
+        self.check_temperature(temperature)
+        return self._read(np.asarray(torch.as_tensor(rows, dtype=torch.int64).reshape(-1)))
+
+    def check_temperature(self, temperature: float) -> None:
+        """Refuse (one line) a temperature this store cannot distil at."""
         if self.layout == "sampled" and temperature != 1:
             raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
                                      f"got {temperature}; use temperature 1 or a dense or top-k store")
-        return self._read(np.asarray(torch.as_tensor(rows, dtype=torch.int64).reshape(-1)))
 
     def window_targets(self, windows, window_indices) -> dict[str, Any]:
         """The rows of every position of the given windows at T = 1, shaped ``[B, S, ...]``."""

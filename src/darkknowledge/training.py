@@ -1,11 +1,14 @@
 """The one training loop. Teacher training, plain student training and distillation (§2) differ only in the
 objective: the targets the student learns from and the loss that compares them with its logits.
 
-Read top to bottom: config, objectives, then ``fit``. The training set is any transfer set
+Read top to bottom: config, objectives, then ``fit``: its setup and epochs, :class:`_Epochs` (one epoch, one
+optimizer step, one micro-batch), :func:`_select` (the epoch kept, by validation errors or log-loss) and
+:func:`_save` (model, resume state, metrics). The training set is any transfer set
 (:mod:`darkknowledge.data.transfer`): the built-in image sets stay in memory and a batch is one index_select, one
-batched jitter and one forward/backward; a ``Dataset`` streams through a ``DataLoader``. Every epoch draws its
-randomness from (seed, epoch) alone, so a run resumed from its last saved epoch ends exactly where an
-uninterrupted one does.
+batched jitter and one forward/backward; a ``Dataset`` streams through a ``DataLoader``; token windows
+(:class:`darkknowledge.data.text.TokenWindows`) train a language model, a case being one token position. Every
+epoch draws its randomness from (seed, epoch) alone, so a run resumed from its last saved epoch ends exactly where
+an uninterrupted one does.
 
 Under torchrun (:mod:`darkknowledge.distributed`) the same loop is data-parallel: every rank draws the same
 order of cases and the same global batches, takes its own slice of each (its shard of the data and of the
@@ -36,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .augment import check_jitter, jitter_offsets, translate
-from .data.transfer import as_transfer_set, batches, case_rows, input_shape, num_cases, subset
+from .data.transfer import as_transfer_set, batches, case_rows, cases_per_item, input_shape, num_cases, subset
 from .devices import resolve_device
 from .distributed import Workers, current
 from .errors import DarkKnowledgeError, TrainingDiverged
@@ -456,7 +459,8 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
         started = time.perf_counter()
         record = {"epoch": epoch + 1, **epochs.train_one(epoch)}
         if val is not None:
-            record.update(_validation_record("val", _evaluate(model, val, config.precision, workers)))
+            record.update(_validation_record("val", _evaluate(model, val, config.precision, workers),
+                                             per_token=cases_per_item(val) > 1))
         for name, data in monitor.items():  # logged only: selection above uses val alone
             watched = _evaluate(model, data, config.precision, workers)
             record.update({f"{name}_errors": watched.errors, f"{name}_error_rate": 1 - watched.accuracy})
@@ -597,11 +601,11 @@ class _Epochs:
             self.constrain()
 
 
-def _validation_record(name: str, result: Evaluation) -> dict[str, Any]:
-    """What an epoch's record holds of a validation: errors, error rate and mean loss; of token windows also the
-    log-loss, perplexity, next-token accuracy and the tokens counted."""
+def _validation_record(name: str, result: Evaluation, per_token: bool) -> dict[str, Any]:
+    """What an epoch's record holds of a validation: errors, error rate and mean loss; of a set of several cases
+    an item (``per_token``: token windows) also the log-loss, perplexity, next-token accuracy and cases counted."""
     record = {f"{name}_errors": result.errors, f"{name}_error_rate": 1 - result.accuracy, f"{name}_loss": result.loss}
-    if result.item_nll is not None:
+    if per_token:
         record.update({f"{name}_log_loss": result.loss, f"{name}_perplexity": result.perplexity,
                        f"{name}_accuracy": result.accuracy, f"{name}_tokens": result.total})
     return record
