@@ -390,3 +390,44 @@ def test_a_sampled_store_distils_at_temperature_1_only_in_the_loop_too(splits, t
         fit(student, train, None, config, Distillation(2.0, store=store), log=lambda _: None)
     assert "\n" not in str(raised.value)
     fit(student, train, None, config, Distillation(1.0, store=store), log=lambda _: None)
+
+
+def test_a_run_the_old_language_model_loop_stopped_resumes_in_fit_and_ends_as_an_uninterrupted_run(splits,
+                                                                                                     tmp_path):
+    from darkknowledge import checkpoint
+    tokenizer, train, val = splits.tokenizer, splits.windows["train"], splits.windows["validation"]
+    config = LMConfig(epochs=2, batch_size=8, lr=1e-2)
+    whole, _ = train_language_model(TINY, tokenizer, train, val, config, run_dir=tmp_path / "whole", log=print)
+
+    def stop_after_epoch_1(line):
+        if line.startswith("epoch 1/2"):
+            raise KeyboardInterrupt
+
+    run = tmp_path / "old"
+    with pytest.raises(KeyboardInterrupt):
+        train_language_model(TINY, tokenizer, train, val, config, run_dir=run, log=stop_after_epoch_1)
+    # Rewrite the folder as the language models' own loop left it after epoch 1: its key, its history, its best
+    # weights in best.safetensors, no model.json.
+    state = json.loads((run / "state.json").read_text())
+    best_weights = checkpoint.read_tensors(run / "model.safetensors", json.loads(
+        (run / "model.json").read_text())["weights_sha256"], "model")
+    record = state["history"][0]
+    state.update(run_key=language_model.run_key(TINY, tokenizer.sha256, train, config, Objective()),
+                 history=[{"epoch": 1, "train_loss": record["train_loss"], "seconds": 0.5,
+                           "tokens_per_second": 1000.0, "val_log_loss": record["val_log_loss"],
+                           "val_perplexity": record["val_perplexity"], "val_accuracy": record["val_accuracy"],
+                           "val_tokens": record["val_tokens"]}],
+                 best_validation={"log_loss": record["val_log_loss"], "epoch": 1,
+                                  "sha256": checkpoint.write_tensors(run / "best.safetensors", best_weights)})
+    for name in ("best", "seconds", "done"):
+        state.pop(name)
+    (run / "state.json").write_text(json.dumps(state))
+    for name in ("model.json", "model.safetensors", "metrics.jsonl"):
+        (run / name).unlink()
+
+    lines = []
+    resumed, meta = train_language_model(TINY, tokenizer, train, val, config, run_dir=run, log=lines.append)
+    assert any(line.startswith("resuming") and "after epoch 1" in line for line in lines)
+    assert [r["epoch"] for r in meta["history"]] == [1, 2] and not (run / "best.safetensors").exists()
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
+        assert torch.equal(a, b)

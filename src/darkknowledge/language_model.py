@@ -35,7 +35,7 @@ from .transformer import build_language_model
 
 KIND = "language-model"
 TOKENIZER_FILE = "tokenizer.json"
-BEST_WEIGHTS = "best.safetensors"  # a run of the language models' own loop, stopped unfinished: its best epoch
+BEST_WEIGHTS = "best.safetensors"  # the best epoch of a run the language models' own loop stopped unfinished
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,9 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
         # the spec lets the loop rebuild its best model on resume (the model registry knows gpt: and hf: specs)
         fit_meta = {"spec": spec, "tokenizer_sha256": tokenizer.sha256}
         if run_dir is not None:
-            _clear_other_run(run_dir, training.run_key(fit_meta, train, validation, settings, loss), log)
+            fit_key = training.run_key(fit_meta, train, validation, settings, loss)
+            _adopt_stopped_run(run_dir, key, fit_key, fit_meta, train)
+            _clear_other_run(run_dir, fit_key, log)
         result = training.fit(model, train, validation, settings, loss, run_dir=run_dir, resume=True,
                               meta=fit_meta, log=log, device=device)
         meta = {"kind": KIND, "spec": spec, "vocab_size": tokenizer.vocab_size, "context": train.context,
@@ -157,9 +159,38 @@ def _finished(run_dir: Path, key: str) -> bool:
     return isinstance(meta, dict) and meta.get("kind") == KIND and meta.get("run_key") == key
 
 
+def _adopt_stopped_run(run_dir: Path, key: str, fit_key: str, fit_meta: dict[str, Any], train: TokenWindows) -> None:
+    """A run of these settings that the language models' own loop stopped (its state keyed by ``key``, its best
+    epoch in best.safetensors) continues in the one loop: its state rewritten in fit's terms. The tensors, epoch
+    order and schedule are the same, so it ends where it would have."""
+    path = run_dir / checkpoint.STATE_META
+    state = checkpoint.read_json(path, "training state") if path.exists() else {}
+    if state.get("run_key") != key or "best_validation" not in state:
+        return
+    old_best = state.pop("best_validation")
+    history, elapsed = [], 0.0
+    for record in state["history"]:  # each epoch's own seconds, where fit counts them cumulatively
+        elapsed += record["seconds"]
+        errors = round((1 - record["val_accuracy"]) * record["val_tokens"])
+        history.append({**record, "val_errors": errors, "val_error_rate": errors / record["val_tokens"],
+                        "val_loss": record["val_log_loss"], "seconds": round(elapsed, 3)})
+    best_record = history[old_best["epoch"] - 1]
+    model = build_language_model(fit_meta["spec"], train.vocab_size, train.context)
+    model.load_state_dict(checkpoint.read_tensors(run_dir / BEST_WEIGHTS, old_best["sha256"], "best weights"))
+    shape = [train.context]
+    checkpoint.save_model(run_dir, model, {**fit_meta, "input_shape": shape, "image_shape": shape,
+                                           "classes": list(train.classes), "epoch": old_best["epoch"],
+                                           "metrics": best_record})
+    checkpoint.write_json(path, {**state, "run_key": fit_key, "history": history, "seconds": elapsed, "done": False,
+                                 "best": {"epoch": old_best["epoch"], "val_errors": best_record["val_errors"],
+                                          "stale": state["epoch"] - old_best["epoch"],
+                                          "val_log_loss": old_best["log_loss"]}})
+    (run_dir / BEST_WEIGHTS).unlink()
+
+
 def _clear_other_run(run_dir: Path, fit_key: str, log: Callable[[str], None]) -> None:
-    """A folder holding a run of other settings (another spec, data, recipe or objective; or one stopped by the
-    language models' loop of before) is trained again from the start, as that loop did."""
+    """A folder holding a run of other settings (another spec, data, recipe or objective) is trained again from
+    the start, as the language models' own loop did."""
     state = run_dir / checkpoint.STATE_META
     saved_key = checkpoint.read_json(state, "training state").get("run_key") if state.exists() else None
     if saved_key == fit_key or not (state.exists() or (run_dir / checkpoint.MODEL_META).exists()):
