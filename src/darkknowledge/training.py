@@ -474,9 +474,10 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
         # Every rank runs the callbacks (they may stop the run, and all ranks must stop together).
         stopped_early = any([callback(dict(record)) is True for callback in callbacks]) or stopped_early
         if run_dir is not None and workers.is_main:
-            _save(run_dir, epochs, epoch + 1, improved, _sidecar(model, meta, config, objective, best, record, train), {
-                "run_key": key, "history": history, "best": best, "seconds": elapsed,
-                "done": epoch + 1 == config.epochs or stopped_early}, writer)
+            sidecar = _sidecar(model, meta, config, objective, best, record, train) if improved else None
+            _save(run_dir, epochs, epoch + 1, sidecar, {"run_key": key, "history": history, "best": best,
+                                                         "seconds": elapsed,
+                                                         "done": epoch + 1 == config.epochs or stopped_early}, writer)
         log(_epoch_line(record, config))
 
     if writer is not None:
@@ -626,10 +627,11 @@ def _select(best: dict[str, Any], record: dict[str, Any], config: TrainConfig, h
     return True
 
 
-def _save(run_dir: Path, epochs: _Epochs, epoch: int, improved: bool, sidecar: dict[str, Any],
-          state: dict[str, Any], writer) -> None:
-    """After ``epoch``, rank 0: the best model (when this epoch is), the resume state, the metrics."""
-    if improved:
+def _save(run_dir: Path, epochs: _Epochs, epoch: int, sidecar: dict[str, Any] | None, state: dict[str, Any],
+          writer) -> None:
+    """After ``epoch``, rank 0: the model with its ``sidecar`` (when this epoch is the best), the resume state,
+    the metrics."""
+    if sidecar is not None:
         checkpoint.save_model(run_dir, epochs.model, sidecar)
     checkpoint.save_training_state(run_dir, epoch, epochs.model, epochs.optimizer, state)
     _write_metrics(run_dir / "metrics.jsonl", state["history"])
