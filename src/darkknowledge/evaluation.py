@@ -17,7 +17,8 @@ from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, cases_per_ite
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Items a forward pass when evaluating a set of several cases an item: its logits [32, T, V] are summed as they
-# come (a language model's validation logits would not fit in memory at once). The language-model loop's size.
+# come (a language model's validation logits would not fit in memory at once): the size the language models'
+# own loop used, so their per-token numbers stay the same to the bit.
 SEQUENCE_BATCH = 32
 
 
