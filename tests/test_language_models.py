@@ -431,3 +431,23 @@ def test_a_run_the_old_language_model_loop_stopped_resumes_in_fit_and_ends_as_an
     assert [r["epoch"] for r in meta["history"]] == [1, 2] and not (run / "best.safetensors").exists()
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_language_model_gets_the_loops_accumulation_and_precision(splits, tmp_path):
+    from darkknowledge.training import Distillation, TrainConfig, fit
+    tokenizer, train = splits.tokenizer, splits.windows["train"]
+    torch.manual_seed(0)
+    store = TokenTargets.build(build_language_model(TINY, tokenizer.vocab_size), train, tmp_path / "store",
+                               tokenizer_sha256=tokenizer.sha256)
+    weights = {}
+    for name, options in [("whole", {}), ("accumulated", {"grad_accumulation": 2}), ("bf16", {"bf16": True})]:
+        torch.manual_seed(1)
+        student = build_language_model(TINY, tokenizer.vocab_size)
+        config = TrainConfig(epochs=1, batch_size=8, lr=0.1, progress=False, **options)  # SGD: no rounding blown up
+        result = fit(student, train, None, config, Distillation(2.0, hard_weight=0.5, store=store), device="cpu",
+                     log=lambda _: None)
+        assert np.isfinite(result.history[0]["train_loss"])
+        weights[name] = torch.cat([p.detach().flatten() for p in student.parameters()])
+    # two micro-batches make the step one batch makes (up to float rounding)
+    torch.testing.assert_close(weights["accumulated"], weights["whole"], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(weights["bf16"], weights["whole"])
