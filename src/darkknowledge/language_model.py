@@ -118,14 +118,14 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
     model.json meta)``. ``device``: where it trains (``auto``: CUDA when present). One writer per run folder: its
     lock is held for the whole job."""
     with checkpoint.open_run(run_dir):
+        if objective.store is not None:  # a store of other windows, tokenizer or vocabulary: refused in one line
+            TokenTargets.open(objective.store.folder, windows=train, tokenizer_sha256=tokenizer.sha256,
+                              vocab_size=tokenizer.vocab_size, verify=False)
         key = run_key(spec, tokenizer.sha256, train, config, objective)
         run_dir = Path(run_dir) if run_dir is not None else None
         if run_dir is not None and _finished(run_dir, key):
             log(f"{run_dir}: finished run of these settings, reused")
             return load_language_model(run_dir)
-        if objective.store is not None:
-            TokenTargets.open(objective.store.folder, windows=train, tokenizer_sha256=tokenizer.sha256,
-                              vocab_size=tokenizer.vocab_size, verify=False)
         torch.manual_seed(config.seed)
         model = build_language_model(spec, tokenizer.vocab_size, train.context)
         settings = train_config(config)
