@@ -60,7 +60,7 @@ def store_speed(windows: TokenWindows, folder: Path) -> None:
         rng = np.random.default_rng(0)
         reads, started = 0, time.perf_counter()
         while time.perf_counter() - started < 2.0:
-            store.targets(windows, torch.from_numpy(rng.integers(0, len(windows), BATCH)))
+            store.targets(windows.positions(torch.from_numpy(rng.integers(0, len(windows), BATCH))), 1.0)
             reads += BATCH * CONTEXT
         read = reads / (time.perf_counter() - started)
         name = "dense" if k is None else f"top-{k}"
@@ -85,8 +85,9 @@ def step_cost(windows: TokenWindows, folder: Path, spec: str, member_spec: str, 
         if kind == "labels":
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
         elif kind in stores:
-            loss = distillation_loss(logits, labels=labels, temperature=2.0, hard_weight=0.5,
-                                     **stores[kind].targets(windows, indices)).total
+            # as fit reads a store: one row per token position (case), the logits flattened to match
+            loss = distillation_loss(logits.reshape(-1, VOCAB), labels=labels.reshape(-1), temperature=2.0,
+                                     hard_weight=0.5, **stores[kind].targets(windows.positions(indices), 2.0)).total
         else:
             with torch.no_grad():
                 probs = torch.stack([torch.softmax(t(ids) / 2.0, -1) for t in teachers]).mean(0)

@@ -119,7 +119,7 @@ def test_store_rows_are_the_teachers_per_token_targets(splits, tmp_path, top_k):
     ids, _ = train.batch([1, 5])
     with torch.no_grad():
         expected = torch.log(torch.stack([torch.softmax(m.eval()(ids), -1) for m in members]).mean(0))
-    targets = store.targets(train, [1, 5])
+    targets = store.window_targets(train, [1, 5])
     if top_k is None:
         torch.testing.assert_close(targets["teacher_logits"], expected, atol=2e-2, rtol=1e-2)
     else:
@@ -136,7 +136,7 @@ def test_topk_store_summarised_from_a_dense_store_matches_one_from_the_members(s
     from_dense = TokenTargets.build(dense, train, tmp_path, tokenizer_sha256=sha, top_k=4)
     from_members = TokenTargets.build(members, train, tmp_path, tokenizer_sha256=sha, top_k=4)
     assert from_dense.folder != from_members.folder  # keyed by their sources
-    a, b = (s.targets(train, [0, 3])["topk_targets"] for s in (from_dense, from_members))
+    a, b = (s.window_targets(train, [0, 3])["topk_targets"] for s in (from_dense, from_members))
     torch.testing.assert_close(a.logits, b.logits, atol=2e-2, rtol=1e-2)  # float16 rows, summarised again
     with pytest.raises(DarkKnowledgeError, match="must be a dense store over these windows"):
         TokenTargets.build(from_dense, train, tmp_path, tokenizer_sha256=sha, top_k=2)
@@ -166,8 +166,8 @@ def test_a_killed_build_resumes_and_a_corrupted_store_is_rebuilt(splits, tmp_pat
     fresh = TokenTargets.build(teacher, train, tmp_path / "fresh", batch_windows=50, **kwargs)
     every = list(range(len(train)))
     for name in ("logits", "indices"):
-        assert torch.equal(getattr(resumed.targets(train, every)["topk_targets"], name),
-                           getattr(fresh.targets(train, every)["topk_targets"], name))
+        assert torch.equal(getattr(resumed.window_targets(train, every)["topk_targets"], name),
+                           getattr(fresh.window_targets(train, every)["topk_targets"], name))
     # A complete store whose file changed afterwards is never used: open refuses it, build recomputes it.
     with open(folder / "topk_logits.bin", "r+b") as f:
         f.write(b"\x00\x7c")
@@ -220,10 +220,10 @@ def test_train_distil_resume_evaluate_and_generate(splits, tmp_path):
                              log=stop_after_epoch_1)
     student, student_meta = train_language_model(TINY, tokenizer, train, val, config, objective,
                                                  run_dir=tmp_path / "s", log=lines.append)
-    assert any("resumed after epoch 1" in line for line in lines)
+    assert any(line.startswith("resuming") and "after epoch 1" in line for line in lines)
     assert student_meta["objective"] == "distillation" and student_meta["top_k"] == 8
     assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.name != LOCK_FILE) == \
-        ["model.json", "model.safetensors", "tokenizer.json"]
+        ["metrics.jsonl", "model.json", "model.safetensors", "tokenizer.json"]
     # The same settings again: the finished run is reused, not retrained.
     train_language_model(TINY, tokenizer, train, val, config, objective, run_dir=tmp_path / "s", log=lines.append)
     assert "finished run of these settings, reused" in lines[-1]
@@ -299,7 +299,7 @@ def test_sampled_store_holds_unbiased_draws_at_t1_the_same_however_it_was_built(
     other = TokenTargets.build(teacher, train, tmp_path / "b", tokenizer_sha256=sha, samples=4, batch_windows=50)
     assert one.layout == "sampled" and one.bytes_per_token == 4 * 4 + 8
     every = list(range(len(train)))
-    a, b = (s.targets(train, every)["topk_targets"] for s in (one, other))
+    a, b = (s.window_targets(train, every)["topk_targets"] for s in (one, other))
     assert torch.equal(a.indices, b.indices) and torch.equal(a.logits, b.logits)  # seeded per window, not chunk
     torch.testing.assert_close(a.logits.exp().sum(-1), torch.ones(a.logits.shape[:-1]), atol=2e-3, rtol=0)
     assert Objective(one, temperature=1.0).describe()["layout"] == "sampled"
@@ -337,7 +337,7 @@ def test_sampled_store_with_a_head_keeps_the_head_exact_and_estimates_the_rest_w
     headed = TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, samples=4, head=2)
     assert headed.folder != plain.folder and headed.head == 2 and plain.head == 0
     assert headed.top_k == 6 and headed.bytes_per_token == 4 * 6 + 8
-    rows = headed.targets(train, [0])["topk_targets"]
+    rows = headed.window_targets(train, [0])["topk_targets"]
     with torch.no_grad():
         full = torch.softmax(teacher.eval()(train.batch(torch.tensor([0]))[0]).float(), -1)
     stored = torch.zeros_like(full).scatter_add_(-1, rows.indices, rows.logits.exp())
@@ -347,3 +347,107 @@ def test_sampled_store_with_a_head_keeps_the_head_exact_and_estimates_the_rest_w
         with pytest.raises(DarkKnowledgeError, match="head is for a sampled store") as raised:
             TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, **bad)
         assert "\n" not in str(raised.value)
+
+
+def test_token_windows_are_a_transfer_set_that_fit_distils_from_a_token_store(splits, tmp_path):
+    from darkknowledge.data.transfer import num_cases
+    from darkknowledge.evaluation import evaluate
+    from darkknowledge.training import Distillation, TrainConfig, fit
+    tokenizer, train, val = splits.tokenizer, splits.windows["train"], splits.windows["validation"]
+    assert num_cases(train) == train.num_tokens and len(train.classes) == tokenizer.vocab_size
+    torch.manual_seed(0)
+    teacher = build_language_model(TINY, tokenizer.vocab_size)
+    store = TokenTargets.build(teacher, train, tmp_path / "store", tokenizer_sha256=tokenizer.sha256, top_k=4)
+    assert len(store) == train.num_tokens and store.transfer_fingerprint == train.fingerprint()
+    student = build_language_model(TINY, tokenizer.vocab_size)
+    config = TrainConfig(epochs=2, batch_size=8, lr=1e-2, optimizer="adamw", schedule="cosine", warmup=0.1,
+                         select_by="log_loss", progress=False)
+    result = fit(student, train, val, config, Distillation(2.0, hard_weight=0.5, store=store),
+                 run_dir=tmp_path / "run", log=lambda _: None)
+    record = result.history[result.best_epoch - 1]
+    assert {"train_soft", "train_hard", "val_perplexity", "val_tokens"} <= set(record)
+    assert record["val_log_loss"] == min(r["val_log_loss"] for r in result.history)
+    # per-token numbers of the loop's evaluation: those of evaluate_language_model, to the bit
+    in_units = evaluate_language_model(student, val)
+    assert record["val_log_loss"] == in_units["log_loss"] == evaluate(student, val).loss
+    assert record["val_accuracy"] == in_units["accuracy"] and record["val_tokens"] == val.num_tokens
+    assert record["val_perplexity"] == pytest.approx(np.exp(in_units["log_loss"]))
+    # a store of other windows is refused, as a SoftTargets of another transfer set is
+    with pytest.raises(DarkKnowledgeError, match="computed over another transfer set") as raised:
+        fit(student, val, None, config, Distillation(2.0, store=store), log=lambda _: None)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_sampled_store_distils_at_temperature_1_only_in_the_loop_too(splits, tmp_path):
+    from darkknowledge.training import Distillation, TrainConfig, fit
+    train = splits.windows["train"]
+    torch.manual_seed(0)
+    teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
+    store = TokenTargets.build(teacher, train, tmp_path / "store", tokenizer_sha256="t", samples=4)
+    student = build_language_model(TINY, splits.tokenizer.vocab_size)
+    config = TrainConfig(epochs=1, batch_size=8, optimizer="adamw", progress=False)
+    with pytest.raises(DarkKnowledgeError, match="distils at temperature 1 only, got 2.0") as raised:
+        fit(student, train, None, config, Distillation(2.0, store=store), log=lambda _: None)
+    assert "\n" not in str(raised.value)
+    fit(student, train, None, config, Distillation(1.0, store=store), log=lambda _: None)
+
+
+def test_a_run_the_old_language_model_loop_stopped_resumes_in_fit_and_ends_as_an_uninterrupted_run(splits,
+                                                                                                     tmp_path):
+    from darkknowledge import checkpoint
+    tokenizer, train, val = splits.tokenizer, splits.windows["train"], splits.windows["validation"]
+    config = LMConfig(epochs=2, batch_size=8, lr=1e-2)
+    whole, _ = train_language_model(TINY, tokenizer, train, val, config, run_dir=tmp_path / "whole", log=print)
+
+    def stop_after_epoch_1(line):
+        if line.startswith("epoch 1/2"):
+            raise KeyboardInterrupt
+
+    run = tmp_path / "old"
+    with pytest.raises(KeyboardInterrupt):
+        train_language_model(TINY, tokenizer, train, val, config, run_dir=run, log=stop_after_epoch_1)
+    # Rewrite the folder as the language models' own loop left it after epoch 1: its key, its history, its best
+    # weights in best.safetensors, no model.json.
+    state = json.loads((run / "state.json").read_text())
+    best_weights = checkpoint.read_tensors(run / "model.safetensors", json.loads(
+        (run / "model.json").read_text())["weights_sha256"], "model")
+    record = state["history"][0]
+    state.update(run_key=language_model.run_key(TINY, tokenizer.sha256, train, config, Objective()),
+                 history=[{"epoch": 1, "train_loss": record["train_loss"], "seconds": 0.5,
+                           "tokens_per_second": 1000.0, "val_log_loss": record["val_log_loss"],
+                           "val_perplexity": record["val_perplexity"], "val_accuracy": record["val_accuracy"],
+                           "val_tokens": record["val_tokens"]}],
+                 best_validation={"log_loss": record["val_log_loss"], "epoch": 1,
+                                  "sha256": checkpoint.write_tensors(run / "best.safetensors", best_weights)})
+    for name in ("best", "seconds", "done"):
+        state.pop(name)
+    (run / "state.json").write_text(json.dumps(state))
+    for name in ("model.json", "model.safetensors", "metrics.jsonl"):
+        (run / name).unlink()
+
+    lines = []
+    resumed, meta = train_language_model(TINY, tokenizer, train, val, config, run_dir=run, log=lines.append)
+    assert any(line.startswith("resuming") and "after epoch 1" in line for line in lines)
+    assert [r["epoch"] for r in meta["history"]] == [1, 2] and not (run / "best.safetensors").exists()
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_language_model_gets_the_loops_accumulation_and_precision(splits, tmp_path):
+    from darkknowledge.training import Distillation, TrainConfig, fit
+    tokenizer, train = splits.tokenizer, splits.windows["train"]
+    torch.manual_seed(0)
+    store = TokenTargets.build(build_language_model(TINY, tokenizer.vocab_size), train, tmp_path / "store",
+                               tokenizer_sha256=tokenizer.sha256)
+    weights = {}
+    for name, options in [("whole", {}), ("accumulated", {"grad_accumulation": 2}), ("bf16", {"bf16": True})]:
+        torch.manual_seed(1)
+        student = build_language_model(TINY, tokenizer.vocab_size)
+        config = TrainConfig(epochs=1, batch_size=8, lr=0.1, progress=False, **options)  # SGD: no rounding blown up
+        result = fit(student, train, None, config, Distillation(2.0, hard_weight=0.5, store=store), device="cpu",
+                     log=lambda _: None)
+        assert np.isfinite(result.history[0]["train_loss"])
+        weights[name] = torch.cat([p.detach().flatten() for p in student.parameters()])
+    # two micro-batches make the step one batch makes (up to float rounding)
+    torch.testing.assert_close(weights["accumulated"], weights["whole"], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(weights["bf16"], weights["whole"])

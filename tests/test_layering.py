@@ -11,9 +11,6 @@ PACKAGE = Path(__file__).parents[1] / "src" / "darkknowledge"
 CLI = {"darkknowledge.cli", "darkknowledge.specialists.cli"}
 # What may import the command line: the command line itself and `python -m darkknowledge`.
 MAY_IMPORT_CLI = CLI | {"darkknowledge.__main__"}
-# Left to the loop's part of issue 27 (training.py's _run_key and _silent, imported by jobs): remove once it lands.
-PENDING = {("darkknowledge.jobs", "darkknowledge.training", "_run_key"),
-           ("darkknowledge.jobs", "darkknowledge.training", "_silent")}
 
 
 def module_name(path: Path) -> str:
@@ -63,7 +60,7 @@ def test_no_module_imports_another_modules_private_names():
     wrong = [(module, target, name) for module, found in GRAPH.items() for target, names in found
              if target.startswith("darkknowledge") and target != module
              for name in names if name.startswith("_") and not name.startswith("__")]
-    assert sorted(set(wrong) - PENDING) == []
+    assert sorted(set(wrong)) == []
 
 
 @pytest.mark.parametrize("start", ["darkknowledge.export", "darkknowledge.bench", "darkknowledge.model_card"])

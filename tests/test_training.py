@@ -1,6 +1,7 @@
 """The training loop: learning, determinism, early stopping on validation, distillation sources, resume."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -283,10 +284,10 @@ def test_a_student_resumes_after_its_teacher_folder_moves_but_not_with_another_t
                     log=lambda _: None)
 
 
-def test_a_run_keyed_with_its_teachers_location_still_resumes(tmp_path):
+def test_arun_keyed_with_its_teachers_location_still_resumes(tmp_path):
     """Runs saved before locations left the key (their state holds the older key) are still recognised."""
     from darkknowledge.jobs import distill_run, train_run
-    from darkknowledge.training import _run_key
+    from darkknowledge.training import run_key
     data, config = DataChoice("digits"), quiet(epochs=1, batch_size=64)
     train_run("mlp:32", data, config, tmp_path / "teacher", log=lambda _: None)
     distill_run(tmp_path / "teacher", "mlp:16", data, config, 4, out=tmp_path / "student", log=lambda _: None)
@@ -298,8 +299,8 @@ def test_a_run_keyed_with_its_teachers_location_still_resumes(tmp_path):
             if k in ("spec", "image_shape", "classes", "dataset", "validation", "data_fingerprint", "subset",
                      "train_classes", "train_subset", "teacher")}
     objective = Distillation(4, 1.0, 0.0, teacher=checkpoint.load_model(tmp_path / "teacher")[0])
-    assert _run_key(meta, train, val, config, objective) == new_key  # the sidecar rebuilds the key
-    state["run_key"] = _run_key(meta, train, val, config, objective, locations=True)
+    assert run_key(meta, train, val, config, objective) == new_key  # the sidecar rebuilds the key
+    state["run_key"] = run_key(meta, train, val, config, objective, locations=True)
     assert state["run_key"] != new_key
     state_path.write_text(json.dumps(state))
     lines = []
@@ -313,7 +314,7 @@ def test_a_run_started_with_val_size_0_on_the_command_line_continues_from_python
     (as the command line wrote it before) still resumes."""
     from darkknowledge.cli import main
     from darkknowledge.jobs import train_run
-    from darkknowledge.training import _legacy_keys, _run_key
+    from darkknowledge.training import _legacy_keys, run_key
     run = tmp_path / "run"
     assert main(["train", "--dataset", "digits", "--model", "mlp:16", "--epochs", "1", "--val-size", "0",
                  "--no-progress", "--out", str(run)]) == 0
@@ -327,10 +328,48 @@ def test_a_run_started_with_val_size_0_on_the_command_line_continues_from_python
     train, val, _ = data.load()
     meta = {k: v for k, v in checkpoint.read_model_meta(run).items()
             if k in ("spec", "image_shape", "classes", "dataset", "validation", "data_fingerprint")}
-    assert _run_key(meta, train, val, config, HardTargets()) == state["run_key"]  # the sidecar rebuilds the key
+    assert run_key(meta, train, val, config, HardTargets()) == state["run_key"]  # the sidecar rebuilds the key
     state["run_key"] = _legacy_keys(meta, train, val, config, HardTargets())[1]  # size 0.0, as saved before
-    assert state["run_key"] != _run_key(meta, train, val, config, HardTargets())
+    assert state["run_key"] != run_key(meta, train, val, config, HardTargets())
     state_path.write_text(json.dumps(state))
     lines.clear()
     train_run("mlp:16", data, config, run, resume=True, log=lines.append)
     assert any(line.startswith(("resuming", "reusing")) for line in lines)
+
+
+def test_warmup_rises_linearly_then_the_schedule_runs_over_the_remaining_steps():
+    config = TrainConfig(lr=0.01, schedule="cosine", warmup=0.1)
+    rates = [config.learning_rate(step, 100) for step in range(100)]
+    assert rates[:10] == pytest.approx([0.01 * (s + 1) / 10 for s in range(10)])
+    assert rates[10] == 0.01 and rates[55] == pytest.approx(0.005) and rates[99] < 0.01 * 1e-3
+    # the language models' own loop computed exactly this (results/lm* were trained with it)
+    assert rates[10:] == [0.01 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 90)) for s in range(10, 100)]
+    assert TrainConfig(lr=0.01, schedule="constant", warmup=0.5).learning_rate(0, 10) == 0.002
+    assert TrainConfig(lr=0.01, schedule="cosine").learning_rate(0, 10) == 0.01  # no warm-up by default
+    for options, pattern in [({"warmup": 1.0}, "warmup must be in \\[0, 1\\)"),
+                             ({"warmup": 0.1, "schedule": "onecycle"}, "onecycle schedule"),
+                             ({"select_by": "accuracy"}, "select_by must be one of errors, log_loss"),
+                             ({"epoch_order": "random"}, "epoch_order must be one of")]:
+        with pytest.raises(DarkKnowledgeError, match=pattern) as raised:
+            TrainConfig(**options)
+        assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("select_by, kept", [("errors", 2), ("log_loss", 3)])
+def test_the_epoch_kept_is_the_best_by_the_named_validation_metric(digits, monkeypatch, select_by, kept):
+    from darkknowledge import training
+    from darkknowledge.evaluation import Evaluation
+    train, val, _ = digits
+    scores = iter([(5, 1.0), (3, 2.0), (4, 0.5)])  # epoch 2 has the fewest errors, epoch 3 the lowest log-loss
+    weights = []
+
+    def scripted(model, data, precision, workers):
+        weights.append(next(model.parameters()).detach().clone())
+        errors, loss = next(scores)
+        return Evaluation(errors, len(data), [0] * 10, loss)
+
+    monkeypatch.setattr(training, "_evaluate", scripted)
+    model = build_model("mlp:16", train.image_shape, train.num_classes)
+    result = fit(model, train, val, quiet(epochs=3, select_by=select_by), log=lambda _: None)
+    assert result.best_epoch == kept and torch.equal(next(model.parameters()), weights[kept - 1])
+    assert [r["val_loss"] for r in result.history] == [1.0, 2.0, 0.5]

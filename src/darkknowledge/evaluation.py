@@ -1,17 +1,25 @@
-"""Running a model over a transfer set: logits in large batches, and the test-error summary the paper reports."""
+"""Running a model over a transfer set: logits in large batches, and the test-error summary the paper reports;
+for sets of several cases an item (token windows), per-token log-loss, perplexity and next-token accuracy."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import math
+from typing import Callable
+
 import torch
 from torch import nn
 
 from .augment import jitter as jitter_images
-from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, in_order
+from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, cases_per_item, in_order
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Items a forward pass when evaluating a set of several cases an item: its logits [32, T, V] are summed as they
+# come (a language model's validation logits would not fit in memory at once): the size the language models'
+# own loop used, so their per-token numbers stay the same to the bit.
+SEQUENCE_BATCH = 32
 
 
 def as_inputs(images: torch.Tensor) -> torch.Tensor:
@@ -97,11 +105,19 @@ class Evaluation:
     errors: int
     total: int
     per_class_errors: list[int]
-    loss: float
+    loss: float  # mean cross-entropy per case (per token: the log-loss in nats)
+    # of a set of several cases an item: each item's summed negative log-likelihood and correct cases (the blocks
+    # of a bootstrap over sequences)
+    item_nll: list[float] | None = None
+    item_correct: list[int] | None = None
 
     @property
     def accuracy(self) -> float:
         return 1 - self.errors / max(self.total, 1)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
 
     def to_dict(self) -> dict:
         return {"errors": self.errors, "total": self.total, "accuracy": self.accuracy,
@@ -124,7 +140,52 @@ def summarize(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
 
 def evaluate(model: nn.Module, data, batch_size: int = 4096, bf16: bool | str = False, jitter: int = 0,
              seed: int = 0) -> Evaluation:
-    """Evaluate ``model`` on a transfer set (test errors as in the paper's tables)."""
+    """Evaluate ``model`` on a transfer set (test errors as in the paper's tables); a set of several cases an item
+    (token windows) streams through :func:`evaluate_sequences`."""
     data = as_transfer_set(data)
+    if cases_per_item(data) > 1 and not jitter:
+        return evaluate_sequences(model, data, bf16=bf16)
     logits = predict_logits(model, data, batch_size, bf16, jitter, seed)
     return summarize(logits, labels_of(data), len(data.classes), getattr(data, "ignore_index", None))
+
+
+@torch.no_grad()
+def evaluate_sequences(logits_of: Callable[[torch.Tensor], torch.Tensor] | nn.Module, data,
+                       batch_size: int = SEQUENCE_BATCH, bf16: bool | str = False) -> Evaluation:
+    """Errors, per-case log-loss and per-item sums over a set of several cases an item (labels ``[B, T]``), its
+    logits summed batch by batch, never held whole. ``logits_of``: a model (run in eval mode on its device) or
+    any function of a batch's inputs (an ensemble's combined logits)."""
+    data = as_transfer_set(data)
+    model = logits_of if isinstance(logits_of, nn.Module) else None
+    was_training = model is not None and model.training
+    device = device_of(model) if model is not None else torch.device("cpu")
+    ignore_index = getattr(data, "ignore_index", None)
+    nll, correct, wrong_labels = [], [], []
+    if model is not None:
+        model.eval()
+    try:
+        for inputs, labels, _ in batches(data, in_order(data, batch_size)):
+            with autocast(bf16, device):
+                logits = logits_of(to_device(inputs, device))
+            log_p = torch.log_softmax(logits.float(), -1)
+            labels = labels.to(log_p.device)
+            keep = labels != ignore_index if ignore_index is not None else None
+            picked = labels.clamp_min(0) if keep is not None else labels
+            token_nll = -log_p.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+            hit = log_p.argmax(-1) == labels
+            if keep is not None:
+                token_nll, hit = token_nll.where(keep, 0.0), hit & keep
+                wrong_labels.append(labels[keep & ~hit])
+            else:
+                wrong_labels.append(labels[~hit])
+            nll.append(token_nll.flatten(1).sum(1).double().cpu())
+            correct.append(hit.flatten(1).sum(1).cpu())
+    finally:
+        if model is not None:
+            model.train(was_training)
+    item_nll, item_correct = torch.cat(nll), torch.cat(correct)
+    total = int(item_correct.sum()) + sum(len(y) for y in wrong_labels)  # the cases counted: right or wrong
+    per_class = torch.bincount(torch.cat(wrong_labels).cpu(), minlength=len(data.classes))
+    loss = item_nll.sum().item() / total if total else float("nan")
+    return Evaluation(total - int(item_correct.sum()), total, per_class.tolist(), loss, item_nll.tolist(),
+                      item_correct.tolist())

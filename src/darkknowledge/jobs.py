@@ -32,8 +32,8 @@ from .memory import check_fits
 from .models import build_model, count_parameters, parse_spec
 from .soft_targets import SoftTargets
 from .losses import DEFAULT_DIVERGENCE
-from .training import (Distillation, FitResult, HardTargets, TrainConfig, _run_key, _silent, cache_teacher_logits,
-                       fit)
+from .training import (Distillation, FitResult, HardTargets, TrainConfig, cache_teacher_logits, fit, run_key,
+                       silent)
 
 
 def _count(size: int | float | None) -> int | float | None:
@@ -306,7 +306,7 @@ def _train_ensemble(spec: str, data: DataChoice, config: TrainConfig, out: Path,
     # tells the others which members are left, so they need not see it.
     workers = current()
     if not workers.is_main:
-        log = _silent
+        log = silent
     train, val, _ = data.load()
     meta = _model_meta(spec, train, data, options)
     entries = [{"run": member_dir(i), "seed": config.seed + i, "done": False} for i in range(members)]
@@ -367,7 +367,7 @@ def _record_members(out: Path, entries: list[dict[str, Any]], meta: dict[str, An
         entry["model_missing"] = bool(state) and not (run_dir / checkpoint.MODEL_META).exists()
         entry["epochs"] = state.get("epoch", 0)
         if entry["done"]:
-            if state.get("run_key") != _run_key(meta, train, val, replace(config, seed=entry["seed"]),
+            if state.get("run_key") != run_key(meta, train, val, replace(config, seed=entry["seed"]),
                                                 HardTargets()):
                 raise DarkKnowledgeError(f"{run_dir} was trained with other settings, model or data; finish the "
                                          "ensemble with the options it was started with, or choose another "

@@ -1,14 +1,16 @@
-"""Training, evaluating, saving and sampling causal language models on token windows.
+"""Language models' own parts: their recipe (:class:`LMConfig`, :class:`Objective`), their run folders, evaluation
+in their units, sampling, and the bootstrap of a share of an ensemble's gain.
 
-The loop reads like the image loop (:mod:`darkknowledge.training`) but is its own: AdamW with warm-up and a
-cosine decay, gradient clipping, token windows as cases, and the §2 objective per token
-(:func:`darkknowledge.losses.distillation_loss` with ``[B, S, V]`` logits) when a :class:`TokenTargets` store is
-given. After every epoch it evaluates on the validation windows and saves its state, so a stopped run resumes at
-the next epoch (the state carries a key of everything that defines the run: other settings start afresh).
-The model kept is the epoch best on validation log-loss (model selection never sees the test split).
+Training is :func:`darkknowledge.training.fit`'s: token windows are a transfer set (a case is one token
+position) and a :class:`TokenTargets` store feeds its :class:`darkknowledge.training.Distillation` (the §2 objective
+per token). :func:`train_language_model` only turns the recipe into a :class:`darkknowledge.training.TrainConfig`
+(AdamW with betas 0.9 / 0.95, a linear warm-up then a cosine decay, gradient clipping, the epoch kept by
+validation log-loss, so model selection never sees the test split) and the run folder into a language-model
+run; the loop brings devices, precision, accumulation, DDP and resume (after every epoch).
 
-A run folder holds ``model.safetensors`` + ``model.json`` (``kind: language-model``: spec, vocabulary, context,
-the tokenizer's SHA-256, the data it saw, metrics) and ``tokenizer.json``, checked against the SHA-256 on load.
+A finished run folder holds ``model.safetensors`` + ``model.json`` (``kind: language-model``: spec, vocabulary,
+context, the tokenizer's SHA-256, the data it saw, metrics, the run's key) and ``tokenizer.json``, checked against
+the SHA-256 on load, and the loop's ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,16 +26,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, schemas
+from . import checkpoint, schemas, training
 from .data.text import TextTokenizer, TokenWindows
-from .errors import DarkKnowledgeError, TrainingDiverged
-from .losses import DEFAULT_DIVERGENCE, check_drawn_targets, describe_divergence, distillation_loss
+from .errors import DarkKnowledgeError
+from .evaluation import evaluate_sequences
+from .losses import DEFAULT_DIVERGENCE, check_drawn_targets, describe_divergence
 from .token_store import TokenTargets, ensemble_logits
 from .transformer import build_language_model
 
 KIND = "language-model"
 TOKENIZER_FILE = "tokenizer.json"
-BEST_WEIGHTS = "best.safetensors"  # the best epoch so far, while a run is unfinished
+BEST_WEIGHTS = "best.safetensors"  # the best epoch of a run the language models' own loop stopped unfinished
 
 
 @dataclass(frozen=True)
@@ -62,11 +64,10 @@ class Objective:
 
     def __post_init__(self):
         describe_divergence(self.divergence, beta=self.beta)
-        if self.store is not None and self.store.layout == "sampled":
-            check_drawn_targets(self.divergence)
-        if self.store is not None and self.store.layout == "sampled" and self.temperature != 1:
-            raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
-                                     f"got {self.temperature}; use temperature 1 or a dense or top-k store")
+        if self.store is not None:  # up front, before any training
+            if self.store.layout == "sampled":
+                check_drawn_targets(self.divergence)
+            self.store.check_temperature(self.temperature)
 
     def describe(self) -> dict[str, Any]:
         if self.store is None:
@@ -92,35 +93,23 @@ class EnsembleLM(nn.Module):
         return ensemble_logits(list(self.members), ids)
 
 
-@torch.no_grad()
 def evaluate_language_model(logits_of: Callable[[Tensor], Tensor] | nn.Module, windows: TokenWindows,
                             batch_size: int = 32) -> dict[str, Any]:
     """Per-token log-loss (nats), perplexity and next-token accuracy over every window; per-window sums too
     (``window_nll``, ``window_correct``: the blocks of a bootstrap over sequences)."""
-    if isinstance(logits_of, nn.Module):
-        logits_of.eval()
-    nll, correct = [], []
-    for start in range(0, len(windows), batch_size):
-        ids, labels = windows.batch(torch.arange(start, min(start + batch_size, len(windows))))
-        log_p = torch.log_softmax(logits_of(ids).float(), -1)
-        nll.append(-log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1).sum(1).double())
-        correct.append((log_p.argmax(-1) == labels).sum(1))
-    window_nll, window_correct = torch.cat(nll), torch.cat(correct)
-    tokens = windows.num_tokens
-    log_loss = window_nll.sum().item() / tokens
-    return {"log_loss": log_loss, "perplexity": math.exp(log_loss), "accuracy": window_correct.sum().item() / tokens,
-            "tokens": tokens, "window_nll": window_nll.tolist(), "window_correct": window_correct.tolist()}
+    result = evaluate_sequences(logits_of, windows, batch_size)
+    return {"log_loss": result.loss, "perplexity": result.perplexity, "accuracy": result.accuracy,
+            "tokens": result.total, "window_nll": result.item_nll, "window_correct": result.item_correct}
 
 
-def _summary(evaluation: dict[str, Any]) -> dict[str, Any]:
-    return {k: evaluation[k] for k in ("log_loss", "perplexity", "accuracy", "tokens")}
-
-
-def _learning_rate(config: LMConfig, step: int, total: int) -> float:
-    warmup = max(1, round(config.warmup * total))
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def train_config(config: LMConfig) -> training.TrainConfig:
+    """The recipe as the loop's settings: the arithmetic the language models' own loop had (results/lm* were
+    trained with it), down to the order of each epoch."""
+    return training.TrainConfig(
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+        schedule="cosine", warmup=config.warmup, clip_grad_norm=config.clip, seed=config.seed, optimizer="adamw",
+        optimizer_options={"betas": (0.9, 0.95)}, select_by="log_loss", epoch_order="language-model",
+        progress=False)
 
 
 def run_key(spec: str, tokenizer_sha256: str, train: TokenWindows, config: LMConfig, objective: Objective) -> str:
@@ -131,100 +120,109 @@ def run_key(spec: str, tokenizer_sha256: str, train: TokenWindows, config: LMCon
 
 def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindows, validation: TokenWindows,
                          config: LMConfig = LMConfig(), objective: Objective = Objective(),
-                         run_dir: str | Path | None = None, log: Callable[[str], None] = print
-                         ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train (or resume, or reuse a finished run of the same key) and return ``(best model, model.json meta)``.
-    One writer per run folder: its lock is held for the whole job, as ``training.fit`` holds its own."""
+                         run_dir: str | Path | None = None, log: Callable[[str], None] = print,
+                         device: str | torch.device | None = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Train (or resume, or reuse a finished run of the same key) and return ``(best model on the CPU,
+    model.json meta)``. ``device``: where it trains (``auto``: CUDA when present). One writer per run folder: its
+    lock is held for the whole job."""
     with checkpoint.open_run(run_dir):
-        return _train_language_model(spec, tokenizer, train, validation, config, objective, run_dir, log)
-
-
-def _train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindows, validation: TokenWindows,
-                          config: LMConfig, objective: Objective, run_dir: str | Path | None,
-                          log: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any]]:
-    if objective.store is not None:
-        TokenTargets.open(objective.store.folder, windows=train, tokenizer_sha256=tokenizer.sha256,
-                          vocab_size=tokenizer.vocab_size, verify=False)
-    key = run_key(spec, tokenizer.sha256, train, config, objective)
-    run_dir = Path(run_dir) if run_dir is not None else None
-    if run_dir is not None and (run_dir / checkpoint.MODEL_META).exists():
-        model, meta = load_language_model(run_dir)
-        if meta.get("run_key") == key:
+        if objective.store is not None:  # a store of other windows, tokenizer or vocabulary: refused in one line
+            TokenTargets.open(objective.store.folder, windows=train, tokenizer_sha256=tokenizer.sha256,
+                              vocab_size=tokenizer.vocab_size, verify=False)
+        key = run_key(spec, tokenizer.sha256, train, config, objective)
+        run_dir = Path(run_dir) if run_dir is not None else None
+        if run_dir is not None and _finished(run_dir, key):
             log(f"{run_dir}: finished run of these settings, reused")
-            return model, meta
-    torch.manual_seed(config.seed)
-    model = build_language_model(spec, tokenizer.vocab_size, train.context)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, 0.95))
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"log_loss": math.inf}
-    first_epoch = 1
-    state_path = run_dir / checkpoint.STATE_META if run_dir is not None else None
-    # A saved state of other settings (another spec, data or objective) is left alone and training starts afresh.
-    if state_path is not None and state_path.exists() and \
-            checkpoint.read_json(state_path, "training state").get("run_key") == key:
-        state = checkpoint.load_training_state(run_dir, model, optimizer)
-        first_epoch, history, best = state["epoch"] + 1, state["history"], state["best_validation"]
-        best["weights"] = checkpoint.read_tensors(run_dir / BEST_WEIGHTS, best["sha256"], "best weights")
-        log(f"{run_dir}: resumed after epoch {state['epoch']}")
-    for epoch in range(first_epoch, config.epochs + 1):
-        model.train()
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        started, sums, tokens = time.perf_counter(), {}, 0
-        for step in range(steps_per_epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(config, (epoch - 1) * steps_per_epoch + step,
-                                             config.epochs * steps_per_epoch)
-            indices = order[step * config.batch_size:(step + 1) * config.batch_size]
-            ids, labels = train.batch(indices)
-            logits = model(ids)
-            if objective.store is None:
-                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-                parts = {"loss": loss}
-            else:
-                terms = distillation_loss(logits, labels=labels, temperature=objective.temperature,
-                                          soft_weight=objective.soft_weight, hard_weight=objective.hard_weight,
-                                          divergence=objective.divergence, beta=objective.beta,
-                                          **objective.store.targets(train, indices))
-                loss, parts = terms.total, {"loss": terms.total, "soft": terms.soft, "soft_kl": terms.kl,
-                                            "hard": terms.hard}
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), config.clip)
-            optimizer.step()
-            for name, value in parts.items():  # tensors: no synchronisation to Python per step
-                sums[name] = sums.get(name, 0) + value.detach() * labels.numel()
-            tokens += labels.numel()
-        seconds = time.perf_counter() - started
-        if not math.isfinite(float(sums["loss"])):  # before anything of this epoch is evaluated or saved
-            raise TrainingDiverged.in_epoch(epoch)
-        val = _summary(evaluate_language_model(model, validation))
-        record = {"epoch": epoch, **{f"train_{k}": float(v) / tokens for k, v in sums.items()}, "seconds": seconds,
-                  "tokens_per_second": tokens / seconds, **{f"val_{k}": v for k, v in val.items()}}
-        history.append(record)
-        is_best = val["log_loss"] < best["log_loss"]
-        if is_best:
-            best = {"log_loss": val["log_loss"], "epoch": epoch,
-                    "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            return load_language_model(run_dir)
+        torch.manual_seed(config.seed)
+        model = build_language_model(spec, tokenizer.vocab_size, train.context)
+        settings = train_config(config)
+        loss = training.HardTargets() if objective.store is None else training.Distillation(
+            objective.temperature, objective.soft_weight, objective.hard_weight, store=objective.store,
+            divergence=objective.divergence, beta=objective.beta)
+        # the spec lets the loop rebuild its best model on resume (the model registry knows gpt: and hf: specs)
+        fit_meta = {"spec": spec, "tokenizer_sha256": tokenizer.sha256}
         if run_dir is not None:
-            if is_best:  # the best weights first, then the state that points at them
-                best["sha256"] = checkpoint.write_tensors(run_dir / BEST_WEIGHTS, best["weights"])
-            checkpoint.save_training_state(run_dir, epoch, model, optimizer, {
-                "run_key": key, "history": history,
-                "best_validation": {k: v for k, v in best.items() if k != "weights"}})
-        log(f"epoch {epoch}/{config.epochs}: train loss {record['train_loss']:.4f}, val log-loss "
-            f"{val['log_loss']:.4f}, val accuracy {val['accuracy']:.4f} ({record['tokens_per_second']:.0f} tok/s)")
-    model.load_state_dict(best["weights"])
-    meta = {"kind": KIND, "spec": spec, "vocab_size": tokenizer.vocab_size, "context": train.context,
-            "tokenizer_sha256": tokenizer.sha256, "train": train.describe(), "config": asdict(config),
-            **objective.describe(), "best_epoch": best["epoch"], "history": history, "run_key": key}
-    if run_dir is not None:
-        save_language_model(run_dir, model, tokenizer, meta)
-        # Finished: model.json now vouches for the run, so the resume files go.
-        for path in [run_dir / BEST_WEIGHTS, run_dir / checkpoint.STATE_META, *run_dir.glob("state-e*.safetensors")]:
-            path.unlink(missing_ok=True)
-    return model.eval(), meta
+            fit_key = training.run_key(fit_meta, train, validation, settings, loss)
+            _adopt_stopped_run(run_dir, key, fit_key, fit_meta, train)
+            _clear_other_run(run_dir, fit_key, log)
+        result = training.fit(model, train, validation, settings, loss, run_dir=run_dir, resume=True,
+                              meta=fit_meta, log=log, device=device)
+        meta = {"kind": KIND, "spec": spec, "vocab_size": tokenizer.vocab_size, "context": train.context,
+                "tokenizer_sha256": tokenizer.sha256, "train": train.describe(), "config": asdict(config),
+                **objective.describe(), "best_epoch": result.best_epoch,
+                "history": _per_epoch(result.history, train.num_tokens), "run_key": key}
+        model.cpu()
+        if run_dir is not None:
+            save_language_model(run_dir, model, tokenizer, meta)
+            _remove_resume_files(run_dir)  # finished: model.json now vouches for the run
+        return model.eval(), meta
+
+
+def _finished(run_dir: Path, key: str) -> bool:
+    """Whether ``run_dir`` holds a finished language-model run of this key."""
+    path = run_dir / checkpoint.MODEL_META
+    if not path.exists():
+        return False
+    meta = checkpoint.read_json(path, "model")
+    return isinstance(meta, dict) and meta.get("kind") == KIND and meta.get("run_key") == key
+
+
+def _adopt_stopped_run(run_dir: Path, key: str, fit_key: str, fit_meta: dict[str, Any], train: TokenWindows) -> None:
+    """A run of these settings that the language models' own loop stopped (its state keyed by ``key``, its best
+    epoch in best.safetensors) continues in the one loop: its state rewritten in fit's terms. The tensors, epoch
+    order and schedule are the same, so it ends where it would have."""
+    path = run_dir / checkpoint.STATE_META
+    state = checkpoint.read_json(path, "training state") if path.exists() else {}
+    if state.get("run_key") != key or "best_validation" not in state:
+        return
+    old_best = state.pop("best_validation")
+    history, elapsed = [], 0.0
+    for record in state["history"]:  # each epoch's own seconds, where fit counts them cumulatively
+        elapsed += record["seconds"]
+        errors = round((1 - record["val_accuracy"]) * record["val_tokens"])
+        history.append({**record, "val_errors": errors, "val_error_rate": errors / record["val_tokens"],
+                        "val_loss": record["val_log_loss"], "seconds": round(elapsed, 3)})
+    best_record = history[old_best["epoch"] - 1]
+    model = build_language_model(fit_meta["spec"], train.vocab_size, train.context)
+    model.load_state_dict(checkpoint.read_tensors(run_dir / BEST_WEIGHTS, old_best["sha256"], "best weights"))
+    shape = [train.context]
+    checkpoint.save_model(run_dir, model, {**fit_meta, "input_shape": shape, "image_shape": shape,
+                                           "classes": list(train.classes), "epoch": old_best["epoch"],
+                                           "metrics": best_record})
+    checkpoint.write_json(path, {**state, "run_key": fit_key, "history": history, "seconds": elapsed, "done": False,
+                                 "best": {"epoch": old_best["epoch"], "val_errors": best_record["val_errors"],
+                                          "stale": state["epoch"] - old_best["epoch"],
+                                          "val_log_loss": old_best["log_loss"]}})
+    (run_dir / BEST_WEIGHTS).unlink()
+
+
+def _clear_other_run(run_dir: Path, fit_key: str, log: Callable[[str], None]) -> None:
+    """A folder holding a run of other settings (another spec, data, recipe or objective) is trained again from
+    the start, as the language models' own loop did."""
+    state = run_dir / checkpoint.STATE_META
+    saved_key = checkpoint.read_json(state, "training state").get("run_key") if state.exists() else None
+    if saved_key == fit_key or not (state.exists() or (run_dir / checkpoint.MODEL_META).exists()):
+        return
+    log(f"{run_dir}: holds a run of other settings; training this one from the start")
+    _remove_resume_files(run_dir)
+    for name in (checkpoint.MODEL_META, "model.safetensors"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def _remove_resume_files(run_dir: Path) -> None:
+    for path in [run_dir / BEST_WEIGHTS, run_dir / checkpoint.STATE_META, *run_dir.glob("state-e*.safetensors")]:
+        path.unlink(missing_ok=True)
+
+
+def _per_epoch(history: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
+    """The loop's records with each epoch's own seconds (the loop counts them cumulatively) and tokens a second."""
+    out, before = [], 0.0
+    for record in history:
+        seconds = record["seconds"] - before
+        before = record["seconds"]
+        out.append({**record, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)})
+    return out
 
 
 def save_language_model(run_dir: str | Path, model: nn.Module, tokenizer: TextTokenizer, meta: dict) -> None:

@@ -32,6 +32,7 @@ with one line.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -70,7 +71,9 @@ def ensemble_logits(members: list[nn.Module], ids: Tensor) -> Tensor:
 
 
 class TokenTargets:
-    """A teacher's per-token targets over one split's windows; ``targets(window_indices)`` feeds the loss."""
+    """A teacher's per-token targets over one split's windows, one row per token position: ``targets(rows, T)``
+    feeds :class:`darkknowledge.training.Distillation` as a :class:`darkknowledge.soft_targets.SoftTargets`
+    does (``len``, ``transfer_fingerprint``, ``describe``)."""
 
     def __init__(self, folder: Path, header: dict[str, Any]):
         self.folder, self.header = folder, header
@@ -106,18 +109,46 @@ class TokenTargets:
                 "members": self.header["members"], "positions": self.header["positions"],
                 "bytes_per_token": self.bytes_per_token}
 
-    def targets(self, windows, window_indices) -> dict[str, Any]:
-        """Keyword arguments for :func:`darkknowledge.losses.distillation_loss`: ``teacher_logits`` ``[B, S, V]``
-        (dense) or ``topk_targets`` ``[B, S, K]`` for the given windows."""
-        rows = windows.positions(window_indices).numpy()
-        shape = rows.shape
-        flat = rows.reshape(-1)
+    def __len__(self) -> int:
+        """Rows: one per token position of the windows (the cases of :func:`darkknowledge.training.fit`)."""
+        return self.header["positions"]
+
+    @property
+    def transfer_fingerprint(self) -> str:
+        return self.header["windows_fingerprint"]
+
+    @property
+    def path(self) -> Path:
+        return self.folder
+
+    def targets(self, rows, temperature: float) -> dict[str, Any]:
+        """Keyword arguments for :func:`darkknowledge.losses.distillation_loss` at ``temperature`` for the given
+        rows (token positions: case rows, as :class:`darkknowledge.soft_targets.SoftTargets` reads them):
+        ``teacher_logits`` ``[rows, V]`` (dense) or ``topk_targets`` ``[rows, K]``. The logits are the teacher's
+        at T = 1, softened by the loss; a sampled store's draws are frequencies at T = 1, so it refuses another T."""
+        self.check_temperature(temperature)
+        return self._read(np.asarray(torch.as_tensor(rows, dtype=torch.int64).reshape(-1)))
+
+    def check_temperature(self, temperature: float) -> None:
+        """Refuse (one line) a temperature this store cannot distil at."""
+        if self.layout == "sampled" and temperature != 1:
+            raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
+                                     f"got {temperature}; use temperature 1 or a dense or top-k store")
+
+    def window_targets(self, windows, window_indices) -> dict[str, Any]:
+        """The rows of every position of the given windows at T = 1, shaped ``[B, S, ...]``."""
+        shape = tuple(windows.positions(window_indices).shape)
+        read = self._read(windows.positions(window_indices).reshape(-1).numpy())
+        return {name: value.reshape(*shape, -1) if isinstance(value, Tensor) else dataclasses.replace(
+            value, **{f.name: getattr(value, f.name).reshape(*shape, *getattr(value, f.name).shape[1:])
+                      for f in dataclasses.fields(value)}) for name, value in read.items()}
+
+    def _read(self, flat: np.ndarray) -> dict[str, Any]:
         if self.layout == "dense":
-            return {"teacher_logits": torch.from_numpy(self._arrays["logits"][flat].astype(np.float32))
-                    .reshape(*shape, -1)}
-        values = torch.from_numpy(self._arrays["topk_logits"][flat].astype(np.float32)).reshape(*shape, -1)
-        indices = torch.from_numpy(self._arrays["topk_indices"][flat].astype(np.int64)).reshape(*shape, -1)
-        tail = torch.from_numpy(np.asarray(self._arrays["tail"][flat])).reshape(*shape, 2)
+            return {"teacher_logits": torch.from_numpy(self._arrays["logits"][flat].astype(np.float32))}
+        values = torch.from_numpy(self._arrays["topk_logits"][flat].astype(np.float32))
+        indices = torch.from_numpy(self._arrays["topk_indices"][flat].astype(np.int64))
+        tail = torch.from_numpy(np.asarray(self._arrays["tail"][flat]))
         return {"topk_targets": TopKTargets(values, indices, tail[..., 0], tail[..., 1])}
 
     # -- making and opening ------------------------------------------------------------------------------------
@@ -270,7 +301,7 @@ class TokenTargets:
                     if source is None:
                         logits = ensemble_logits(members, windows.batch(torch.arange(start, stop))[0])
                     else:
-                        logits = source.targets(windows, torch.arange(start, stop))["teacher_logits"]
+                        logits = source.window_targets(windows, torch.arange(start, stop))["teacher_logits"]
                     logits = logits.reshape(-1, windows.vocab_size)
                     if header["layout"] == "dense":
                         rows = {"logits": logits.numpy()}

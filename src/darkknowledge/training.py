@@ -1,11 +1,14 @@
 """The one training loop. Teacher training, plain student training and distillation (§2) differ only in the
 objective: the targets the student learns from and the loss that compares them with its logits.
 
-Read top to bottom: config, objectives, then ``fit``. The training set is any transfer set
+Read top to bottom: config, objectives, then ``fit``: its setup and epochs, :class:`_Epochs` (one epoch, one
+optimizer step, one micro-batch), :func:`_select` (the epoch kept, by validation errors or log-loss) and
+:func:`_save` (model, resume state, metrics). The training set is any transfer set
 (:mod:`darkknowledge.data.transfer`): the built-in image sets stay in memory and a batch is one index_select, one
-batched jitter and one forward/backward; a ``Dataset`` streams through a ``DataLoader``. Every epoch draws its
-randomness from (seed, epoch) alone, so a run resumed from its last saved epoch ends exactly where an
-uninterrupted one does.
+batched jitter and one forward/backward; a ``Dataset`` streams through a ``DataLoader``; token windows
+(:class:`darkknowledge.data.text.TokenWindows`) train a language model, a case being one token position. Every
+epoch draws its randomness from (seed, epoch) alone, so a run resumed from its last saved epoch ends exactly where
+an uninterrupted one does.
 
 Under torchrun (:mod:`darkknowledge.distributed`) the same loop is data-parallel: every rank draws the same
 order of cases and the same global batches, takes its own slice of each (its shard of the data and of the
@@ -36,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, constraints
 from .augment import check_jitter, jitter_offsets, translate
-from .data.transfer import as_transfer_set, batches, case_rows, input_shape, num_cases, subset
+from .data.transfer import as_transfer_set, batches, case_rows, cases_per_item, input_shape, num_cases, subset
 from .devices import resolve_device
 from .distributed import Workers, current
 from .errors import DarkKnowledgeError, TrainingDiverged
@@ -50,9 +53,13 @@ OPTIMIZERS = ("sgd", "adamw")
 _BOUNDED = {"epochs": True, "batch_size": True, "lr": False, "momentum": False, "weight_decay": False, "jitter": True,
             "seed": True, "patience": True, "grad_accumulation": True, "clip_grad_norm": False, "step_epochs": True}
 _UNSET_ALLOWED = {"patience", "clip_grad_norm", "step_epochs"}
+SELECTION_METRICS = ("errors", "log_loss")  # what chooses the epoch kept: validation errors or log-loss
+# How each epoch's order of cases is seeded: fit's own, or the one the language-model loop drew before it folded
+# into fit (seed * 1000 + epoch, epochs from 1), kept so the committed results/lm* runs reproduce exactly.
+EPOCH_ORDERS = ("fit", "language-model")
 # Settings added after runs were saved: left out of a run's key while at their defaults, so older runs resume.
 _NEWER_SETTINGS = {"optimizer": "sgd", "optimizer_options": {}, "grad_accumulation": 1, "clip_grad_norm": None,
-                   "fp16": False, "step_epochs": None}
+                   "fp16": False, "step_epochs": None, "warmup": 0.0, "select_by": "errors", "epoch_order": "fit"}
 
 
 @dataclass
@@ -78,6 +85,9 @@ class TrainConfig:
     # step schedule: halve every this many epochs (unset: every tenth of the run). Set, a shorter run follows a
     # longer run's rates exactly up to its end, e.g. a retrain to the epoch chosen on validation.
     step_epochs: int | None = None
+    warmup: float = 0.0  # fraction of all steps warming the rate up linearly from lr / warm-up steps (not onecycle)
+    select_by: str = "errors"  # the validation metric that chooses the epoch kept (and counts patience)
+    epoch_order: str = "fit"  # how each epoch's order is seeded (see EPOCH_ORDERS)
 
     def __post_init__(self):
         # Numbers keep the ranges the command line gives them (constraints.RANGES); unset ones are left out.
@@ -89,7 +99,12 @@ class TrainConfig:
                       self.optimizer, torch.optim.Optimizer)), f"one of {', '.join(OPTIMIZERS)} or a "
                    "torch.optim.Optimizer class"),
                   ("optimizer_options", isinstance(self.optimizer_options, dict), "a dict of keyword arguments"),
-                  ("fp16", not (self.fp16 and self.bf16), "off when bf16 is on (choose one precision)")]
+                  ("fp16", not (self.fp16 and self.bf16), "off when bf16 is on (choose one precision)"),
+                  ("warmup", 0 <= self.warmup < 1, "in [0, 1)"),
+                  ("warmup", not (self.warmup and self.schedule == "onecycle"),
+                   "0 with the onecycle schedule (it warms up over its first tenth already)"),
+                  ("select_by", self.select_by in SELECTION_METRICS, f"one of {', '.join(SELECTION_METRICS)}"),
+                  ("epoch_order", self.epoch_order in EPOCH_ORDERS, f"one of {', '.join(EPOCH_ORDERS)}")]
         for name, ok, allowed in checks:
             if not ok:
                 raise DarkKnowledgeError(f"training option {name} must be {allowed}, got {getattr(self, name)!r}")
@@ -128,7 +143,12 @@ class TrainConfig:
             raise DarkKnowledgeError(f"optimizer {self.optimizer.__name__}: {e}; fix optimizer_options") from None
 
     def learning_rate(self, step: int, total_steps: int) -> float:
-        """The schedule as a pure function of the step, so resuming needs no scheduler state."""
+        """The schedule as a pure function of the step, so resuming needs no scheduler state: the warm-up's steps
+        first (if any), then the schedule over the rest."""
+        warm = max(1, round(self.warmup * total_steps)) if self.warmup else 0
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        step, total_steps = step - warm, total_steps - warm
         progress = step / max(total_steps, 1)
         if self.schedule == "constant":
             return self.lr
@@ -140,8 +160,9 @@ class TrainConfig:
             warmup = 0.1
             if progress < warmup:
                 return self.lr * (0.04 + 0.96 * progress / warmup)
-            progress = (progress - warmup) / (1 - warmup)
-        return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
+            return self.lr * 0.5 * (1 + math.cos(math.pi * ((progress - warmup) / (1 - warmup))))
+        # cosine: pi * step / steps, the language-model loop's arithmetic (results/lm* reproduce to the bit)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * step / max(total_steps, 1)))
 
 
 class Batch(NamedTuple):
@@ -304,7 +325,7 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**63)
 
 
-def _run_key(meta: dict, train, val, config: TrainConfig, objective, locations: bool = False) -> str:
+def run_key(meta: dict, train, val, config: TrainConfig, objective, locations: bool = False) -> str:
     """What must match for --resume to continue the same run rather than a different one: what the model, data,
     settings and teacher are, not where the teacher's files are (``locations=True``: the older key that held them)."""
     return checkpoint.run_key(meta, train.fingerprint(), val.fingerprint() if val is not None else "",
@@ -317,11 +338,11 @@ def _legacy_keys(meta: dict, train, val, config: TrainConfig, objective) -> tupl
     """The keys older versions saved the same run with, also accepted on resume (its next checkpoint stores the
     current key): the one that held locations, and the one of a whole validation size the command line wrote as
     a float (``--val-size 0`` was saved as ``0.0``, so Python's ``val_size=0`` could not continue that run)."""
-    keys = [_run_key(meta, train, val, config, objective, locations=True)]
+    keys = [run_key(meta, train, val, config, objective, locations=True)]
     size = meta.get("validation", {}).get("size")
     if isinstance(size, int) and not isinstance(size, bool):
         as_float = {**meta, "validation": {**meta["validation"], "size": float(size)}}
-        keys.append(_run_key(as_float, train, val, config, objective))
+        keys.append(run_key(as_float, train, val, config, objective))
     return tuple(keys)
 
 
@@ -374,6 +395,8 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
 def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, run_dir: str | Path | None,
          resume: bool, meta: dict[str, Any] | None, log: Callable[[str], None] | None, monitor, workers: Workers,
          device: str | torch.device | None, callbacks: Sequence[Callable[[dict[str, Any]], Any]]) -> FitResult:
+    """Check and set up, resume where a saved run stopped, then each epoch: train (:class:`_Epochs`), validate,
+    keep the best (:func:`_select`), save (:func:`_save`)."""
     config = config or TrainConfig()
     objective = objective or HardTargets()
     workers = workers or current()
@@ -387,7 +410,7 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
     meta = dict(meta or {})
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     if not workers.is_main:
-        log = _silent
+        log = silent
     run_dir = Path(run_dir) if run_dir is not None else None
     if monitor is not None and not isinstance(monitor, dict):
         monitor = {"monitor": monitor}
@@ -405,23 +428,16 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
     if isinstance(objective, Distillation) and (objective.teacher is not None or objective.store is not None):
         log(f"distillation: soft targets from the {objective.soft_source()}")
 
-    optimizer = config.make_optimizer(model.parameters())
-    scaler = torch.amp.GradScaler("cuda", enabled=config.fp16)
-    constrain = getattr(model, "apply_constraints", None)
-    ignore_index = getattr(train, "ignore_index", None)
-    n = len(train)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    run_key = _run_key(meta, train, val, config, objective)
-    legacy_keys = _legacy_keys(meta, train, val, config, objective)
-
-    best_state = None
+    epochs = _Epochs(model, train, config, objective, workers, config.make_optimizer(model.parameters()))
+    key = run_key(meta, train, val, config, objective)
+    best_state: dict[str, torch.Tensor] | None = None
 
     def saved_state() -> dict[str, Any] | None:
         """Where the saved run stopped (None: a new run); loads its weights, optimizer state and best model."""
         nonlocal best_state
-        state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume,
-                                                 legacy_keys=legacy_keys, epochs=config.epochs)
+        state = checkpoint.resume_training_state(run_dir, model, epochs.optimizer, key, resume,
+                                                 legacy_keys=_legacy_keys(meta, train, val, config, objective),
+                                                 epochs=config.epochs)
         if state is None:
             return None
         if state["best"]["val_errors"] is not None:
@@ -437,119 +453,36 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
         finished = start_epoch >= config.epochs or best["stale"] >= (config.patience or math.inf)
         log(f"reusing {run_dir}: already trained ({start_epoch} epochs)" if finished
             else f"resuming {run_dir} after epoch {start_epoch}")
-    net = model
-    if workers.distributed:
-        _share_weights_and_optimizer(model, optimizer, workers)
-        net = DistributedDataParallel(model, device_ids=[workers.device.index] if workers.device.type == "cuda"
-                                      else None, gradient_as_bucket_view=True)  # no copy of the gradients
+    epochs.share_state()
 
     writer = _tensorboard(run_dir, log) if workers.is_main else None
     stopped_early = best["stale"] >= (config.patience or math.inf)
-    micro = config.grad_accumulation
     for epoch in range(start_epoch, config.epochs):
         if stopped_early:
             break
         started = time.perf_counter()
-        torch.manual_seed(_epoch_seed(config.seed, epoch) + workers.rank)  # dropout masks
-        generator = torch.Generator().manual_seed(_epoch_seed(config.seed, epoch))
-        order = torch.randperm(n, generator=generator)
-        # Each step's batch, split into this rank's micro-batches (with their jitter), drawn before reading any
-        # data: the same numbers as one process draws, so the data can be read ahead (a DataLoader's workers).
-        steps = []
-        for step in range(steps_per_epoch):
-            batch = order[step * config.batch_size:(step + 1) * config.batch_size]
-            offsets = jitter_offsets(len(batch), config.jitter, generator)  # the whole batch's, as one process
-            mine = workers.shard(len(batch))
-            parts = torch.arange(len(batch))[mine].tensor_split(micro)
-            steps.append((len(batch), [(batch[p], offsets[:, p] if offsets is not None else None) for p in parts]))
-        reader = batches(train, [indices for _, parts in steps for indices, _ in parts])
-        model.train()
-        sums: dict[str, torch.Tensor] = {}
-        train_errors = torch.zeros((), dtype=torch.long, device=workers.device)
-        counted = torch.zeros((), dtype=torch.long, device=workers.device)
-        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not (config.progress and workers.is_main), file=sys.stderr, mininterval=0.5)
-        for step, (batch_size, parts) in enumerate(bar):
-            for group in optimizer.param_groups:
-                group["lr"] = config.learning_rate(epoch * steps_per_epoch + step, total_steps)
-            for part, (_, offsets) in enumerate(parts):
-                inputs, labels, indices = next(reader)
-                inputs = translate(to_device(inputs, workers.device), offsets, config.jitter)
-                labels = labels.to(workers.device, non_blocking=labels.is_pinned())
-                # The gradients are summed over the ranks only on a step's last micro-batch.
-                sync = part == len(parts) - 1 or not workers.distributed
-                with nullcontext() if sync else net.no_sync():
-                    with autocast(config.precision, workers.device):
-                        logits = net(inputs)
-                    cases = _cases(logits, labels, case_rows(train, indices), ignore_index)
-                    if len(indices):
-                        try:
-                            loss, terms = objective.loss(cases[0], Batch(inputs, *cases[1:]))
-                        except DarkKnowledgeError:
-                            if torch.isfinite(logits).all():
-                                raise
-                            raise TrainingDiverged.in_epoch(epoch + 1) from None
-                    else:  # a micro-batch with no case of this rank's: it still joins the gradient sum
-                        loss, terms = logits.sum() * 0.0, {}
-                    # Each micro-batch's mean loss weighted by its share of the step's batch: the gradient is the
-                    # whole batch's mean loss, as one process computes it (DDP averages over the ranks).
-                    scaler.scale(loss * (len(indices) * workers.world_size / batch_size)).backward()
-                for key, value in terms.items():  # sums stay tensors: no per-step synchronisation to Python
-                    sums[key] = sums.get(key, 0) + value.detach() * len(cases[1])
-                train_errors += (cases[0].detach().argmax(-1) != cases[1]).sum()
-                counted += len(cases[1])
-            if config.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if constrain is not None:
-                constrain()
-
-        names = sorted(sums)  # the same on every rank: each had cases in the first batch
-        totals = workers.all_sum(torch.stack([*(sums[k].double() for k in names), train_errors.double(),
-                                              counted.double()]))
-        cases_seen = max(int(totals[-1]), 1)
-        if not bool(torch.isfinite(totals).all()):  # before anything of this epoch is saved
-            raise TrainingDiverged.in_epoch(epoch + 1)
-        record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                  **{f"train_{k}": float(v) / cases_seen for k, v in zip(names, totals)},
-                  "train_errors": int(totals[-2]), "train_error_rate": int(totals[-2]) / cases_seen}
-        improved = True
+        record = {"epoch": epoch + 1, **epochs.train_one(epoch)}
         if val is not None:
-            result = _evaluate(model, val, config.precision, workers)
-            record.update(val_errors=result.errors, val_error_rate=1 - result.accuracy, val_loss=result.loss)
-            improved = best["val_errors"] is None or result.errors < best["val_errors"]
+            record.update(_validation_record("val", _evaluate(model, val, config.precision, workers),
+                                             per_token=cases_per_item(val) > 1))
         for name, data in monitor.items():  # logged only: selection above uses val alone
             watched = _evaluate(model, data, config.precision, workers)
             record.update({f"{name}_errors": watched.errors, f"{name}_error_rate": 1 - watched.accuracy})
         elapsed += time.perf_counter() - started
         record["seconds"] = round(elapsed, 3)
         history.append(record)
+        improved = _select(best, record, config, has_val=val is not None)
         if improved:
-            best = {"epoch": epoch + 1, "val_errors": record.get("val_errors"), "stale": 0}
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            best["stale"] += 1
         stopped_early = best["stale"] >= (config.patience or math.inf)
         # Every rank runs the callbacks (they may stop the run, and all ranks must stop together).
         stopped_early = any([callback(dict(record)) is True for callback in callbacks]) or stopped_early
-
         if run_dir is not None and workers.is_main:
-            if improved:
-                checkpoint.save_model(run_dir, model, _sidecar(model, meta, config, objective, best, record, train))
-            checkpoint.save_training_state(run_dir, epoch + 1, model, optimizer, {
-                "run_key": run_key, "history": history, "best": best, "seconds": elapsed,
-                "done": epoch + 1 == config.epochs or stopped_early})
-            _write_metrics(run_dir / "metrics.jsonl", history)
-            if writer is not None:
-                for key, value in record.items():
-                    if isinstance(value, (int, float)) and key != "epoch":
-                        writer.add_scalar(key, value, epoch + 1)
-        val_text = f"  val errors {record['val_errors']}" if val is not None else ""
-        log(f"epoch {epoch + 1}/{config.epochs}  loss {record['train_loss']:.4f}  "
-            f"train errors {record['train_errors']}{val_text}  {elapsed:.1f}s")
+            sidecar = _sidecar(model, meta, config, objective, best, record, train) if improved else None
+            _save(run_dir, epochs, epoch + 1, sidecar, {"run_key": key, "history": history, "best": best,
+                                                         "seconds": elapsed,
+                                                         "done": epoch + 1 == config.epochs or stopped_early}, writer)
+        log(_epoch_line(record, config))
 
     if writer is not None:
         writer.close()
@@ -557,6 +490,167 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
         model.load_state_dict(best_state)
     workers.broadcast_tensors(model.state_dict().values())  # rank 0's best, which it saved, everywhere
     return FitResult(history, best["epoch"], best["val_errors"], stopped_early, elapsed)
+
+
+class _Epochs:
+    """The training itself: the model (wrapped for DDP under torchrun), its optimizer and gradient scaler, and
+    one epoch (:meth:`train_one`) as steps (:meth:`_step`) over micro-batches (:meth:`_micro_step`)."""
+
+    def __init__(self, model: nn.Module, train, config: TrainConfig, objective, workers: Workers,
+                 optimizer: torch.optim.Optimizer):
+        self.model, self.net, self.train, self.config = model, model, train, config
+        self.objective, self.workers, self.optimizer = objective, workers, optimizer
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.fp16)
+        self.constrain = getattr(model, "apply_constraints", None)
+        self.ignore_index = getattr(train, "ignore_index", None)
+        self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
+        self.total_steps = self.steps_per_epoch * config.epochs
+
+    def share_state(self) -> None:
+        """Under torchrun: rank 0's weights and optimizer state everywhere, and the model wrapped for DDP."""
+        if not self.workers.distributed:
+            return
+        _share_weights_and_optimizer(self.model, self.optimizer, self.workers)
+        device = self.workers.device
+        self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                                           gradient_as_bucket_view=True)  # no copy of the gradients
+
+    def order(self, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
+        """This epoch's order of items and the generator its jitter is drawn from after it: a function of the
+        seed and the epoch alone (see ``epoch_order``)."""
+        n, seed = len(self.train), self.config.seed
+        if self.config.epoch_order == "language-model":
+            generator = torch.Generator().manual_seed(seed * 1000 + epoch + 1)
+        else:
+            generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
+        return torch.randperm(n, generator=generator), generator
+
+    def plan(self, epoch: int) -> list[tuple[int, list[tuple[torch.Tensor, torch.Tensor | None]]]]:
+        """Each step's batch size and this rank's micro-batches (indices, jitter offsets), drawn before reading any
+        data: the same numbers as one process draws, so the data can be read ahead (a DataLoader's workers)."""
+        config = self.config
+        order, generator = self.order(epoch)
+        steps = []
+        for step in range(self.steps_per_epoch):
+            batch = order[step * config.batch_size:(step + 1) * config.batch_size]
+            offsets = jitter_offsets(len(batch), config.jitter, generator)  # the whole batch's, as one process
+            parts = torch.arange(len(batch))[self.workers.shard(len(batch))].tensor_split(config.grad_accumulation)
+            steps.append((len(batch), [(batch[p], offsets[:, p] if offsets is not None else None) for p in parts]))
+        return steps
+
+    def train_one(self, epoch: int) -> dict[str, Any]:
+        """One epoch; returns its training metrics (each loss term per case, the errors), summed over ranks."""
+        config, workers = self.config, self.workers
+        torch.manual_seed(_epoch_seed(config.seed, epoch) + workers.rank)  # dropout masks
+        steps = self.plan(epoch)
+        reader = batches(self.train, [indices for _, parts in steps for indices, _ in parts])
+        self.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        counts = torch.zeros(2, dtype=torch.long, device=workers.device)  # errors, cases counted
+        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not (config.progress and workers.is_main), file=sys.stderr, mininterval=0.5)
+        for step, (batch_size, parts) in enumerate(bar):
+            for group in self.optimizer.param_groups:
+                group["lr"] = config.learning_rate(epoch * self.steps_per_epoch + step, self.total_steps)
+            for part, (_, offsets) in enumerate(parts):
+                last = part == len(parts) - 1
+                self._micro_step(epoch, next(reader), offsets, batch_size, last, sums, counts)
+            self._step()
+
+        names = sorted(sums)  # the same on every rank: each had cases in the first batch
+        totals = workers.all_sum(torch.stack([*(sums[k].double() for k in names), *counts.double()]))
+        cases_seen = max(int(totals[-1]), 1)
+        if not bool(torch.isfinite(totals).all()):  # before anything of this epoch is saved
+            raise TrainingDiverged.in_epoch(epoch + 1)
+        return {"lr": self.optimizer.param_groups[0]["lr"],
+                **{f"train_{k}": float(v) / cases_seen for k, v in zip(names, totals)},
+                "train_errors": int(totals[-2]), "train_error_rate": int(totals[-2]) / cases_seen}
+
+    def _micro_step(self, epoch: int, read, offsets, batch_size: int, last: bool, sums: dict, counts) -> None:
+        """Forward and backward of one micro-batch; its loss terms and errors added to the epoch's sums."""
+        inputs, labels, indices = read
+        device, workers = self.workers.device, self.workers
+        inputs = translate(to_device(inputs, device), offsets, self.config.jitter)
+        labels = labels.to(device, non_blocking=labels.is_pinned())
+        # The gradients are summed over the ranks only on a step's last micro-batch.
+        with nullcontext() if last or not workers.distributed else self.net.no_sync():
+            with autocast(self.config.precision, device):
+                logits = self.net(inputs)
+            cases = _cases(logits, labels, case_rows(self.train, indices), self.ignore_index)
+            if len(indices):
+                try:
+                    loss, terms = self.objective.loss(cases[0], Batch(inputs, *cases[1:]))
+                except DarkKnowledgeError:
+                    if torch.isfinite(logits).all():
+                        raise
+                    raise TrainingDiverged.in_epoch(epoch + 1) from None
+            else:  # a micro-batch with no case of this rank's: it still joins the gradient sum
+                loss, terms = logits.sum() * 0.0, {}
+            # Each micro-batch's mean loss weighted by its share of the step's batch: the gradient is the whole
+            # batch's mean loss, as one process computes it (DDP averages over the ranks).
+            self.scaler.scale(loss * (len(indices) * workers.world_size / batch_size)).backward()
+        for key, value in terms.items():  # sums stay tensors: no per-step synchronisation to Python
+            sums[key] = sums.get(key, 0) + value.detach() * len(cases[1])
+        counts[0] += (cases[0].detach().argmax(-1) != cases[1]).sum()
+        counts[1] += len(cases[1])
+
+    def _step(self) -> None:
+        """The optimizer's step on the summed gradients (clipped if asked), then the model's constraints."""
+        if self.config.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.constrain is not None:
+            self.constrain()
+
+
+def _validation_record(name: str, result: Evaluation, per_token: bool) -> dict[str, Any]:
+    """What an epoch's record holds of a validation: errors, error rate and mean loss; of a set of several cases
+    an item (``per_token``: token windows) also the log-loss, perplexity, next-token accuracy and cases counted."""
+    record = {f"{name}_errors": result.errors, f"{name}_error_rate": 1 - result.accuracy, f"{name}_loss": result.loss}
+    if per_token:
+        record.update({f"{name}_log_loss": result.loss, f"{name}_perplexity": result.perplexity,
+                       f"{name}_accuracy": result.accuracy, f"{name}_tokens": result.total})
+    return record
+
+
+def _select(best: dict[str, Any], record: dict[str, Any], config: TrainConfig, has_val: bool) -> bool:
+    """Whether this epoch is the best so far by ``config.select_by`` on validation (every epoch is, without a
+    validation set); updates ``best`` (its epoch, validation errors and metric, epochs since: ``stale``)."""
+    metric = f"val_{config.select_by}"
+    value = record["val_errors" if config.select_by == "errors" else "val_loss"] if has_val else None
+    if has_val and best.get(metric) is not None and not value < best[metric]:
+        best["stale"] += 1
+        return False
+    best.clear()
+    best.update({"epoch": record["epoch"], "val_errors": record.get("val_errors"), "stale": 0})
+    if config.select_by != "errors":
+        best[metric] = value
+    return True
+
+
+def _save(run_dir: Path, epochs: _Epochs, epoch: int, sidecar: dict[str, Any] | None, state: dict[str, Any],
+          writer) -> None:
+    """After ``epoch``, rank 0: the model with its ``sidecar`` (when this epoch is the best), the resume state,
+    the metrics."""
+    if sidecar is not None:
+        checkpoint.save_model(run_dir, epochs.model, sidecar)
+    checkpoint.save_training_state(run_dir, epoch, epochs.model, epochs.optimizer, state)
+    _write_metrics(run_dir / "metrics.jsonl", state["history"])
+    if writer is not None:
+        for key, value in state["history"][-1].items():
+            if isinstance(value, (int, float)) and key != "epoch":
+                writer.add_scalar(key, value, epoch)
+
+
+def _epoch_line(record: dict[str, Any], config: TrainConfig) -> str:
+    val_text = f"  val errors {record['val_errors']}" if "val_errors" in record else ""
+    if "val_log_loss" in record:
+        val_text += f"  val log-loss {record['val_log_loss']:.4f}"
+    return (f"epoch {record['epoch']}/{config.epochs}  loss {record['train_loss']:.4f}  "
+            f"train errors {record['train_errors']}{val_text}  {record['seconds']:.1f}s")
 
 
 def _cases(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, ignore_index: int | None):
@@ -569,8 +663,8 @@ def _cases(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, ignor
     return as_cases(logits, keep), labels, rows, keep
 
 
-def _silent(line: str) -> None:
-    pass
+def silent(line: str) -> None:
+    """A log that says nothing."""
 
 
 def _share_weights_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, workers: Workers) -> None:

@@ -6,10 +6,10 @@
   names (fixed by the seed and recorded in the run), so no work leaks between splits.
 - :class:`TextTokenizer` is character level or a byte-level BPE trained on the training split only, with Hugging
   Face ``tokenizers``; it is saved beside the run (``tokenizer.json``) and its SHA-256 is checked on load.
-- :class:`TokenWindows` is the transfer set of a language model: the split's documents joined by an
-  end-of-document token, cut into non-overlapping windows of ``context`` tokens; case ``i`` is window ``i``,
-  its inputs the window and its labels the next tokens. One *position* (a row of the token store) is
-  ``i * context + t``.
+- :class:`TokenWindows` is the transfer set of a language model (:mod:`darkknowledge.data.transfer`): the
+  split's documents joined by an end-of-document token, cut into non-overlapping windows of ``context`` tokens;
+  item ``i`` is window ``i``, its inputs the window and its labels the next tokens. A *case* is one token
+  position, ``i * context + t`` (a row of the token store); every position counts, so no label is ``-100``.
 """
 
 from __future__ import annotations
@@ -164,11 +164,14 @@ class TextTokenizer:
 
 
 class TokenWindows:
-    """Non-overlapping windows of ``context`` tokens over one split: a transfer set for a language model.
+    """Non-overlapping windows of ``context`` tokens over one split: a transfer set for a language model, with
+    ``context`` cases (token positions) an item and the vocabulary's ids as classes.
 
     ``batch(indices)`` gives ``(inputs, labels)``, both ``[B, context]`` int64 (labels are the inputs shifted by
     one: the next token). ``positions(indices)`` are the store rows of those windows' tokens ``[B, context]``.
     """
+
+    ignore_index = None  # every position counts (a -100 label would mark one that does not)
 
     def __init__(self, ids: np.ndarray, context: int, name: str, vocab_size: int):
         if context < 1:
@@ -186,6 +189,14 @@ class TokenWindows:
     @property
     def num_tokens(self) -> int:
         return self.num_windows * self.context
+
+    @property
+    def cases_per_item(self) -> int:
+        return self.context
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(str(i) for i in range(self.vocab_size))
 
     def batch(self, indices) -> tuple[Tensor, Tensor]:
         indices = torch.as_tensor(indices, dtype=torch.int64)

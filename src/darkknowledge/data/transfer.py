@@ -449,6 +449,7 @@ class _View:
         self.classes = data.classes
         self.transform = getattr(data, "transform", Transform())
         self.ignore_index = getattr(data, "ignore_index", None)
+        self.cases_per_item = cases_per_item(data)  # a view of token windows: windows, each of T cases
 
     def __len__(self) -> int:
         return len(self.index)
