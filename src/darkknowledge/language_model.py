@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from . import checkpoint, schemas
 from .data.text import TextTokenizer, TokenWindows
-from .errors import DarkKnowledgeError, TrainingDiverged
+from .errors import DarkKnowledgeError, OtherKindOfRun, TrainingDiverged
 from .losses import distillation_loss
+from .memory import check_fits
 from .token_store import TokenTargets, ensemble_logits
 from .transformer import build_language_model
 
@@ -140,11 +141,10 @@ def _train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindo
                           vocab_size=tokenizer.vocab_size, verify=False)
     key = run_key(spec, tokenizer.sha256, train, config, objective)
     run_dir = Path(run_dir) if run_dir is not None else None
-    if run_dir is not None and (run_dir / checkpoint.MODEL_META).exists():
-        model, meta = load_language_model(run_dir)
-        if meta.get("run_key") == key:
-            log(f"{run_dir}: finished run of these settings, reused")
-            return model, meta
+    finished = _reusable_run(run_dir, key, tokenizer, log) if run_dir is not None else None
+    if finished is not None:
+        log(f"{run_dir}: finished run of these settings, reused")
+        return finished
     torch.manual_seed(config.seed)
     model = build_language_model(spec, tokenizer.vocab_size, train.context)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
@@ -153,10 +153,8 @@ def _train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindo
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"log_loss": math.inf}
     first_epoch = 1
-    state_path = run_dir / checkpoint.STATE_META if run_dir is not None else None
     # A saved state of other settings (another spec, data or objective) is left alone and training starts afresh.
-    if state_path is not None and state_path.exists() and \
-            checkpoint.read_json(state_path, "training state").get("run_key") == key:
+    if run_dir is not None and _saved_state(run_dir, key, log) is not None:
         state = checkpoint.load_training_state(run_dir, model, optimizer)
         first_epoch, history, best = state["epoch"] + 1, state["history"], state["best_validation"]
         best["weights"] = checkpoint.read_tensors(run_dir / BEST_WEIGHTS, best["sha256"], "best weights")
@@ -213,35 +211,95 @@ def _train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindo
             **objective.describe(), "best_epoch": best["epoch"], "history": history, "run_key": key}
     if run_dir is not None:
         save_language_model(run_dir, model, tokenizer, meta)
-        # Finished: model.json now vouches for the run, so the resume files go.
-        for path in [run_dir / BEST_WEIGHTS, run_dir / checkpoint.STATE_META, *run_dir.glob("state-e*.safetensors")]:
-            path.unlink(missing_ok=True)
+        _drop_resume_files(run_dir)
     return model.eval(), meta
+
+
+def _drop_resume_files(run_dir: Path) -> None:
+    """Finished: model.json now vouches for the run, so the resume files go."""
+    for path in [run_dir / BEST_WEIGHTS, run_dir / checkpoint.STATE_META, *run_dir.glob("state-e*.safetensors")]:
+        path.unlink(missing_ok=True)
 
 
 def save_language_model(run_dir: str | Path, model: nn.Module, tokenizer: TextTokenizer, meta: dict) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(run_dir / TOKENIZER_FILE)
+    checkpoint.atomic_write(run_dir / TOKENIZER_FILE, tokenizer.save)
     checkpoint.save_model(run_dir, model, meta)
 
 
 def load_language_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a language-model run folder (eval mode) and its model.json."""
+    """The model of a language-model run folder (eval mode) and its model.json (the pending one of a commit a
+    crash cut short, as :func:`darkknowledge.checkpoint.read_model_meta` reads it). Checked as
+    :func:`darkknowledge.checkpoint.load_model` checks an image model: its size against the memory before it is
+    built, and its weights' names, shapes, dtypes and values against the model."""
     run_dir = checkpoint.resolve_run_dir(run_dir)
-    meta = checkpoint.read_json(run_dir / checkpoint.MODEL_META, "model")
-    if not isinstance(meta, dict) or meta.get("kind") != KIND:
-        raise DarkKnowledgeError(f"{run_dir} is not a language-model run (its model.json has no kind "
-                                 f"'{KIND}'); give a run made by 'darkknowledge reproduce lm' or train_language_model")
-    schemas.check(schemas.LanguageModelSidecar, meta, run_dir / checkpoint.MODEL_META,
-                  "train the run again or restore the file")
-    model = build_language_model(meta["spec"], meta["vocab_size"], meta["context"])
-    model.load_state_dict(checkpoint.read_tensors(run_dir / meta["weights"], meta["weights_sha256"], "model"))
-    return model.eval(), meta
+    meta = checkpoint.read_model_meta(run_dir, schemas.LanguageModelSidecar)
+    check_fits(meta["spec"], (meta["context"],), meta["vocab_size"], copies=2)  # a spec may name any size
+    try:
+        model = build_language_model(meta["spec"], meta["vocab_size"], meta["context"])
+    except (RuntimeError, MemoryError) as error:
+        raise DarkKnowledgeError(f"model: {run_dir / checkpoint.MODEL_META} describes a model that cannot be built "
+                                 f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+                                 "train the run again or restore the file") from None
+    return checkpoint.load_weights(model, run_dir / meta["weights"], meta["weights_sha256"], "model").eval(), meta
 
 
 def load_run_tokenizer(run_dir: str | Path, meta: dict[str, Any]) -> TextTokenizer:
-    return TextTokenizer.load(Path(run_dir) / TOKENIZER_FILE, sha256=meta["tokenizer_sha256"])
+    """The run's tokenizer.json, checked against the SHA-256 and the vocabulary its model.json records."""
+    path = Path(run_dir) / TOKENIZER_FILE
+    tokenizer = TextTokenizer.load(path, sha256=meta["tokenizer_sha256"])
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise DarkKnowledgeError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but the run's model "
+                                 f"{meta['vocab_size']}; restore the run's tokenizer.json, or train the run again")
+    return tokenizer
+
+
+def _reusable_run(run_dir: Path, key: str, tokenizer: TextTokenizer,
+                  log: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any]] | None:
+    """The finished run in ``run_dir`` if it is one of these settings and whole, else None (train it again).
+    Its tokenizer.json must be the one its model.json records: one damaged, swapped or missing is rewritten from
+    ``tokenizer`` (the same one: its SHA-256 is in the key). A run whose files are damaged is trained again, never
+    reused; a folder holding an image model is refused (:class:`OtherKindOfRun`), never trained over."""
+    if not (run_dir / checkpoint.MODEL_META).exists() and not (run_dir / checkpoint.PENDING_META).exists():
+        return None
+    try:
+        model, meta = load_language_model(run_dir)
+    except OtherKindOfRun:
+        raise
+    except DarkKnowledgeError as error:
+        log(f"{run_dir}: its model cannot be used ({error}); training it again")
+        return None
+    if meta["run_key"] != key or meta["tokenizer_sha256"] != tokenizer.sha256:
+        return None
+    path = run_dir / TOKENIZER_FILE
+    try:
+        load_run_tokenizer(run_dir, meta)
+    except DarkKnowledgeError as error:
+        checkpoint.atomic_write(path, tokenizer.save)
+        log(f"{run_dir}: {TOKENIZER_FILE} repaired from the corpus's tokenizer ({error})")
+    _drop_resume_files(run_dir)  # a run killed after its commit left them
+    return model, meta
+
+
+def _saved_state(run_dir: Path, key: str, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The run's state.json when it is a state of these settings that can resume them, else None (start afresh:
+    another run's state, or a damaged one, is replaced by this run's first epoch)."""
+    path = run_dir / checkpoint.STATE_META
+    if not path.exists():
+        return None
+    try:
+        state = checkpoint.read_json(path, "training state")
+        if not isinstance(state, dict) or state.get("run_key") != key:
+            return None
+        schemas.check(schemas.LanguageModelState, state, path, "training starts afresh")
+        for name, sha256 in ((state["tensors"], state["tensors_sha256"]),
+                             (BEST_WEIGHTS, state["best_validation"]["sha256"])):
+            checkpoint.read_tensors(run_dir / name, sha256, "training state")
+    except DarkKnowledgeError as error:
+        log(f"{error}; training starts afresh")
+        return None
+    return state
 
 
 @torch.no_grad()
