@@ -260,9 +260,9 @@ def read_model_meta(run_dir: str | os.PathLike, schema: type = schemas.ModelSide
         raise DarkKnowledgeError(f"model: {path} is not a darkknowledge model sidecar; point to a "
                                  "run directory made by 'darkknowledge train', 'distill' or 'reproduce'")
     if schemas.sidecar_schema(meta) is not schema:
-        raise OtherKindOfRun(f"model: {run_dir} holds a {schemas.sidecar_schema(meta).kind.removesuffix(' sidecar')}"
-                             f", not a {schema.kind.removesuffix(' sidecar')}: language models are for 'generate' "
-                             "and 'reproduce lm', image models for the other commands; give a run of that kind")
+        raise OtherKindOfRun(f"model: {run_dir} holds {schemas.sidecar_schema(meta).holds}, not {schema.holds}: "
+                             "language models are for 'generate' and 'reproduce lm', image models for the other "
+                             "commands; give a run of that kind")
     return schemas.check(schema, meta, path, "retrain the model or restore the file")
 
 

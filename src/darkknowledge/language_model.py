@@ -290,7 +290,7 @@ def _saved_state(run_dir: Path, key: str, log: Callable[[str], None]) -> dict[st
         return None
     try:
         state = checkpoint.read_json(path, "training state")
-        if not isinstance(state, dict) or state.get("run_key") != key:
+        if isinstance(state, dict) and state.get("run_key") != key:
             return None
         schemas.check(schemas.LanguageModelState, state, path, "training starts afresh")
         for name, sha256 in ((state["tensors"], state["tensors_sha256"]),

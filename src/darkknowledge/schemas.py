@@ -45,6 +45,7 @@ class Validation(_Schema):
 class ModelSidecar(_Schema):
     """``model.json``: what the weights beside it are."""
     kind: ClassVar[str] = "model sidecar"
+    holds: ClassVar[str] = "an image model"
     format: Literal["darkknowledge/1"]
     spec: Annotated[str, Field(min_length=1)]
     image_shape: Annotated[list[Positive], Field(min_length=1, max_length=4)]
@@ -68,6 +69,7 @@ class LanguageModelEpoch(_Schema):
 class LanguageModelSidecar(_Schema):
     """``model.json`` of a language-model run: what the weights beside it are."""
     kind: ClassVar[str] = "language-model sidecar"
+    holds: ClassVar[str] = "a language model"
     model_kind: Literal["language-model"] = Field(alias="kind")  # an image sidecar has no kind
     format: Literal["darkknowledge/1"]
     spec: Annotated[str, Field(min_length=1)]
