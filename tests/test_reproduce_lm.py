@@ -160,3 +160,20 @@ def test_the_plan_sets_the_share_of_works_in_each_split(tmp_path):
     works = sum(len(names) for names in documents.values())
     assert len(documents["test"]) == round(0.5 * works) and len(documents["validation"]) == round(0.1 * works)
     assert splits.windows["train"].num_tokens == plan.max_train_tokens
+
+
+@pytest.mark.parametrize("damage", [("data.json", "[]"), ("data.json", "{}"), ("data.json", "{"),
+                                    ("tokenizer.json", '"chars"'), ("tokenizer.json", '{"format": 1}'),
+                                    ("tokenizer.json", None)], ids=lambda d: f"{d[0]}={d[1]}")
+def test_a_damaged_data_record_or_tokenizer_is_made_again_the_same(tmp_path, damage):
+    from darkknowledge.experiments.lm import prepare_data
+
+    first = prepare_data(QUICK, tmp_path, None, log=lambda _: None).tokenizer.sha256
+    name, text = damage
+    if text is None:
+        (tmp_path / name).unlink()
+    else:
+        (tmp_path / name).write_text(text)
+    again = prepare_data(QUICK, tmp_path, None, log=lambda _: None).tokenizer.sha256
+    assert again == first == json.loads((tmp_path / "data.json").read_text())["tokenizer"]["sha256"]
+    assert checkpoint.sha256_file(tmp_path / "tokenizer.json") == first
