@@ -20,7 +20,7 @@ from darkknowledge import checkpoint, jobs
 from darkknowledge.cli import main
 from darkknowledge.data.text import TextTokenizer, load_corpus, split_documents, tokenise_corpus
 from darkknowledge.errors import DarkKnowledgeError
-from darkknowledge.language_model import (LMConfig, load_language_model, load_run_tokenizer,
+from darkknowledge.language_model import (LMConfig, generate, load_language_model, load_run_tokenizer,
                                           train_language_model)
 from darkknowledge.locks import LOCK_FILE
 from darkknowledge.training import TrainConfig
@@ -280,3 +280,10 @@ def test_image_weights_are_checked_beyond_their_checksum(tmp_path, change, error
                    False, log=lambda _: None)
     _rewrite_weights(run, change)
     _one_line_error(lambda: checkpoint.load_model(run), error)
+
+
+def test_a_tiny_sampling_temperature_is_the_most_probable_token_not_a_traceback(splits, finished):
+    model, meta = load_language_model(finished)
+    tokenizer = load_run_tokenizer(finished, meta)
+    greedy = generate(model, tokenizer, "the", tokens=5, temperature=1e-300)
+    assert greedy == generate(model, tokenizer, "the", tokens=5, temperature=1e-300, seed=1) and len(greedy) == 5

@@ -318,7 +318,8 @@ def generate(model: nn.Module, tokenizer: TextTokenizer, prompt: str, tokens: in
     model.eval()
     out = ids.tolist()
     for _ in range(tokens):
-        logits = model(torch.tensor([out[-context:]]))[0, -1].float() / temperature
+        logits = model(torch.tensor([out[-context:]]))[0, -1].double()  # holds any float temperature
+        logits = (logits - logits.max()) / temperature  # at most 0: a tiny temperature gives -inf, never NaN
         if top_k is not None:
             cutoff = logits.topk(min(top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < cutoff, -math.inf)
