@@ -292,7 +292,7 @@ def _saved_state(run_dir: Path, key: str, log: Callable[[str], None]) -> dict[st
         state = checkpoint.read_json(path, "training state")
         if isinstance(state, dict) and state.get("run_key") != key:
             return None
-        schemas.check(schemas.LanguageModelState, state, path, "training starts afresh")
+        schemas.check(schemas.LanguageModelState, state, path, "it cannot resume the run")
         for name, sha256 in ((state["tensors"], state["tensors_sha256"]),
                              (BEST_WEIGHTS, state["best_validation"]["sha256"])):
             checkpoint.read_tensors(run_dir / name, sha256, "training state")

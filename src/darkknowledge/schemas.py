@@ -1,5 +1,5 @@
-"""One schema per kind of file the tool reads back: model (and language-model) and state sidecars, soft-target store
-headers, ensemble manifests, specialists' subsets files and tokenizers. A file is checked as a whole before any field of it is used, so a file
+"""One schema per kind of file the tool reads back: model (and language-model) and state sidecars, soft-target store headers, ensemble
+manifests and specialists' subsets files. A file is checked as a whole before any field of it is used, so a file
 of the wrong shape (a list, a missing key, a string where a number goes, a path out of its folder) is refused in
 one line naming the file, the field and the fix, never half-used. Fields the code does not read are left free
 (sidecars also carry metrics and provenance), so files written by older versions still load.

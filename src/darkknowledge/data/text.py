@@ -163,7 +163,7 @@ class TextTokenizer:
             state = json.loads(text)
         except (OSError, ValueError) as error:
             raise DarkKnowledgeError(f"cannot read tokenizer {path}: {error}") from None
-        schemas.check(schemas.TokenizerFile, state, path, "restore the file, or delete it to train the tokenizer again")
+        schemas.check(schemas.TokenizerFile, state, path, "restore the file, or delete it to train it again")
         state.pop("format")
         try:
             return cls(state.pop("kind"), state)
