@@ -294,3 +294,10 @@ def test_a_tiny_sampling_temperature_is_the_most_probable_token_not_a_traceback(
     tokenizer = load_run_tokenizer(finished, meta)
     greedy = generate(model, tokenizer, "the", tokens=5, temperature=1e-300)
     assert greedy == generate(model, tokenizer, "the", tokens=5, temperature=1e-300, seed=1) and len(greedy) == 5
+
+
+def test_a_language_model_too_large_for_the_memory_is_refused_before_it_is_built(splits, tmp_path):
+    _one_line_error(lambda: train_language_model("gpt:layers=100000000", splits.tokenizer, splits.windows["train"],
+                                                 splits.windows["validation"], CONFIG, run_dir=tmp_path / "run"),
+                    "GB of memory is available")
+    assert not (tmp_path / "run" / "model.json").exists()

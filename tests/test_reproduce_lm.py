@@ -2,6 +2,7 @@
 written, the numbers come from the evaluation code, a rerun reuses every stage, and ``generate`` samples a run."""
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -112,6 +113,29 @@ def test_killed_between_the_weights_and_the_sidecar_over_a_model_of_other_settin
     assert _run(out) == 0
     assert load_language_model(run)[1]["weights_sha256"] == \
         load_language_model(quick_run / "runs" / "baseline")[1]["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_killed_at_every_rename_the_rerun_ends_with_the_uninterrupted_numbers(quick_run, tmp_path):
+    """Each of the quick reproduction's ~120 renames (data, runs, stores, report; about 3 s each): the rerun
+    must end with the models an uninterrupted run makes."""
+    expected = json.loads((quick_run / "results.json").read_text())["models"]
+    for rename in range(1, 1000):
+        out = tmp_path / f"killed-{rename}"
+        pid = os.fork()
+        if pid == 0:
+            checkpoint._renames = 0
+            os.environ["DARKKNOWLEDGE_KILL_AT_RENAME"] = str(rename)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                _run(out)
+            os._exit(3)
+        if not os.WIFSIGNALED(os.waitpid(pid, 0)[1]):
+            break  # past the last rename
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert _run(out) == 0, f"killed at rename {rename}"
+        assert json.loads((out / "results.json").read_text())["models"] == expected, f"killed at rename {rename}"
+        shutil.rmtree(out)
+    assert rename > 100
 
 
 def test_own_text_folder_with_data_and_its_mistakes_in_one_line(tmp_path, capsys):

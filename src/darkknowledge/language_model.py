@@ -145,6 +145,7 @@ def _train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindo
     if finished is not None:
         log(f"{run_dir}: finished run of these settings, reused")
         return finished
+    check_fits(spec, (train.context,), tokenizer.vocab_size)  # before a spec of any size is built
     torch.manual_seed(config.seed)
     model = build_language_model(spec, tokenizer.vocab_size, train.context)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
