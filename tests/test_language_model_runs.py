@@ -24,6 +24,7 @@ from darkknowledge.language_model import (LMConfig, generate, load_language_mode
                                           train_language_model)
 from darkknowledge.locks import LOCK_FILE
 from darkknowledge.training import TrainConfig
+from darkknowledge.transformer import build_language_model, count_parameters
 
 TINY = "gpt:layers=1,dim=16,heads=2,context=16"
 CONFIG = LMConfig(epochs=2, batch_size=8, lr=1e-2)
@@ -301,3 +302,12 @@ def test_a_language_model_too_large_for_the_memory_is_refused_before_it_is_built
                                                  splits.windows["validation"], CONFIG, run_dir=tmp_path / "run"),
                     "GB of memory is available")
     assert not (tmp_path / "run" / "model.json").exists()
+
+
+@pytest.mark.parametrize("spec", ["gpt:layers=2,dim=16,heads=2,context=32", "gpt:layers=1,dim=12,heads=3",
+                                  "hf:gpt2,n_layer=3,n_embd=16,n_head=2"])
+def test_a_language_models_size_is_counted_from_its_spec(spec):
+    if spec.startswith("hf:"):
+        pytest.importorskip("transformers")
+    built = sum(p.numel() for p in build_language_model(spec, 50, 24).parameters())
+    assert count_parameters(spec, 50, 24) == built
