@@ -203,6 +203,42 @@ def test_fuzz_subsets_file(made, tmp_path, request):
     case()
 
 
+@pytest.fixture(scope="module")
+def made_lm(tmp_path_factory):
+    """A finished language-model run on a tiny corpus (character level), for 'generate'."""
+    from darkknowledge.data.text import TextTokenizer, load_corpus, split_documents, tokenise_corpus
+    from darkknowledge.language_model import LMConfig, train_language_model
+
+    root = tmp_path_factory.mktemp("fuzz-lm")
+    for d in range(4):
+        (root / "corpus").mkdir(exist_ok=True)
+        (root / "corpus" / f"doc{d}.txt").write_text(f"all the world's a stage {d}, and all the men " * 20)
+    corpus = load_corpus(root / "corpus")
+    documents = split_documents(corpus.documents, seed=0)
+    tokenizer = TextTokenizer.train([corpus.documents[n] for n in documents["train"]], "char")
+    splits = tokenise_corpus(corpus, documents, tokenizer, context=16)
+    train_language_model("gpt:layers=1,dim=8,heads=2,context=16", tokenizer, splits.windows["train"],
+                         splits.windows["validation"], LMConfig(epochs=1, batch_size=8), run_dir=root / "lm",
+                         log=lambda _: None)
+    return root
+
+
+LM_MODEL_REQUIRED = ("format", "kind", "spec", "vocab_size", "context", "weights", "weights_sha256",
+                     "tokenizer_sha256", "run_key", "history")
+
+
+@pytest.mark.parametrize("name, required", [(checkpoint.MODEL_META, LM_MODEL_REQUIRED),
+                                            ("tokenizer.json", ("format", "kind", "chars"))])
+def test_fuzz_language_model_run(made_lm, tmp_path, request, name, required):
+    @fuzz(request)
+    @given(data=st.data())
+    def case(data):
+        fuzz_file(tmp_path, made_lm, "lm", name, required, data,
+                  lambda run_dir: ["generate", run_dir, "--prompt", "all", "--tokens", "3"],
+                  f"language-model {name}")
+    case()
+
+
 def test_fuzz_store_header_is_reused_only_while_valid_and_else_rebuilt(made, tmp_path, request):
     header = next((made / "store").glob("*.json"))
     reference = SoftTargets.open(header).member_logits(slice(None))

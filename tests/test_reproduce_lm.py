@@ -1,15 +1,20 @@
 """``darkknowledge reproduce lm --quick`` (§4 on text): every stage runs on the Shakespeare corpus, the files are
 written, the numbers come from the evaluation code, a rerun reuses every stage, and ``generate`` samples a run."""
 
+import contextlib
+import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from darkknowledge import checkpoint
 from darkknowledge.cli import main
 from darkknowledge.experiments.lm import QUICK
 from darkknowledge.language_model import load_language_model
+from darkknowledge.locks import LOCK_FILE
 
 DATA = Path(os.environ.get("DARKKNOWLEDGE_DATA", Path(__file__).parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "shakespeare").is_dir(),
@@ -84,6 +89,55 @@ def test_rerun_reuses_every_stage_and_generate_samples(quick_run, capsys):
     assert "--top-k must be in [1," in capsys.readouterr().err
 
 
+def test_killed_between_the_weights_and_the_sidecar_over_a_model_of_other_settings_the_rerun_finishes(
+        quick_run, tmp_path):
+    """The crash recovery must keep a language model's pending sidecar: it alone vouches for the weights in place
+    while model.json still describes the model of other settings the folder held before."""
+    for rename in range(1, 30):  # the first rename that cuts the baseline's commit before its sidecar
+        out = tmp_path / f"killed-{rename}"
+        shutil.copytree(quick_run / "runs" / "half-labels", out / "runs" / "baseline",
+                        ignore=shutil.ignore_patterns(LOCK_FILE))
+        pid = os.fork()
+        if pid == 0:  # the child (torch already imported, so cheap): killed at the rename, never returns
+            checkpoint._renames = 0
+            os.environ["DARKKNOWLEDGE_KILL_AT_RENAME"] = str(rename)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                _run(out)
+            os._exit(3)
+        assert os.WIFSIGNALED(os.waitpid(pid, 0)[1])
+        run = out / "runs" / "baseline"
+        if (run / checkpoint.PENDING_META).exists() and checkpoint.sha256_file(run / "model.safetensors") != \
+                json.loads((run / "model.json").read_text())["weights_sha256"]:
+            break
+    assert main(["generate", str(run), "--prompt", "KING.", "--tokens", "4"]) == 0  # reads the pending sidecar
+    assert _run(out) == 0
+    assert load_language_model(run)[1]["weights_sha256"] == \
+        load_language_model(quick_run / "runs" / "baseline")[1]["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_killed_at_every_rename_the_rerun_ends_with_the_uninterrupted_numbers(quick_run, tmp_path):
+    """Each of the quick reproduction's ~120 renames (data, runs, stores, report; about 3 s each): the rerun
+    must end with the models an uninterrupted run makes."""
+    expected = json.loads((quick_run / "results.json").read_text())["models"]
+    for rename in range(1, 1000):
+        out = tmp_path / f"killed-{rename}"
+        pid = os.fork()
+        if pid == 0:
+            checkpoint._renames = 0
+            os.environ["DARKKNOWLEDGE_KILL_AT_RENAME"] = str(rename)
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                _run(out)
+            os._exit(3)
+        if not os.WIFSIGNALED(os.waitpid(pid, 0)[1]):
+            break  # past the last rename
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert _run(out) == 0, f"killed at rename {rename}"
+        assert json.loads((out / "results.json").read_text())["models"] == expected, f"killed at rename {rename}"
+        shutil.rmtree(out)
+    assert rename > 100
+
+
 def test_own_text_folder_with_data_and_its_mistakes_in_one_line(tmp_path, capsys):
     folder = tmp_path / "texts"
     folder.mkdir()
@@ -130,3 +184,20 @@ def test_the_plan_sets_the_share_of_works_in_each_split(tmp_path):
     works = sum(len(names) for names in documents.values())
     assert len(documents["test"]) == round(0.5 * works) and len(documents["validation"]) == round(0.1 * works)
     assert splits.windows["train"].num_tokens == plan.max_train_tokens
+
+
+@pytest.mark.parametrize("damage", [("data.json", "[]"), ("data.json", "{}"), ("data.json", "{"),
+                                    ("tokenizer.json", '"chars"'), ("tokenizer.json", '{"format": 1}'),
+                                    ("tokenizer.json", None)], ids=lambda d: f"{d[0]}={d[1]}")
+def test_a_damaged_data_record_or_tokenizer_is_made_again_the_same(tmp_path, damage):
+    from darkknowledge.experiments.lm import prepare_data
+
+    first = prepare_data(QUICK, tmp_path, None, log=lambda _: None).tokenizer.sha256
+    name, text = damage
+    if text is None:
+        (tmp_path / name).unlink()
+    else:
+        (tmp_path / name).write_text(text)
+    again = prepare_data(QUICK, tmp_path, None, log=lambda _: None).tokenizer.sha256
+    assert again == first == json.loads((tmp_path / "data.json").read_text())["tokenizer"]["sha256"]
+    assert checkpoint.sha256_file(tmp_path / "tokenizer.json") == first

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import locks, schemas
-from .errors import DarkKnowledgeError, TrainingDiverged
+from .errors import DarkKnowledgeError, OtherKindOfRun, TrainingDiverged
 from .memory import check_fits
 from .models import build_model
 
@@ -155,16 +155,45 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def read_tensors(path: Path, sha256: str, what: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file after checking it against the checksum its sidecar recorded."""
+    """Load a safetensors file after checking it against the checksum its sidecar recorded, and that it is a file
+    of its own folder (a link out of the folder would let one run use, or be, another's file) holding only finite
+    numbers (nothing NaN or inf is ever written, so such a file was not)."""
+    path = Path(path)
     if not path.is_file():  # a file of the run, not a device or a folder
         raise DarkKnowledgeError(f"{what}: {path} is missing; the run directory is incomplete: retrain or restore it")
+    if path.resolve().parent != path.parent.resolve():
+        raise DarkKnowledgeError(f"{what}: {path} is a link to {path.resolve()}, outside its folder; a run's files "
+                                 "are its own: copy the file in place of the link, or retrain")
     if sha256_file(path) != sha256:
         raise DarkKnowledgeError(f"{what}: {path} does not match the checksum in its sidecar (corrupt or replaced); "
                                  "retrain or restore the file")
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except (SafetensorError, OSError) as e:
         raise DarkKnowledgeError(f"{what}: cannot read {path} ({e}); retrain or restore it") from None
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise DarkKnowledgeError(f"{what}: {path} holds NaN or inf in {name}, which no run saves (the file was "
+                                     "replaced); retrain or restore it")
+    return tensors
+
+
+def load_weights(model: nn.Module, path: Path, sha256: str, what: str) -> nn.Module:
+    """``model`` with the checksummed weights of ``path`` loaded, after checking they are the ones it expects: the
+    same names and shapes, and floating point where its own are (an integer file would be cast silently)."""
+    tensors = read_tensors(path, sha256, what)
+    expected = model.state_dict()
+    for name, value in tensors.items():
+        if name in expected and value.is_floating_point() != expected[name].is_floating_point():
+            raise DarkKnowledgeError(f"{what}: {path} holds {name} as {str(value.dtype).removeprefix('torch.')} "
+                                     f"where the model has {str(expected[name].dtype).removeprefix('torch.')}; "
+                                     "the file was replaced: retrain or restore it")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise DarkKnowledgeError(f"{what}: weights in {path} do not fit the model its sidecar describes "
+                                 f"({str(e).splitlines()[0]}); retrain or restore the run") from None
+    return model
 
 
 @lru_cache(maxsize=1)
@@ -203,10 +232,11 @@ def save_model(run_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
 
 
 def _pending_meta(run_dir: Path) -> dict[str, Any] | None:
-    """The pending sidecar, if there is one and the weights in place are the ones it vouches for."""
+    """The pending sidecar, if there is one, it fits the schema of its own kind (image or language model) and the
+    weights in place are the ones it vouches for."""
     try:
-        pending = schemas.check(schemas.ModelSidecar, json.loads((run_dir / PENDING_META).read_text()),
-                                run_dir / PENDING_META, "")
+        pending = json.loads((run_dir / PENDING_META).read_text())
+        schemas.check(schemas.sidecar_schema(pending), pending, run_dir / PENDING_META, "")
         if sha256_file(run_dir / pending["weights"]) == pending["weights_sha256"]:
             return pending
     except (OSError, ValueError, DarkKnowledgeError):
@@ -214,23 +244,26 @@ def _pending_meta(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def read_model_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The sidecar of a run's model, checked against its schema; a pending one (a commit cut short between its
-    renames) when the weights in place are the ones it vouches for."""
+def read_model_meta(run_dir: str | os.PathLike, schema: type = schemas.ModelSidecar) -> dict[str, Any]:
+    """The sidecar of a run's model, checked against ``schema`` (an image model's, or
+    :class:`schemas.LanguageModelSidecar`); a pending one (a commit cut short between its renames) when the weights
+    in place are the ones it vouches for. A run of the other kind is refused with :class:`OtherKindOfRun`."""
     run_dir = resolve_run_dir(run_dir)
-    if (run_dir / PENDING_META).exists():
-        pending = _pending_meta(run_dir)
-        if pending is not None:
-            return pending
-    meta = read_json(run_dir / MODEL_META, "model")
+    path, meta = run_dir / PENDING_META, _pending_meta(run_dir)
+    if meta is None:
+        path, meta = run_dir / MODEL_META, read_json(run_dir / MODEL_META, "model")
     if isinstance(meta, dict) and meta.get("format") == FORMAT and "spec" not in meta:  # fit, a user's module
-        raise DarkKnowledgeError(f"model: {run_dir / MODEL_META} records no spec, so its model cannot be rebuilt; "
+        raise DarkKnowledgeError(f"model: {path} records no spec, so its model cannot be rebuilt; "
                                  "make the model with darkknowledge.build_model (a spec, or "
                                  "'package.module:factory') before fit, or pass fit meta={'spec': ...}")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise DarkKnowledgeError(f"model: {run_dir / MODEL_META} is not a darkknowledge model sidecar; point to a "
-                                 "run directory made by 'darkknowledge train' or 'distill'")
-    return schemas.check(schemas.ModelSidecar, meta, run_dir / MODEL_META, "retrain the model or restore the file")
+        raise DarkKnowledgeError(f"model: {path} is not a darkknowledge model sidecar; point to a "
+                                 "run directory made by 'darkknowledge train', 'distill' or 'reproduce'")
+    if schemas.sidecar_schema(meta) is not schema:
+        raise OtherKindOfRun(f"model: {run_dir} holds {schemas.sidecar_schema(meta).holds}, not {schema.holds}: "
+                             "language models are for 'generate' and 'reproduce lm', image models for the other "
+                             "commands; give a run of that kind")
+    return schemas.check(schema, meta, path, "retrain the model or restore the file")
 
 
 def load_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
@@ -240,13 +273,7 @@ def load_model(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     shape = tuple(meta.get("input_shape", meta["image_shape"]))
     check_fits(meta["spec"], shape, len(meta["classes"]), meta.get("model_options"), copies=2)  # may name any size
     model = build_model(meta["spec"], shape, len(meta["classes"]), meta.get("model_options"))
-    tensors = read_tensors(run_dir / meta["weights"], meta["weights_sha256"], "model")
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise DarkKnowledgeError(f"model: weights in {run_dir} do not fit spec {meta['spec']!r} "
-                                 f"({str(e).splitlines()[0]})") from None
-    return model.eval(), meta
+    return load_weights(model, run_dir / meta["weights"], meta["weights_sha256"], "model").eval(), meta
 
 
 def recover(run_dir: Path) -> None:

@@ -12,3 +12,8 @@ class TrainingDiverged(DarkKnowledgeError):
     def in_epoch(cls, epoch: int) -> "TrainingDiverged":
         return cls(f"training diverged in epoch {epoch}: the model's outputs became NaN or inf; use a lower --lr "
                    "(or --weight-decay; distilling at temperature T scales the soft-target gradient by up to T)")
+
+
+class OtherKindOfRun(DarkKnowledgeError):
+    """A run folder holds another kind of model than the one asked for (an image model where a language model is
+    expected, or the reverse): refused, never trained over."""

@@ -28,9 +28,10 @@ from torch import Tensor, nn
 
 from . import checkpoint, schemas, training
 from .data.text import TextTokenizer, TokenWindows
-from .errors import DarkKnowledgeError
+from .errors import DarkKnowledgeError, OtherKindOfRun
 from .evaluation import evaluate_sequences
 from .losses import DEFAULT_DIVERGENCE, check_drawn_targets, describe_divergence
+from .memory import check_fits
 from .token_store import TokenTargets, ensemble_logits
 from .transformer import build_language_model
 
@@ -131,9 +132,11 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
                               vocab_size=tokenizer.vocab_size, verify=False)
         key = run_key(spec, tokenizer.sha256, train, config, objective)
         run_dir = Path(run_dir) if run_dir is not None else None
-        if run_dir is not None and _finished(run_dir, key):
+        finished = _reusable_run(run_dir, key, tokenizer, log) if run_dir is not None else None
+        if finished is not None:
             log(f"{run_dir}: finished run of these settings, reused")
-            return load_language_model(run_dir)
+            return finished
+        check_fits(spec, (train.context,), tokenizer.vocab_size)  # before a spec of any size is built
         torch.manual_seed(config.seed)
         model = build_language_model(spec, tokenizer.vocab_size, train.context)
         settings = train_config(config)
@@ -155,17 +158,8 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
         model.cpu()
         if run_dir is not None:
             save_language_model(run_dir, model, tokenizer, meta)
-            _remove_resume_files(run_dir)  # finished: model.json now vouches for the run
+            _drop_resume_files(run_dir)
         return model.eval(), meta
-
-
-def _finished(run_dir: Path, key: str) -> bool:
-    """Whether ``run_dir`` holds a finished language-model run of this key."""
-    path = run_dir / checkpoint.MODEL_META
-    if not path.exists():
-        return False
-    meta = checkpoint.read_json(path, "model")
-    return isinstance(meta, dict) and meta.get("kind") == KIND and meta.get("run_key") == key
 
 
 def _adopt_stopped_run(run_dir: Path, key: str, fit_key: str, fit_meta: dict[str, Any], train: TokenWindows) -> None:
@@ -173,10 +167,14 @@ def _adopt_stopped_run(run_dir: Path, key: str, fit_key: str, fit_meta: dict[str
     epoch in best.safetensors) continues in the one loop: its state rewritten in fit's terms. The tensors, epoch
     order and schedule are the same, so it ends where it would have."""
     path = run_dir / checkpoint.STATE_META
-    state = checkpoint.read_json(path, "training state") if path.exists() else {}
-    if state.get("run_key") != key or "best_validation" not in state:
+    try:  # anything else (no state, fit's own, another run's or a damaged one) is not for adopting
+        state = schemas.check(schemas.LanguageModelState, checkpoint.read_json(path, "training state"), path, "")
+        old_best = state.pop("best_validation")
+        weights = checkpoint.read_tensors(run_dir / BEST_WEIGHTS, old_best["sha256"], "best weights")
+    except DarkKnowledgeError:
         return
-    old_best = state.pop("best_validation")
+    if state["run_key"] != key:
+        return
     history, elapsed = [], 0.0
     for record in state["history"]:  # each epoch's own seconds, where fit counts them cumulatively
         elapsed += record["seconds"]
@@ -185,7 +183,7 @@ def _adopt_stopped_run(run_dir: Path, key: str, fit_key: str, fit_meta: dict[str
                         "val_loss": record["val_log_loss"], "seconds": round(elapsed, 3)})
     best_record = history[old_best["epoch"] - 1]
     model = build_language_model(fit_meta["spec"], train.vocab_size, train.context)
-    model.load_state_dict(checkpoint.read_tensors(run_dir / BEST_WEIGHTS, old_best["sha256"], "best weights"))
+    model.load_state_dict(weights)
     shape = [train.context]
     checkpoint.save_model(run_dir, model, {**fit_meta, "input_shape": shape, "image_shape": shape,
                                            "classes": list(train.classes), "epoch": old_best["epoch"],
@@ -198,21 +196,27 @@ def _adopt_stopped_run(run_dir: Path, key: str, fit_key: str, fit_meta: dict[str
 
 
 def _clear_other_run(run_dir: Path, fit_key: str, log: Callable[[str], None]) -> None:
-    """A folder holding a run of other settings (another spec, data, recipe or objective) is trained again from
-    the start, as the language models' own loop did."""
+    """A folder holding a run of other settings (another spec, data, recipe or objective), or a state that cannot
+    resume (damaged, or its tensors fail their checksum), is trained again from the start, as the language models'
+    own loop did."""
     state = run_dir / checkpoint.STATE_META
-    saved_key = checkpoint.read_json(state, "training state").get("run_key") if state.exists() else None
-    if saved_key == fit_key or not (state.exists() or (run_dir / checkpoint.MODEL_META).exists()):
+    if state.exists():
+        try:
+            saved = checkpoint.read_training_state(run_dir)
+            checkpoint.read_tensors(run_dir / saved["tensors"], saved["tensors_sha256"], "training state")
+            if saved["run_key"] == fit_key:
+                return
+            reason = "holds a run of other settings"
+        except DarkKnowledgeError as error:
+            reason = str(error)
+    elif (run_dir / checkpoint.MODEL_META).exists():
+        reason = "holds a model of other settings"
+    else:
         return
-    log(f"{run_dir}: holds a run of other settings; training this one from the start")
-    _remove_resume_files(run_dir)
-    for name in (checkpoint.MODEL_META, "model.safetensors"):
+    log(f"{run_dir}: {reason}; training starts afresh")
+    _drop_resume_files(run_dir)
+    for name in (checkpoint.MODEL_META, checkpoint.MODEL_WEIGHTS):
         (run_dir / name).unlink(missing_ok=True)
-
-
-def _remove_resume_files(run_dir: Path) -> None:
-    for path in [run_dir / BEST_WEIGHTS, run_dir / checkpoint.STATE_META, *run_dir.glob("state-e*.safetensors")]:
-        path.unlink(missing_ok=True)
 
 
 def _per_epoch(history: list[dict[str, Any]], tokens: int) -> list[dict[str, Any]]:
@@ -225,29 +229,82 @@ def _per_epoch(history: list[dict[str, Any]], tokens: int) -> list[dict[str, Any
     return out
 
 
+def _drop_resume_files(run_dir: Path) -> None:
+    """Finished: model.json now vouches for the run, so the resume files go."""
+    for path in [run_dir / BEST_WEIGHTS, run_dir / checkpoint.STATE_META, *run_dir.glob("state-e*.safetensors")]:
+        path.unlink(missing_ok=True)
+
+
 def save_language_model(run_dir: str | Path, model: nn.Module, tokenizer: TextTokenizer, meta: dict) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(run_dir / TOKENIZER_FILE)
+    checkpoint.atomic_write(run_dir / TOKENIZER_FILE, tokenizer.save)
     checkpoint.save_model(run_dir, model, meta)
 
 
 def load_language_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a language-model run folder (eval mode) and its model.json."""
+    """The model of a language-model run folder (eval mode) and its model.json (the pending one of a commit a
+    crash cut short, as :func:`darkknowledge.checkpoint.read_model_meta` reads it). Checked as
+    :func:`darkknowledge.checkpoint.load_model` checks an image model: its size against the memory before it is
+    built, and its weights' names, shapes, dtypes and values against the model."""
     run_dir = checkpoint.resolve_run_dir(run_dir)
-    meta = checkpoint.read_json(run_dir / checkpoint.MODEL_META, "model")
-    if not isinstance(meta, dict) or meta.get("kind") != KIND:
-        raise DarkKnowledgeError(f"{run_dir} is not a language-model run (its model.json has no kind "
-                                 f"'{KIND}'); give a run made by 'darkknowledge reproduce lm' or train_language_model")
-    schemas.check(schemas.LanguageModelSidecar, meta, run_dir / checkpoint.MODEL_META,
-                  "train the run again or restore the file")
-    model = build_language_model(meta["spec"], meta["vocab_size"], meta["context"])
-    model.load_state_dict(checkpoint.read_tensors(run_dir / meta["weights"], meta["weights_sha256"], "model"))
-    return model.eval(), meta
+    meta = checkpoint.read_model_meta(run_dir, schemas.LanguageModelSidecar)
+    check_fits(meta["spec"], (meta["context"],), meta["vocab_size"], copies=2)  # a spec may name any size
+    try:
+        model = build_language_model(meta["spec"], meta["vocab_size"], meta["context"])
+    except (RuntimeError, MemoryError) as error:
+        raise DarkKnowledgeError(f"model: {run_dir / checkpoint.MODEL_META} describes a model that cannot be built "
+                                 f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+                                 "train the run again or restore the file") from None
+    return checkpoint.load_weights(model, run_dir / meta["weights"], meta["weights_sha256"], "model").eval(), meta
 
 
 def load_run_tokenizer(run_dir: str | Path, meta: dict[str, Any]) -> TextTokenizer:
-    return TextTokenizer.load(Path(run_dir) / TOKENIZER_FILE, sha256=meta["tokenizer_sha256"])
+    """The run's tokenizer.json, checked against the SHA-256 and the vocabulary its model.json records."""
+    path = Path(run_dir) / TOKENIZER_FILE
+    tokenizer = TextTokenizer.load(path, sha256=meta["tokenizer_sha256"])
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise DarkKnowledgeError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but the run's model "
+                                 f"{meta['vocab_size']}; restore the run's tokenizer.json, or train the run again")
+    return tokenizer
+
+
+def _reusable_run(run_dir: Path, key: str, tokenizer: TextTokenizer,
+                  log: Callable[[str], None]) -> tuple[nn.Module, dict[str, Any]] | None:
+    """The finished run in ``run_dir`` if it is one of these settings and whole, else None (train it again).
+    Its tokenizer.json must be the one its model.json records: one damaged, swapped or missing is rewritten from
+    ``tokenizer`` (the same one: its SHA-256 is in the key). A run whose files are damaged is trained again, never
+    reused; a folder holding an image model is refused (:class:`OtherKindOfRun`), never trained over."""
+    if not (run_dir / checkpoint.MODEL_META).exists() and not (run_dir / checkpoint.PENDING_META).exists():
+        return None
+    if _in_progress(run_dir):
+        return None
+    try:
+        model, meta = load_language_model(run_dir)
+    except OtherKindOfRun:
+        raise
+    except DarkKnowledgeError as error:
+        log(f"{run_dir}: its model cannot be used ({error}); training it again")
+        return None
+    if meta["run_key"] != key or meta["tokenizer_sha256"] != tokenizer.sha256:
+        return None
+    path = run_dir / TOKENIZER_FILE
+    try:
+        load_run_tokenizer(run_dir, meta)
+    except DarkKnowledgeError as error:
+        checkpoint.atomic_write(path, tokenizer.save)
+        log(f"{run_dir}: {TOKENIZER_FILE} repaired from the corpus's tokenizer ({error})")
+    _drop_resume_files(run_dir)  # a run killed after its commit left them
+    return model, meta
+
+
+def _in_progress(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds this module's run still training in fit: fit's own sidecar of its best epoch so
+    far (it records the tokenizer; an image model's sidecar does not, a finished run's is of kind language-model)."""
+    try:
+        return "tokenizer_sha256" in checkpoint.read_model_meta(run_dir)
+    except DarkKnowledgeError:
+        return False
 
 
 @torch.no_grad()
@@ -266,7 +323,8 @@ def generate(model: nn.Module, tokenizer: TextTokenizer, prompt: str, tokens: in
     model.eval()
     out = ids.tolist()
     for _ in range(tokens):
-        logits = model(torch.tensor([out[-context:]]))[0, -1].float() / temperature
+        logits = model(torch.tensor([out[-context:]]))[0, -1].double()  # holds any float temperature
+        logits = (logits - logits.max()) / temperature  # at most 0: a tiny temperature gives -inf, never NaN
         if top_k is not None:
             cutoff = logits.topk(min(top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < cutoff, -math.inf)

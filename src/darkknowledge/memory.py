@@ -11,6 +11,7 @@ import torch
 
 from .errors import DarkKnowledgeError
 from .models import FACTORY, build_model, parse_spec
+from .transformer import count_parameters
 
 # Float32 copies of the parameters training holds at once: weights, gradients, SGD momentum, the best epoch's
 # weights and the copy written to a checkpoint.
@@ -33,10 +34,15 @@ def check_fits(spec, input_shape: tuple[int, ...], num_classes: int, options: di
                copies: int = TRAINING_COPIES) -> None:
     """Raise a one-line error if ``copies`` float32 copies of the ``spec`` model's parameters exceed the memory
     available now. A user's factory (``package.module:factory``) is not checked: its code may not run on ``meta``."""
-    if parse_spec(spec, options).kind == FACTORY:
+    kind = parse_spec(spec, options).kind
+    if kind == FACTORY:
         return
-    with torch.device("meta"):
-        parameters = sum(p.numel() for p in build_model(spec, tuple(input_shape), num_classes, options).parameters())
+    if kind in ("gpt", "hf"):  # language models: input_shape is (context,), num_classes the vocabulary
+        parameters = count_parameters(str(spec), num_classes, input_shape[-1] if input_shape else None)
+    else:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in build_model(spec, tuple(input_shape), num_classes,
+                                                            options).parameters())
     needed, available = parameters * 4 * copies, available_bytes()
     if needed > available:
         raise DarkKnowledgeError(f"model {spec} has {parameters:,} parameters ({parameters * 4 / 1e9:.3g} GB as "

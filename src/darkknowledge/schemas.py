@@ -45,6 +45,7 @@ class Validation(_Schema):
 class ModelSidecar(_Schema):
     """``model.json``: what the weights beside it are."""
     kind: ClassVar[str] = "model sidecar"
+    holds: ClassVar[str] = "an image model"
     format: Literal["darkknowledge/1"]
     spec: Annotated[str, Field(min_length=1)]
     image_shape: Annotated[list[Positive], Field(min_length=1, max_length=4)]
@@ -60,15 +61,30 @@ class ModelSidecar(_Schema):
     model_options: dict[str, Any] | None = None
 
 
+class LanguageModelEpoch(_Schema):
+    epoch: Positive
+    seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class LanguageModelSidecar(_Schema):
     """``model.json`` of a language-model run: what the weights beside it are."""
     kind: ClassVar[str] = "language-model sidecar"
+    holds: ClassVar[str] = "a language model"
+    model_kind: Literal["language-model"] = Field(alias="kind")  # an image sidecar has no kind
+    format: Literal["darkknowledge/1"]
     spec: Annotated[str, Field(min_length=1)]
     vocab_size: Positive
     context: Positive
     weights: FileName
     weights_sha256: Sha256
-    tokenizer_sha256: str
+    tokenizer_sha256: Sha256
+    run_key: Sha256
+    history: Annotated[list[LanguageModelEpoch], Field(min_length=1)]
+
+
+def sidecar_schema(meta: Any) -> type[_Schema]:
+    """The schema of a model sidecar by the kind it says it is: a language model's, or else an image model's."""
+    return LanguageModelSidecar if isinstance(meta, dict) and meta.get("kind") == "language-model" else ModelSidecar
 
 
 class Best(_Schema):
@@ -101,6 +117,40 @@ class ResumableState(TrainingState):
     history: list[dict[str, Any]]
     best: Best
     seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class BestValidation(_Schema):
+    log_loss: Number
+    epoch: Positive
+    sha256: Sha256
+
+
+class LanguageModelState(TrainingState):
+    """``state.json`` of a language-model run: where training stopped and its best epoch so far."""
+    kind: ClassVar[str] = "language-model training state"
+    run_key: Annotated[str, Field(min_length=1)]
+    history: list[LanguageModelEpoch]
+    best_validation: BestValidation
+
+
+class TokenizerFile(_Schema):
+    """``tokenizer.json``: characters (``<unk>``, the end-of-document token, then single characters) or the
+    Hugging Face ``tokenizers`` JSON of a byte-level BPE."""
+    kind: ClassVar[str] = "tokenizer"
+    format: Literal["darkknowledge/tokenizer-1"]
+    tokenizer_kind: Literal["char", "bpe"] = Field(alias="kind")
+    chars: Annotated[list[str], Field(min_length=2)] | None = None
+    bpe: Annotated[dict[str, Any], Field(min_length=1)] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        field = "chars" if self.tokenizer_kind == "char" else "bpe"
+        if getattr(self, field) is None:
+            raise ValueError(f"a {self.tokenizer_kind} tokenizer holds '{field}'")
+        if self.chars is not None and (self.chars[:2] != ["<unk>", "<|endoftext|>"] or len(set(self.chars)) !=
+                                       len(self.chars) or any(len(c) != 1 for c in self.chars[2:])):
+            raise ValueError("chars must be '<unk>', '<|endoftext|>', then distinct single characters")
+        return self
 
 
 class KeyParts(_Schema):

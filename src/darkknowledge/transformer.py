@@ -161,6 +161,30 @@ def build_hf(spec: str, vocab_size: int, context: int) -> nn.Module:
         raise DarkKnowledgeError(f"model spec {spec!r}: transformers cannot build it: {first}") from None
 
 
+def count_parameters(spec: str, vocab_size: int, context: int | None = None) -> int:
+    """How many parameters :func:`build_language_model` would make, without making them: a spec may name any
+    size (one of 10^8 layers would not even finish building on the ``meta`` device). A ``gpt:`` spec is counted
+    from its sizes; an ``hf:`` one is built on ``meta`` with one and two layers and extrapolated to its own."""
+    kind = spec.partition(":")[0]
+    if kind == "gpt":
+        config = parse_gpt(spec)
+        d = config.dim
+        block = 12 * d * d + 13 * d  # qkv, proj, the 4x MLP (weights and biases) and two norms
+        return (vocab_size + (context or config.context)) * d + config.layers * block + 2 * d
+    if kind != "hf":
+        build_language_model(spec, vocab_size, context)  # refuses the kind in one line
+    arch, options = parse_hf(spec)
+    layer_keys = [key for key in options if key in ("n_layer", "num_hidden_layers", "num_layers")]
+    layers = options.get(layer_keys[0], 1) if layer_keys else 1
+    sizes = []
+    for n in (1, 2):  # a transformer's parameters grow linearly with its layers
+        small = ",".join([f"hf:{arch}", *(f"{k}={v}" for k, v in options.items() if k not in layer_keys),
+                          *([f"{layer_keys[0]}={n}"] if layer_keys else [])])
+        with torch.device("meta"):
+            sizes.append(sum(p.numel() for p in build_hf(small, vocab_size, context or 128).parameters()))
+    return sizes[0] + (layers - 1) * (sizes[1] - sizes[0])
+
+
 def build_language_model(spec: str, vocab_size: int, context: int | None = None) -> nn.Module:
     """The model a ``gpt:`` or ``hf:`` spec names, with ``vocab_size`` outputs."""
     kind = spec.partition(":")[0]

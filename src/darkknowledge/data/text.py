@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import schemas
 from ..errors import DarkKnowledgeError
 
 SPLITS = ("train", "validation", "test")
@@ -102,6 +103,8 @@ class TextTokenizer:
             self._bpe = Tokenizer.from_str(json.dumps(state["bpe"]))
             self.vocab_size = self._bpe.get_vocab_size()
             self.end_of_document = self._bpe.token_to_id(END_OF_DOCUMENT)
+            if self.end_of_document is None:
+                raise DarkKnowledgeError(f"the BPE has no {END_OF_DOCUMENT} token")
 
     @classmethod
     def train(cls, texts: list[str], kind: str = "bpe", vocab_size: int = 4096) -> TextTokenizer:
@@ -151,16 +154,24 @@ class TextTokenizer:
         """Read a saved tokenizer; ``sha256`` (from the run's model.json) must match, else one line says so."""
         path = Path(path)
         try:
-            state = json.loads(path.read_text())
+            text = path.read_bytes()
+            # Saved as its own to_json(), so the file's bytes name it: checked before any field is used.
+            found = hashlib.sha256(text).hexdigest()
+            if sha256 is not None and found != sha256:
+                raise DarkKnowledgeError(f"tokenizer {path} is not the one this run was trained with (SHA-256 "
+                                         f"{found[:12]} != {sha256[:12]}); restore the run's tokenizer.json")
+            state = json.loads(text)
         except (OSError, ValueError) as error:
             raise DarkKnowledgeError(f"cannot read tokenizer {path}: {error}") from None
-        if state.pop("format", None) != TOKENIZER_FORMAT or state.get("kind") not in TOKENIZER_KINDS:
-            raise DarkKnowledgeError(f"{path} is not a {TOKENIZER_FORMAT} tokenizer")
-        tokenizer = cls(state.pop("kind"), state)
-        if sha256 is not None and tokenizer.sha256 != sha256:
-            raise DarkKnowledgeError(f"tokenizer {path} is not the one this run was trained with (SHA-256 "
-                                     f"{tokenizer.sha256[:12]} != {sha256[:12]}); restore the run's tokenizer.json")
-        return tokenizer
+        schemas.check(schemas.TokenizerFile, state, path, "restore the file, or delete it to train it again")
+        state.pop("format")
+        try:
+            return cls(state.pop("kind"), state)
+        except ImportError:
+            raise
+        except Exception as error:  # tokenizers raises plain Exceptions on a BPE it cannot read
+            raise DarkKnowledgeError(f"{path} is not a valid tokenizer ({str(error).splitlines()[0]}); restore the "
+                                     "file, or delete it to train the tokenizer again") from None
 
 
 class TokenWindows:

@@ -99,23 +99,38 @@ def _corpus_folder(plan: Plan, data_dir: str | None) -> Path:
     return path if path.is_dir() or len(path.parts) > 1 else resolve_data_dir(data_dir) / plan.corpus
 
 
+def _data_record(path: Path) -> dict[str, Any] | None:
+    """data.json of an earlier run, or None when there is none or it is damaged (it is then written again)."""
+    try:
+        record = checkpoint.read_json(path, "data") if path.exists() else None
+    except DarkKnowledgeError:
+        return None
+    whole = isinstance(record, dict) and {"corpus_sha256", "documents", "tokenizer"} <= record.keys() and \
+        isinstance(record["tokenizer"], dict) and isinstance(record["tokenizer"].get("sha256"), str)
+    return record if whole else None
+
+
 def prepare_data(plan: Plan, out: Path, data_dir: str | None, log: Callable[[str], None]):
-    """The corpus split and tokenised; the tokenizer is trained once and reloaded (checked) on reruns."""
+    """The corpus split and tokenised; the tokenizer is trained once and reloaded (checked) on reruns. One that
+    is damaged or missing is trained again (the same: the runs' keys hold its SHA-256, so they stay reusable)."""
     corpus = load_corpus(_corpus_folder(plan, data_dir))
     documents = split_documents(corpus.documents, plan.validation_fraction, plan.test_fraction, plan.split_seed)
     path = out / "tokenizer.json"
     data_record = out / "data.json"
-    if path.exists() and data_record.exists():
-        recorded = checkpoint.read_json(data_record, "data")
-        if recorded["corpus_sha256"] != corpus.fingerprint() or recorded["documents"] != documents:
-            raise DarkKnowledgeError(f"{out} was made from another corpus or split; use another --out")
-        tokenizer = TextTokenizer.load(path, sha256=recorded["tokenizer"]["sha256"])
-    else:
+    recorded = _data_record(data_record)
+    if recorded and (recorded["corpus_sha256"] != corpus.fingerprint() or recorded["documents"] != documents):
+        raise DarkKnowledgeError(f"{out} was made from another corpus or split; use another --out")
+    try:
+        tokenizer = TextTokenizer.load(path, sha256=recorded["tokenizer"]["sha256"]) if recorded else None
+    except DarkKnowledgeError as error:
+        log(f"{error}; training it again")
+        tokenizer = None
+    if tokenizer is None:
         started = time.perf_counter()
         tokenizer = TextTokenizer.train([corpus.documents[n] for n in documents["train"]], plan.tokenizer,
                                         plan.vocab_size)
         out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(path)
+        checkpoint.atomic_write(path, tokenizer.save)
         log(f"tokenizer: {tokenizer.kind}, {tokenizer.vocab_size} tokens ({time.perf_counter() - started:.0f} s)")
     splits = tokenise_corpus(corpus, documents, tokenizer, plan.context)
     for name, limit in (("train", plan.max_train_tokens), ("validation", plan.max_eval_tokens),
