@@ -123,7 +123,8 @@ def test_a_run_killed_at_every_rename_over_a_model_of_other_settings_finishes_to
         out = _copy(before, tmp_path / f"killed-{rename}")
         if not _killed_at(rename, lambda: _train(splits, out)):
             break
-        load_language_model(out)  # the previous model or the new one, whole, meanwhile
+        if (out / checkpoint.MODEL_META).exists() and _kind(out) == "language-model":
+            load_language_model(out)  # the previous model or the new one, whole, meanwhile
         lines = []
         _train(splits, out, log=lines.append)
         assert _weights(out) == weights, f"killed at rename {rename}: {lines}"
@@ -131,20 +132,25 @@ def test_a_run_killed_at_every_rename_over_a_model_of_other_settings_finishes_to
         assert loaded["weights_sha256"] == weights
         assert load_run_tokenizer(out, loaded).sha256 == splits.tokenizer.sha256
         assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == \
-            ["model.json", "model.safetensors", "tokenizer.json"], f"killed at rename {rename}"
+            ["metrics.jsonl", "model.json", "model.safetensors", "tokenizer.json"], f"killed at rename {rename}"
     assert rename > 10  # every commit of both epochs and of the model was cut (3 + 3 + tokenizer, pending, 2)
+
+
+def _kind(run) -> str | None:
+    return json.loads((run / checkpoint.MODEL_META).read_text()).get("kind")
 
 
 def test_a_pending_language_model_sidecar_is_read_and_committed_not_dropped(splits, tmp_path):
     before = tmp_path / "run"
     _train(splits, before, OTHER)
-    old = json.loads((before / checkpoint.MODEL_META).read_text())
-    # Cut between the weights' rename and the sidecar's: the last rename of the run.
+    # Cut between the weights' rename and the sidecar's: the last rename of the run. The sidecar in place is then
+    # the loop's own of its best epoch; only the pending one says the folder holds a finished language model.
     renames = _count_renames(lambda: _train(splits, _copy(before, tmp_path / "counted")))
     run = _copy(before, tmp_path / "cut")
     assert _killed_at(renames, lambda: _train(splits, run))
     in_place = checkpoint.sha256_file(run / checkpoint.MODEL_WEIGHTS)
-    assert json.loads((run / checkpoint.MODEL_META).read_text()) == old and old["weights_sha256"] != in_place
+    assert _kind(run) != "language-model"
+    assert json.loads((run / checkpoint.PENDING_META).read_text())["kind"] == "language-model"
     assert load_language_model(run)[1]["weights_sha256"] == in_place  # what generate reads too
     with checkpoint.open_run(run):  # recovery commits it
         pass
@@ -258,8 +264,8 @@ def test_a_damaged_language_model_state_starts_training_afresh(splits, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         _train(splits, run, log=stop_after_epoch_1)
     saved = json.loads((run / "state.json").read_text())
-    saved = {"list": [], "no-best": {k: v for k, v in saved.items() if k != "best_validation"},
-             "best-not-a-dict": {**saved, "best_validation": 3}}[state]
+    saved = {"list": [], "no-best": {k: v for k, v in saved.items() if k != "best"},
+             "best-not-a-dict": {**saved, "best": 3}}[state]
     (run / "state.json").write_text(json.dumps(saved))
     lines = []
     _train(splits, run, log=lines.append)

@@ -202,7 +202,8 @@ def _clear_other_run(run_dir: Path, fit_key: str, log: Callable[[str], None]) ->
     state = run_dir / checkpoint.STATE_META
     if state.exists():
         try:
-            saved = checkpoint.read_training_state(run_dir)
+            saved = schemas.check(schemas.ResumableState, checkpoint.read_training_state(run_dir), state,
+                                  "it cannot resume the run")
             checkpoint.read_tensors(run_dir / saved["tensors"], saved["tensors_sha256"], "training state")
             if saved["run_key"] == fit_key:
                 return
