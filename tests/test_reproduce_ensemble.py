@@ -37,7 +37,7 @@ def test_writes_results_report_and_plot(quick_run):
         assert (quick_run / name).stat().st_size > 0
     assert (quick_run / "ensemble.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = json.loads((quick_run / "results.json").read_text())
-    assert r["quick"] is True and "reproduce ensemble --quick" in r["command"]
+    assert r["quick"] is True and r["plan_name"] == "quick" and "reproduce ensemble --quick" in r["command"]
     assert [(s["combine"], s["temperature"]) for s in r["students"]] == \
         [(rule, t) for rule in COMBINE_RULES for t in (1, 2, 5, 10)]
     assert set(r["ensemble"]) == set(COMBINE_RULES) and len(r["members"]) == QUICK.members
