@@ -27,6 +27,10 @@ def test_lm_plans_are_the_settings_their_run_scripts_built():
     assert lm.PLANS["small"].plan == replace(full, max_train_tokens=100_000, max_eval_tokens=65_536,
                                              training=replace(full.training, epochs=1),
                                              student_training=replace(full.student_training, epochs=1))
+    # results/lm/sizing/sampled.py
+    assert lm.PLANS["sampled-sizing"].plan == replace(
+        full, spec="gpt:layers=1,dim=64,heads=4,context=128", half_spec="gpt:layers=1,dim=32,heads=4,context=128",
+        members=3, temperatures=(1,), top_ks=(32,), sampled=(32,), max_train_tokens=100_000, sample_tokens=20)
     # results/lm/run.sh ran 'reproduce lm' itself
     assert lm.PLANS["full"].plan == lm.Plan() and lm.PLANS["quick"].plan is lm.QUICK
 

@@ -103,12 +103,19 @@ STORES = replace(SIX_EPOCHS, temperatures=(1,), top_ks=(64,), sampled=(),
 # FULL's models and recipe on fewer tokens: a first measurement of the pipeline at about half an hour of one core.
 SMALL = replace(FULL, max_train_tokens=100_000, max_eval_tokens=65_536, training=replace(FULL.training, epochs=1),
                 student_training=replace(FULL.student_training, epochs=1))
+# A sizing probe (results/lm/sizing): does a store of 32 draws a position keep more of the dense store's gain than
+# top-32? Small one-layer models on 100,000 training tokens, T = 1 only.
+SAMPLED_SIZING = replace(FULL, spec="gpt:layers=1,dim=64,heads=4,context=128",
+                         half_spec="gpt:layers=1,dim=32,heads=4,context=128", members=3, temperatures=(1,),
+                         top_ks=(32,), sampled=(32,), max_train_tokens=100_000, sample_tokens=20)
 PLANS = {  # the line each shows in 'reproduce --help'
     "full": Named(FULL, "results/lm: 10 members, 2 epochs of 400,000 tokens; about 1.5 hours of one core"),
     "quick": Named(QUICK, "tiny models, a few thousand tokens: a smoke test of every stage; numbers mean nothing"),
     "6epochs": Named(SIX_EPOCHS, "results/lm-6epochs: full with every model 6 epochs, half the works as test"),
     "stores": Named(STORES, "results/lm-stores: 6epochs at T = 1 with top-h + sampled stores and top-64"),
     "small": Named(SMALL, "results/lm-small: full's models on 100,000 training tokens, 1 epoch; about 30 min"),
+    "sampled-sizing": Named(SAMPLED_SIZING, "results/lm/sizing: 3 one-layer members, 100,000 tokens, T = 1; "
+                                            "sampled-32 against top-32"),
 }
 
 
