@@ -496,9 +496,8 @@ def run(args: argparse.Namespace) -> int:
         raise DarkKnowledgeError(f"reproduce {args.experiment} --data: --data is lm's (a folder of .txt files); "
                                  "the image experiments read their datasets from --data-dir")
     if args.command == "reproduce" and args.plan is not None:  # refused before any folder is made
-        from .experiments import plans
-        names = _plan_names(args.experiment)
-        plans.choose({name: plans.Named(None, "") for name in names}, args.plan, args.quick, args.experiment)
+        from .experiments.plans import check_name
+        check_name(_plan_names(args.experiment), args.plan, args.quick, args.experiment)
     if args.command == "reproduce" and args.jobs != 1 and args.experiment != "lm":
         raise DarkKnowledgeError(f"reproduce {args.experiment} --jobs: --jobs is lm's; the image experiments "
                                  "train one stage at a time")

@@ -18,16 +18,22 @@ class Named:
     about: str  # one line for --help
 
 
-def choose(plans: dict[str, Named], name: str | None, quick: bool, experiment: str) -> tuple[str, Any]:
-    """The plan called ``name`` (``quick`` and no name: "quick"; neither: "full"), as (name, plan)."""
+def check_name(names, name: str | None, quick: bool, experiment: str) -> str:
+    """The plan name asked for, one of ``names`` (``quick`` and no name: "quick"; neither: "full")."""
     if name is None:
         name = "quick" if quick else "full"
     elif quick and name != "quick":
         raise DarkKnowledgeError(f"reproduce {experiment}: --quick is --plan quick, and --plan {name} was given "
                                  "too; give one of them")
-    if name not in plans:
+    if name not in names:
         raise DarkKnowledgeError(f"reproduce {experiment} has no plan {name!r}; choose one of "
-                                 f"{', '.join(plans)} (listed in 'darkknowledge reproduce --help')")
+                                 f"{', '.join(names)} (listed in 'darkknowledge reproduce --help')")
+    return name
+
+
+def choose(plans: dict[str, Named], name: str | None, quick: bool, experiment: str) -> tuple[str, Any]:
+    """The plan called ``name`` (see check_name), as (name, plan)."""
+    name = check_name(plans, name, quick, experiment)
     return name, plans[name].plan
 
 
