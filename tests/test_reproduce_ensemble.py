@@ -37,7 +37,7 @@ def test_writes_results_report_and_plot(quick_run):
         assert (quick_run / name).stat().st_size > 0
     assert (quick_run / "ensemble.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = json.loads((quick_run / "results.json").read_text())
-    assert r["quick"] is True and "reproduce ensemble --quick" in r["command"]
+    assert r["quick"] is True and r["plan_name"] == "quick" and "reproduce ensemble --quick" in r["command"]
     assert [(s["combine"], s["temperature"]) for s in r["students"]] == \
         [(rule, t) for rule in COMBINE_RULES for t in (1, 2, 5, 10)]
     assert set(r["ensemble"]) == set(COMBINE_RULES) and len(r["members"]) == QUICK.members
@@ -155,5 +155,5 @@ def test_a_plan_replaces_the_default(tmp_path):
     """The same experiment with another plan (results/ensemble-small: the FULL recipe on fewer cases)."""
     plan = replace(QUICK, members=2, temperatures=(2,), rules=("arithmetic",))
     r = reproduce_ensemble(tmp_path, data_dir=str(DATA), progress=False, log=lambda _: None, plan=plan)
-    assert r["plan"]["members"] == 2 and len(r["members"]) == 2
+    assert r["plan"]["members"] == 2 and len(r["members"]) == 2 and r["plan_name"] is None  # built in code
     assert [(s["combine"], s["temperature"]) for s in r["students"]] == [("arithmetic", 2)]

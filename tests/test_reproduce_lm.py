@@ -36,7 +36,7 @@ def test_writes_results_report_and_plot_with_every_stage(quick_run):
     for name in ("results.json", "report.md", "lm.png", "tokenizer.json", "data.json"):
         assert (quick_run / name).stat().st_size > 0
     r = json.loads((quick_run / "results.json").read_text())
-    assert r["quick"] is True and "reproduce lm --quick" in r["command"]
+    assert r["quick"] is True and r["plan_name"] == "quick" and "reproduce lm --quick" in r["command"]
     assert set(r["models"]) >= {"baseline", "ensemble", "student-T1", "student-T2", "half-labels"}
     assert [row["store"] for row in r["top_k"]] == (["dense"] + [f"top{k}" for k in QUICK.top_ks]
                                                      + [f"sampled{k}" for k in QUICK.sampled]

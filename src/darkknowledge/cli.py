@@ -161,6 +161,24 @@ class _Repeatable(argparse.Action):
         setattr(namespace, self.dest, [*current, values])
 
 
+def _named_plans() -> dict:
+    """The experiments whose plans have names beyond full and quick, each with its registry."""
+    from .experiments import ensemble, lm
+    return {"lm": lm.PLANS, "ensemble": ensemble.PLANS}
+
+
+def _plan_names(experiment: str) -> tuple[str, ...]:
+    return tuple(_named_plans().get(experiment, ("full", "quick")))
+
+
+def _plans_help() -> str:
+    """reproduce's --plan names, one line each (from the experiments' registries)."""
+    lines = ["plans (--plan NAME; mnist, specialists and regularizer have full and quick):"]
+    for experiment, plans in _named_plans().items():
+        lines += [f"  {experiment} {name}: {named.about}" for name, named in plans.items()]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="darkknowledge", epilog=EPILOG,
@@ -230,19 +248,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no progress bars; the stage lines are still printed")
 
     p = sub.add_parser("reproduce", help="rerun one of the paper's experiments and write a report",
-                       description="Train and evaluate every model of an experiment, with checkpoints (a rerun "
+                       description="Train and evaluate every model of an experiment, with checkpoints (a rerun\n"
                                    "reuses finished stages), then write OUT/results.json, OUT/report.md and plots.",
-                       epilog=EPILOG)
+                       epilog=_plans_help() + "\n\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=("mnist", "specialists", "ensemble", "regularizer", "lm"),
                    help="mnist: every MNIST result of §3; specialists: §5 on MNIST-100 and Fashion-MNIST; "
                         "ensemble: §4, a 10-member ensemble distilled into one model, on Fashion-MNIST; "
                         "regularizer: §6, 3%% of the data with hard or soft targets, on MNIST and Fashion-MNIST; "
                         "lm: §4 on text, 10 language models distilled into one from a per-token store, on "
                         "Shakespeare")
-    p.add_argument("--out", type=Path, help="output folder (default: results/EXPERIMENT)")
+    p.add_argument("--out", type=Path, help="output folder (default: results/EXPERIMENT, or "
+                                                "results/EXPERIMENT-PLAN for a plan other than full)")
+    p.add_argument("--plan", metavar="NAME",
+                   help="the experiment's settings by name (listed below; default: full); every experiment has full "
+                        "and quick, results.json records the name")
     p.add_argument("--quick", action="store_true",
-                   help="tiny models on a subset: a smoke test of the whole pipeline, seconds (about 10-20 s on "
-                        "a 2-core CPU); its numbers mean nothing")
+                   help="the same as --plan quick: tiny models on a subset, a smoke test of the whole pipeline, "
+                        "seconds (about 10-20 s on a 2-core CPU); its numbers mean nothing")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
     p.add_argument("--data", type=Path, metavar="DIR",
                    help="lm: a folder of UTF-8 .txt files (one document each) in place of the Shakespeare corpus")
@@ -473,6 +495,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "reproduce" and args.data is not None and args.experiment != "lm":
         raise DarkKnowledgeError(f"reproduce {args.experiment} --data: --data is lm's (a folder of .txt files); "
                                  "the image experiments read their datasets from --data-dir")
+    if args.command == "reproduce" and args.plan is not None:  # refused before any folder is made
+        from .experiments.plans import check_name
+        check_name(_plan_names(args.experiment), args.plan, args.quick, args.experiment)
     if args.command == "reproduce" and args.jobs != 1 and args.experiment != "lm":
         raise DarkKnowledgeError(f"reproduce {args.experiment} --jobs: --jobs is lm's; the image experiments "
                                  "train one stage at a time")
@@ -524,17 +549,17 @@ def run(args: argparse.Namespace) -> int:
             from .experiments.specialists import reproduce_specialists as reproduce
         else:
             from .experiments.mnist import reproduce_mnist as reproduce
-        out = args.out or Path("results") / (args.experiment + "-quick" * args.quick)
+        plan = args.plan or ("quick" if args.quick else "full")
+        out = args.out or Path("results") / (args.experiment + ("" if plan == "full" else f"-{plan}"))
         command = "darkknowledge " + " ".join(args.argv)
         extra = {}
-        if args.data is not None:  # lm on the user's own text (checked to be lm above)
-            from dataclasses import replace
-
-            from .experiments import lm
-            extra["plan"] = replace(lm.QUICK if args.quick else lm.FULL, corpus=str(args.data))
+        if args.experiment in _named_plans():
+            extra["plan"] = args.plan
         if args.experiment == "lm":
             extra["jobs"] = args.jobs
-        reproduce(out, quick=args.quick, data_dir=args.data_dir, progress=not args.no_progress,
+            if args.data is not None:  # lm on the user's own text (checked to be lm above)
+                extra["corpus"] = str(args.data)
+        reproduce(out, quick=plan == "quick", data_dir=args.data_dir, progress=not args.no_progress,
                   command=command, log=lambda line: print(line, flush=True), **extra)
         print(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     elif args.command == "generate":

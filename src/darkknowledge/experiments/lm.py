@@ -39,6 +39,7 @@ from ..language_model import (EnsembleLM, LMConfig, Objective, block_bootstrap_s
                               generate, load_language_model, no_gain_note, train_language_model)
 from ..token_store import TokenTargets
 from .folder import experiment_folder
+from .plans import Named, choose, name_of
 from .report import jsonable, machine, machine_line, table, plt
 
 PAPER = {"baseline": 0.589, "ensemble": 0.611, "distilled": 0.608, "share_transferred": 0.86, "target_share": 0.80,
@@ -53,9 +54,7 @@ class Plan:
     FULL is sized from throughputs measured on this 2-core machine with one core busy (one thread, V = 4,096,
     context 128): ``gpt:layers=2,dim=96,heads=4`` trains 2 epochs of 400,000 tokens in about 2 minutes on labels
     and 4.5 distilling; with the 4 stores and the evaluations about 1.5 hours of one core (results/lm/README.md).
-    results/lm-6epochs/run.py is the next size: every model 6 epochs (members trained longer gain about three
-    times as much log-loss from being ensembled, results/lm/sizing) and half the works as the test split, so
-    the share's interval can settle the 80% target.
+    ``SIX_EPOCHS`` is the next size; ``PLANS`` names every plan that made a committed results/ folder.
     """
 
     corpus: str = "shakespeare"  # a folder under the data dir, or a path to a folder of .txt files
@@ -91,6 +90,33 @@ QUICK = Plan(tokenizer="char", context=32, spec="gpt:layers=1,dim=16,heads=2,con
              members=3, temperatures=(1, 2), top_ks=(8,), sampled=(8,), sampled_tails=((4, 4),),
              max_train_tokens=4096, max_eval_tokens=1024,
              sample_tokens=40)
+# Every model 6 epochs instead of 2 (results/lm/sizing: two members trained 6 epochs gain three times as much
+# log-loss from being ensembled) and half the works (21 of 42, 818,000 tokens) as the test split instead of a
+# tenth, so the share's 95% interval can be narrow enough to settle the 80% target; and 32 pure draws a position.
+SIX_EPOCHS = replace(FULL, test_fraction=0.5, sampled=(32,), training=replace(FULL.training, epochs=6),
+                     student_training=replace(FULL.student_training, epochs=6))
+# Top-k's missing share: SIX_EPOCHS at T = 1 only (the T it chose on validation) with stores whose h most probable
+# tokens are exact and whose other columns are draws from the rest; beside them top-64. Training is deterministic,
+# so its baseline, members and dense store are SIX_EPOCHS's.
+STORES = replace(SIX_EPOCHS, temperatures=(1,), top_ks=(64,), sampled=(),
+                 sampled_tails=((8, 24), (16, 16), (24, 8), (32, 32)))
+# FULL's models and recipe on fewer tokens: a first measurement of the pipeline at about half an hour of one core.
+SMALL = replace(FULL, max_train_tokens=100_000, max_eval_tokens=65_536, training=replace(FULL.training, epochs=1),
+                student_training=replace(FULL.student_training, epochs=1))
+# A sizing probe (results/lm/sizing): does a store of 32 draws a position keep more of the dense store's gain than
+# top-32? Small one-layer models on 100,000 training tokens, T = 1 only.
+SAMPLED_SIZING = replace(FULL, spec="gpt:layers=1,dim=64,heads=4,context=128",
+                         half_spec="gpt:layers=1,dim=32,heads=4,context=128", members=3, temperatures=(1,),
+                         top_ks=(32,), sampled=(32,), max_train_tokens=100_000, sample_tokens=20)
+PLANS = {  # the line each shows in 'reproduce --help'
+    "full": Named(FULL, "results/lm: 10 members, 2 epochs of 400,000 tokens; about 1.5 hours of one core"),
+    "quick": Named(QUICK, "tiny models, a few thousand tokens: a smoke test of every stage; numbers mean nothing"),
+    "6epochs": Named(SIX_EPOCHS, "results/lm-6epochs: full with every model 6 epochs, half the works as test"),
+    "stores": Named(STORES, "results/lm-stores: 6epochs at T = 1 with top-h + sampled stores and top-64"),
+    "small": Named(SMALL, "results/lm-small: full's models on 100,000 training tokens, 1 epoch; about 30 min"),
+    "sampled-sizing": Named(SAMPLED_SIZING, "results/lm/sizing: 3 one-layer members, 100,000 tokens, T = 1; "
+                                            "sampled-32 against top-32"),
+}
 
 
 def _corpus_folder(plan: Plan, data_dir: str | None) -> Path:
@@ -189,12 +215,19 @@ def _train_in_parallel(plan: Plan, out: Path, data_dir: str | None, tasks: list[
 
 @experiment_folder("lm")
 def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = None, progress: bool = True,
-                 command: str = "", log: Callable[[str], None] = print, plan: Plan | None = None,
-                 jobs: int = 1) -> dict[str, Any]:
+                 command: str = "", log: Callable[[str], None] = print, plan: str | Plan | None = None,
+                 jobs: int = 1, corpus: str | None = None) -> dict[str, Any]:
     """Run (or reuse) every stage, then write ``results.json``, ``report.md`` and ``lm.png`` into ``out``.
-    ``jobs``: independent runs (the members, each phase's students) are trained that many at a time, each in a
-    process of one thread; the numbers are the same as with one."""
-    plan = plan or (QUICK if quick else FULL)
+    ``plan``: a name of ``PLANS`` or a Plan (default: "quick" when ``quick``, else "full"); ``corpus`` replaces
+    the plan's. ``jobs``: independent runs (the members, each phase's students) are trained that many at a time,
+    each in a process of one thread; the numbers are the same as with one."""
+    if isinstance(plan, Plan):
+        plan_name = name_of(PLANS, plan)
+    else:
+        plan_name, plan = choose(PLANS, plan, quick, "lm")
+    quick = plan_name == "quick"
+    if corpus is not None:
+        plan = replace(plan, corpus=corpus)
     if (plan.sampled or plan.sampled_tails) and 1 not in plan.temperatures:
         raise DarkKnowledgeError("a plan with sampled stores must sweep T = 1: their students are compared with "
                                  "the dense store's student at T = 1")
@@ -294,7 +327,7 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
                for name, model in (("ensemble", ensemble), ("baseline", baseline),
                                    (chosen["run"], _load(runs / chosen["run"])))}
     results = {
-        "command": command, "quick": quick, "plan": jsonable(asdict(plan)), "paper": PAPER,
+        "command": command, "quick": quick, "plan_name": plan_name, "plan": jsonable(asdict(plan)), "paper": PAPER,
         "data": checkpoint.read_json(out / "data.json", "data"),
         "models": {name: _row(e) for name, e in evaluated.items()},
         "temperature_sweep": sweep, "chosen_on_validation": {"run": chosen["run"], "temperature": t_chosen},
@@ -352,7 +385,7 @@ def write_report(out: Path, r: dict[str, Any]) -> None:
     lines = [
         f"# §4 on text: a {paper['members']}-member ensemble of language models distilled into one"
         + (" (QUICK smoke test: tiny models, numbers mean nothing)" if r["quick"] else ""), "",
-        f"Command: `{r['command']}`", "",
+        f"Command: `{r['command']}`" + (f" (plan `{r['plan_name']}`)" if r.get("plan_name") else ""), "",
         f"Data: {r['data']['tokenizer']['kind']} tokenizer, {r['data']['tokenizer']['vocab_size']} tokens; "
         f"tokens per split {r['data']['tokens']}; test windows are the bootstrap's blocks.", "",
         "## Baseline, ensemble and distilled model (test; validation beside)", "",
