@@ -697,8 +697,10 @@ def _save(run_dir: Path, epochs: _Epochs, kept: nn.Module | None, epoch: int, si
 
 def _epoch_line(record: dict[str, Any], config: TrainConfig) -> str:
     val_text = f"  val errors {record['val_errors']}" if "val_errors" in record else ""
-    if "val_log_loss" in record:
-        val_text += f"  val log-loss {record['val_log_loss']:.4f}"
+    # The log-loss where it is reported, or where it chooses the epoch kept.
+    log_loss = record.get("val_log_loss", record.get("val_loss") if config.select_by == "log_loss" else None)
+    if log_loss is not None:
+        val_text += f"  val log-loss {log_loss:.4f}"
     return (f"epoch {record['epoch']}/{config.epochs}  loss {record['train_loss']:.4f}  "
             f"train errors {record['train_errors']}{val_text}  {record['seconds']:.1f}s")
 

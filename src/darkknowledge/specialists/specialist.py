@@ -399,7 +399,8 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     # The batches' labels in the specialist's numbering. The optimizer is the unfused SGD step the specialists'
     # own loop took and the epoch kept the lowest validation log-loss, so earlier runs reproduce to the bit.
     relabeled = LabeledImages(train.images, relabel(labels_of(train), subset, num_classes), tuple(names), train.name)
-    fit_config = replace(cfg, select_by="log_loss", optimizer_options={"foreach": False, **cfg.optimizer_options})
+    unfused = {"foreach": False} if cfg.optimizer == "sgd" else {}
+    fit_config = replace(cfg, select_by="log_loss", optimizer_options={**unfused, **cfg.optimizer_options})
     result = fit(model, relabeled, val, fit_config, objective, run_dir, resume, meta,
                  lambda line: log(f"specialist {list(subset)} {line}"), workers=SINGLE, device="cpu",
                  sampler=sampler, validate=validate, keep=keep, score_start=True,
