@@ -493,10 +493,10 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
         # The untrained model is the first candidate: training must beat it on validation to replace it.
         history.append({"epoch": 0, **validation(0), "seconds": 0.0})
         _select(best, history[-1], config, has_val=True)
-        best_state = {k: v.detach().clone() for k, v in kept(0).state_dict().items()}
+        keeping = kept(0)
+        best_state = {k: v.detach().clone() for k, v in keeping.state_dict().items()}
         if run_dir is not None and workers.is_main:  # no resume state yet: a rerun starts again (epoch 0 is cheap)
-            checkpoint.save_model(run_dir, kept(0), _sidecar(model, meta, config, objective, best, history[-1],
-                                                             train))
+            checkpoint.save_model(run_dir, keeping, _sidecar(model, meta, config, objective, best, history[-1], train))
     writer = _tensorboard(run_dir, log) if workers.is_main else None
     stopped_early = best["stale"] >= (config.patience or math.inf)
     for epoch in range(start_epoch, config.epochs):
