@@ -278,6 +278,44 @@ def test_train_specialist_saves_a_corrected_loadable_model(digits_generalist, tm
         train_specialist(generalist, [3, 5, 8], train, val, config, run_dir=tmp_path / "s", meta=meta)
 
 
+def test_a_specialist_trains_through_fit_with_its_50_50_batches(digits_generalist, monkeypatch):
+    from darkknowledge.specialists import specialist
+    generalist, train, val, _ = digits_generalist
+    seen = {}
+
+    def spy(*args, **options):  # fit itself, with a callback that sees every trained epoch
+        seen.update(sampler=options["sampler"], epochs=[])
+        return fit(*args, callbacks=[lambda record: seen["epochs"].append(record["epoch"])], **options)
+
+    monkeypatch.setattr(specialist, "fit", spy)
+    config = SpecialistConfig(TrainConfig(epochs=2, batch_size=32, lr=0.02, progress=False))
+    _, result = train_specialist(generalist, [3, 5, 8], train, val, config, log=lambda _: None)
+    assert isinstance(seen["sampler"], BalancedSampler) and seen["epochs"] == [1, 2]
+    assert [r["epoch"] for r in result.history] == [0, 1, 2]  # the untrained start scored as epoch 0
+
+
+def test_a_run_saved_by_the_specialists_own_loop_still_resumes(digits_generalist, tmp_path):
+    generalist, train, val, _ = digits_generalist
+    config = SpecialistConfig(TrainConfig(epochs=2, batch_size=32, lr=0.02, progress=False))
+    meta = {"spec": "mlp:32", "image_shape": [8, 8]}
+    model, result = train_specialist(generalist, [3, 5, 8], train, val, config, run_dir=tmp_path, meta=meta,
+                                     log=lambda _: None)
+    # What the loop before fit saved: its own key and best epoch by "val_loss".
+    saved = checkpoint.read_model_meta(tmp_path)
+    old_meta = {**meta, "classes": saved["classes"], "specialist": saved["specialist"]}
+    old_key = checkpoint.run_key(old_meta, train.fingerprint(), val.fingerprint(), json.dumps([3, 5, 8]),
+                                 json.dumps(config.describe(), sort_keys=True))
+    state = json.loads((tmp_path / checkpoint.STATE_META).read_text())
+    best = next(r for r in state["history"] if r["epoch"] == result.best_epoch)
+    checkpoint.write_json(tmp_path / checkpoint.STATE_META, {
+        **state, "run_key": old_key, "best": {"epoch": result.best_epoch, "val_loss": best["val_loss"], "stale": 0}})
+    lines = []
+    again, _ = train_specialist(generalist, [3, 5, 8], train, val, config, run_dir=tmp_path, meta=meta,
+                                resume=True, log=lines.append)
+    x = torch.rand(4, 8, 8)
+    assert torch.equal(again(x), model(x)) and not [line for line in lines if "epoch 1/" in line]
+
+
 def test_soft_target_specialist_trains(digits_generalist):
     generalist, train, val, _ = digits_generalist
     config = SpecialistConfig(TrainConfig(epochs=1, batch_size=32, lr=0.02, progress=False), temperature=2.0)

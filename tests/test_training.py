@@ -373,3 +373,89 @@ def test_the_epoch_kept_is_the_best_by_the_named_validation_metric(digits, monke
     result = fit(model, train, val, quiet(epochs=3, select_by=select_by), log=lambda _: None)
     assert result.best_epoch == kept and torch.equal(next(model.parameters()), weights[kept - 1])
     assert [r["val_loss"] for r in result.history] == [1.0, 2.0, 0.5]
+
+
+class _Rows:
+    """A sampler of fixed batches: rows of 10 indices among the first 30 cases, in a seeded order."""
+
+    steps = 3
+
+    def seed(self, seed, epoch):
+        return 1000 + 10 * seed + epoch
+
+    def epoch(self, generator):
+        return torch.arange(30)[torch.randperm(30, generator=generator)].view(3, 10)
+
+
+def test_a_sampler_chooses_each_epochs_batches_and_seeds_them(digits):
+    train, _, _ = digits
+    seen = []
+
+    class Recording(HardTargets):
+        def loss(self, logits, batch):
+            seen.append(batch.indices.clone())
+            return super().loss(logits, batch)
+
+    model = build_model("mlp:16", train.image_shape, train.num_classes)
+    result = fit(model, train, None, quiet(epochs=2, batch_size=10, schedule="cosine"), Recording(),
+                 sampler=_Rows(), log=lambda _: None)
+    expected = [row for epoch in range(2) for row in _Rows().epoch(torch.Generator().manual_seed(1000 + epoch))]
+    assert len(seen) == 6 and all(torch.equal(a, b) for a, b in zip(seen, expected))
+    # The schedule runs over the sampler's steps: 6 in all, the last epoch ending at its last step's rate.
+    assert result.history[-1]["lr"] == pytest.approx(TrainConfig(schedule="cosine", epochs=2).learning_rate(5, 6))
+
+
+def test_validate_keep_and_score_start_choose_save_and_return_the_kept_model(digits, tmp_path):
+    train, val, _ = digits
+    torch.manual_seed(0)
+    start = build_model("mlp:16", train.image_shape, train.num_classes)
+    epochs_validated, trained = [], {}
+
+    def run(losses, run_dir, resume=False):
+        model = build_model("mlp:16", train.image_shape, train.num_classes)
+        model.load_state_dict(start.state_dict())
+        scores = iter(losses)
+
+        def validate(m, epoch):
+            epochs_validated.append(epoch)
+            trained[epoch] = {k: v.clone() for k, v in m.state_dict().items()}
+            return {"errors": 1, "loss": next(scores)}
+
+        def keep(m, epoch):  # a copy whose last bias carries the epoch: what was kept is visible
+            kept = build_model("mlp:16", train.image_shape, train.num_classes)
+            kept.load_state_dict(m.state_dict())
+            with torch.no_grad():
+                list(kept.parameters())[-1].add_(epoch)
+            return kept
+
+        result = fit(model, train, val, quiet(epochs=3, select_by="log_loss"), run_dir=run_dir, resume=resume,
+                     log=lambda _: None, validate=validate, keep=keep, score_start=True)
+        return model, result
+
+    model, result = run([1.0, 2.0, 0.5, 0.7], tmp_path / "a")
+    assert epochs_validated == [0, 1, 2, 3] and [r["epoch"] for r in result.history] == [0, 1, 2, 3]
+    assert result.best_epoch == 2 and result.history[0]["val_loss"] == 1.0
+    bias = list(model.parameters())[-1]
+    assert torch.equal(bias, list(trained[2].values())[-1] + 2)
+    saved, _ = checkpoint.load_model(tmp_path / "a")
+    assert torch.equal(list(saved.parameters())[-1], bias)
+    # A finished run resumed returns the kept model again, not the last epoch's weights.
+    again, _ = run([], tmp_path / "a", resume=True)
+    assert torch.equal(list(again.parameters())[-1], bias)
+    # No trained epoch beats the untrained start: the start is kept.
+    model, result = run([0.1, 1.0, 2.0, 3.0], tmp_path / "b")
+    assert result.best_epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
+
+
+def test_a_run_saved_with_a_legacy_key_resumes_only_when_that_key_is_given(digits, tmp_path):
+    train, val, _ = digits
+    model = build_model("mlp:16", train.image_shape, train.num_classes)
+    fit(model, train, val, quiet(epochs=1), run_dir=tmp_path, log=lambda _: None)
+    state = json.loads((tmp_path / checkpoint.STATE_META).read_text())
+    checkpoint.write_json(tmp_path / checkpoint.STATE_META, {**state, "run_key": "an older loop's key"})
+    with pytest.raises(DarkKnowledgeError, match="other settings"):
+        fit(model, train, val, quiet(epochs=1), run_dir=tmp_path, resume=True, log=lambda _: None)
+    result = fit(model, train, val, quiet(epochs=1), run_dir=tmp_path, resume=True, log=lambda _: None,
+                 legacy_keys=["an older loop's key"])
+    assert [r["epoch"] for r in result.history] == [1]

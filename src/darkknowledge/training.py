@@ -362,7 +362,8 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
         run_dir: str | Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
         log: Callable[[str], None] | None = None, monitor=None, workers: Workers | None = None,
         device: str | torch.device | None = "auto",
-        callbacks: Sequence[Callable[[dict[str, Any]], Any]] = ()) -> FitResult:
+        callbacks: Sequence[Callable[[dict[str, Any]], Any]] = (), *, sampler=None, validate=None, keep=None,
+        score_start: bool = False, legacy_keys: Sequence[str] = ()) -> FitResult:
     """Train ``model`` on ``train``, validating on ``val`` each epoch. ``train``, ``val`` and ``monitor`` sets are
     transfer sets or anything :func:`darkknowledge.data.as_transfer_set` takes (a ``TensorDataset``, an
     ``(inputs, labels)`` pair, any map-style ``Dataset``).
@@ -383,18 +384,41 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
 
     ``workers``: the process group to train with (default: torchrun's, if this process joined one; see the
     module doc). Every rank calls ``fit`` with the same arguments; all return the same model.
+
+    Hooks for a loop that trains otherwise (the specialists' use them all):
+
+    - ``sampler``: each epoch's batches instead of a shuffled pass: an object with ``steps`` (batches per epoch),
+      ``seed(seed, epoch)`` (the epoch's seed, of its generator and dropout masks) and ``epoch(generator)``
+      (dataset indices ``[steps, batch_size]``, one row a batch), e.g. the specialists' 50/50 batches;
+    - ``validate(model, epoch)``: the validation metrics instead of evaluating ``val`` (names without ``val_``;
+      at least ``errors`` and ``loss``), e.g. of a model whose outputs are corrected after training;
+    - ``keep(model, epoch)``: the module whose weights are kept for an epoch (saved, and loaded at the end)
+      instead of ``model`` itself, e.g. a corrected copy;
+    - ``score_start``: the untrained model is validated as epoch 0 and kept unless a trained epoch beats it;
+    - ``legacy_keys``: run keys an older loop saved the same run with, also accepted on resume.
     """
     workers = workers or current()
     with contextlib.ExitStack() as held:  # one writer per run folder: rank 0 holds its lock for every rank
         if run_dir is not None:
             workers.on_main(lambda: held.enter_context(checkpoint.open_run(run_dir)))  # a refusal stops all ranks
         return _fit(model, train, val, config, objective, run_dir, resume, meta, log, monitor, workers, device,
-                    callbacks)
+                    callbacks, _Hooks(sampler, validate, keep, score_start, tuple(legacy_keys)))
+
+
+class _Hooks(NamedTuple):
+    """fit's hooks for a loop that trains otherwise (see :func:`fit`)."""
+
+    sampler: Any = None
+    validate: Callable[[nn.Module, int], dict[str, Any]] | None = None
+    keep: Callable[[nn.Module, int], nn.Module] | None = None
+    score_start: bool = False
+    legacy_keys: tuple[str, ...] = ()
 
 
 def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, run_dir: str | Path | None,
          resume: bool, meta: dict[str, Any] | None, log: Callable[[str], None] | None, monitor, workers: Workers,
-         device: str | torch.device | None, callbacks: Sequence[Callable[[dict[str, Any]], Any]]) -> FitResult:
+         device: str | torch.device | None, callbacks: Sequence[Callable[[dict[str, Any]], Any]],
+         hooks: _Hooks = _Hooks()) -> FitResult:
     """Check and set up, resume where a saved run stopped, then each epoch: train (:class:`_Epochs`), validate,
     keep the best (:func:`_select`), save (:func:`_save`)."""
     config = config or TrainConfig()
@@ -428,7 +452,8 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
     if isinstance(objective, Distillation) and (objective.teacher is not None or objective.store is not None):
         log(f"distillation: soft targets from the {objective.soft_source()}")
 
-    epochs = _Epochs(model, train, config, objective, workers, config.make_optimizer(model.parameters()))
+    epochs = _Epochs(model, train, config, objective, workers, config.make_optimizer(model.parameters()),
+                     hooks.sampler)
     key = run_key(meta, train, val, config, objective)
     best_state: dict[str, torch.Tensor] | None = None
 
@@ -436,11 +461,11 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
         """Where the saved run stopped (None: a new run); loads its weights, optimizer state and best model."""
         nonlocal best_state
         state = checkpoint.resume_training_state(run_dir, model, epochs.optimizer, key, resume,
-                                                 legacy_keys=_legacy_keys(meta, train, val, config, objective),
-                                                 epochs=config.epochs)
+                                                 legacy_keys=(*_legacy_keys(meta, train, val, config, objective),
+                                                              *hooks.legacy_keys), epochs=config.epochs)
         if state is None:
             return None
-        if state["best"]["val_errors"] is not None:
+        if state["best"]["val_errors"] is not None or hooks.keep is not None:  # the kept model: the saved one
             best_state = checkpoint.load_model(run_dir)[0].state_dict()
         return {k: state[k] for k in ("epoch", "history", "best", "seconds")}
 
@@ -455,6 +480,23 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
             else f"resuming {run_dir} after epoch {start_epoch}")
     epochs.share_state()
 
+    def validation(epoch: int) -> dict[str, Any]:
+        if hooks.validate is not None:
+            return {f"val_{k}": v for k, v in hooks.validate(model, epoch).items()}
+        return _validation_record("val", _evaluate(model, val, config.precision, workers),
+                                  per_token=cases_per_item(val) > 1)
+
+    def kept(epoch: int) -> nn.Module:
+        return hooks.keep(model, epoch) if hooks.keep is not None else model
+
+    if hooks.score_start and val is not None and resumed is None:
+        # The untrained model is the first candidate: training must beat it on validation to replace it.
+        history.append({"epoch": 0, **validation(0), "seconds": 0.0})
+        _select(best, history[-1], config, has_val=True)
+        keeping = kept(0)
+        best_state = {k: v.detach().clone() for k, v in keeping.state_dict().items()}
+        if run_dir is not None and workers.is_main:  # no resume state yet: a rerun starts again (epoch 0 is cheap)
+            checkpoint.save_model(run_dir, keeping, _sidecar(model, meta, config, objective, best, history[-1], train))
     writer = _tensorboard(run_dir, log) if workers.is_main else None
     stopped_early = best["stale"] >= (config.patience or math.inf)
     for epoch in range(start_epoch, config.epochs):
@@ -463,8 +505,7 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
         started = time.perf_counter()
         record = {"epoch": epoch + 1, **epochs.train_one(epoch)}
         if val is not None:
-            record.update(_validation_record("val", _evaluate(model, val, config.precision, workers),
-                                             per_token=cases_per_item(val) > 1))
+            record.update(validation(epoch + 1))
         for name, data in monitor.items():  # logged only: selection above uses val alone
             watched = _evaluate(model, data, config.precision, workers)
             record.update({f"{name}_errors": watched.errors, f"{name}_error_rate": 1 - watched.accuracy})
@@ -472,16 +513,18 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
         record["seconds"] = round(elapsed, 3)
         history.append(record)
         improved = _select(best, record, config, has_val=val is not None)
-        if improved:
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        keeping = kept(epoch + 1) if improved else None
+        if keeping is not None:
+            best_state = {k: v.detach().clone() for k, v in keeping.state_dict().items()}
         stopped_early = best["stale"] >= (config.patience or math.inf)
         # Every rank runs the callbacks (they may stop the run, and all ranks must stop together).
         stopped_early = any([callback(dict(record)) is True for callback in callbacks]) or stopped_early
         if run_dir is not None and workers.is_main:
             sidecar = _sidecar(model, meta, config, objective, best, record, train) if improved else None
-            _save(run_dir, epochs, epoch + 1, sidecar, {"run_key": key, "history": history, "best": best,
-                                                         "seconds": elapsed,
-                                                         "done": epoch + 1 == config.epochs or stopped_early}, writer)
+            _save(run_dir, epochs, keeping, epoch + 1, sidecar, {"run_key": key, "history": history, "best": best,
+                                                                 "seconds": elapsed,
+                                                                 "done": epoch + 1 == config.epochs or stopped_early},
+                  writer)
         log(_epoch_line(record, config))
 
     if writer is not None:
@@ -497,13 +540,13 @@ class _Epochs:
     one epoch (:meth:`train_one`) as steps (:meth:`_step`) over micro-batches (:meth:`_micro_step`)."""
 
     def __init__(self, model: nn.Module, train, config: TrainConfig, objective, workers: Workers,
-                 optimizer: torch.optim.Optimizer):
+                 optimizer: torch.optim.Optimizer, sampler=None):
         self.model, self.net, self.train, self.config = model, model, train, config
-        self.objective, self.workers, self.optimizer = objective, workers, optimizer
+        self.objective, self.workers, self.optimizer, self.sampler = objective, workers, optimizer, sampler
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.fp16)
         self.constrain = getattr(model, "apply_constraints", None)
         self.ignore_index = getattr(train, "ignore_index", None)
-        self.steps_per_epoch = math.ceil(len(train) / config.batch_size)
+        self.steps_per_epoch = sampler.steps if sampler is not None else math.ceil(len(train) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
 
     def share_state(self) -> None:
@@ -515,15 +558,23 @@ class _Epochs:
         self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None,
                                            gradient_as_bucket_view=True)  # no copy of the gradients
 
-    def order(self, epoch: int) -> tuple[torch.Tensor, torch.Generator]:
-        """This epoch's order of items and the generator its jitter is drawn from after it: a function of the
-        seed and the epoch alone (see ``epoch_order``)."""
-        n, seed = len(self.train), self.config.seed
-        if self.config.epoch_order == "language-model":
+    def epoch_seed(self, epoch: int) -> int:
+        """The seed of this epoch's order, jitter and dropout masks."""
+        if self.sampler is not None:
+            return self.sampler.seed(self.config.seed, epoch)
+        return _epoch_seed(self.config.seed, epoch)
+
+    def order(self, epoch: int) -> tuple[list[torch.Tensor], torch.Generator]:
+        """This epoch's batches of items and the generator its jitter is drawn from after them: a function of the
+        seed and the epoch alone (see ``epoch_order``, or the ``sampler``'s)."""
+        n, seed, size = len(self.train), self.config.seed, self.config.batch_size
+        if self.config.epoch_order == "language-model" and self.sampler is None:
             generator = torch.Generator().manual_seed(seed * 1000 + epoch + 1)
         else:
-            generator = torch.Generator().manual_seed(_epoch_seed(seed, epoch))
-        return torch.randperm(n, generator=generator), generator
+            generator = torch.Generator().manual_seed(self.epoch_seed(epoch))
+        if self.sampler is not None:
+            return list(self.sampler.epoch(generator)), generator
+        return list(torch.randperm(n, generator=generator).split(size)), generator
 
     def plan(self, epoch: int) -> list[tuple[int, list[tuple[torch.Tensor, torch.Tensor | None]]]]:
         """Each step's batch size and this rank's micro-batches (indices, jitter offsets), drawn before reading any
@@ -531,8 +582,7 @@ class _Epochs:
         config = self.config
         order, generator = self.order(epoch)
         steps = []
-        for step in range(self.steps_per_epoch):
-            batch = order[step * config.batch_size:(step + 1) * config.batch_size]
+        for batch in order:
             offsets = jitter_offsets(len(batch), config.jitter, generator)  # the whole batch's, as one process
             parts = torch.arange(len(batch))[self.workers.shard(len(batch))].tensor_split(config.grad_accumulation)
             steps.append((len(batch), [(batch[p], offsets[:, p] if offsets is not None else None) for p in parts]))
@@ -541,7 +591,7 @@ class _Epochs:
     def train_one(self, epoch: int) -> dict[str, Any]:
         """One epoch; returns its training metrics (each loss term per case, the errors), summed over ranks."""
         config, workers = self.config, self.workers
-        torch.manual_seed(_epoch_seed(config.seed, epoch) + workers.rank)  # dropout masks
+        torch.manual_seed(self.epoch_seed(epoch) + workers.rank)  # dropout masks
         steps = self.plan(epoch)
         reader = batches(self.train, [indices for _, parts in steps for indices, _ in parts])
         self.model.train()
@@ -631,12 +681,12 @@ def _select(best: dict[str, Any], record: dict[str, Any], config: TrainConfig, h
     return True
 
 
-def _save(run_dir: Path, epochs: _Epochs, epoch: int, sidecar: dict[str, Any] | None, state: dict[str, Any],
-          writer) -> None:
-    """After ``epoch``, rank 0: the model with its ``sidecar`` (when this epoch is the best), the resume state,
-    the metrics."""
+def _save(run_dir: Path, epochs: _Epochs, kept: nn.Module | None, epoch: int, sidecar: dict[str, Any] | None,
+          state: dict[str, Any], writer) -> None:
+    """After ``epoch``, rank 0: the model ``kept`` with its ``sidecar`` (when this epoch is the best), the resume
+    state, the metrics."""
     if sidecar is not None:
-        checkpoint.save_model(run_dir, epochs.model, sidecar)
+        checkpoint.save_model(run_dir, kept, sidecar)
     checkpoint.save_training_state(run_dir, epoch, epochs.model, epochs.optimizer, state)
     _write_metrics(run_dir / "metrics.jsonl", state["history"])
     if writer is not None:
@@ -647,8 +697,10 @@ def _save(run_dir: Path, epochs: _Epochs, epoch: int, sidecar: dict[str, Any] | 
 
 def _epoch_line(record: dict[str, Any], config: TrainConfig) -> str:
     val_text = f"  val errors {record['val_errors']}" if "val_errors" in record else ""
-    if "val_log_loss" in record:
-        val_text += f"  val log-loss {record['val_log_loss']:.4f}"
+    # The log-loss where it is reported, or where it chooses the epoch kept.
+    log_loss = record.get("val_log_loss", record.get("val_loss") if config.select_by == "log_loss" else None)
+    if log_loss is not None:
+        val_text += f"  val log-loss {log_loss:.4f}"
     return (f"epoch {record['epoch']}/{config.epochs}  loss {record['train_loss']:.4f}  "
             f"train errors {record['train_errors']}{val_text}  {record['seconds']:.1f}s")
 

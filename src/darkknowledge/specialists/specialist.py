@@ -16,9 +16,8 @@
   the generalist's logits collapsed onto subset + dustbin (the dustbin logit is the log-sum-exp of the other
   classes' logits), with the same prior shift applied so that targets and batches agree, softened at T.
 
-Training is a compact loop of its own because of the 50/50 batches; it reuses the models, the training
-config and learning-rate schedule, evaluation and the atomic checkpoints of the rest of the library, and a run
-killed between epochs resumes where it stopped.
+Training is the library's one loop, :func:`darkknowledge.training.fit`, given the 50/50 batches, the dustbin
+correction and the untrained start through its hooks; a run killed between epochs resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ import copy
 import json
 import math
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,13 +35,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checkpoint
-from ..augment import check_jitter, jitter
+from ..augment import check_jitter
 from ..data import LabeledImages
-from ..errors import DarkKnowledgeError, TrainingDiverged
 from ..data.transfer import subset as subset_of
-from ..evaluation import autocast, labels_of, predict_logits
+from ..distributed import SINGLE
+from ..errors import DarkKnowledgeError
+from ..evaluation import labels_of, predict_logits
 from ..losses import distillation_loss
-from ..training import TrainConfig
+from ..training import Batch, HardTargets, TrainConfig, fit
 
 DUSTBIN = "dustbin"
 
@@ -207,6 +206,11 @@ class BalancedSampler:
         self.inside, self.outside = inside.long(), outside.long()
         self.steps = math.ceil(len(self.inside) / self.per_batch_inside)
 
+    def seed(self, seed: int, epoch: int) -> int:
+        """The seed of an epoch's batches, jitter and dropout masks (the specialists' own, from before they
+        trained through ``fit``: earlier runs reproduce exactly)."""
+        return (seed * 1_000_003 + epoch + 7_919) % (2**63)
+
     def epoch(self, generator: torch.Generator) -> Tensor:
         """Dataset indices ``[steps, batch_size]``: each row one batch, inside cases first."""
         need_in = self.steps * self.per_batch_inside
@@ -267,10 +271,6 @@ class SpecialistResult:
     seconds: float
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch + 7_919) % (2**63)
-
-
 def validation_scores(model: nn.Module, val: LabeledImages, subset, offset: float = 0.0,
                       bf16: bool = False) -> dict[str, Any]:
     """Cross-entropy and errors of a specialist on natural-frequency data, its dustbin raised by ``offset``
@@ -284,11 +284,51 @@ def validation_scores(model: nn.Module, val: LabeledImages, subset, offset: floa
             "subset_errors": int(wrong[inside].sum()), "subset_cases": int(inside.sum()), "cases": len(labels)}
 
 
-def _run_key(meta, train: LabeledImages, val, subset, config: SpecialistConfig, locations: bool = False) -> str:
-    """As the training loop's key: where the generalist's files are is left out (``locations=True``: the older key)."""
-    return checkpoint.run_key(meta, train.fingerprint(), val.fingerprint() if val is not None else "",
-                              json.dumps(list(subset)), json.dumps(config.describe(), sort_keys=True),
-                              locations=locations)
+class GeneralistTargets:
+    """The objective of a specialist trained on soft targets (§6.1): the generalist's logits collapsed onto
+    subset + dustbin, one row per training case. They are computed once on the un-jittered images, a fixed
+    target per case as the hard labels are, so (unlike :class:`darkknowledge.training.Distillation`) they serve
+    jittered batches too."""
+
+    def __init__(self, teacher: Tensor, temperature: float, soft_weight: float, hard_weight: float):
+        self.teacher, self.temperature = teacher, temperature
+        self.soft_weight, self.hard_weight = soft_weight, hard_weight
+
+    def prepare(self, train, config: TrainConfig, device: torch.device = torch.device("cpu")) -> None:
+        pass
+
+    def loss(self, logits: Tensor, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        out = distillation_loss(logits.float(), self.teacher[batch.indices].to(logits.device), batch.labels,
+                                temperature=self.temperature, soft_weight=self.soft_weight,
+                                hard_weight=self.hard_weight)
+        return out.total, {"loss": out.total, "soft": out.soft, "hard": out.hard}
+
+    def describe(self) -> dict[str, Any]:
+        return {"objective": "generalist soft targets", "temperature": self.temperature,
+                "soft_weight": self.soft_weight, "hard_weight": self.hard_weight}
+
+
+def _older_keys(meta, train: LabeledImages, val, subset, config: SpecialistConfig) -> tuple[str, ...]:
+    """The keys the specialists' own loop saved runs with before they trained through ``fit`` (the newer one
+    without, the older one with where the generalist's files are), so those runs still resume."""
+    return tuple(checkpoint.run_key(meta, train.fingerprint(), val.fingerprint() if val is not None else "",
+                                    json.dumps(list(subset)), json.dumps(config.describe(), sort_keys=True),
+                                    locations=locations) for locations in (False, True))
+
+
+def _upgrade_state(run_dir: Path) -> None:
+    """A run saved by the specialists' own loop kept its best epoch as ``{epoch, val_loss, stale}``; ``fit``
+    keeps ``{epoch, val_errors, stale, val_log_loss}``: rewritten so (the same numbers, from its history)."""
+    if not (run_dir / checkpoint.STATE_META).exists():
+        return
+    state = checkpoint.read_training_state(run_dir)
+    best = state["best"]
+    if "val_errors" in best or "val_loss" not in best:
+        return
+    record = next((r for r in state["history"] if r["epoch"] == best["epoch"]), {})
+    state["best"] = {"epoch": best["epoch"], "val_errors": record.get("val_errors"), "stale": best["stale"],
+                     "val_log_loss": best["val_loss"]}
+    checkpoint.write_json(run_dir / checkpoint.STATE_META, state)
 
 
 def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: LabeledImages | None = None,
@@ -298,11 +338,16 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     """Train the specialist for ``subset`` from ``generalist`` on ``train`` (labels in the generalist's numbering).
 
     The epoch kept is the one with the lowest validation cross-entropy on ``val`` (natural class frequencies,
-    dustbin corrected), the untrained start (epoch 0) included; without ``val``, the last. The returned model (eval mode) and the saved one carry the dustbin
-    correction in their weights. ``generalist_logits``: the generalist's logits over ``train``, for soft targets
-    (computed here when needed and not given). With ``run_dir``: ``model.safetensors`` + ``model.json``
-    (``meta`` must hold the generalist's ``spec`` and ``image_shape`` so the file loads with
-    :func:`darkknowledge.checkpoint.load_model`), resume state every epoch, and ``resume=True`` continues.
+    dustbin corrected), the untrained start (epoch 0) included; without ``val``, the last. The returned model
+    (eval mode) and the saved one carry the dustbin correction in their weights. ``generalist_logits``: the
+    generalist's logits over ``train``, for soft targets (computed here when needed and not given). With
+    ``run_dir``: ``model.safetensors`` + ``model.json`` (``meta`` must hold the generalist's ``spec`` and
+    ``image_shape`` so the file loads with :func:`darkknowledge.checkpoint.load_model`), resume state every
+    epoch, and ``resume=True`` continues.
+
+    The training is :func:`darkknowledge.training.fit`'s, on the CPU, through its hooks: the 50/50 batches
+    (``sampler``), the untrained start scored (``score_start``), the dustbin correction applied to what is
+    validated and kept (``validate``, ``keep``).
     """
     config = config or SpecialistConfig()
     cfg = config.training
@@ -321,8 +366,7 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     sampler = BalancedSampler(inside, outside, cfg.batch_size, config.subset_fraction)
     natural = len(inside) / len(train)
     offset = dustbin_offset(natural, config.subset_fraction)
-    targets = relabel(labels_of(train), subset, num_classes)
-    teacher = None
+    objective = HardTargets()
     if config.temperature is not None:
         if generalist_logits is None:
             generalist_logits = predict_logits(generalist, train, bf16=cfg.bf16)
@@ -331,6 +375,7 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
                                      f"{list(generalist_logits.shape)}")
         teacher = collapse_logits(generalist_logits.float(), subset)
         teacher[:, -1] -= offset  # the generalist's posterior under the batches' prior, as the hard labels have it
+        objective = GeneralistTargets(teacher, config.temperature, config.soft_weight, config.hard_weight)
 
     model = make_specialist(generalist, subset)
     if config.calibrate_dustbin:
@@ -339,97 +384,25 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     meta = {**(meta or {}), "classes": names,
             "specialist": {"subset": list(subset), "subset_names": names[:-1], "dustbin_offset": offset,
                            "natural_fraction": natural, **config.describe()}}
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    constrain = getattr(model, "apply_constraints", None)
-    total_steps = sampler.steps * cfg.epochs
     run_dir = Path(run_dir) if run_dir is not None else None
-    run_key = _run_key(meta, train, val, subset, config)
+    if run_dir is not None and resume:
+        _upgrade_state(run_dir)
 
-    start, history, elapsed, best = 0, [], 0.0, {"epoch": 0, "val_loss": None, "stale": 0}
-    best_state = None
-    state = checkpoint.resume_training_state(run_dir, model, optimizer, run_key, resume, "specialist run", "subset",
-                                             (_run_key(meta, train, val, subset, config, locations=True),),
-                                             epochs=cfg.epochs, best_key="val_loss",
-                                             elsewhere="train into another specialists folder (copy subsets.json "
-                                                       "into it)")
-    if state is not None:
-        start, history, best, elapsed = state["epoch"], state["history"], state["best"], state["seconds"]
-        best_state = checkpoint.load_model(run_dir)[0].state_dict() if (run_dir / checkpoint.MODEL_META).exists() \
-            else None
-        if start < cfg.epochs:
-            log(f"resuming {run_dir} after epoch {start}")
+    def validate(trained: nn.Module, epoch: int) -> dict[str, Any]:
+        # The untrained specialist already has the generalist's prior: it is scored without the offset.
+        scores = validation_scores(trained, val, subset, offset if epoch else 0.0, cfg.bf16)
+        return {k: v for k, v in scores.items() if k not in ("cases", "subset_cases")}
 
-    if start == 0 and val is not None:
-        # The untrained specialist is the first candidate: it already matches the generalist's prior, so it is
-        # scored and kept without the oversampling offset. Training must beat it on validation to replace it.
-        scores = validation_scores(model, val, subset, 0.0, cfg.bf16)
-        best = {"epoch": 0, "val_loss": scores["loss"], "stale": 0}
-        best_state = copy.deepcopy(model).state_dict()
-        history.append({"epoch": 0, **{f"val_{k}": v for k, v in scores.items() if k not in ("cases", "subset_cases")},
-                        "seconds": 0.0})
-        if run_dir is not None:
-            checkpoint.save_model(run_dir, model, {**meta, "epoch": 0, "metrics": history[-1], "seconds": 0.0})
-    stopped = best["stale"] >= (cfg.patience or math.inf)
-    for epoch in range(start, cfg.epochs):
-        if stopped:
-            break
-        started = time.perf_counter()
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch))  # dropout masks
-        generator = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))
-        batches = sampler.epoch(generator)
-        model.train()
-        sums: dict[str, Tensor] = {}
-        for step, indices in enumerate(batches):
-            inputs = jitter(train.batch(indices)[0], cfg.jitter, generator)
-            labels = targets[indices]
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.learning_rate(epoch * sampler.steps + step, total_steps)
-            with autocast(cfg.bf16):
-                logits = model(inputs).float()
-            if teacher is None:
-                loss = F.cross_entropy(logits, labels)
-                parts = {"loss": loss}
-            else:
-                out = distillation_loss(logits, teacher[indices], labels, temperature=config.temperature,
-                                        soft_weight=config.soft_weight, hard_weight=config.hard_weight)
-                loss, parts = out.total, {"loss": out.total, "soft": out.soft, "hard": out.hard}
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if constrain is not None:
-                constrain()
-            for key, value in parts.items():
-                sums[key] = sums.get(key, 0) + value.detach()
-        record = {"epoch": epoch + 1, **{f"train_{k}": float(v) / sampler.steps for k, v in sums.items()}}
-        if not all(math.isfinite(v) for k, v in record.items() if k != "epoch"):  # before anything is saved
-            raise TrainingDiverged.in_epoch(epoch + 1)
-        improved = True
-        if val is not None:
-            scores = validation_scores(model, val, subset, offset, cfg.bf16)
-            record.update({f"val_{k}": v for k, v in scores.items() if k not in ("cases", "subset_cases")})
-            improved = best["val_loss"] is None or scores["loss"] < best["val_loss"]
-        elapsed += time.perf_counter() - started
-        record["seconds"] = round(elapsed, 3)
-        history.append(record)
-        if improved:
-            best = {"epoch": epoch + 1, "val_loss": record.get("val_loss"), "stale": 0}
-            best_state = add_to_dustbin(copy.deepcopy(model), offset).state_dict()
-        else:
-            best["stale"] += 1
-        stopped = best["stale"] >= (cfg.patience or math.inf)
-        if run_dir is not None:
-            if improved:
-                saved = add_to_dustbin(copy.deepcopy(model), offset)
-                checkpoint.save_model(run_dir, saved, {**meta, "epoch": best["epoch"], "metrics": record,
-                                                       "seconds": round(elapsed, 3)})
-            checkpoint.save_training_state(run_dir, epoch + 1, model, optimizer, {
-                "run_key": run_key, "history": history, "best": best, "seconds": elapsed,
-                "done": epoch + 1 == cfg.epochs or stopped})
-        val_text = f"  val loss {record['val_loss']:.4f}  val errors {record['val_errors']}" if val is not None else ""
-        log(f"specialist {list(subset)} epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}{val_text}  "
-            f"{elapsed:.1f}s")
+    def keep(trained: nn.Module, epoch: int) -> nn.Module:
+        return add_to_dustbin(copy.deepcopy(trained), offset) if epoch else trained
 
-    if best_state is None:  # no epoch to train (epochs already done but no model file): keep the correction
-        best_state = add_to_dustbin(model, offset).state_dict()
-    model.load_state_dict(best_state)
-    return model.eval(), SpecialistResult(subset, offset, natural, history, best["epoch"], elapsed)
+    # The batches' labels in the specialist's numbering. The optimizer is the unfused SGD step the specialists'
+    # own loop took and the epoch kept the lowest validation log-loss, so earlier runs reproduce to the bit.
+    relabeled = LabeledImages(train.images, relabel(labels_of(train), subset, num_classes), tuple(names), train.name)
+    unfused = {"foreach": False} if cfg.optimizer == "sgd" else {}
+    fit_config = replace(cfg, select_by="log_loss", optimizer_options={**unfused, **cfg.optimizer_options})
+    result = fit(model, relabeled, val, fit_config, objective, run_dir, resume, meta,
+                 lambda line: log(f"specialist {list(subset)} {line}"), workers=SINGLE, device="cpu",
+                 sampler=sampler, validate=validate, keep=keep, score_start=True,
+                 legacy_keys=_older_keys(meta, train, val, subset, config))
+    return model.eval(), SpecialistResult(subset, offset, natural, result.history, result.best_epoch, result.seconds)
