@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import locks, schemas
+from . import locks, reading, schemas
 from .errors import DarkKnowledgeError, TrainingDiverged
 from .memory import check_fits
 from .models import build_model
@@ -143,9 +143,9 @@ def sha256_file(path: Path) -> str:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """The parsed JSON of ``path``, a regular file of bounded size (:mod:`darkknowledge.reading`); else one line."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(reading.read_text(path, what, reading.JSON_LIMIT))
     except FileNotFoundError:
         raise DarkKnowledgeError(f"{what}: {path} not found; check the path (a run directory holds {MODEL_META})") \
             from None
@@ -205,7 +205,7 @@ def save_model(run_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
 def _pending_meta(run_dir: Path) -> dict[str, Any] | None:
     """The pending sidecar, if there is one and the weights in place are the ones it vouches for."""
     try:
-        pending = schemas.check(schemas.ModelSidecar, json.loads((run_dir / PENDING_META).read_text()),
+        pending = schemas.check(schemas.ModelSidecar, read_json(run_dir / PENDING_META, "model"),
                                 run_dir / PENDING_META, "")
         if sha256_file(run_dir / pending["weights"]) == pending["weights_sha256"]:
             return pending

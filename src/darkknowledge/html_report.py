@@ -33,7 +33,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import checkpoint  # noqa: E402
+from . import checkpoint, reading, schemas  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
 from .language_model import no_gain_note  # noqa: E402
 from .plots import HELD_OUT, LEGEND, TRAIN, plain_log_axis  # noqa: E402
@@ -353,16 +353,20 @@ def evaluate_saved(run: Path, datasets: _Datasets) -> ModelEvaluation:
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """The epochs of a run's metrics.jsonl, each checked against its schema (a line that does not fit is a
+    one-line error naming the file and the line); a line cut by a crash is left out."""
     path = run / "metrics.jsonl"
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    text = reading.read_bytes(path, "metrics", reading.JSON_LIMIT).decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except ValueError:
             continue  # a line cut by a crash
-    return [r for r in rows if isinstance(r, dict) and "epoch" in r]
+        rows.append(schemas.check(schemas.MetricsRow, row, f"{path} line {number}", "retrain or restore the run"))
+    return rows
 
 
 def model_sections(page: Page, prefix: str, runs: dict[str, Path], datasets: _Datasets,
@@ -395,7 +399,13 @@ def model_sections(page: Page, prefix: str, runs: dict[str, Path], datasets: _Da
                         for name, ev in evaluations.items()]))
     if problems:
         page.add(Para("Not evaluated: " + "; ".join(problems)))
-    histories = {name: rows for name, run in runs.items() if (rows := read_metrics(run))}
+    histories = {}
+    for name, run in runs.items():
+        try:
+            if rows := read_metrics(run):
+                histories[name] = rows
+        except DarkKnowledgeError as e:
+            log(f"report: {name}: {e}")
     if histories:
         page.add(Heading(3, "Training curves"),
                  Para("From each run's metrics.jsonl, one point per epoch."),
@@ -741,6 +751,8 @@ def build_page(folders: list[str | Path], data_dir: str | None = None,
             raise DarkKnowledgeError(f"report: {folder} holds neither results.json nor report.md; give folders "
                                      "written by 'darkknowledge reproduce'")
         kind = detect_kind(r) if isinstance(r, dict) else "unknown"
+        if kind in schemas.RESULTS:  # every field a section reads is there, of its type
+            schemas.check(schemas.RESULTS[kind], r, path, f"rerun 'darkknowledge reproduce {kind}' or restore the file")
         prefix = f"{i + 1}-{_slug(folder.resolve().name)}"
         while prefix in used:
             prefix += "x"

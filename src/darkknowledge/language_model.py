@@ -260,7 +260,9 @@ def generate(model: nn.Module, tokenizer: TextTokenizer, prompt: str, tokens: in
     model.eval()
     out = ids.tolist()
     for _ in range(tokens):
-        logits = model(torch.tensor([out[-context:]]))[0, -1].float() / temperature
+        logits = model(torch.tensor([out[-context:]]))[0, -1].float()
+        # shifted before the division: a tiny temperature makes the others -inf (greedy), never inf - inf (NaN)
+        logits = (logits - logits.max()) / temperature
         if top_k is not None:
             cutoff = logits.topk(min(top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < cutoff, -math.inf)

@@ -22,6 +22,7 @@ SEED_MAX = 2**63 - 1  # seeds and their offsets (member i's seed + i, epoch seed
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "epochs": (1, 1_000_000, True, True),
     "batch_size": (1, 10_000_000, True, True),
+    "grad_accumulation": (1, 10_000_000, True, True),  # and at most --batch-size (TrainConfig checks)
     "lr": (0, 100, False, True),
     "momentum": (0, 1, True, False),
     "weight_decay": (0, 1, True, True),

@@ -88,8 +88,9 @@ class TrainConfig:
                       self.optimizer, torch.optim.Optimizer)), f"one of {', '.join(OPTIMIZERS)} or a "
                    "torch.optim.Optimizer class"),
                   ("optimizer_options", isinstance(self.optimizer_options, dict), "a dict of keyword arguments"),
-                  ("grad_accumulation", isinstance(self.grad_accumulation, int) and self.grad_accumulation >= 1,
-                   "an integer >= 1"),
+                  ("grad_accumulation", isinstance(self.grad_accumulation, int)
+                   and 1 <= self.grad_accumulation <= self.batch_size,
+                   "an integer in 1..batch_size (a micro-batch holds at least one case)"),
                   ("clip_grad_norm", self.clip_grad_norm is None or (math.isfinite(self.clip_grad_norm)
                                                                      and self.clip_grad_norm > 0),
                    "a positive number or unset"),

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import reading
 from ..errors import DarkKnowledgeError
 
 SPLITS = ("train", "validation", "test")
@@ -56,7 +57,7 @@ def load_corpus(folder: str | Path) -> TextCorpus:
     documents, skipped = {}, 0
     for path in sorted(folder.glob("*.txt")):
         try:
-            text = path.read_text(encoding="utf-8")
+            text = reading.read_text(path, "text corpus", reading.TEXT_LIMIT)
         except UnicodeDecodeError as error:
             raise DarkKnowledgeError(f"{path} is not UTF-8 text (byte {error.start}); convert it "
                                      f"(e.g. iconv -t utf-8) or move it out of the corpus folder") from None
@@ -151,7 +152,7 @@ class TextTokenizer:
         """Read a saved tokenizer; ``sha256`` (from the run's model.json) must match, else one line says so."""
         path = Path(path)
         try:
-            state = json.loads(path.read_text())
+            state = json.loads(reading.read_text(path, "tokenizer", reading.JSON_LIMIT))
         except (OSError, ValueError) as error:
             raise DarkKnowledgeError(f"cannot read tokenizer {path}: {error}") from None
         if state.pop("format", None) != TOKENIZER_FORMAT or state.get("kind") not in TOKENIZER_KINDS:
