@@ -260,7 +260,7 @@ def generate(model: nn.Module, tokenizer: TextTokenizer, prompt: str, tokens: in
     model.eval()
     out = ids.tolist()
     for _ in range(tokens):
-        logits = model(torch.tensor([out[-context:]]))[0, -1].float()
+        logits = model(torch.tensor([out[-context:]]))[0, -1].double()  # a tiny temperature is 0 in float32
         # shifted before the division: a tiny temperature makes the others -inf (greedy), never inf - inf (NaN)
         logits = (logits - logits.max()) / temperature
         if top_k is not None:

@@ -558,3 +558,47 @@ class LmResults(_Results):
 RESULTS: dict[str, type[_Results]] = {"mnist": MnistResults, "specialists": SpecialistsResults,
                                       "ensemble": EnsembleResults, "regularizer": RegularizerResults,
                                       "lm": LmResults}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The token store of a language model (token_store.py): its header and the progress file of each torchrun rank
+# ---------------------------------------------------------------------------------------------------------------
+
+WindowRange = Annotated[list[Count], Field(min_length=2, max_length=2)]  # [start, stop) of windows
+
+
+class RankProgress(_Schema):
+    """``targets.rank<r>.json``: the window ranges one rank has written."""
+    kind: ClassVar[str] = "token-store rank progress file"
+    windows_done: list[WindowRange]
+
+
+class TokenStoreHeader(_Schema):
+    """``targets.json`` of a token store. Whether its fields agree with its key and with each other is checked by
+    the store (:func:`darkknowledge.token_store.header_problem`)."""
+    kind: ClassVar[str] = "token-store header"
+    format: Literal["darkknowledge/token-targets-1"]
+    key: Sha256
+    key_parts: dict[str, Any]
+    layout: Literal["dense", "topk", "sampled"]
+    top_k: Positive | None
+    vocab_size: Positive
+    members: Positive
+    positions: Count
+    context: Positive
+    windows: Count
+    tokenizer: str
+    windows_fingerprint: str
+    complete: bool
+    positions_done: Count = 0
+    windows_done: list[WindowRange] | None = None
+    arrays: dict[str, list[Any]]
+    checksums: dict[str, Sha256] | None = None
+
+    @model_validator(mode="after")
+    def _complete_has_checksums(self):
+        if self.complete and set(self.checksums or {}) != set(self.arrays):
+            raise ValueError("a complete store records the checksum of every array")
+        if any(not start < stop <= self.windows for start, stop in self.windows_done or []):
+            raise ValueError("windows_done ranges must lie in 0..windows")
+        return self
