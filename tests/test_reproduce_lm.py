@@ -130,3 +130,17 @@ def test_the_plan_sets_the_share_of_works_in_each_split(tmp_path):
     works = sum(len(names) for names in documents.values())
     assert len(documents["test"]) == round(0.5 * works) and len(documents["validation"]) == round(0.1 * works)
     assert splits.windows["train"].num_tokens == plan.max_train_tokens
+
+
+@pytest.mark.parametrize("damaged", [b"[]", b"{}", b'{"corpus_sha256": 1}', b"\xff"])
+def test_a_damaged_data_json_is_made_again_from_the_corpus_not_a_traceback(tmp_path, damaged):
+    from darkknowledge.experiments.lm import prepare_data
+
+    first = prepare_data(QUICK, tmp_path, None, log=lambda _: None)
+    record = (tmp_path / "data.json").read_bytes()
+    (tmp_path / "data.json").write_bytes(damaged)
+    lines = []
+    again = prepare_data(QUICK, tmp_path, None, log=lines.append)
+    assert any("data.json is not" in line for line in lines), lines
+    assert (tmp_path / "data.json").read_bytes() == record  # the same corpus gives the same record and tokenizer
+    assert again.tokenizer.sha256 == first.tokenizer.sha256

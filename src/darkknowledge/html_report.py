@@ -716,7 +716,8 @@ def unknown_section(page: Page, folder: Path, r: dict[str, Any] | None, prefix: 
     report = folder / "report.md"
     if report.exists():
         page.add(Para("An experiment this report does not know; its report.md as written:"),
-                 Markdown(report.read_text(errors="replace"), folder, prefix))
+                 Markdown(reading.read_bytes(report, "report", reading.TEXT_LIMIT).decode(errors="replace"),
+                          folder, prefix))
     elif r is not None:
         page.add(Para("An experiment this report does not know, with no report.md; its results.json:"),
                  Pre(json.dumps(r, indent=2)[:20000]))

@@ -19,7 +19,7 @@ MiB = 1 << 20
 # Caps by kind of file. A sidecar, header or results file that large is not one the tool wrote.
 JSON_LIMIT = 256 * MiB      # sidecars, manifests, store headers, results.json, metrics.jsonl, tokenizer.json
 CONFIG_LIMIT = 1 * MiB      # a --config TOML file
-TEXT_LIMIT = 1024 * MiB     # one .txt document of a corpus, a report.md, a figure, classes.txt
+TEXT_LIMIT = 1024 * MiB     # a .txt document of a corpus, a report.md, an image or figure, a dataset file
 
 
 def _refuse(path: Path, mode: int, what: str) -> DarkKnowledgeError:

@@ -1,5 +1,6 @@
-"""One schema per kind of file the tool reads back: model (and language-model) and state sidecars, soft-target store headers, ensemble
-manifests and specialists' subsets files. A file is checked as a whole before any field of it is used, so a file
+"""One schema per kind of file the tool reads back: model (and language-model) and state sidecars, soft-target and
+token store headers, ensemble manifests, specialists' subsets files, the results.json and metrics.jsonl the report
+reads and a language-model reproduction's data.json. A file is checked as a whole before any field of it is used, so a file
 of the wrong shape (a list, a missing key, a string where a number goes, a path out of its folder) is refused in
 one line naming the file, the field and the fix, never half-used. Fields the code does not read are left free
 (sidecars also carry metrics and provenance), so files written by older versions still load.
@@ -601,4 +602,18 @@ class TokenStoreHeader(_Schema):
             raise ValueError("a complete store records the checksum of every array")
         if any(not start < stop <= self.windows for start, stop in self.windows_done or []):
             raise ValueError("windows_done ranges must lie in 0..windows")
+        return self
+
+
+class DataRecord(_Schema):
+    """``data.json`` of a ``reproduce lm`` folder: the corpus, its split and the tokenizer the runs were made with."""
+    kind: ClassVar[str] = "data record"
+    corpus_sha256: Sha256
+    documents: dict[Literal["train", "validation", "test"], list[str]]
+    tokenizer: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _tokenizer_checksum(self):
+        if not isinstance(self.tokenizer.get("sha256"), str):
+            raise ValueError("tokenizer.sha256 must be the tokenizer's SHA-256")
         return self

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, schemas
 from ..data.datasets import resolve_data_dir
 from ..data.text import TextTokenizer, load_corpus, split_documents, tokenise_corpus
 from ..errors import DarkKnowledgeError
@@ -98,14 +98,24 @@ def _corpus_folder(plan: Plan, data_dir: str | None) -> Path:
     return path if path.is_dir() or len(path.parts) > 1 else resolve_data_dir(data_dir) / plan.corpus
 
 
+def _read_data_record(path: Path, log: Callable[[str], None]) -> dict | None:
+    """data.json checked against its schema; None (so the data is prepared again, the same from the same corpus)
+    when it is damaged."""
+    try:
+        return schemas.check(schemas.DataRecord, checkpoint.read_json(path, "data"), path, "preparing the data again")
+    except DarkKnowledgeError as e:
+        log(str(e))
+        return None
+
+
 def prepare_data(plan: Plan, out: Path, data_dir: str | None, log: Callable[[str], None]):
     """The corpus split and tokenised; the tokenizer is trained once and reloaded (checked) on reruns."""
     corpus = load_corpus(_corpus_folder(plan, data_dir))
     documents = split_documents(corpus.documents, plan.validation_fraction, plan.test_fraction, plan.split_seed)
     path = out / "tokenizer.json"
     data_record = out / "data.json"
-    if path.exists() and data_record.exists():
-        recorded = checkpoint.read_json(data_record, "data")
+    recorded = _read_data_record(data_record, log) if path.exists() and data_record.exists() else None
+    if recorded is not None:
         if recorded["corpus_sha256"] != corpus.fingerprint() or recorded["documents"] != documents:
             raise DarkKnowledgeError(f"{out} was made from another corpus or split; use another --out")
         tokenizer = TextTokenizer.load(path, sha256=recorded["tokenizer"]["sha256"])
