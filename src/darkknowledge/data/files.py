@@ -48,6 +48,7 @@ def data_format(path: Path) -> str:
         raise DarkKnowledgeError(f"--data {path}: no such file or folder; give {FORMATS}")
     if path.is_dir():
         return "npy" if (path / "x.npy").exists() else "images"
+    reading.check_file(path, "--data", None)  # a FIFO or a device is no data file, whatever its name
     if path.suffix.lower() == ".npz":
         return "npz"
     if path.suffix.lower() in TABLE_SUFFIXES:
