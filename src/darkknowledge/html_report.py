@@ -751,7 +751,10 @@ def build_page(folders: list[str | Path], data_dir: str | None = None,
         if r is None and not (folder / "report.md").exists():
             raise DarkKnowledgeError(f"report: {folder} holds neither results.json nor report.md; give folders "
                                      "written by 'darkknowledge reproduce'")
-        kind = detect_kind(r) if isinstance(r, dict) else "unknown"
+        if r is not None and not isinstance(r, dict):
+            raise DarkKnowledgeError(f"report: {path} holds a JSON {type(r).__name__}, not an object; rerun the "
+                                     "reproduction or restore the file")
+        kind = detect_kind(r) if r is not None else "unknown"
         if kind in schemas.RESULTS:  # every field a section reads is there, of its type
             schemas.check(schemas.RESULTS[kind], r, path, f"rerun 'darkknowledge reproduce {kind}' or restore the file")
         prefix = f"{i + 1}-{_slug(folder.resolve().name)}"
@@ -770,7 +773,7 @@ def build_page(folders: list[str | Path], data_dir: str | None = None,
         elif kind == "lm":
             lm_section(page, folder, r, prefix, log)
         else:
-            unknown_section(page, folder, r if isinstance(r, dict) else None, prefix)
+            unknown_section(page, folder, r, prefix)
     return page
 
 
