@@ -305,3 +305,13 @@ def test_a_metrics_jsonl_line_that_does_not_fit_is_named_and_left_out(tmp_path, 
     assert main(["report", str(folder), "--out", str(tmp_path / "r.html")]) == 0
     err = capsys.readouterr().err  # where report logs
     assert "metrics.jsonl line 2 is not a valid metrics line: field 'epoch'" in err, err
+
+
+@pytest.mark.parametrize("content", [b"null", b"[]", b'"text"', b"3"])
+def test_a_results_json_that_is_not_an_object_is_one_line_even_beside_a_report_md(tmp_path, capsys, content):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_bytes(content)
+    (tmp_path / "run" / "report.md").write_text("# A report\n")
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r.html")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.json is not a JSON object" in err, err

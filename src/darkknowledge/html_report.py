@@ -747,13 +747,14 @@ def build_page(folders: list[str | Path], data_dir: str | None = None,
             raise DarkKnowledgeError(f"report: {folder} is not a folder; give folders written by "
                                      "'darkknowledge reproduce'")
         path = folder / "results.json"
-        r = checkpoint.read_json(path, "results") if path.exists() else None
+        has_results = path.exists() or path.is_symlink()
+        r = checkpoint.read_json(path, "results") if has_results else None
+        if has_results and not isinstance(r, dict):
+            raise DarkKnowledgeError(f"report: {path} is not a JSON object; rerun the reproduction or restore "
+                                     "the file")
         if r is None and not (folder / "report.md").exists():
             raise DarkKnowledgeError(f"report: {folder} holds neither results.json nor report.md; give folders "
                                      "written by 'darkknowledge reproduce'")
-        if r is not None and not isinstance(r, dict):
-            raise DarkKnowledgeError(f"report: {path} holds a JSON {type(r).__name__}, not an object; rerun the "
-                                     "reproduction or restore the file")
         kind = detect_kind(r) if r is not None else "unknown"
         if kind in schemas.RESULTS:  # every field a section reads is there, of its type
             schemas.check(schemas.RESULTS[kind], r, path, f"rerun 'darkknowledge reproduce {kind}' or restore the file")

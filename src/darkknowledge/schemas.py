@@ -614,6 +614,7 @@ class DataRecord(_Schema):
 
     @model_validator(mode="after")
     def _tokenizer_checksum(self):
-        if not isinstance(self.tokenizer.get("sha256"), str):
-            raise ValueError("tokenizer.sha256 must be the tokenizer's SHA-256")
+        sha256 = self.tokenizer.get("sha256")
+        if not (isinstance(sha256, str) and len(sha256) == 64 and set(sha256) <= set("0123456789abcdef")):
+            raise ValueError("tokenizer.sha256 must be the tokenizer's SHA-256 (64 hex digits)")
         return self
