@@ -135,6 +135,7 @@ def _finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Ten
 
 
 def sha256_file(path: Path) -> str:
+    reading.check_file(path, "checksum", None)  # hashing a FIFO would wait, a device would never end
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
