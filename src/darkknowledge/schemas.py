@@ -1,8 +1,8 @@
 """One schema per kind of file the tool reads back: model (and language-model) and state sidecars, soft-target and
 token store headers, ensemble manifests, specialists' subsets files, the results.json and metrics.jsonl the report
-reads and a language-model reproduction's data.json. A file is checked as a whole before any field of it is used, so a file
-of the wrong shape (a list, a missing key, a string where a number goes, a path out of its folder) is refused in
-one line naming the file, the field and the fix, never half-used. Fields the code does not read are left free
+reads and a language-model reproduction's data.json. A file is checked as a whole before any field of it is used,
+so a file of the wrong shape (a list, a missing key, a string where a number goes, a path out of its folder) is
+refused in one line naming the file, the field and the fix, never half-used. Fields the code does not read are left free
 (sidecars also carry metrics and provenance), so files written by older versions still load.
 
 Names of files a sidecar points at (``weights``, ``tensors``, ``data_file``, an ensemble member's ``run``) must be
@@ -496,13 +496,10 @@ class LmQuality(_Schema):
     val_log_loss: Number
 
 
-class LmChosen(_Schema):
+class LmRun(_Schema):
+    """A distilled student of the temperature sweep (or the one chosen on validation)."""
     run: str
     temperature: Number
-
-
-class LmSweepRow(LmChosen):
-    pass
 
 
 class LmShare(_Schema):
@@ -537,11 +534,11 @@ class LmResults(_Results):
     """``results.json`` of ``reproduce lm``."""
     paper: PaperShares = PaperShares()
     models: dict[str, LmQuality]
-    chosen_on_validation: LmChosen
+    chosen_on_validation: LmRun
     data: LmData = LmData()
     share_by_temperature: dict[str, dict[str, Share]] = {}
     plan: dict[str, Any] = {}
-    temperature_sweep: list[LmSweepRow]
+    temperature_sweep: list[LmRun]
     share_transferred: dict[str, LmShare]
     deployment: LmDeployment
     top_k: list[LmStoreRow]

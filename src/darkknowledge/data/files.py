@@ -74,8 +74,8 @@ def _arrays(path: Path, x, y, classes, split: str, transform: Transform | None) 
     if x.dtype.kind not in "biuf":
         raise DarkKnowledgeError(f"{what}: inputs x are {x.dtype}, not numbers; store numeric arrays")
     if not 2 <= x.ndim <= MAX_INPUT_DIMS + 1 or 0 in x.shape[1:]:
-        raise DarkKnowledgeError(f"{what}: inputs x have shape {list(x.shape)}; give x as [N, features] or "
-                                 f"[N, ...] with 1 to {MAX_INPUT_DIMS} non-empty dimensions per input (e.g. [N, C, H, W])")
+        raise DarkKnowledgeError(f"{what}: inputs x have shape {list(x.shape)}; give x as [N, features] or [N, ...] "
+                                 f"with 1 to {MAX_INPUT_DIMS} non-empty dimensions per input (e.g. [N, C, H, W])")
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise DarkKnowledgeError(f"{what}: labels y must be integers [N] (class indices), got {y.dtype} "
                                  f"{list(y.shape)}; map class names to 0..C-1 first")
