@@ -23,12 +23,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from darkknowledge import checkpoint, locks
 from darkknowledge.cli import main
 from darkknowledge.ensemble import MANIFEST
+from darkknowledge.errors import DarkKnowledgeError
 from darkknowledge.soft_targets import SoftTargets
 
 CI_EXAMPLES, SLOW_EXAMPLES = 12, 200
@@ -334,4 +336,130 @@ def test_fuzz_option_values_in_a_config_file(tmp_path, request):
         code, _, err = run("train", "--config", config, "--out", tmp_path / "out", *_no_data(tmp_path))
         check_outcome(code, err, must_fail=True, seconds=time.monotonic() - started)
         CASES["option value (TOML)"] += 1
+    case()
+
+
+# -- files the report, reproduce lm and the token store read back -----------------------------------------------
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+REPORTED = ["ensemble-small", "lm-small", "mnist", "regularizer", "specialists"]  # committed, one of each kind
+
+
+def test_fuzz_results_json_read_by_report(tmp_path, request):
+    @fuzz(request)
+    @given(data=st.data())
+    def case(data):
+        # never must_fail: results.json that is not one of the known kinds is shown as an unknown experiment
+        fuzz_file(tmp_path, RESULTS, data.draw(st.sampled_from(REPORTED)), "results.json", (), data,
+                  lambda folder: ["report", folder, "--out", folder.parent / "page.html"], "results.json")
+    case()
+
+
+@st.composite
+def mutated_lines(draw, original: bytes):
+    """A JSON-lines file with one line mutated (as :func:`mutated` mutates a document)."""
+    lines = original.splitlines(keepends=True)
+    at = draw(st.integers(0, len(lines) - 1))
+    line, _ = draw(mutated(lines[at].rstrip(b"\n"), ()))
+    return b"".join(lines[:at] + [line.replace(b"\n", b" ") + b"\n"] + lines[at + 1:])
+
+
+def test_fuzz_metrics_jsonl_read_by_report(made, tmp_path, request):
+    metrics = (made / "teacher" / "metrics.jsonl").read_bytes()
+
+    @fuzz(request)
+    @given(data=st.data())
+    def case(data):
+        folder = Path(tempfile.mkdtemp(dir=tmp_path)) / "ensemble-small"
+        try:
+            shutil.copytree(RESULTS / "ensemble-small", folder)
+            (folder / "runs" / "baseline").mkdir(parents=True)
+            (folder / "runs" / "baseline" / "metrics.jsonl").write_bytes(data.draw(mutated_lines(metrics)))
+            started = time.monotonic()
+            code, _, err = run("report", folder, "--out", folder.parent / "page.html")
+            check_outcome(code, err, must_fail=False, seconds=time.monotonic() - started)
+            assert code == 0, err  # a line that does not fit is named in the log and left out
+            CASES["metrics.jsonl"] += 1
+        finally:
+            shutil.rmtree(folder.parent)
+    case()
+
+
+@pytest.fixture(scope="module")
+def lm_data(tmp_path_factory):
+    """A tiny corpus and a folder that ``reproduce lm`` prepared from it (data.json and tokenizer.json)."""
+    from dataclasses import replace
+
+    from darkknowledge.experiments.lm import QUICK, prepare_data
+
+    root = tmp_path_factory.mktemp("lm-data")
+    (root / "corpus").mkdir()
+    for d in range(6):
+        (root / "corpus" / f"doc{d}.txt").write_text(f"document {d}: " + "the quick brown fox jumps " * 40)
+    plan = replace(QUICK, corpus=str(root / "corpus"), context=8, max_train_tokens=None, max_eval_tokens=None)
+    splits = prepare_data(plan, root / "out", None, log=lambda _: None)
+    return plan, root / "out", splits
+
+
+def test_fuzz_data_json(lm_data, tmp_path, request):
+    from darkknowledge.experiments.lm import prepare_data
+
+    plan, prepared, splits = lm_data
+    original = (prepared / "data.json").read_bytes()
+
+    @fuzz(request)
+    @given(data=st.data())
+    def case(data):
+        out = Path(tempfile.mkdtemp(dir=tmp_path)) / "out"
+        try:
+            shutil.copytree(prepared, out)
+            content, _ = data.draw(mutated(original, ()))
+            (out / "data.json").write_bytes(content)
+            try:  # made again (or reused when still valid), or one line: never another exception
+                again = prepare_data(plan, out, None, log=lambda _: None)
+                assert again.tokenizer.sha256 == splits.tokenizer.sha256
+                assert (out / "data.json").read_bytes() == original
+            except DarkKnowledgeError as e:  # a valid record of other data, or of another tokenizer
+                assert "\n" not in str(e) and ("another corpus or split" in str(e) or "not the one" in str(e)), e
+            CASES["data.json"] += 1
+        finally:
+            shutil.rmtree(out.parent)
+    case()
+
+
+def test_fuzz_token_store_header_is_reused_only_while_valid_and_else_rebuilt(lm_data, tmp_path, request):
+    from darkknowledge.token_store import HEADER, TokenTargets
+    from darkknowledge.transformer import build_language_model
+
+    plan, _, splits = lm_data
+    train = splits.windows["train"]
+    every = list(range(len(train)))
+    torch.manual_seed(0)
+    teacher = build_language_model("gpt:layers=1,dim=8,heads=2,context=8", splits.tokenizer.vocab_size)
+    kwargs = dict(tokenizer_sha256=splits.tokenizer.sha256, top_k=4, log=lambda _: None)
+    store = TokenTargets.build(teacher, train, tmp_path / "made", **kwargs)
+    reference = store.targets(train, every)["topk_targets"]
+    original = (store.folder / HEADER).read_bytes()
+
+    @fuzz(request)
+    @given(data=st.data())
+    def case(data):
+        copy = Path(tempfile.mkdtemp(dir=tmp_path))
+        try:
+            shutil.copytree(store.folder.parent, copy / "stores")
+            header = copy / "stores" / store.folder.name / HEADER
+            content, _ = data.draw(mutated(original, ()))
+            header.write_bytes(content)
+            try:
+                opened = TokenTargets.open(header.parent, windows=train, tokenizer_sha256=splits.tokenizer.sha256,
+                                           vocab_size=splits.tokenizer.vocab_size)
+                assert opened.top_k == 4 and opened.header["complete"]  # open trusts only a header that fits
+            except DarkKnowledgeError as e:
+                assert "\n" not in str(e), e
+            rebuilt = TokenTargets.build(teacher, train, copy / "stores", **kwargs)  # reused or rebuilt
+            targets = rebuilt.targets(train, every)["topk_targets"]
+            assert torch.equal(targets.logits, reference.logits) and torch.equal(targets.indices, reference.indices)
+            CASES["token-store header"] += 1
+        finally:
+            shutil.rmtree(copy)
     case()

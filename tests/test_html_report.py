@@ -239,3 +239,80 @@ def test_lm_report_without_lm_png_and_with_a_gain(tmp_path):
     _, text, md = _lm_report(tmp_path, better_ensemble, figure=False)
     assert "QUICK smoke run" in text and "means nothing" not in text
     assert "<img" not in text and "![" not in md.read_text()
+
+
+def test_every_committed_results_json_fits_the_schema_of_its_kind():
+    from darkknowledge import schemas
+
+    for path in sorted(RESULTS.glob("*/results.json")):
+        results = json.loads(path.read_text())
+        schemas.check(schemas.RESULTS[detect_kind(results)], results, path, "")
+
+
+def _set(path, value):
+    def edit(r):
+        for key in path[:-1]:
+            r = r[key]
+        r[path[-1]] = value
+    return edit
+
+
+def _first(key):
+    return lambda r: next(iter(r[key]))
+
+
+MALFORMED = {  # (committed folder, edit of its results.json): each a traceback before results.json had schemas
+    "mnist parameters": ("mnist", _set(["table1", "teacher", "parameters"], "many")),
+    "mnist sweep rows": ("mnist", lambda r: _set(["temperature_sweep", _first("temperature_sweep")(r), "rows"], [])(r)),
+    "mnist bias offsets": ("mnist", _set(["no_threes", "offsets"], [1.0])),
+    "mnist jitter": ("mnist", _set(["jittered_test"], {"max_shift": 2, "unjittered_errors": {},
+                                                       "errors": {"teacher": 1}})),
+    "ensemble chosen": ("ensemble-small", _set(["chosen_on_validation", "run"], "nobody")),
+    "ensemble rules": ("ensemble-small", _set(["ensemble"], {})),
+    "ensemble accuracy": ("ensemble-small", _set(["baseline", "test_accuracy"], None)),
+    "regularizer curves": ("regularizer", lambda r: _set(["datasets", _first("datasets")(r), "full", "curves",
+                                                          "epoch"], [1])(r)),
+    "regularizer run": ("regularizer", lambda r: _set(["datasets", _first("datasets")(r), "soft_3pct", "run"],
+                                                      "../../elsewhere")(r)),
+    "regularizer paper": ("regularizer", _set(["paper", "full"], "high")),
+    "specialists variants": ("specialists", lambda r: _set(["datasets", _first("datasets")(r), "variants"],
+                                                           {"hard": {"test": []}})(r)),
+    "lm bytes": ("lm-small", lambda r: _set(["top_k", 0, "bytes_per_token"], 0)(r)),
+    "lm models": ("lm-small", _set(["models"], {})),
+    "lm sweep": ("lm-small", lambda r: _set(["temperature_sweep", 0, "run"], "missing")(r)),
+    "lm shares": ("lm-small", _set(["share_transferred"], {"accuracy": {"share": "most"}})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_results_json_that_does_not_fit_its_kind_is_one_line_naming_it(tmp_path, capsys, case):
+    folder, edit = MALFORMED[case]
+    results = json.loads((RESULTS / folder / "results.json").read_text())
+    edit(results)
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "results.json").write_text(json.dumps(results))
+    assert main(["report", str(tmp_path / folder), "--out", str(tmp_path / "r.html")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.json is not a valid results file" in err, err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_metrics_jsonl_line_that_does_not_fit_is_named_and_left_out(tmp_path, capsys):
+    folder = tmp_path / "ensemble-small"
+    shutil.copytree(RESULTS / "ensemble-small", folder)
+    (folder / "runs" / "baseline").mkdir(parents=True)
+    (folder / "runs" / "baseline" / "metrics.jsonl").write_text('{"epoch": 1, "val_loss": 0.5}\n'
+                                                                '{"epoch": {"a": 1}, "val_loss": "low"}\n')
+    assert main(["report", str(folder), "--out", str(tmp_path / "r.html")]) == 0
+    err = capsys.readouterr().err  # where report logs
+    assert "metrics.jsonl line 2 is not a valid metrics line: field 'epoch'" in err, err
+
+
+@pytest.mark.parametrize("content", [b"null", b"[]", b'"text"', b"3"])
+def test_a_results_json_that_is_not_an_object_is_one_line_even_beside_a_report_md(tmp_path, capsys, content):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_bytes(content)
+    (tmp_path / "run" / "report.md").write_text("# A report\n")
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r.html")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.json is not a JSON object" in err, err

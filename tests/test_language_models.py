@@ -451,3 +451,97 @@ def test_a_language_model_gets_the_loops_accumulation_and_precision(splits, tmp_
     # two micro-batches make the step one batch makes (up to float rounding)
     torch.testing.assert_close(weights["accumulated"], weights["whole"], atol=1e-5, rtol=1e-5)
     assert not torch.equal(weights["bf16"], weights["whole"])
+
+
+def _damage(field, value):
+    def damage(header: dict) -> bytes:
+        header[field] = value
+        return json.dumps(header).encode()
+    return damage
+
+
+def _drop(field):
+    def damage(header: dict) -> bytes:
+        del header[field]
+        return json.dumps(header).encode()
+    return damage
+
+
+def _dtype(header: dict) -> bytes:
+    header["arrays"]["topk_logits"][0] = "<f9"
+    return json.dumps(header).encode()
+
+
+HEADER_DAMAGES = {"not JSON": lambda header: b"{not json", "a list": lambda header: b"[]",
+                  "no checksums": _drop("checksums"), "dtype <f9": _dtype, "top_k changed": _damage("top_k", 2),
+                  "vocab_size": _damage("vocab_size", 999), "tokenizer": _damage("tokenizer", "0" * 64),
+                  "windows_fingerprint": _damage("windows_fingerprint", "f" * 64), "layout": _damage("layout", "dense"),
+                  "key": _damage("key", "0" * 64)}
+
+
+@pytest.fixture
+def built_store(splits, tmp_path):
+    torch.manual_seed(0)
+    teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
+    kwargs = dict(tokenizer_sha256=splits.tokenizer.sha256, top_k=4, batch_windows=50)
+    store = TokenTargets.build(teacher, splits.windows["train"], tmp_path / "s", **kwargs)
+    every = list(range(len(splits.windows["train"])))
+    return teacher, kwargs, store, store.window_targets(splits.windows["train"], every)["topk_targets"]
+
+
+@pytest.mark.parametrize("damage", sorted(HEADER_DAMAGES))
+def test_a_damaged_store_header_is_refused_by_open_and_rebuilt_by_build(splits, built_store, damage):
+    teacher, kwargs, store, reference = built_store
+    train = splits.windows["train"]
+    header_path = store.folder / "targets.json"
+    header_path.write_bytes(HEADER_DAMAGES[damage](json.loads(header_path.read_text())))
+    with pytest.raises(DarkKnowledgeError, match="targets.json") as raised:
+        TokenTargets.open(store.folder, windows=train, tokenizer_sha256=splits.tokenizer.sha256,
+                          vocab_size=splits.tokenizer.vocab_size)
+    assert "\n" not in str(raised.value) and "vocabularies differ" not in str(raised.value)
+    lines, chunks = [], []
+    rebuilt = TokenTargets.build(teacher, train, store.folder.parent, log=lines.append,
+                                 on_chunk=lambda done, total: chunks.append(done), **kwargs)
+    assert any("rebuilding it" in line for line in lines) and chunks[0] == 50 * 16  # from the first window
+    targets = rebuilt.window_targets(train, list(range(len(train))))["topk_targets"]
+    assert torch.equal(targets.indices, reference.indices) and torch.equal(targets.logits, reference.logits)
+    assert TokenTargets.open(store.folder).top_k == 4
+
+
+def test_a_partial_store_whose_recorded_rows_are_zeros_is_rebuilt_not_finished(splits, built_store):
+    teacher, kwargs, store, reference = built_store
+    train = splits.windows["train"]
+    header = json.loads((store.folder / "targets.json").read_text())
+    header["complete"] = False
+    del header["checksums"]
+    (store.folder / "targets.json").write_text(json.dumps(header))
+    for name in header["arrays"]:
+        path = store.folder / f"{name}.bin"
+        path.write_bytes(bytes(path.stat().st_size))
+    lines = []
+    rebuilt = TokenTargets.build(teacher, train, store.folder.parent, log=lines.append, **kwargs)
+    assert any("hold no distributions; rebuilding it" in line for line in lines), lines
+    assert torch.equal(rebuilt.window_targets(train, list(range(len(train))))["topk_targets"].logits, reference.logits)
+
+
+def test_a_garbage_rank_progress_file_beside_a_partial_store_is_ignored(splits, built_store):
+    teacher, kwargs, store, reference = built_store
+    train = splits.windows["train"]
+    header = json.loads((store.folder / "targets.json").read_text())
+    header.update(complete=False, windows_done=[], positions_done=0)
+    del header["checksums"]
+    (store.folder / "targets.json").write_text(json.dumps(header))
+    for garbage in (b"\xff garbage", b"[]", b'{"windows_done": [[0, 100000]]}'):
+        (store.folder / "targets.rank0.json").write_bytes(garbage)
+        rebuilt = TokenTargets.build(teacher, train, store.folder.parent, log=lambda line: None, **kwargs)
+        assert torch.equal(rebuilt.window_targets(train, list(range(len(train))))["topk_targets"].logits, reference.logits)
+        header["complete"] = False
+        (store.folder / "targets.json").write_text(json.dumps(header))
+
+
+def test_a_tiny_sampling_temperature_samples_greedily_instead_of_failing(splits):
+    torch.manual_seed(0)
+    model = build_language_model(TINY, splits.tokenizer.vocab_size)
+    greedy = generate(model, splits.tokenizer, "the", tokens=12, top_k=1)
+    for seed in (0, 1):
+        assert generate(model, splits.tokenizer, "the", tokens=12, temperature=1e-300, seed=seed) == greedy

@@ -11,6 +11,7 @@ import time
 from contextlib import redirect_stderr
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
@@ -155,3 +156,84 @@ def test_a_killed_first_epoch_is_started_again_by_resume_not_refused(tmp_path, r
     _killed_at(tmp_path / "run", rename)  # before the weights', the sidecar's, the state's rename: no state yet
     _, result = _train(tmp_path / "run", resume=True)
     assert [r["epoch"] for r in result.history] == [1, 2]
+
+
+# -- files that are not regular files, or too large: refused in one line, never a hang or a full memory --------
+
+class _Hung(Exception):
+    pass
+
+
+def _run_within(seconds: int, *argv) -> tuple[int, str]:
+    """The CLI's exit status and stderr; a read that blocks (a FIFO with no writer) fails the test after
+    ``seconds`` instead of hanging it (the alarm's exception interrupts the blocked system call)."""
+    def hung(signum, frame):
+        raise _Hung(f"darkknowledge {' '.join(map(str, argv))} still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    err = io.StringIO()
+    try:
+        with redirect_stderr(err):
+            code = main([str(a) for a in argv])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    return code, err.getvalue()
+
+
+def _corpus(folder: Path) -> Path:
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"doc{i}.txt").write_text("the quick brown fox " * 50)
+    return folder
+
+
+# (where the bad file goes, the command that reads it), by the kind of file
+READERS = {
+    "model.json": ("run/model.json", lambda t: ["evaluate", t / "run"]),
+    "results.json": ("results/results.json", lambda t: ["report", t / "results", "--out", t / "page.html"]),
+    "--config": ("config.toml", lambda t: ["train", "--config", t / "config.toml", "--out", t / "out"]),
+    "corpus .txt": ("corpus/doc9.txt", lambda t: ["reproduce", "lm", "--quick", "--data", t / "corpus",
+                                                  "--out", t / "out"]),
+    "--data x.npz": ("x.npz", lambda t: ["train", "--data", t / "x.npz", "--out", t / "out"]),
+    "--data x.csv": ("x.csv", lambda t: ["train", "--data", t / "x.csv", "--out", t / "out"]),
+    "--data x.npy": ("arrays/y.npy", lambda t: ["train", "--data", t / "arrays", "--out", t / "out"]),
+}
+
+
+def _place(tmp_path: Path, where: str, make) -> list:
+    """The command of a READERS kind with ``make(path)`` creating its file."""
+    if where.startswith("corpus/"):
+        _corpus(tmp_path / "corpus")
+    if where.startswith("arrays/"):
+        (tmp_path / "arrays").mkdir()
+        numpy.save(tmp_path / "arrays" / "x.npy", numpy.zeros((4, 2), numpy.float32))
+    target = tmp_path / where
+    target.parent.mkdir(exist_ok=True)
+    make(target)
+    return target
+
+
+@pytest.mark.parametrize("kind", sorted(READERS))
+def test_a_fifo_in_place_of_a_file_is_refused_in_one_line_not_waited_on(tmp_path, kind):
+    where, command = READERS[kind]
+    _place(tmp_path, where, os.mkfifo)
+    code, err = _run_within(60, *command(tmp_path))
+    assert code != 0 and err.count("\n") == 1 and "FIFO (named pipe), not a regular file" in err, err
+    assert Path(where).name in err
+
+
+@pytest.mark.parametrize("kind", sorted(READERS))
+def test_a_device_in_place_of_a_file_is_refused_in_one_line_not_read_into_memory(tmp_path, kind):
+    where, command = READERS[kind]
+    _place(tmp_path, where, lambda path: path.symlink_to("/dev/zero"))
+    code, err = _run_within(60, *command(tmp_path))
+    assert code != 0 and err.count("\n") == 1 and "is a device, not a regular file" in err, err
+
+
+def test_a_config_file_larger_than_any_config_is_refused_unread(tmp_path):
+    config = tmp_path / "config.toml"
+    with open(config, "wb") as f:
+        f.truncate(64 << 20)  # sparse: no disk used
+    code, err = _run_within(60, "train", "--config", config, "--out", tmp_path / "out")
+    assert code != 0 and err.count("\n") == 1 and "larger than 1 MiB" in err, err

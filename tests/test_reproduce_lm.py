@@ -202,3 +202,17 @@ def test_a_damaged_data_record_or_tokenizer_is_made_again_the_same(tmp_path, dam
     again = prepare_data(QUICK, tmp_path, None, log=lambda _: None).tokenizer.sha256
     assert again == first == json.loads((tmp_path / "data.json").read_text())["tokenizer"]["sha256"]
     assert checkpoint.sha256_file(tmp_path / "tokenizer.json") == first
+
+
+@pytest.mark.parametrize("damaged", [b"[]", b"{}", b'{"corpus_sha256": 1}', b"\xff"])
+def test_a_damaged_data_json_is_made_again_from_the_corpus_not_a_traceback(tmp_path, damaged):
+    from darkknowledge.experiments.lm import prepare_data
+
+    first = prepare_data(QUICK, tmp_path, None, log=lambda _: None)
+    record = (tmp_path / "data.json").read_bytes()
+    (tmp_path / "data.json").write_bytes(damaged)
+    lines = []
+    again = prepare_data(QUICK, tmp_path, None, log=lines.append)
+    assert any("data.json is not" in line for line in lines), lines
+    assert (tmp_path / "data.json").read_bytes() == record  # the same corpus gives the same record and tokenizer
+    assert again.tokenizer.sha256 == first.tokenizer.sha256

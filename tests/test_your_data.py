@@ -205,3 +205,25 @@ def test_device_and_optimizer_options(tmp_path, capsys):
         assert "no CUDA device" in error_line(["evaluate", tmp_path / "run", "--device", "cuda"], capsys)
     assert "fp16 training needs a CUDA device" in error_line(
         ["train", "--data", data, "--fp16", "--device", "cpu", "--out", tmp_path / "x"], capsys)
+
+
+@pytest.mark.parametrize("shape", [(20,), (20, 0), (20, 1, 1, 2, 2, 2)])
+def test_inputs_without_a_dimension_or_with_too_many_are_one_line(tmp_path, capsys, shape):
+    np.savez(tmp_path / "x.npz", x=np.ones(shape, np.float32), y=np.arange(20) % 2)
+    line = error_line(["train", "--data", tmp_path / "x.npz", "--out", tmp_path / "out", *FAST], capsys)
+    assert f"inputs x have shape {list(shape)}" in line and "1 to 4 non-empty dimensions" in line
+
+
+def test_a_stray_huge_label_is_refused_before_its_class_list_is_made(tmp_path, capsys):
+    np.savez(tmp_path / "x.npz", x=np.ones((20, 3), np.float32), y=np.array([0] * 19 + [10**9]))
+    line = error_line(["train", "--data", tmp_path / "x.npz", "--out", tmp_path / "out", *FAST], capsys)
+    assert "largest label is 1000000000" in line and "at most 1,000,000" in line
+
+
+@pytest.mark.parametrize("value, needle", [("1000000000", "must be in [1, 10000000]"),
+                                           ("33", "grad_accumulation must be an integer in 1..batch_size")])
+def test_more_micro_batches_than_cases_in_a_batch_are_refused(tmp_path, capsys, value, needle):
+    rgb_npz(tmp_path / "x.npz")
+    line = error_line(["train", "--data", tmp_path / "x.npz", "--out", tmp_path / "out", *FAST,
+                       "--grad-accumulation", value], capsys)
+    assert needle in line

@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import locks, schemas
+from . import locks, reading, schemas
 from .errors import DarkKnowledgeError, OtherKindOfRun, TrainingDiverged
 from .memory import check_fits
 from .models import build_model
@@ -135,6 +135,7 @@ def _finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Ten
 
 
 def sha256_file(path: Path) -> str:
+    reading.check_file(path, "checksum", None)  # hashing a FIFO would wait, a device would never end
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -143,9 +144,9 @@ def sha256_file(path: Path) -> str:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """The parsed JSON of ``path``, a regular file of bounded size (:mod:`darkknowledge.reading`); else one line."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(reading.read_text(path, what, reading.JSON_LIMIT))
     except FileNotFoundError:
         raise DarkKnowledgeError(f"{what}: {path} not found; check the path (a run directory holds {MODEL_META})") \
             from None
@@ -235,7 +236,7 @@ def _pending_meta(run_dir: Path) -> dict[str, Any] | None:
     """The pending sidecar, if there is one, it fits the schema of its own kind (image or language model) and the
     weights in place are the ones it vouches for."""
     try:
-        pending = json.loads((run_dir / PENDING_META).read_text())
+        pending = read_json(run_dir / PENDING_META, "model")
         schemas.check(schemas.sidecar_schema(pending), pending, run_dir / PENDING_META, "")
         if sha256_file(run_dir / pending["weights"]) == pending["weights_sha256"]:
             return pending

@@ -26,7 +26,7 @@ except ImportError:  # Python 3.10
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__  # noqa: E402
-from . import distributed, options  # noqa: E402
+from . import distributed, options, reading  # noqa: E402
 from .data import available_datasets  # noqa: E402
 from .ensemble import COMBINE_RULES  # noqa: E402
 from .losses import DEFAULT_DIVERGENCE, DIVERGENCES  # noqa: E402
@@ -372,8 +372,7 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> argp
     if getattr(args, "config", None) is None:
         return args
     try:
-        with open(args.config, "rb") as f:
-            values = tomllib.load(f)
+        values = tomllib.loads(reading.read_text(args.config, "config file", reading.CONFIG_LIMIT))
     except FileNotFoundError:
         raise DarkKnowledgeError(f"config file {args.config} not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

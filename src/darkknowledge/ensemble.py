@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, schemas
+from . import checkpoint, reading, schemas
 from .errors import DarkKnowledgeError
 
 COMBINE_RULES = ("arithmetic", "geometric", "logits")
@@ -232,9 +232,9 @@ def _describe_classes(classes: Sequence[str]) -> str:
 def is_ensemble_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds an ensemble manifest written by ``train --members`` (another ensemble.json is not)."""
     try:
-        with open(Path(path) / MANIFEST) as f:
-            return json.load(f).get("format") == MANIFEST_FORMAT
-    except (OSError, ValueError, AttributeError):
+        manifest = json.loads(reading.read_bytes(Path(path) / MANIFEST, "ensemble", reading.JSON_LIMIT))
+        return manifest.get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError, DarkKnowledgeError):
         return False
 
 

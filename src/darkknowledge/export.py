@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, reading
 from .data import load_dataset
 from .data.transfer import UINT8_PIXELS, Transform
 from .ensemble import Ensemble, is_ensemble_dir
@@ -135,8 +135,8 @@ def _load_ensemble(folder: Path, members: list[Path]) -> Deployable:
     manifest = {}
     for candidate in sorted(folder.glob("*.json")):
         try:
-            manifest[candidate.name] = json.loads(candidate.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            manifest[candidate.name] = json.loads(reading.read_bytes(candidate, "ensemble", reading.JSON_LIMIT))
+        except (ValueError, OSError, DarkKnowledgeError):  # not JSON, not a file: not part of the manifest
             continue
     return Deployable(model.eval(), str(folder), "ensemble", spec, tuple(first["image_shape"]),
                       list(first["classes"]), first.get("dataset", "unknown"),

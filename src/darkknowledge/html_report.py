@@ -33,7 +33,7 @@ import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import checkpoint  # noqa: E402
+from . import checkpoint, reading, schemas  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
 from .language_model import no_gain_note  # noqa: E402
 from .plots import HELD_OUT, LEGEND, TRAIN, plain_log_axis  # noqa: E402
@@ -353,16 +353,20 @@ def evaluate_saved(run: Path, datasets: _Datasets) -> ModelEvaluation:
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """The epochs of a run's metrics.jsonl, each checked against its schema (a line that does not fit is a
+    one-line error naming the file and the line); a line cut by a crash is left out."""
     path = run / "metrics.jsonl"
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    text = reading.read_bytes(path, "metrics", reading.JSON_LIMIT).decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), 1):
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except ValueError:
             continue  # a line cut by a crash
-    return [r for r in rows if isinstance(r, dict) and "epoch" in r]
+        rows.append(schemas.check(schemas.MetricsRow, row, f"{path} line {number}", "retrain or restore the run"))
+    return rows
 
 
 def model_sections(page: Page, prefix: str, runs: dict[str, Path], datasets: _Datasets,
@@ -395,7 +399,13 @@ def model_sections(page: Page, prefix: str, runs: dict[str, Path], datasets: _Da
                         for name, ev in evaluations.items()]))
     if problems:
         page.add(Para("Not evaluated: " + "; ".join(problems)))
-    histories = {name: rows for name, run in runs.items() if (rows := read_metrics(run))}
+    histories = {}
+    for name, run in runs.items():
+        try:
+            if rows := read_metrics(run):
+                histories[name] = rows
+        except DarkKnowledgeError as e:
+            log(f"report: {name}: {e}")
     if histories:
         page.add(Heading(3, "Training curves"),
                  Para("From each run's metrics.jsonl, one point per epoch."),
@@ -706,7 +716,8 @@ def unknown_section(page: Page, folder: Path, r: dict[str, Any] | None, prefix: 
     report = folder / "report.md"
     if report.exists():
         page.add(Para("An experiment this report does not know; its report.md as written:"),
-                 Markdown(report.read_text(errors="replace"), folder, prefix))
+                 Markdown(reading.read_bytes(report, "report", reading.TEXT_LIMIT).decode(errors="replace"),
+                          folder, prefix))
     elif r is not None:
         page.add(Para("An experiment this report does not know, with no report.md; its results.json:"),
                  Pre(json.dumps(r, indent=2)[:20000]))
@@ -736,11 +747,17 @@ def build_page(folders: list[str | Path], data_dir: str | None = None,
             raise DarkKnowledgeError(f"report: {folder} is not a folder; give folders written by "
                                      "'darkknowledge reproduce'")
         path = folder / "results.json"
-        r = checkpoint.read_json(path, "results") if path.exists() else None
+        has_results = path.exists() or path.is_symlink()
+        r = checkpoint.read_json(path, "results") if has_results else None
+        if has_results and not isinstance(r, dict):
+            raise DarkKnowledgeError(f"report: {path} is not a JSON object; rerun the reproduction or restore "
+                                     "the file")
         if r is None and not (folder / "report.md").exists():
             raise DarkKnowledgeError(f"report: {folder} holds neither results.json nor report.md; give folders "
                                      "written by 'darkknowledge reproduce'")
-        kind = detect_kind(r) if isinstance(r, dict) else "unknown"
+        kind = detect_kind(r) if r is not None else "unknown"
+        if kind in schemas.RESULTS:  # every field a section reads is there, of its type
+            schemas.check(schemas.RESULTS[kind], r, path, f"rerun 'darkknowledge reproduce {kind}' or restore the file")
         prefix = f"{i + 1}-{_slug(folder.resolve().name)}"
         while prefix in used:
             prefix += "x"
@@ -757,7 +774,7 @@ def build_page(folders: list[str | Path], data_dir: str | None = None,
         elif kind == "lm":
             lm_section(page, folder, r, prefix, log)
         else:
-            unknown_section(page, folder, r if isinstance(r, dict) else None, prefix)
+            unknown_section(page, folder, r, prefix)
     return page
 
 

@@ -1,7 +1,8 @@
-"""One schema per kind of file the tool reads back: model (and language-model) and state sidecars, soft-target store headers, ensemble
-manifests and specialists' subsets files. A file is checked as a whole before any field of it is used, so a file
-of the wrong shape (a list, a missing key, a string where a number goes, a path out of its folder) is refused in
-one line naming the file, the field and the fix, never half-used. Fields the code does not read are left free
+"""One schema per kind of file the tool reads back: model (and language-model) and state sidecars, soft-target and
+token store headers, ensemble manifests, specialists' subsets files, the results.json and metrics.jsonl the report
+reads and a language-model reproduction's data.json. A file is checked as a whole before any field of it is used,
+so a file of the wrong shape (a list, a missing key, a string where a number goes, a path out of its folder) is
+refused in one line naming the file, the field and the fix, never half-used. Fields the code does not read are left free
 (sidecars also carry metrics and provenance), so files written by older versions still load.
 
 Names of files a sidecar points at (``weights``, ``tensors``, ``data_file``, an ensemble member's ``run``) must be
@@ -267,3 +268,400 @@ def check(schema: type[BaseModel], data: Any, path: str | Path, fix: str) -> dic
         message = first["msg"].removeprefix("Value error, ")
         raise DarkKnowledgeError(f"{path} is not a valid {schema.kind}: {where}: {message}; {fix}") from None
     return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# results.json of each reproduction and metrics.jsonl, as ``darkknowledge report`` reads them: the fields it
+# formats or plots, with the types it needs (a number where it computes, a name where it makes a path).
+# ---------------------------------------------------------------------------------------------------------------
+
+Share = Number | None  # a rate or share that may be unknown ("-" in a table)
+
+
+class MetricsRow(_Schema):
+    """One line of ``metrics.jsonl``."""
+    kind: ClassVar[str] = "metrics line"
+    epoch: Number
+    train_error_rate: Share = None
+    val_error_rate: Share = None
+    val_loss: Share = None
+
+
+class _Results(_Schema):
+    kind: ClassVar[str] = "results file"
+    stage_seconds: dict[str, Any] | None = None
+
+
+class TableOneRow(_Schema):
+    spec: str
+    parameters: Count
+    test_errors: Count
+    val_errors: Count | None = None
+    epoch: Count
+    per_class_test_errors: dict[str, Count] | None = None
+
+
+class JitteredTest(_Schema):
+    max_shift: Any
+    unjittered_errors: dict[str, Any]
+    errors: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _same_models(self):
+        if not set(self.errors) <= set(self.unjittered_errors):
+            raise ValueError("every model in errors must be in unjittered_errors")
+        return self
+
+
+class SweepRow(_Schema):
+    temperature: Number
+    test_errors_mean: Number
+    test_errors_sd: Number
+    seeds: list[Any]
+    val_errors: list[Any]
+
+
+class Sweep(_Schema):
+    rows: Annotated[list[SweepRow], Field(min_length=1)]
+    chosen_on_validation: Share = None
+
+
+class BiasErrors(_Schema):
+    errors: Any
+    error_rate: Share
+    errors_on_classes: dict[str, Any]
+
+
+class ChosenBias(BiasErrors):
+    offset: Number
+
+
+class BiasStudy(_Schema):
+    before: BiasErrors
+    chosen_on_validation: ChosenBias
+    chosen_on_test_paper_protocol: ChosenBias
+    classes: list[Any]
+    offsets: Annotated[list[Number], Field(min_length=1)]
+    val_errors_by_offset: list[Number]
+    test_errors_by_offset: list[Number]
+
+    @model_validator(mode="after")
+    def _one_error_per_offset(self):
+        if not len(self.offsets) == len(self.val_errors_by_offset) == len(self.test_errors_by_offset):
+            raise ValueError("offsets, val_errors_by_offset and test_errors_by_offset must have one length")
+        return self
+
+
+class MnistPaper(_Schema):
+    only_7_8: dict[str, Share] = {}
+
+
+class MnistResults(_Results):
+    """``results.json`` of ``reproduce mnist``."""
+    paper: MnistPaper
+    table1: dict[str, TableOneRow]
+    jittered_test: JitteredTest | None = None
+    temperature_sweep: dict[str, Sweep] | None
+    no_threes: BiasStudy | None = None
+    only_7_8: BiasStudy | None = None
+
+
+class Accuracies(_Schema):
+    generalist_accuracy: Share = None
+    combined_accuracy: Share = None
+
+
+class OverallAccuracies(Accuracies):
+    relative_gain: Number
+
+
+class Coverage(_Schema):
+    cases: Any
+    delta_correct: Any
+    relative_gain: Share = None
+
+
+class VariantTest(_Schema):
+    conditional: Accuracies
+    overall: OverallAccuracies
+    by_coverage: dict[str, Coverage] = {}
+
+
+class Variant(_Schema):
+    test: VariantTest
+
+
+class SpecialistsDataset(_Schema):
+    generalist: dict[str, Any] = {}
+    variants: dict[str, Variant]
+
+    @model_validator(mode="after")
+    def _generalist_accuracy(self):
+        accuracy = self.generalist.get("test_accuracy")
+        if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float, type(None))):
+            raise ValueError("generalist.test_accuracy must be a number")
+        return self
+
+
+class PaperTable3(_Schema):
+    baseline: dict[str, Share] = {}
+    specialists: dict[str, Share] = {}
+
+
+class SpecialistsPaper(_Schema):
+    table3: PaperTable3 = PaperTable3()
+    table4: dict[str, Number] = {}
+
+
+class SpecialistsResults(_Results):
+    """``results.json`` of ``reproduce specialists``."""
+    paper: SpecialistsPaper = SpecialistsPaper()
+    datasets: dict[str, SpecialistsDataset]
+
+
+class PaperShares(_Schema):
+    baseline: Share = None
+    ensemble: Share = None
+    distilled: Share = None
+    share_transferred: Share = None
+    target_share: Share = None
+
+
+class EnsembleStudent(_Schema):
+    run: str
+    combine: str
+    temperature: Number
+    test_accuracy: Number
+    test_errors: Any
+    val_errors: Any
+    share_transferred: Share = None
+
+
+class EnsembleChosen(_Schema):
+    run: FileName
+    share_transferred: Share
+    share_interval_95: Annotated[list[Number], Field(min_length=2, max_length=2)] | None = None
+
+
+class Baseline(_Schema):
+    test_accuracy: Number
+    test_errors: Any
+    val_errors: Any
+
+
+class RuleCounts(_Schema):
+    errors: Any
+
+
+class RuleTest(RuleCounts):
+    accuracy: Number
+
+
+class RuleResult(_Schema):
+    test: RuleTest
+    val: RuleCounts
+
+
+class EnsemblePlan(_Schema):
+    temperatures: list[Number]
+    rules: list[str]
+
+
+class EnsembleResults(_Results):
+    """``results.json`` of ``reproduce ensemble``."""
+    paper: PaperShares = PaperShares()
+    plan: EnsemblePlan
+    baseline: Baseline
+    members: list[Any]
+    ensemble: dict[str, RuleResult]
+    students: Annotated[list[EnsembleStudent], Field(min_length=1)]
+    chosen_on_validation: EnsembleChosen
+
+    @model_validator(mode="after")
+    def _chosen_is_a_student(self):
+        if "arithmetic" not in self.ensemble:
+            raise ValueError("ensemble must hold the arithmetic rule")
+        if self.chosen_on_validation.run not in {s.run for s in self.students}:
+            raise ValueError("chosen_on_validation.run must name one of the students")
+        return self
+
+
+class Curves(_Schema):
+    epoch: list[Number]
+    test_accuracy: list[Number]
+    train_accuracy: list[Number]
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if not len(self.epoch) == len(self.test_accuracy) == len(self.train_accuracy):
+            raise ValueError("epoch, test_accuracy and train_accuracy must have one length")
+        return self
+
+
+class RegularizerSystem(_Schema):
+    test_accuracy: Number
+    epoch: Number
+    peak_test_accuracy: Share = None
+    drop_after_peak: Number
+    temperature: Number | None = None
+    curves: Curves
+
+
+class SoftSystem(RegularizerSystem):
+    temperature: Number
+    run: FileName
+
+
+class TrainingCases(_Schema):
+    small: Count
+    full: Count
+
+
+class RegularizerDataset(_Schema):
+    training_cases: TrainingCases
+    full: RegularizerSystem
+    hard_3pct: RegularizerSystem
+    soft_3pct: SoftSystem
+
+
+class RegularizerResults(_Results):
+    """``results.json`` of ``reproduce regularizer``."""
+    paper: dict[str, Any] = {}
+    datasets: Annotated[dict[str, RegularizerDataset], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _paper_accuracies(self):
+        for key in ("full", "hard_3pct", "soft_3pct"):
+            accuracy = self.paper.get(key, {}).get("test_accuracy") if isinstance(self.paper.get(key, {}), dict) \
+                else "?"
+            if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float, type(None))):
+                raise ValueError(f"paper.{key} must be an object whose test_accuracy is a number")
+        return self
+
+
+class LmQuality(_Schema):
+    test_accuracy: Share
+    test_log_loss: Number
+    test_perplexity: Number
+    val_log_loss: Number
+
+
+class LmRun(_Schema):
+    """A distilled student of the temperature sweep (or the one chosen on validation)."""
+    run: str
+    temperature: Number
+
+
+class LmShare(_Schema):
+    share: Share
+    low: Share
+    high: Share
+    gain_per_token: Number
+
+
+class LmDeployment(_Schema):
+    half_width_distilled: LmQuality
+    half_width_labels_only: LmQuality
+
+
+class LmStoreRow(_Schema):
+    store: str
+    bytes_per_token: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    test_accuracy: Share
+    test_log_loss: Number
+    share_of_dense_gain_accuracy: Share
+    share_of_dense_gain_log_loss: Share
+    interval_of_dense_gain_accuracy: Annotated[list[Share], Field(min_length=2, max_length=2)] | None = None
+    interval_of_dense_gain_log_loss: Annotated[list[Share], Field(min_length=2, max_length=2)] | None = None
+
+
+class LmData(_Schema):
+    tokenizer: dict[str, Any] = {}
+    tokens: dict[str, Number] = {}
+
+
+class LmResults(_Results):
+    """``results.json`` of ``reproduce lm``."""
+    paper: PaperShares = PaperShares()
+    models: dict[str, LmQuality]
+    chosen_on_validation: LmRun
+    data: LmData = LmData()
+    share_by_temperature: dict[str, dict[str, Share]] = {}
+    plan: dict[str, Any] = {}
+    temperature_sweep: list[LmRun]
+    share_transferred: dict[str, LmShare]
+    deployment: LmDeployment
+    top_k: list[LmStoreRow]
+    samples: dict[str, str] | None = None
+    total_seconds: Number | None = None
+
+    @model_validator(mode="after")
+    def _every_model_measured(self):
+        missing = {"baseline", "ensemble", *(s.run for s in self.temperature_sweep)} - set(self.models)
+        if missing:
+            raise ValueError(f"models must hold {', '.join(sorted(missing))}")
+        return self
+
+
+RESULTS: dict[str, type[_Results]] = {"mnist": MnistResults, "specialists": SpecialistsResults,
+                                      "ensemble": EnsembleResults, "regularizer": RegularizerResults,
+                                      "lm": LmResults}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The token store of a language model (token_store.py): its header and the progress file of each torchrun rank
+# ---------------------------------------------------------------------------------------------------------------
+
+WindowRange = Annotated[list[Count], Field(min_length=2, max_length=2)]  # [start, stop) of windows
+
+
+class RankProgress(_Schema):
+    """``targets.rank<r>.json``: the window ranges one rank has written."""
+    kind: ClassVar[str] = "token-store rank progress file"
+    windows_done: list[WindowRange]
+
+
+class TokenStoreHeader(_Schema):
+    """``targets.json`` of a token store. Whether its fields agree with its key and with each other is checked by
+    the store (:func:`darkknowledge.token_store.header_problem`)."""
+    kind: ClassVar[str] = "token-store header"
+    format: Literal["darkknowledge/token-targets-1"]
+    key: Sha256
+    key_parts: dict[str, Any]
+    layout: Literal["dense", "topk", "sampled"]
+    top_k: Positive | None
+    vocab_size: Positive
+    members: Positive
+    positions: Count
+    context: Positive
+    windows: Count
+    tokenizer: str
+    windows_fingerprint: str
+    complete: bool
+    positions_done: Count = 0
+    windows_done: list[WindowRange] | None = None
+    arrays: dict[str, list[Any]]
+    checksums: dict[str, Sha256] | None = None
+
+    @model_validator(mode="after")
+    def _complete_has_checksums(self):
+        if self.complete and set(self.checksums or {}) != set(self.arrays):
+            raise ValueError("a complete store records the checksum of every array")
+        if any(not start < stop <= self.windows for start, stop in self.windows_done or []):
+            raise ValueError("windows_done ranges must lie in 0..windows")
+        return self
+
+
+class DataRecord(_Schema):
+    """``data.json`` of a ``reproduce lm`` folder: the corpus, its split and the tokenizer the runs were made with."""
+    kind: ClassVar[str] = "data record"
+    corpus_sha256: Sha256
+    documents: dict[Literal["train", "validation", "test"], list[str]]
+    tokenizer: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _tokenizer_checksum(self):
+        sha256 = self.tokenizer.get("sha256")
+        if not (isinstance(sha256, str) and len(sha256) == 64 and set(sha256) <= set("0123456789abcdef")):
+            raise ValueError("tokenizer.sha256 must be the tokenizer's SHA-256 (64 hex digits)")
+        return self

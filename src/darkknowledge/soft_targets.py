@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, locks, schemas
+from . import checkpoint, locks, reading, schemas
 from .distributed import Workers, current
 from .ensemble import COMBINE_RULES, Ensemble, check_combine, distillation_targets
 from .errors import DarkKnowledgeError
@@ -409,7 +409,7 @@ class SoftTargets:
         if not header_path.exists():
             raise DarkKnowledgeError(f"soft-target store header {header_path} is missing")
         try:
-            header = json.loads(header_path.read_text())
+            header = json.loads(reading.read_bytes(header_path, "soft-target store", reading.JSON_LIMIT))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DarkKnowledgeError(f"soft-target store header {header_path} is not valid JSON ({e})") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
@@ -422,7 +422,7 @@ class SoftTargets:
         arrays_meta = header["arrays"]
         if not data_path.is_file():
             raise DarkKnowledgeError(f"soft-target store data {data_path} is missing")
-        size = data_path.stat().st_size
+        size = reading.check_file(data_path, "soft-target store", None)  # opened below: a FIFO would block
         if size != header["data_bytes"]:
             raise DarkKnowledgeError(f"soft-target store data {data_path} has {size} bytes, its header says "
                                      f"{header['data_bytes']} (truncated or replaced)")

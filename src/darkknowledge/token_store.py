@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, reading, schemas
 from .distributed import Workers, current
 from .errors import DarkKnowledgeError
 from .losses import TopKTargets, sampled_targets, topk_targets
@@ -53,6 +53,7 @@ from .soft_targets import array_layout, checked_rows, module_sha256, store_lock,
 FORMAT = "darkknowledge/token-targets-1"
 HEADER = "targets.json"
 RANK_PROGRESS = "targets.rank{}.json"  # under torchrun: the window ranges one rank has written
+ROW_TOLERANCE = 0.05  # |log sum of a row's probabilities| a float16 row of a true distribution stays within
 
 
 def _array_specs(layout: str, positions: int, vocab_size: int, top_k: int | None) -> dict[str, tuple[str, tuple]]:
@@ -219,17 +220,27 @@ class TokenTargets:
         """Rank 0: the header of an intact store, of a partial one with every rank's progress gathered into it,
         or of a new one whose files are made here (zeros)."""
         header_path = folder / HEADER
-        header = json.loads(header_path.read_text()) if header_path.exists() else None
-        if header is not None and header.get("key") == key and header.get("complete"):
+        header = None
+        if header_path.exists() or header_path.is_symlink():
+            header, problem = read_header(header_path)
+            if problem is None and header["key"] != key:
+                problem = "its header is of another store"
+            if problem is not None:
+                log(f"token store {folder}: {problem}; rebuilding it")
+                header = None
+        if header is not None and header["complete"]:
             problem = cls._problem(folder, header, verify=True)
             if problem is None:
                 return header
             log(f"token store {folder}: {problem}; rebuilding it")
             header = None
-        elif header is not None and header.get("key") == key:
+        elif header is not None:
             header = _gather_progress(folder, header)
-            log(f"token store {folder}: {cls._problem(folder, header, verify=False)}; resuming there")
-        if header is None or header.get("key") != key:
+            problem = _files_problem(folder, header) or cls(folder, header)._unwritten_rows()
+            log(f"token store {folder}: {problem or cls._problem(folder, header, verify=False)}; "
+                f"{'rebuilding it' if problem else 'resuming there'}")
+            header = None if problem else header
+        if header is None:
             header = {"format": FORMAT, "key": key, "key_parts": parts, "layout": parts["layout"],
                       "top_k": parts["top_k"], "vocab_size": windows.vocab_size, "members": members,
                       "positions": windows.num_tokens, "context": windows.context, "windows": len(windows),
@@ -328,13 +339,28 @@ class TokenTargets:
     def _problem(folder: Path, header: dict, verify: bool) -> str | None:
         if not header.get("complete"):
             return f"its build stopped after {header.get('positions_done', 0)} of {header.get('positions')} positions"
-        for name, (dtype, shape) in header["arrays"].items():
+        if problem := _files_problem(folder, header):
+            return problem
+        for name in header["arrays"]:
             path = folder / f"{name}.bin"
-            expected = np.dtype(dtype).itemsize * int(np.prod(shape))
-            if not path.exists() or path.stat().st_size != expected:
-                return f"{path.name} is missing or truncated"
             if verify and checkpoint.sha256_file(path) != header["checksums"][name]:
                 return f"{path.name} does not match its checksum (corrupted)"
+        return None
+
+    def _unwritten_rows(self, batch_positions: int = 4096) -> str | None:
+        """Whether the rows a partial build recorded as written hold distributions: each row's log-probabilities
+        (its kept logits and, for top-k, its tail) sum to one, which zeros or garbage do not."""
+        for start, stop in _windows_done(self.header):
+            for first in range(start * self.header["context"], stop * self.header["context"], batch_positions):
+                rows = slice(first, min(first + batch_positions, stop * self.header["context"]))
+                if self.layout == "dense":
+                    kept = torch.from_numpy(np.asarray(self._arrays["logits"][rows], dtype=np.float32))
+                else:
+                    kept = torch.from_numpy(np.concatenate([np.asarray(self._arrays["topk_logits"][rows], np.float32),
+                                                            self._arrays["tail"][rows, :1]], 1))
+                total = kept.logsumexp(-1)
+                if not bool((total.abs() < ROW_TOLERANCE).all()):
+                    return f"rows recorded as written (windows {start}..{stop}) hold no distributions"
         return None
 
     @classmethod
@@ -342,12 +368,11 @@ class TokenTargets:
              vocab_size: int | None = None, verify: bool = True) -> TokenTargets:
         """Open a complete store; refuse (one line) one built for other windows, tokenizer or vocabulary."""
         folder = Path(folder)
-        try:
-            header = json.loads((folder / HEADER).read_text())
-        except (OSError, ValueError):
-            raise DarkKnowledgeError(f"{folder} holds no token store ({HEADER} missing or unreadable)") from None
-        if header.get("format") != FORMAT:
-            raise DarkKnowledgeError(f"{folder} is not a {FORMAT} store")
+        if not (folder / HEADER).exists():
+            raise DarkKnowledgeError(f"{folder} holds no token store ({HEADER} missing)")
+        header, problem = read_header(folder / HEADER)
+        if problem is not None:
+            raise DarkKnowledgeError(f"token store {folder / HEADER}: {problem}; build it again")
         problem = cls._problem(folder, header, verify)
         if problem is not None:
             raise DarkKnowledgeError(f"token store {folder}: {problem}; build it again")
@@ -363,6 +388,53 @@ class TokenTargets:
                                      f"fingerprint differs: {windows.describe()['split']} split, context "
                                      f"{windows.context}); build a store over this data")
         return cls(folder, header)
+
+
+def _files_problem(folder: Path, header: dict[str, Any]) -> str | None:
+    """Whether an array file is missing, not a regular file, or not of its header's size."""
+    for name, (dtype, shape) in header["arrays"].items():
+        path = folder / f"{name}.bin"
+        expected = np.dtype(dtype).itemsize * int(np.prod(shape))
+        if not path.is_file() or path.stat().st_size != expected:
+            return f"{path.name} is missing or truncated"
+    return None
+
+
+def read_header(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(header, None)`` when the header at ``path`` fits its schema and agrees with its key and with itself,
+    else ``(None, why not)``: a header is never half-trusted."""
+    try:
+        header = json.loads(reading.read_bytes(path, "token store", reading.JSON_LIMIT))
+    except (OSError, ValueError, DarkKnowledgeError) as e:
+        return None, f"{HEADER} is unreadable or not JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    try:
+        schemas.check(schemas.TokenStoreHeader, header, path, "")
+    except DarkKnowledgeError as e:
+        return None, str(e).rstrip("; ")
+    return (None, problem) if (problem := header_problem(header)) else (header, None)
+
+
+def header_problem(header: dict[str, Any]) -> str | None:
+    """Why a header that fits its schema does not describe its store, or None: its key must be the hash of its
+    key parts, the fields a reader uses (layout, top_k, vocabulary, tokenizer, windows) those of the key parts,
+    and its arrays those its layout and sizes make."""
+    parts = header["key_parts"]
+    if header["key"] != hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest():
+        return "its header's key is not the hash of its key_parts (edited or damaged)"
+    pairs = {"layout": "layout", "top_k": "top_k", "vocab_size": "vocab_size", "tokenizer": "tokenizer",
+             "windows_fingerprint": "windows"}
+    for field, part in pairs.items():
+        if header[field] != parts.get(part):
+            return f"its header's {field} is not the one in its key_parts (edited or damaged)"
+    if not isinstance(parts.get("members"), list) or header["members"] != len(parts["members"]):
+        return "its header's members is not the number of members in its key_parts"
+    if header["positions"] != header["windows"] * header["context"]:
+        return "its header's positions is not windows x context"
+    expected = {name: [dtype, list(shape)] for name, (dtype, shape) in _array_specs(
+        header["layout"], header["positions"], header["vocab_size"], header["top_k"]).items()}
+    if header["arrays"] != expected:
+        return "its header's arrays are not those of its layout and sizes"
+    return None
 
 
 def _drawn(logits: Tensor, header: dict[str, Any], start: int, stop: int) -> TopKTargets:
@@ -424,6 +496,18 @@ def _share(ranges: list[list[int]], workers: Workers) -> list[list[int]]:
     return out
 
 
+def _rank_progress(path: Path, windows: int) -> list[list[int]]:
+    """The ranges a rank's progress file records; none when it is unreadable or out of range (its rows are then
+    computed again: only rows recorded as written are ever skipped)."""
+    try:
+        progress = schemas.check(schemas.RankProgress, json.loads(
+            reading.read_bytes(path, "token store", reading.JSON_LIMIT)), path, "")
+    except (OSError, ValueError, DarkKnowledgeError):
+        return []
+    ranges = progress["windows_done"]
+    return ranges if all(start < stop <= windows for start, stop in ranges) else []
+
+
 def _rank_progress_files(folder: Path) -> list[Path]:
     return sorted(folder.glob(RANK_PROGRESS.format("*")))
 
@@ -433,7 +517,7 @@ def _gather_progress(folder: Path, header: dict[str, Any]) -> dict[str, Any]:
     files = _rank_progress_files(folder)
     if not files:
         return header
-    ranges = _windows_done(header) + [r for f in files for r in json.loads(f.read_text())["windows_done"]]
+    ranges = _windows_done(header) + [r for f in files for r in _rank_progress(f, header["windows"])]
     header = {**header, "windows_done": _merged(ranges)}
     header["positions_done"] = _count(header["windows_done"]) * header["context"]
     checkpoint.write_json(folder / HEADER, header)

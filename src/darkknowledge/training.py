@@ -99,6 +99,8 @@ class TrainConfig:
                       self.optimizer, torch.optim.Optimizer)), f"one of {', '.join(OPTIMIZERS)} or a "
                    "torch.optim.Optimizer class"),
                   ("optimizer_options", isinstance(self.optimizer_options, dict), "a dict of keyword arguments"),
+                  ("grad_accumulation", self.grad_accumulation <= self.batch_size,
+                   "at most batch_size (a micro-batch holds at least one case)"),
                   ("fp16", not (self.fp16 and self.bf16), "off when bf16 is on (choose one precision)"),
                   ("warmup", 0 <= self.warmup < 1, "in [0, 1)"),
                   ("warmup", not (self.warmup and self.schedule == "onecycle"),

@@ -25,12 +25,15 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .. import reading
 from ..errors import DarkKnowledgeError
+from ..memory import available_bytes
 from .base import DatasetSplits
 from .idx import one_line
 from .transfer import ArrayTransferSet, Transform
 
 DEFAULT_VALIDATION_FRACTION = 0.1  # of a user's training cases, when --val-size is not given
+MAX_INPUT_DIMS = 4  # an input is [features], [H, W], [C, H, W] or [C, D, H, W]: what model.json records
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TABLE_SUFFIXES = (".csv", ".parquet")
 FORMATS = ("a .npz file, a folder with x.npy and y.npy, a folder of class sub-folders of images, or a "
@@ -45,6 +48,7 @@ def data_format(path: Path) -> str:
         raise DarkKnowledgeError(f"--data {path}: no such file or folder; give {FORMATS}")
     if path.is_dir():
         return "npy" if (path / "x.npy").exists() else "images"
+    reading.check_file(path, "--data", None)  # a FIFO or a device is no data file, whatever its name
     if path.suffix.lower() == ".npz":
         return "npz"
     if path.suffix.lower() in TABLE_SUFFIXES:
@@ -69,6 +73,9 @@ def _arrays(path: Path, x, y, classes, split: str, transform: Transform | None) 
     what = f"{path} ({split})"
     if x.dtype.kind not in "biuf":
         raise DarkKnowledgeError(f"{what}: inputs x are {x.dtype}, not numbers; store numeric arrays")
+    if not 2 <= x.ndim <= MAX_INPUT_DIMS + 1 or 0 in x.shape[1:]:
+        raise DarkKnowledgeError(f"{what}: inputs x have shape {list(x.shape)}; give x as [N, features] or [N, ...] "
+                                 f"with 1 to {MAX_INPUT_DIMS} non-empty dimensions per input (e.g. [N, C, H, W])")
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise DarkKnowledgeError(f"{what}: labels y must be integers [N] (class indices), got {y.dtype} "
                                  f"{list(y.shape)}; map class names to 0..C-1 first")
@@ -101,6 +108,7 @@ def _splits(path: Path, get: Callable[[str], Any], classes, transform) -> Datase
 
 
 def load_npz(path: Path, transform: Transform | None = None, **_) -> DatasetSplits:
+    reading.check_file(path, "--data", available_bytes())  # its arrays are read whole
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -128,14 +136,16 @@ def load_npy_folder(path: Path, transform: Transform | None = None, **_) -> Data
             if name == "y":
                 raise DarkKnowledgeError(f"{path}: x.npy has no y.npy beside it; save the labels as y.npy")
             return None
+        # inputs memory-mapped (larger than RAM is fine); labels are small and read whole
+        reading.check_file(file, "--data", None if name.startswith("x") else available_bytes())
         try:
-            # inputs memory-mapped (larger than RAM is fine); labels are small and read whole
             return np.load(file, mmap_mode="r" if name.startswith("x") else None, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise DarkKnowledgeError(f"{file}: cannot read it as a .npy array ({one_line(e)}); save it with "
                                      "numpy.save") from None
     names = path / "classes.txt"
-    classes = [line.strip() for line in names.read_text().splitlines() if line.strip()] if names.exists() else None
+    classes = [line.strip() for line in reading.read_bytes(names, "--data", reading.TEXT_LIMIT)
+               .decode("utf-8", errors="replace").splitlines() if line.strip()] if names.exists() else None
     return _splits(path, get, classes, transform)
 
 
@@ -168,6 +178,7 @@ def _read_images(root: Path, classes: list[str], size: tuple[int, int] | None, s
         labels += [label] * len(found)
     images, colour = [], False
     for file in files:
+        reading.check_file(file, "--data", reading.TEXT_LIMIT)
         try:
             with Image.open(file) as image:
                 image.load()
@@ -221,6 +232,7 @@ def load_table(path: Path, label_column: str | None = None, transform: Transform
     except ImportError:
         raise DarkKnowledgeError(f"{path}: reading tables needs pandas (and pyarrow for Parquet); install the "
                                  "tables extra: pip install 'darkknowledge[tables]'") from None
+    reading.check_file(path, "--data", available_bytes())  # read whole
     try:
         frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
     except ImportError as e:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import reading
 from ..errors import DarkKnowledgeError
 
 IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
@@ -32,6 +33,7 @@ def hash_file(path: Path) -> str:
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file; recomputed only when its path, size or modification time changes."""
+    reading.check_file(path, "dataset", None)  # a FIFO would block the hash
     stat = os.stat(path)
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _sha256_cache:
@@ -42,7 +44,7 @@ def sha256_file(path: Path) -> str:
 def read_idx(path: Path, magic: int) -> np.ndarray:
     """The uint8 array in a gzip-compressed IDX file whose header must carry ``magic``."""
     try:
-        compressed = Path(path).read_bytes()
+        compressed = reading.read_bytes(path, "dataset", reading.TEXT_LIMIT)
     except OSError as e:
         raise DarkKnowledgeError(f"cannot read {path} ({one_line(e)}); check that it exists and is readable") from None
     try:

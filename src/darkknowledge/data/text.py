@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import schemas
+from .. import reading, schemas
 from ..errors import DarkKnowledgeError
 
 SPLITS = ("train", "validation", "test")
@@ -57,7 +57,7 @@ def load_corpus(folder: str | Path) -> TextCorpus:
     documents, skipped = {}, 0
     for path in sorted(folder.glob("*.txt")):
         try:
-            text = path.read_text(encoding="utf-8")
+            text = reading.read_text(path, "text corpus", reading.TEXT_LIMIT)
         except UnicodeDecodeError as error:
             raise DarkKnowledgeError(f"{path} is not UTF-8 text (byte {error.start}); convert it "
                                      f"(e.g. iconv -t utf-8) or move it out of the corpus folder") from None
@@ -154,7 +154,7 @@ class TextTokenizer:
         """Read a saved tokenizer; ``sha256`` (from the run's model.json) must match, else one line says so."""
         path = Path(path)
         try:
-            text = path.read_bytes()
+            text = reading.read_bytes(path, "tokenizer", reading.JSON_LIMIT)
             # Saved as its own to_json(), so the file's bytes name it: checked before any field is used.
             found = hashlib.sha256(text).hexdigest()
             if sha256 is not None and found != sha256:

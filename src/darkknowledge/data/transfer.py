@@ -53,6 +53,7 @@ SAMPLE_ITEMS = 1024  # items hashed from larger inputs (and from any Dataset), d
 FINGERPRINT_SEED = 2015
 FILE_READ_BYTES = 1 << 30  # memory-mapped inputs larger than this are read row by row with pread (see _FileRows)
 IGNORE_INDEX = -100  # the label of a position that counts for nothing (token-level sets)
+MAX_INFERRED_CLASSES = 1_000_000  # classes counted from labels (0..max label); more is a stray label
 
 
 @runtime_checkable
@@ -149,9 +150,14 @@ def _as_index(indices) -> np.ndarray:
     return np.asarray(indices, dtype=np.int64)
 
 
-def _infer_classes(labels: np.ndarray, ignore_index: int | None) -> tuple[str, ...]:
+def _infer_classes(labels: np.ndarray, ignore_index: int | None, name: str) -> tuple[str, ...]:
     valid = labels[labels != ignore_index] if ignore_index is not None else labels
-    return tuple(str(c) for c in range(int(valid.max()) + 1 if valid.size else 0))
+    count = int(valid.max()) + 1 if valid.size else 0
+    if count > MAX_INFERRED_CLASSES:  # the list of names (and the model's output layer) would fill memory
+        raise DarkKnowledgeError(f"{name}: the largest label is {count - 1}, which makes {count:,} classes (labels "
+                                 f"are class indices 0..C-1); at most {MAX_INFERRED_CLASSES:,} are supported: "
+                                 "number the classes from 0, or give their names")
+    return tuple(str(c) for c in range(count))
 
 
 class ArrayTransferSet:
@@ -174,7 +180,7 @@ class ArrayTransferSet:
         self.inputs = inputs
         self._labels = torch.from_numpy(np.array(labels, dtype=np.int64))  # a copy: labels are small, may be read-only
         self.classes = tuple(str(c) for c in classes) if classes is not None else _infer_classes(labels,
-                                                                                                ignore_index)
+                                                                                                ignore_index, name)
         self.name = name
         self.transform = transform if transform is not None else default_transform(inputs.dtype)
         self.ignore_index = ignore_index
@@ -373,7 +379,7 @@ class DatasetTransferSet:
         self._labels: Tensor | None = None
         given = classes if classes is not None else getattr(dataset, "classes", None)
         self.classes = tuple(str(c) for c in given) if given is not None \
-            else _infer_classes(self.labels.numpy(), ignore_index)
+            else _infer_classes(self.labels.numpy(), ignore_index, self.name)
         self._fingerprint: str | None = None
 
     def __repr__(self) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, schemas
 from ..data.datasets import resolve_data_dir
 from ..data.text import TextTokenizer, load_corpus, split_documents, tokenise_corpus
 from ..errors import DarkKnowledgeError
@@ -125,15 +125,14 @@ def _corpus_folder(plan: Plan, data_dir: str | None) -> Path:
     return path if path.is_dir() or len(path.parts) > 1 else resolve_data_dir(data_dir) / plan.corpus
 
 
-def _data_record(path: Path) -> dict[str, Any] | None:
-    """data.json of an earlier run, or None when there is none or it is damaged (it is then written again)."""
+def _read_data_record(path: Path, log: Callable[[str], None]) -> dict | None:
+    """data.json checked against its schema; None (so the data is prepared again, the same from the same corpus)
+    when it is damaged."""
     try:
-        record = checkpoint.read_json(path, "data") if path.exists() else None
-    except DarkKnowledgeError:
+        return schemas.check(schemas.DataRecord, checkpoint.read_json(path, "data"), path, "preparing the data again")
+    except DarkKnowledgeError as e:
+        log(str(e))
         return None
-    whole = isinstance(record, dict) and {"corpus_sha256", "documents", "tokenizer"} <= record.keys() and \
-        isinstance(record["tokenizer"], dict) and isinstance(record["tokenizer"].get("sha256"), str)
-    return record if whole else None
 
 
 def prepare_data(plan: Plan, out: Path, data_dir: str | None, log: Callable[[str], None]):
@@ -143,7 +142,7 @@ def prepare_data(plan: Plan, out: Path, data_dir: str | None, log: Callable[[str
     documents = split_documents(corpus.documents, plan.validation_fraction, plan.test_fraction, plan.split_seed)
     path = out / "tokenizer.json"
     data_record = out / "data.json"
-    recorded = _data_record(data_record)
+    recorded = _read_data_record(data_record, log) if data_record.exists() else None
     if recorded and (recorded["corpus_sha256"] != corpus.fingerprint() or recorded["documents"] != documents):
         raise DarkKnowledgeError(f"{out} was made from another corpus or split; use another --out")
     try:
