@@ -438,7 +438,7 @@ def test_fuzz_token_store_header_is_reused_only_while_valid_and_else_rebuilt(lm_
     teacher = build_language_model("gpt:layers=1,dim=8,heads=2,context=8", splits.tokenizer.vocab_size)
     kwargs = dict(tokenizer_sha256=splits.tokenizer.sha256, top_k=4, log=lambda _: None)
     store = TokenTargets.build(teacher, train, tmp_path / "made", **kwargs)
-    reference = store.targets(train, every)["topk_targets"]
+    reference = store.window_targets(train, every)["topk_targets"]
     original = (store.folder / HEADER).read_bytes()
 
     @fuzz(request)
@@ -457,7 +457,7 @@ def test_fuzz_token_store_header_is_reused_only_while_valid_and_else_rebuilt(lm_
             except DarkKnowledgeError as e:
                 assert "\n" not in str(e), e
             rebuilt = TokenTargets.build(teacher, train, copy / "stores", **kwargs)  # reused or rebuilt
-            targets = rebuilt.targets(train, every)["topk_targets"]
+            targets = rebuilt.window_targets(train, every)["topk_targets"]
             assert torch.equal(targets.logits, reference.logits) and torch.equal(targets.indices, reference.indices)
             CASES["token-store header"] += 1
         finally:

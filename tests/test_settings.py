@@ -32,8 +32,10 @@ def cli_refuses(name: str, value) -> bool:
 
 
 def library_refuses(name: str, value) -> bool:
+    # the largest batch, so that only the table bounds grad_accumulation (it must also be at most the batch size)
+    others = {"batch_size": int(RANGES["batch_size"][1])} if name == "grad_accumulation" else {}
     try:
-        TrainConfig(**{name: value})
+        TrainConfig(**{**others, name: value})
     except DarkKnowledgeError:
         return True
     return False
