@@ -179,3 +179,13 @@ def test_a_second_distill_is_refused_before_it_computes_the_teachers_outputs(fol
     finally:
         os.kill(holder, signal.SIGKILL)
         os.waitpid(holder, 0)
+
+
+def test_a_distill_into_a_run_it_may_not_continue_is_refused_before_it_computes_the_teachers_outputs(
+        folders, tmp_path, capsys):
+    student, store = tmp_path / "student", tmp_path / "store"
+    argv = ["distill", "--teacher", str(folders["run"]), "-T", "2", "--out", str(student), *FAST]
+    assert main(argv) == 0
+    line = _refused(capsys, [*argv, "--store-dir", store])  # no --resume
+    assert "already holds a training run; pass --resume" in line
+    assert not store.exists() or not any(store.iterdir())  # no store was computed

@@ -380,6 +380,22 @@ def _first_epoch_model(run_dir: Path) -> bool:
     return isinstance(epoch, int) and not isinstance(epoch, bool) and epoch <= 1
 
 
+def check_startable(run_dir: Path, resume: bool, kind: str = "training run",
+                    elsewhere: str = "choose another output directory") -> bool:
+    """Whether ``run_dir`` holds a saved state to resume (True) or is a new run (False); refused in one line when it
+    holds a state and ``resume`` is not set, or a model without a state (it would be overwritten). Cheap: a job
+    calls it before costly work (a teacher's outputs), and the loop again when it starts."""
+    if not (Path(run_dir) / STATE_META).exists():
+        if (Path(run_dir) / MODEL_META).exists() and not (resume and _first_epoch_model(Path(run_dir))):
+            raise DarkKnowledgeError(f"{run_dir} holds a model but no training state ({STATE_META} was removed), "
+                                     f"so it can be neither resumed nor safely overwritten; {elsewhere}, or delete "
+                                     "the folder to train it again")
+        return False  # a new run (or one killed between its first model and its first state: started again)
+    if not resume:
+        raise DarkKnowledgeError(f"{run_dir} already holds a {kind}; pass --resume to continue it or {elsewhere}")
+    return True
+
+
 def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer, run_key: str,
                           resume: bool, kind: str = "training run", made_of: str = "model",
                           legacy_keys: tuple[str, ...] = (), epochs: int | None = None,
@@ -391,16 +407,8 @@ def resume_training_state(run_dir: Path | None, model: nn.Module, optimizer: tor
     ``legacy_keys``: keys older versions saved the same run with, also accepted (the next checkpoint stores
     ``run_key``). ``best_key``: what the loop compares epochs by, which ``best`` must hold.
     ``elsewhere``: how the refusals tell the user to start a new run instead."""
-    if run_dir is None:
+    if run_dir is None or not check_startable(run_dir, resume, kind, elsewhere):
         return None
-    if not (Path(run_dir) / STATE_META).exists():
-        if (Path(run_dir) / MODEL_META).exists() and not (resume and _first_epoch_model(Path(run_dir))):
-            raise DarkKnowledgeError(f"{run_dir} holds a model but no training state ({STATE_META} was removed), "
-                                     f"so it can be neither resumed nor safely overwritten; {elsewhere}, or delete "
-                                     "the folder to train it again")
-        return None  # a new run (or one killed between its first model and its first state: started again)
-    if not resume:
-        raise DarkKnowledgeError(f"{run_dir} already holds a {kind}; pass --resume to continue it or {elsewhere}")
     fix = "delete the run folder's state* files to train again, or restore the file"
     saved = schemas.check(schemas.ResumableState, read_training_state(run_dir), Path(run_dir) / STATE_META, fix)
     if best_key not in saved["best"]:

@@ -253,6 +253,7 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
         # before it computes them (fit takes the lock again, re-entrantly); rank 0 holds it for every rank
         if out is not None:
             current().on_main(lambda: held.enter_context(checkpoint.open_run(Path(out))))
+            checkpoint.check_startable(Path(out), resume)  # a run it may not continue: refused before the store
         cached = store = None
         if config.jitter == 0:
             if store_dir is not None or isinstance(teacher, Ensemble) or top_k is not None:
