@@ -289,11 +289,11 @@ def test_a_token_store_killed_on_one_rank_resumes_to_the_rows_one_process_writes
 
 
 def test_the_windows_left_are_shared_out_once_in_contiguous_parts():
-    from darkknowledge.token_store import _missing, _share
-    left = _missing([[0, 4], [10, 12], [12, 20]], 25)
+    from darkknowledge.store_files import missing, rank_share
+    left = missing([[0, 4], [10, 12], [12, 20]], 25)
     assert left == [[4, 10], [20, 25]]
     for world in (1, 2, 3, 7, 16):
-        parts = [_share(left, Workers(rank, world)) for rank in range(world)]
+        parts = [rank_share(left, Workers(rank, world)) for rank in range(world)]
         windows = [w for part in parts for start, stop in part for w in range(start, stop)]
         assert windows == [*range(4, 10), *range(20, 25)]  # each once, in rank order
         sizes = [sum(stop - start for start, stop in part) for part in parts]
