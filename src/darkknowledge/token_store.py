@@ -32,7 +32,6 @@ with one line.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -125,29 +124,19 @@ class TokenTargets:
         ``teacher_logits`` ``[rows, V]`` (dense) or ``topk_targets`` ``[rows, K]``. The logits are the teacher's
         at T = 1, softened by the loss; a sampled store's draws are frequencies at T = 1, so it refuses another T."""
         self.check_temperature(temperature)
-        return self._read(np.asarray(torch.as_tensor(rows, dtype=torch.int64).reshape(-1)))
-
-    def check_temperature(self, temperature: float) -> None:
-        """Refuse (one line) a temperature this store cannot distil at."""
-        if self.layout == "sampled" and temperature != 1:
-            raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
-                                     f"got {temperature}; use temperature 1 or a dense or top-k store")
-
-    def window_targets(self, windows, window_indices) -> dict[str, Any]:
-        """The rows of every position of the given windows at T = 1, shaped ``[B, S, ...]``."""
-        shape = tuple(windows.positions(window_indices).shape)
-        read = self._read(windows.positions(window_indices).reshape(-1).numpy())
-        return {name: value.reshape(*shape, -1) if isinstance(value, Tensor) else dataclasses.replace(
-            value, **{f.name: getattr(value, f.name).reshape(*shape, *getattr(value, f.name).shape[1:])
-                      for f in dataclasses.fields(value)}) for name, value in read.items()}
-
-    def _read(self, flat: np.ndarray) -> dict[str, Any]:
+        flat = np.asarray(torch.as_tensor(rows, dtype=torch.int64).reshape(-1))
         if self.layout == "dense":
             return {"teacher_logits": torch.from_numpy(self._arrays["logits"][flat].astype(np.float32))}
         values = torch.from_numpy(self._arrays["topk_logits"][flat].astype(np.float32))
         indices = torch.from_numpy(self._arrays["topk_indices"][flat].astype(np.int64))
         tail = torch.from_numpy(np.asarray(self._arrays["tail"][flat]))
         return {"topk_targets": TopKTargets(values, indices, tail[..., 0], tail[..., 1])}
+
+    def check_temperature(self, temperature: float) -> None:
+        """Refuse (one line) a temperature this store cannot distil at."""
+        if self.layout == "sampled" and temperature != 1:
+            raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
+                                     f"got {temperature}; use temperature 1 or a dense or top-k store")
 
     # -- making and opening ------------------------------------------------------------------------------------
 
@@ -305,7 +294,7 @@ class TokenTargets:
                     if source is None:
                         logits = ensemble_logits(members, windows.batch(torch.arange(start, stop))[0])
                     else:
-                        logits = source.window_targets(windows, torch.arange(start, stop))["teacher_logits"]
+                        logits = source.targets(range(start * context, stop * context), 1.0)["teacher_logits"]
                     logits = logits.reshape(-1, windows.vocab_size)
                     if header["layout"] == "dense":
                         rows = {"logits": logits.numpy()}
