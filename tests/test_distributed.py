@@ -181,6 +181,35 @@ def test_a_store_dir_that_ranks_do_not_share_is_refused(tmp_path):
     assert proc.stdout.count("a file system that every rank (every node) sees") == 2
 
 
+def test_a_sampled_store_computed_by_two_ranks_is_the_one_computed_by_one(tmp_path):
+    script = tmp_path / "sampled.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from darkknowledge import distributed
+        from darkknowledge.jobs import DataChoice
+        from darkknowledge.soft_targets import SoftTargets
+        distributed.init_from_env()
+        train, _, _ = DataChoice("digits").load()
+        torch.manual_seed(0)
+        teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        print(SoftTargets.compute(teacher, train, "store", samples=3, head=1, batch_size=100).path.name)
+        distributed.shutdown()
+    """))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from darkknowledge.jobs import DataChoice
+    from darkknowledge.soft_targets import SoftTargets
+    train, _, _ = DataChoice("digits").load()
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    one = SoftTargets.compute(teacher, train, None, samples=3, head=1)  # one process, other batches
+    two = SoftTargets.open(tmp_path / "store" / proc.stdout.split()[0])
+    rows = torch.arange(len(one))
+    assert two.key == one.key and torch.equal(two.topk(rows).indices, one.topk(rows).indices)
+    assert torch.equal(two.topk(rows).logits, one.topk(rows).logits)
+
+
 def test_commands_that_run_as_one_process_refuse_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["evaluate", "some-run"]) == 1

@@ -11,6 +11,11 @@
   ensemble under ``arithmetic`` each member's top-k is kept (``[N, M, k]``: the loss averages the members'
   cross-entropies, which equals the cross-entropy with their mean); under ``geometric`` or ``logits`` (the same
   targets at every T) the top-k of the mean logits is kept (``[N, 1, k]``).
+- ``sampled`` layout (distilling at T = 1 only): the same arrays holding, per case, ``samples`` classes drawn from
+  the teacher's distribution at T = 1 (an ensemble's under its combine rule, ``[N, 1, h + K]``) and their
+  frequencies (:func:`darkknowledge.losses.sampled_targets`: unbiased, with an empty tail); with a head of h the h
+  most probable classes are kept exact and only the rest is drawn. Each case's draws are seeded by the store's key
+  and its row (:func:`drawn_rows`), so a store computed in other batches or by other ranks holds the same rows.
 
 **Keyed so a stale store is never used.** The key is the SHA-256 of: each member's weights (a hash of its
 state_dict tensors, names, shapes and dtypes, and its architecture's repr: what the logits depend on, even for a
@@ -36,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import mmap
 import os
 import time
@@ -53,10 +59,10 @@ from .ensemble import COMBINE_RULES, Ensemble, check_combine, distillation_targe
 from .errors import DarkKnowledgeError
 from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, cases_per_item, num_cases
 from .evaluation import autocast, device_of, precision_of, to_device
-from .losses import TopKTargets, tail_logsumexp_at, topk_targets
+from .losses import TopKTargets, sampled_targets, tail_logsumexp_at, topk_targets
 
 FORMAT = "darkknowledge/soft-targets-1"
-LAYOUTS = ("full", "topk")
+LAYOUTS = ("full", "topk", "sampled")
 STORAGE_DTYPES = {"float32": "<f4", "float16": "<f2"}
 PREPROCESSING = "uint8 / 255"
 
@@ -146,7 +152,8 @@ class SoftTargets:
     def describe(self) -> dict[str, Any]:
         """For sidecars and the run key: what the targets are, not where the file happens to be."""
         return {"key": self.key, "layout": self.layout, "top_k": self.top_k, "combine": self.combine,
-                "members": self.header["members_in_teacher"], "dtype": self.header["dtype"]}
+                "members": self.header["members_in_teacher"], "dtype": self.header["dtype"],
+                **({"head": self.header["key_parts"]["head"]} if self.layout == "sampled" else {})}
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -168,8 +175,8 @@ class SoftTargets:
         return self._rows("logits", self._as_index(indices)).float()
 
     def topk(self, indices) -> TopKTargets:
-        """The stored top-k summary ``[B, M, k]`` (top-k layout only)."""
-        if self.layout != "topk":
+        """The stored top-k summary ``[B, M, k]`` (top-k layout; sampled: the draws, ``[B, 1, h + K]``)."""
+        if self.layout == "full":
             raise DarkKnowledgeError("this store holds full logits, not a top-k summary")
         rows = self._as_index(indices)
         indices = torch.from_numpy(np.take(self._arrays["topk_indices"], rows, axis=0).astype(np.int64))
@@ -179,7 +186,8 @@ class SoftTargets:
     def targets(self, indices, temperature: float) -> dict[str, Any]:
         """Keyword arguments for :func:`darkknowledge.losses.distillation_loss` giving the targets at T:
         ``teacher_logits``, ``soft_targets`` (arithmetic mean of several members) or ``topk_targets``."""
-        if self.layout == "topk":
+        check_temperature(self.layout, temperature)
+        if self.layout != "full":
             return {"topk_targets": self.topk(indices)}
         return distillation_targets(self.member_logits(indices), self.combine, temperature)
 
@@ -225,8 +233,8 @@ class SoftTargets:
 
     @classmethod
     def compute(cls, teacher: nn.Module, transfer_set, store_dir: str | os.PathLike | None = None, *,
-                top_k: int | None = None, dtype: str = "float32", combine: str | None = None,
-                batch_size: int = 2048, bf16: bool | str = False,
+                top_k: int | None = None, samples: int | None = None, head: int = 0, dtype: str = "float32",
+                combine: str | None = None, batch_size: int = 2048, bf16: bool | str = False,
                 log: Callable[[str], None] | None = None) -> SoftTargets:
         """The teacher's outputs over ``transfer_set``, from ``store_dir`` if an intact store of the same key is
         there, else computed in one batched pass of each member and written there (on the device the teacher's
@@ -235,7 +243,9 @@ class SoftTargets:
 
         ``teacher``: any module mapping inputs to logits, or an :class:`Ensemble` (its members' logits are kept;
         ``combine`` defaults to the ensemble's rule). ``top_k``: keep only the k largest logits per case (and
-        member). ``dtype``: ``float32`` or ``float16`` for the stored logits. ``store_dir=None``: in memory only.
+        member). ``samples=K``: the sampled layout, K classes drawn per case at T = 1, and ``head=h`` with it the h
+        most probable kept exact. ``dtype``: ``float32`` or ``float16`` for the stored logits.
+        ``store_dir=None``: in memory only.
         """
         log = log or (lambda _: None)
         transfer_set = as_transfer_set(transfer_set)
@@ -245,20 +255,28 @@ class SoftTargets:
         if len(transfer_set) == 0:
             raise DarkKnowledgeError("the transfer set is empty; soft targets need at least one case")
         members = teacher_members(teacher)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise DarkKnowledgeError(f"top_k must be an integer >= 1 (and at most the number of classes), "
-                                     f"got {top_k!r}")
-        layout = "full" if top_k is None else "topk"
-        # Top-k of several members: per-member top-k for the arithmetic mean, top-k of the mean logits otherwise.
+        for name, k in (("top_k", top_k), ("samples", samples)):
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise DarkKnowledgeError(f"{name} must be an integer >= 1 (and at most the number of classes), "
+                                         f"got {k!r}")
+        if top_k is not None and samples is not None:
+            raise DarkKnowledgeError("give top_k or samples, not both: a store is top-k or sampled")
+        if head and (samples is None or isinstance(head, bool) or not isinstance(head, int) or head < 0):
+            raise DarkKnowledgeError(f"head is for a sampled store (samples=K), an integer >= 0; got head {head!r}, "
+                                     f"samples {samples!r}")
+        layout = "full" if top_k is None and samples is None else "topk" if samples is None else "sampled"
+        # Top-k of several members: per-member top-k for the arithmetic mean, top-k of the mean logits otherwise;
+        # draws of several members: from their arithmetic mixture, or from the softmax of their mean logits.
         stored_combine = None
-        if layout == "topk" and len(members) > 1:
+        if layout != "full" and len(members) > 1:
             stored_combine = "arithmetic" if combine == "arithmetic" else "mean-logits"
         key_parts = {
             "format": FORMAT,
             "teacher": [module_sha256(m) for m in members],
             "transfer_set": transfer_set.fingerprint(),
             "preprocessing": {"inputs": _preprocessing(transfer_set), "jitter": 0, **_precision_key(bf16)},
-            "layout": layout, "top_k": top_k, "dtype": dtype, "stored_combine": stored_combine,
+            "layout": layout, "top_k": top_k if samples is None else head + samples, "dtype": dtype,
+            "stored_combine": stored_combine, **({"head": head} if layout == "sampled" else {}),
         }
         key = store_files.key_of(key_parts)
         header_path = Path(store_dir) / f"{key[:16]}.json" if store_dir is not None else None
@@ -325,13 +343,13 @@ class SoftTargets:
         num_classes, chunks = _stored_logits(teacher, transfer_set, range(items.start, items.stop), key_parts,
                                              batch_size, bf16)
         num_classes = next(c for c in workers.all_gather_json(num_classes) if c is not None)
-        specs = _array_specs(key_parts["layout"], num_cases, _stored_members(teacher, key_parts), num_classes,
+        specs = _array_specs(key_parts["layout"], num_cases, _stored_members(key_parts), num_classes,
                              key_parts["top_k"], key_parts["dtype"])
         def write_share():
             with store_files.RowFiles.one_file(specs, tmp) as files:
                 row = rows.start
                 for chunk in chunks:
-                    row += files.write(row, _chunk_arrays(chunk, key_parts["layout"], key_parts["top_k"]))
+                    row += files.write(row, _chunk_arrays(chunk, key_parts, row))
                 files.sync()
             tmp.with_name(f"{tmp.name}.rank{workers.rank}").touch()
 
@@ -366,16 +384,15 @@ class SoftTargets:
         ``tail_mean`` ``[b, M]`` already made. ``header_path=None`` keeps the arrays in memory. ``num_members``:
         M (default: the members the stored layout keeps of the teacher described in ``key_parts``).
         """
-        layout, top_k, dtype = key_parts["layout"], key_parts["top_k"], key_parts["dtype"]
-        if num_members is None:
-            num_members = 1 if key_parts.get("stored_combine") == "mean-logits" else len(key_parts["teacher"])
-        specs = _array_specs(layout, num_cases, num_members, num_classes, top_k, dtype)
+        num_members = _stored_members(key_parts) if num_members is None else num_members
+        specs = _array_specs(key_parts["layout"], num_cases, num_members, num_classes, key_parts["top_k"],
+                             key_parts["dtype"])
         writer = store_files.Writer(specs, Path(header_path).with_suffix(".bin") if header_path is not None else None)
         try:
             if header_path is not None:
                 Path(header_path).unlink(missing_ok=True)  # the old header must not vouch for the new data
             for chunk in chunks:
-                writer.append(_chunk_arrays(chunk, layout, top_k))
+                writer.append(_chunk_arrays(chunk, key_parts, writer.rows))
             arrays_meta, arrays = writer.finish(num_cases)
         except BaseException:
             writer.abort()
@@ -435,8 +452,10 @@ def _header(key_parts: dict[str, Any], num_cases: int, specs: dict[str, tuple[st
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "provenance": checkpoint.provenance()}
 
 
-def _stored_members(teacher: nn.Module, key_parts: dict[str, Any]) -> int:
-    return 1 if key_parts["stored_combine"] == "mean-logits" else len(teacher_members(teacher))
+def _stored_members(key_parts: dict[str, Any]) -> int:
+    """Rows of outputs a case keeps: one per member, but one for mean logits and for draws."""
+    mixed = key_parts.get("stored_combine") == "mean-logits" or key_parts["layout"] == "sampled"
+    return 1 if mixed else len(key_parts["teacher"])
 
 
 def _preprocessing(transfer_set) -> str:
@@ -459,7 +478,8 @@ def _stored_logits(teacher: nn.Module, transfer_set, items: range, key_parts: di
     num_classes = _check_classes(first, transfer_set)
     top_k = key_parts["top_k"]
     if top_k is not None and top_k > num_classes:
-        raise DarkKnowledgeError(f"top_k must be at most the number of classes ({num_classes}), got {top_k}")
+        raise DarkKnowledgeError(f"top_k (a sampled store: head + samples) must be at most the number of classes "
+                                 f"({num_classes}), got {top_k}")
     chunks = itertools.chain([first], chunks)
     if key_parts["stored_combine"] == "mean-logits":
         chunks = (c.mean(1, keepdim=True) for c in chunks)
@@ -481,16 +501,45 @@ def _array_specs(layout: str, n: int, m: int, c: int, k: int | None, dtype: str)
             "tail_logsumexp": ("<f4", (n, m)), "tail_mean": ("<f4", (n, m))}
 
 
-def _chunk_arrays(chunk, layout: str, top_k: int | None) -> dict[str, np.ndarray]:
+def _chunk_arrays(chunk, key_parts: dict[str, Any], first_row: int) -> dict[str, np.ndarray]:
+    """The arrays of rows ``first_row..`` made from member logits ``[b, M, C]`` in the layout of ``key_parts``."""
     if isinstance(chunk, dict):
         return {name: (value.numpy() if isinstance(value, Tensor) else np.asarray(value))
                 for name, value in chunk.items()}
     chunk = chunk.detach().float()
+    layout = key_parts["layout"]
     if layout == "full":
         return {"logits": chunk.numpy()}
-    t = topk_targets(chunk, top_k)
+    if layout == "topk":
+        t = topk_targets(chunk, key_parts["top_k"])
+    else:  # the members' mixture at T = 1 (mean logits were averaged already), one row of draws a case
+        mixture = chunk.log_softmax(-1).logsumexp(1) - math.log(chunk.shape[1])
+        head = key_parts["head"]
+        t = drawn_rows(mixture, store_files.key_of(key_parts), key_parts["top_k"] - head, head, first_row)
+        t = TopKTargets(*(getattr(t, name).unsqueeze(1) for name in
+                          ("logits", "indices", "tail_logsumexp", "tail_mean")))
     return {"topk_logits": t.logits.numpy(), "topk_indices": t.indices.numpy(),
             "tail_logsumexp": t.tail_logsumexp.numpy(), "tail_mean": t.tail_mean.numpy()}
+
+
+def drawn_rows(logits: Tensor, key: str, draws: int, head: int, first: int, group: int = 1) -> TopKTargets:
+    """:func:`darkknowledge.losses.sampled_targets` of rows ``[n, C]``, each ``group`` of rows (a case, or a
+    token store's window) drawn with a generator seeded by the store's ``key`` and the group's index (``first``
+    for the first group): the same draws however the rows are batched or shared among ranks."""
+    generator = torch.Generator()
+    parts = []
+    for offset, rows in enumerate(logits.split(group)):
+        generator.manual_seed((int(key[:15], 16) + first + offset) % (1 << 63))
+        parts.append(sampled_targets(rows, draws, generator, head))
+    return TopKTargets(*(torch.cat([getattr(p, name) for p in parts]) for name in
+                         ("logits", "indices", "tail_logsumexp", "tail_mean")))
+
+
+def check_temperature(layout: str, temperature: float) -> None:
+    """Refuse (one line) a temperature a store of ``layout`` cannot distil at: draws are frequencies at T = 1."""
+    if layout == "sampled" and temperature != 1:
+        raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
+                                 f"got {temperature}; use temperature 1 or a dense or top-k store")
 
 
 def _precision_key(bf16: bool | str) -> dict[str, Any]:

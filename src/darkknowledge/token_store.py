@@ -43,8 +43,8 @@ from torch import Tensor, nn
 from . import checkpoint, schemas, store_files
 from .distributed import Workers, current
 from .errors import DarkKnowledgeError
-from .losses import TopKTargets, sampled_targets, topk_targets
-from .soft_targets import module_sha256
+from .losses import TopKTargets, topk_targets
+from .soft_targets import check_temperature, drawn_rows, module_sha256
 from .store_files import count, merged, missing, rank_share
 
 FORMAT = "darkknowledge/token-targets-1"
@@ -134,9 +134,7 @@ class TokenTargets:
 
     def check_temperature(self, temperature: float) -> None:
         """Refuse (one line) a temperature this store cannot distil at."""
-        if self.layout == "sampled" and temperature != 1:
-            raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
-                                     f"got {temperature}; use temperature 1 or a dense or top-k store")
+        check_temperature(self.layout, temperature)
 
     # -- making and opening ------------------------------------------------------------------------------------
 
@@ -299,8 +297,9 @@ class TokenTargets:
                     if header["layout"] == "dense":
                         rows = {"logits": logits.numpy()}
                     else:
+                        head = header["key_parts"].get("head", 0)  # a sampled store's draws seeded by window
                         summary = (topk_targets(logits, header["top_k"]) if header["layout"] == "topk" else
-                                   _drawn(logits, header, start, stop))
+                                   drawn_rows(logits, header["key"], header["top_k"] - head, head, start, context))
                         rows = {"topk_logits": summary.logits.numpy(), "topk_indices": summary.indices.numpy(),
                                 "tail": torch.stack([summary.tail_logsumexp, summary.tail_mean], -1).numpy()}
                     files.write(start * context, rows)
@@ -407,19 +406,6 @@ def header_problem(header: dict[str, Any]) -> str | None:
     if header["arrays"] != expected:
         return "its header's arrays are not those of its layout and sizes"
     return None
-
-
-def _drawn(logits: Tensor, header: dict[str, Any], start: int, stop: int) -> TopKTargets:
-    """The sampled rows of windows ``start .. stop``, each window's draws seeded by the key and its index."""
-    rows = logits.reshape(stop - start, header["context"], -1)
-    generator = torch.Generator()
-    head = header["key_parts"].get("head", 0)
-    parts = []
-    for offset, window in enumerate(range(start, stop)):
-        generator.manual_seed((int(header["key"][:15], 16) + window) % (1 << 63))
-        parts.append(sampled_targets(rows[offset], header["top_k"] - head, generator, head))
-    return TopKTargets(*(torch.cat([getattr(p, name) for p in parts]) for name in
-                         ("logits", "indices", "tail_logsumexp", "tail_mean")))
 
 
 # ---------------------------------------------------------------------------------------------------------------
