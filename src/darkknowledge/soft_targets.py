@@ -134,7 +134,7 @@ class SoftTargets:
 
     @property
     def num_members(self) -> int:
-        """Members whose outputs are stored (1 for a single teacher or a top-k store of mean logits)."""
+        """Members whose outputs are stored (1 for a single teacher, a top-k store of mean logits, or draws)."""
         return self.header["num_members"]
 
     @property
