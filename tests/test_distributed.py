@@ -181,6 +181,36 @@ def test_a_store_dir_that_ranks_do_not_share_is_refused(tmp_path):
     assert proc.stdout.count("a file system that every rank (every node) sees") == 2
 
 
+def test_a_sampled_store_computed_by_two_ranks_is_the_one_computed_by_one(tmp_path):
+    script = tmp_path / "sampled.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from darkknowledge import distributed
+        from darkknowledge.jobs import DataChoice
+        from darkknowledge.soft_targets import SoftTargets
+        distributed.init_from_env()
+        train, _, _ = DataChoice("digits").load()
+        torch.manual_seed(0)
+        teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        SoftTargets.compute(teacher, train, "store", samples=3, head=1, batch_size=100)
+        distributed.shutdown()
+    """))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    from darkknowledge.jobs import DataChoice
+    from darkknowledge.soft_targets import SoftTargets
+    train, _, _ = DataChoice("digits").load()
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    one = SoftTargets.compute(teacher, train, None, samples=3, head=1)  # one process, other batches
+    [header] = (tmp_path / "store").glob("*.json")
+    two = SoftTargets.open(header)
+    rows = torch.arange(len(one))
+    assert two.key == one.key and torch.equal(two.topk(rows).indices, one.topk(rows).indices)
+    assert torch.equal(two.topk(rows).logits, one.topk(rows).logits)
+
+
 def test_commands_that_run_as_one_process_refuse_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["evaluate", "some-run"]) == 1
@@ -289,11 +319,11 @@ def test_a_token_store_killed_on_one_rank_resumes_to_the_rows_one_process_writes
 
 
 def test_the_windows_left_are_shared_out_once_in_contiguous_parts():
-    from darkknowledge.token_store import _missing, _share
-    left = _missing([[0, 4], [10, 12], [12, 20]], 25)
+    from darkknowledge.store_files import missing, rank_share
+    left = missing([[0, 4], [10, 12], [12, 20]], 25)
     assert left == [[4, 10], [20, 25]]
     for world in (1, 2, 3, 7, 16):
-        parts = [_share(left, Workers(rank, world)) for rank in range(world)]
+        parts = [rank_share(left, Workers(rank, world)) for rank in range(world)]
         windows = [w for part in parts for start, stop in part for w in range(start, stop)]
         assert windows == [*range(4, 10), *range(20, 25)]  # each once, in rank order
         sizes = [sum(stop - start for start, stop in part) for part in parts]

@@ -433,12 +433,11 @@ def test_fuzz_token_store_header_is_reused_only_while_valid_and_else_rebuilt(lm_
 
     plan, _, splits = lm_data
     train = splits.windows["train"]
-    every = list(range(len(train)))
     torch.manual_seed(0)
     teacher = build_language_model("gpt:layers=1,dim=8,heads=2,context=8", splits.tokenizer.vocab_size)
     kwargs = dict(tokenizer_sha256=splits.tokenizer.sha256, top_k=4, log=lambda _: None)
     store = TokenTargets.build(teacher, train, tmp_path / "made", **kwargs)
-    reference = store.window_targets(train, every)["topk_targets"]
+    reference = store.targets(range(len(store)), 1.0)["topk_targets"]
     original = (store.folder / HEADER).read_bytes()
 
     @fuzz(request)
@@ -457,7 +456,7 @@ def test_fuzz_token_store_header_is_reused_only_while_valid_and_else_rebuilt(lm_
             except DarkKnowledgeError as e:
                 assert "\n" not in str(e), e
             rebuilt = TokenTargets.build(teacher, train, copy / "stores", **kwargs)  # reused or rebuilt
-            targets = rebuilt.window_targets(train, every)["topk_targets"]
+            targets = rebuilt.targets(range(len(rebuilt)), 1.0)["topk_targets"]
             assert torch.equal(targets.logits, reference.logits) and torch.equal(targets.indices, reference.indices)
             CASES["token-store header"] += 1
         finally:

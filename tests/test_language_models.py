@@ -119,12 +119,13 @@ def test_store_rows_are_the_teachers_per_token_targets(splits, tmp_path, top_k):
     ids, _ = train.batch([1, 5])
     with torch.no_grad():
         expected = torch.log(torch.stack([torch.softmax(m.eval()(ids), -1) for m in members]).mean(0))
-    targets = store.window_targets(train, [1, 5])
+    targets = store.targets(train.positions([1, 5]), 1.0)  # rows: the windows' token positions
+    expected = expected.reshape(2 * 16, -1)
     if top_k is None:
         torch.testing.assert_close(targets["teacher_logits"], expected, atol=2e-2, rtol=1e-2)
     else:
         top = targets["topk_targets"]
-        assert top.logits.shape == (2, 16, 4)
+        assert top.logits.shape == (2 * 16, 4)
         torch.testing.assert_close(top.logits, expected.topk(4, -1).values, atol=2e-2, rtol=1e-2)
 
 
@@ -136,7 +137,7 @@ def test_topk_store_summarised_from_a_dense_store_matches_one_from_the_members(s
     from_dense = TokenTargets.build(dense, train, tmp_path, tokenizer_sha256=sha, top_k=4)
     from_members = TokenTargets.build(members, train, tmp_path, tokenizer_sha256=sha, top_k=4)
     assert from_dense.folder != from_members.folder  # keyed by their sources
-    a, b = (s.window_targets(train, [0, 3])["topk_targets"] for s in (from_dense, from_members))
+    a, b = (s.targets(train.positions([0, 3]), 1.0)["topk_targets"] for s in (from_dense, from_members))
     torch.testing.assert_close(a.logits, b.logits, atol=2e-2, rtol=1e-2)  # float16 rows, summarised again
     with pytest.raises(DarkKnowledgeError, match="must be a dense store over these windows"):
         TokenTargets.build(from_dense, train, tmp_path, tokenizer_sha256=sha, top_k=2)
@@ -164,10 +165,10 @@ def test_a_killed_build_resumes_and_a_corrupted_store_is_rebuilt(splits, tmp_pat
                                  batch_windows=50, **kwargs)
     assert len(train) > 54 and chunks[0] == (4 + 50) * 16  # it went on from where the kill left it
     fresh = TokenTargets.build(teacher, train, tmp_path / "fresh", batch_windows=50, **kwargs)
-    every = list(range(len(train)))
+    every = range(len(resumed))
     for name in ("logits", "indices"):
-        assert torch.equal(getattr(resumed.window_targets(train, every)["topk_targets"], name),
-                           getattr(fresh.window_targets(train, every)["topk_targets"], name))
+        assert torch.equal(getattr(resumed.targets(every, 1.0)["topk_targets"], name),
+                           getattr(fresh.targets(every, 1.0)["topk_targets"], name))
     # A complete store whose file changed afterwards is never used: open refuses it, build recomputes it.
     with open(folder / "topk_logits.bin", "r+b") as f:
         f.write(b"\x00\x7c")
@@ -298,8 +299,7 @@ def test_sampled_store_holds_unbiased_draws_at_t1_the_same_however_it_was_built(
     one = TokenTargets.build(teacher, train, tmp_path / "a", tokenizer_sha256=sha, samples=4, batch_windows=3)
     other = TokenTargets.build(teacher, train, tmp_path / "b", tokenizer_sha256=sha, samples=4, batch_windows=50)
     assert one.layout == "sampled" and one.bytes_per_token == 4 * 4 + 8
-    every = list(range(len(train)))
-    a, b = (s.window_targets(train, every)["topk_targets"] for s in (one, other))
+    a, b = (s.targets(range(len(s)), 1.0)["topk_targets"] for s in (one, other))
     assert torch.equal(a.indices, b.indices) and torch.equal(a.logits, b.logits)  # seeded per window, not chunk
     torch.testing.assert_close(a.logits.exp().sum(-1), torch.ones(a.logits.shape[:-1]), atol=2e-3, rtol=0)
     assert Objective(one, temperature=1.0).describe()["layout"] == "sampled"
@@ -337,9 +337,9 @@ def test_sampled_store_with_a_head_keeps_the_head_exact_and_estimates_the_rest_w
     headed = TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, samples=4, head=2)
     assert headed.folder != plain.folder and headed.head == 2 and plain.head == 0
     assert headed.top_k == 6 and headed.bytes_per_token == 4 * 6 + 8
-    rows = headed.window_targets(train, [0])["topk_targets"]
+    rows = headed.targets(train.positions([0]), 1.0)["topk_targets"]
     with torch.no_grad():
-        full = torch.softmax(teacher.eval()(train.batch(torch.tensor([0]))[0]).float(), -1)
+        full = torch.softmax(teacher.eval()(train.batch(torch.tensor([0]))[0]).float(), -1)[0]
     stored = torch.zeros_like(full).scatter_add_(-1, rows.indices, rows.logits.exp())
     top2 = full.topk(2).indices
     torch.testing.assert_close(stored.gather(-1, top2), full.gather(-1, top2), atol=2e-3, rtol=2e-3)
@@ -485,8 +485,7 @@ def built_store(splits, tmp_path):
     teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
     kwargs = dict(tokenizer_sha256=splits.tokenizer.sha256, top_k=4, batch_windows=50)
     store = TokenTargets.build(teacher, splits.windows["train"], tmp_path / "s", **kwargs)
-    every = list(range(len(splits.windows["train"])))
-    return teacher, kwargs, store, store.window_targets(splits.windows["train"], every)["topk_targets"]
+    return teacher, kwargs, store, store.targets(range(len(store)), 1.0)["topk_targets"]
 
 
 @pytest.mark.parametrize("damage", sorted(HEADER_DAMAGES))
@@ -503,7 +502,7 @@ def test_a_damaged_store_header_is_refused_by_open_and_rebuilt_by_build(splits, 
     rebuilt = TokenTargets.build(teacher, train, store.folder.parent, log=lines.append,
                                  on_chunk=lambda done, total: chunks.append(done), **kwargs)
     assert any("rebuilding it" in line for line in lines) and chunks[0] == 50 * 16  # from the first window
-    targets = rebuilt.window_targets(train, list(range(len(train))))["topk_targets"]
+    targets = rebuilt.targets(range(len(rebuilt)), 1.0)["topk_targets"]
     assert torch.equal(targets.indices, reference.indices) and torch.equal(targets.logits, reference.logits)
     assert TokenTargets.open(store.folder).top_k == 4
 
@@ -521,7 +520,7 @@ def test_a_partial_store_whose_recorded_rows_are_zeros_is_rebuilt_not_finished(s
     lines = []
     rebuilt = TokenTargets.build(teacher, train, store.folder.parent, log=lines.append, **kwargs)
     assert any("hold no distributions; rebuilding it" in line for line in lines), lines
-    assert torch.equal(rebuilt.window_targets(train, list(range(len(train))))["topk_targets"].logits, reference.logits)
+    assert torch.equal(rebuilt.targets(range(len(rebuilt)), 1.0)["topk_targets"].logits, reference.logits)
 
 
 def test_a_garbage_rank_progress_file_beside_a_partial_store_is_ignored(splits, built_store):
@@ -534,7 +533,7 @@ def test_a_garbage_rank_progress_file_beside_a_partial_store_is_ignored(splits, 
     for garbage in (b"\xff garbage", b"[]", b'{"windows_done": [[0, 100000]]}'):
         (store.folder / "targets.rank0.json").write_bytes(garbage)
         rebuilt = TokenTargets.build(teacher, train, store.folder.parent, log=lambda line: None, **kwargs)
-        assert torch.equal(rebuilt.window_targets(train, list(range(len(train))))["topk_targets"].logits, reference.logits)
+        assert torch.equal(rebuilt.targets(range(len(rebuilt)), 1.0)["topk_targets"].logits, reference.logits)
         header["complete"] = False
         (store.folder / "targets.json").write_text(json.dumps(header))
 

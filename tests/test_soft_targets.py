@@ -225,6 +225,38 @@ def test_topk_store_of_an_ensemble_per_member_for_arithmetic_and_of_mean_logits_
         arithmetic.with_combine("geometric")
 
 
+def test_sampled_store_holds_draws_of_the_mixture_the_same_however_computed(digits, teachers, tmp_path):
+    train, val, _ = digits
+    ensemble = Ensemble(teachers[:2])
+    store = SoftTargets.compute(ensemble, train, tmp_path, samples=4, head=2)
+    assert (store.layout, store.top_k, store.num_members, store.describe()["head"]) == ("sampled", 6, 1, 2)
+    assert SoftTargets.open(store.path).key == store.key  # its header fits the schema and its checksums
+    # seeded by the key and the case's row: the same draws in other batches, or written on the way to memory
+    again = SoftTargets.compute(ensemble, train, None, samples=4, head=2, batch_size=77)
+    rows = torch.arange(len(store))
+    a, b = store.topk(rows), again.topk(rows)
+    assert a.logits.shape == (len(train), 1, 6)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.logits, b.logits)
+    # each row a distribution at T = 1 whose two head classes hold the mixture's exact probabilities
+    mixture = SoftTargets.compute(ensemble, train, None).probabilities(rows, 1.0)
+    dense = store.probabilities(rows, 1.0)
+    torch.testing.assert_close(dense.sum(-1), torch.ones(len(train)), atol=1e-5, rtol=0)
+    head = mixture.topk(2).indices
+    torch.testing.assert_close(dense.gather(-1, head), mixture.gather(-1, head), atol=1e-5, rtol=1e-5)
+    assert store.key != SoftTargets.compute(ensemble, train, None, samples=4, head=1).key
+    assert store.key != SoftTargets.compute(ensemble.with_combine("geometric"), train, None, samples=4, head=2).key
+    with pytest.raises(DarkKnowledgeError, match="temperature 1 only") as raised:
+        store.targets(rows[:4], 2.0)
+    assert "\n" not in str(raised.value)
+    student = build_model("mlp:8", train.image_shape, train.num_classes)
+    fit(student, train, val, quiet(epochs=1, lr=0.1), Distillation(1.0, store=store), log=lambda _: None)
+    for kwargs, message in (({"samples": 4, "top_k": 3}, "not both"), ({"head": 2}, "head is for a sampled"),
+                            ({"samples": 0}, "samples must be an integer >= 1"),
+                            ({"samples": 9, "head": 2}, "head \\+ samples\\) must be at most")):
+        with pytest.raises(DarkKnowledgeError, match=message):
+            SoftTargets.compute(teachers[0], train, None, **kwargs)
+
+
 def test_training_from_the_store_equals_training_from_cached_logits(digits, teachers, tmp_path):
     train, val, _ = digits
     store = SoftTargets.compute(teachers[2], train, tmp_path)

@@ -156,7 +156,7 @@ class TokenizerFile(_Schema):
 
 class KeyParts(_Schema):
     transfer_set: str
-    layout: Literal["full", "topk"]
+    layout: Literal["full", "topk", "sampled"]
     top_k: Positive | None
     dtype: Literal["float32", "float16"]
 
@@ -171,6 +171,7 @@ class StoredArray(_Schema):
 
 _ITEMSIZE = {"<f4": 4, "<f2": 2, "<u2": 2, "<i4": 4}
 _STORE_ARRAYS = {"full": {"logits"}, "topk": {"topk_logits", "topk_indices", "tail_logsumexp", "tail_mean"}}
+_STORE_ARRAYS["sampled"] = _STORE_ARRAYS["topk"]  # draws are kept as a top-k summary with an empty tail
 
 
 class StoreHeader(_Schema):
@@ -179,7 +180,7 @@ class StoreHeader(_Schema):
     format: Literal["darkknowledge/soft-targets-1"]
     key: Sha256
     key_parts: KeyParts
-    layout: Literal["full", "topk"]
+    layout: Literal["full", "topk", "sampled"]
     top_k: Positive | None
     dtype: Literal["float32", "float16"]
     num_cases: Positive

@@ -11,6 +11,11 @@
   ensemble under ``arithmetic`` each member's top-k is kept (``[N, M, k]``: the loss averages the members'
   cross-entropies, which equals the cross-entropy with their mean); under ``geometric`` or ``logits`` (the same
   targets at every T) the top-k of the mean logits is kept (``[N, 1, k]``).
+- ``sampled`` layout (distilling at T = 1 only): the same arrays holding, per case, ``samples`` classes drawn from
+  the teacher's distribution at T = 1 (an ensemble's under its combine rule, ``[N, 1, h + K]``) and their
+  frequencies (:func:`darkknowledge.losses.sampled_targets`: unbiased, with an empty tail); with a head of h the h
+  most probable classes are kept exact and only the rest is drawn. Each case's draws are seeded by the store's key
+  and its row (:func:`drawn_rows`), so a store computed in other batches or by other ranks holds the same rows.
 
 **Keyed so a stale store is never used.** The key is the SHA-256 of: each member's weights (a hash of its
 state_dict tensors, names, shapes and dtypes, and its architecture's repr: what the logits depend on, even for a
@@ -24,7 +29,7 @@ header: full key and what went into it, shapes, dtypes, offsets, and the SHA-256
 written under a temporary name and renamed, then the header is written the same way, so a crash leaves no header
 or an intact store. Opening checks the format, the key, the data file's size (truncation) and, by default, every
 array's checksum (corruption; one streaming read, no copy kept); :meth:`SoftTargets.compute` rebuilds a store that
-fails any check and says why.
+fails any check and says why. The file engine (layout, writes, checksums, locks) is :mod:`darkknowledge.store_files`.
 
 **Reading does not load the file**: it is memory-mapped; a batch is a gather of its rows into a fresh tensor.
 Pages the kernel brought in are file-backed page cache (reclaimable, shared), not the process's own memory;
@@ -33,13 +38,12 @@ Pages the kernel brought in are file-backed page cache (reclaimable, shared), no
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
+import math
 import mmap
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -49,20 +53,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, locks, reading, schemas
+from . import checkpoint, reading, schemas, store_files
 from .distributed import Workers, current
 from .ensemble import COMBINE_RULES, Ensemble, check_combine, distillation_targets
 from .errors import DarkKnowledgeError
 from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, cases_per_item, num_cases
 from .evaluation import autocast, device_of, precision_of, to_device
-from .losses import TopKTargets, tail_logsumexp_at, topk_targets
+from .losses import TopKTargets, sampled_targets, tail_logsumexp_at, topk_targets
 
 FORMAT = "darkknowledge/soft-targets-1"
-LAYOUTS = ("full", "topk")
+LAYOUTS = ("full", "topk", "sampled")
 STORAGE_DTYPES = {"float32": "<f4", "float16": "<f2"}
 PREPROCESSING = "uint8 / 255"
-ALIGN = 4096  # arrays start on page boundaries
-_CHUNK = 1 << 20  # bytes per read when hashing
 
 
 def module_sha256(module: nn.Module) -> str:
@@ -132,7 +134,7 @@ class SoftTargets:
 
     @property
     def num_members(self) -> int:
-        """Members whose outputs are stored (1 for a single teacher or a top-k store of mean logits)."""
+        """Members whose outputs are stored (1 for a single teacher, a top-k store of mean logits, or draws)."""
         return self.header["num_members"]
 
     @property
@@ -150,7 +152,8 @@ class SoftTargets:
     def describe(self) -> dict[str, Any]:
         """For sidecars and the run key: what the targets are, not where the file happens to be."""
         return {"key": self.key, "layout": self.layout, "top_k": self.top_k, "combine": self.combine,
-                "members": self.header["members_in_teacher"], "dtype": self.header["dtype"]}
+                "members": self.header["members_in_teacher"], "dtype": self.header["dtype"],
+                **({"head": self.header["key_parts"]["head"]} if self.layout == "sampled" else {})}
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -172,8 +175,8 @@ class SoftTargets:
         return self._rows("logits", self._as_index(indices)).float()
 
     def topk(self, indices) -> TopKTargets:
-        """The stored top-k summary ``[B, M, k]`` (top-k layout only)."""
-        if self.layout != "topk":
+        """The stored top-k summary ``[B, M, k]`` (top-k layout; sampled: the draws, ``[B, 1, h + K]``)."""
+        if self.layout == "full":
             raise DarkKnowledgeError("this store holds full logits, not a top-k summary")
         rows = self._as_index(indices)
         indices = torch.from_numpy(np.take(self._arrays["topk_indices"], rows, axis=0).astype(np.int64))
@@ -183,7 +186,8 @@ class SoftTargets:
     def targets(self, indices, temperature: float) -> dict[str, Any]:
         """Keyword arguments for :func:`darkknowledge.losses.distillation_loss` giving the targets at T:
         ``teacher_logits``, ``soft_targets`` (arithmetic mean of several members) or ``topk_targets``."""
-        if self.layout == "topk":
+        check_temperature(self.layout, temperature)
+        if self.layout != "full":
             return {"topk_targets": self.topk(indices)}
         return distillation_targets(self.member_logits(indices), self.combine, temperature)
 
@@ -229,8 +233,8 @@ class SoftTargets:
 
     @classmethod
     def compute(cls, teacher: nn.Module, transfer_set, store_dir: str | os.PathLike | None = None, *,
-                top_k: int | None = None, dtype: str = "float32", combine: str | None = None,
-                batch_size: int = 2048, bf16: bool | str = False,
+                top_k: int | None = None, samples: int | None = None, head: int = 0, dtype: str = "float32",
+                combine: str | None = None, batch_size: int = 2048, bf16: bool | str = False,
                 log: Callable[[str], None] | None = None) -> SoftTargets:
         """The teacher's outputs over ``transfer_set``, from ``store_dir`` if an intact store of the same key is
         there, else computed in one batched pass of each member and written there (on the device the teacher's
@@ -239,7 +243,9 @@ class SoftTargets:
 
         ``teacher``: any module mapping inputs to logits, or an :class:`Ensemble` (its members' logits are kept;
         ``combine`` defaults to the ensemble's rule). ``top_k``: keep only the k largest logits per case (and
-        member). ``dtype``: ``float32`` or ``float16`` for the stored logits. ``store_dir=None``: in memory only.
+        member). ``samples=K``: the sampled layout, K classes drawn per case at T = 1, and ``head=h`` with it the h
+        most probable kept exact. ``dtype``: ``float32`` or ``float16`` for the stored logits.
+        ``store_dir=None``: in memory only.
         """
         log = log or (lambda _: None)
         transfer_set = as_transfer_set(transfer_set)
@@ -249,27 +255,35 @@ class SoftTargets:
         if len(transfer_set) == 0:
             raise DarkKnowledgeError("the transfer set is empty; soft targets need at least one case")
         members = teacher_members(teacher)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise DarkKnowledgeError(f"top_k must be an integer >= 1 (and at most the number of classes), "
-                                     f"got {top_k!r}")
-        layout = "full" if top_k is None else "topk"
-        # Top-k of several members: per-member top-k for the arithmetic mean, top-k of the mean logits otherwise.
+        for name, k in (("top_k", top_k), ("samples", samples)):
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise DarkKnowledgeError(f"{name} must be an integer >= 1 (and at most the number of classes), "
+                                         f"got {k!r}")
+        if top_k is not None and samples is not None:
+            raise DarkKnowledgeError("give top_k or samples, not both: a store is top-k or sampled")
+        if head and (samples is None or isinstance(head, bool) or not isinstance(head, int) or head < 0):
+            raise DarkKnowledgeError(f"head is for a sampled store (samples=K), an integer >= 0; got head {head!r}, "
+                                     f"samples {samples!r}")
+        layout = "full" if top_k is None and samples is None else "topk" if samples is None else "sampled"
+        # Top-k of several members: per-member top-k for the arithmetic mean, top-k of the mean logits otherwise;
+        # draws of several members: from their arithmetic mixture, or from the softmax of their mean logits.
         stored_combine = None
-        if layout == "topk" and len(members) > 1:
+        if layout != "full" and len(members) > 1:
             stored_combine = "arithmetic" if combine == "arithmetic" else "mean-logits"
         key_parts = {
             "format": FORMAT,
             "teacher": [module_sha256(m) for m in members],
             "transfer_set": transfer_set.fingerprint(),
             "preprocessing": {"inputs": _preprocessing(transfer_set), "jitter": 0, **_precision_key(bf16)},
-            "layout": layout, "top_k": top_k, "dtype": dtype, "stored_combine": stored_combine,
+            "layout": layout, "top_k": top_k if samples is None else head + samples, "dtype": dtype,
+            "stored_combine": stored_combine, **({"head": head} if layout == "sampled" else {}),
         }
-        key = _key(key_parts)
+        key = store_files.key_of(key_parts)
         header_path = Path(store_dir) / f"{key[:16]}.json" if store_dir is not None else None
         workers = current()
         if not workers.is_main:
             log = lambda _: None  # noqa: E731  every rank computes its share; rank 0 alone says what was done
-        with store_lock(header_path, workers, log):  # one writer per store; others wait, then reuse it
+        with store_files.store_lock(header_path, workers, log):  # one writer per store; others wait, then reuse it
             # Rank 0 looks for an intact store of this key (one checksum pass); every rank follows what it found.
             found = None
             if workers.is_main and header_path is not None and (header_path.exists()
@@ -329,34 +343,27 @@ class SoftTargets:
         num_classes, chunks = _stored_logits(teacher, transfer_set, range(items.start, items.stop), key_parts,
                                              batch_size, bf16)
         num_classes = next(c for c in workers.all_gather_json(num_classes) if c is not None)
-        specs = _array_specs(key_parts["layout"], num_cases, _stored_members(teacher, key_parts), num_classes,
+        specs = _array_specs(key_parts["layout"], num_cases, _stored_members(key_parts), num_classes,
                              key_parts["top_k"], key_parts["dtype"])
-        offsets, row_bytes, total = array_layout(specs)
         def write_share():
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
+            with store_files.RowFiles.one_file(specs, tmp) as files:
                 row = rows.start
                 for chunk in chunks:
-                    arrays = checked_rows(specs, row, _chunk_arrays(chunk, key_parts["layout"], key_parts["top_k"]))
-                    row += write_rows(fd, offsets, row_bytes, row, arrays)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+                    row += files.write(row, _chunk_arrays(chunk, key_parts, row))
+                files.sync()
             tmp.with_name(f"{tmp.name}.rank{workers.rank}").touch()
 
         workers.write_share(write_share, "soft-target store")
 
         problem = None
         if workers.is_main:
-            problem = unseen_ranks([tmp.with_name(f"{tmp.name}.rank{r}") for r in range(workers.world_size)],
-                                   "soft-target store", "--store-dir")
+            problem = store_files.unseen_ranks([tmp.with_name(f"{tmp.name}.rank{r}")
+                                                for r in range(workers.world_size)], "soft-target store", "--store-dir")
             if problem is None:
+                _, _, total = store_files.array_layout(specs)
                 with open(tmp, "r+b") as f:
                     os.ftruncate(f.fileno(), total)
-                    arrays_meta = {name: {"dtype": dtype, "shape": list(shape), "offset": offsets[name],
-                                          "nbytes": row_bytes[name] * shape[0],
-                                          "sha256": _sha256_range(f, offsets[name], row_bytes[name] * shape[0])}
-                                   for name, (dtype, shape) in specs.items()}
+                    arrays_meta = store_files.arrays_meta(specs, store_files.checksums(f, specs))
                     os.fsync(f.fileno())
                 checkpoint.replace(tmp, data_path)
                 for marker in header_path.parent.glob(f"{tmp.name}.rank*"):
@@ -377,16 +384,15 @@ class SoftTargets:
         ``tail_mean`` ``[b, M]`` already made. ``header_path=None`` keeps the arrays in memory. ``num_members``:
         M (default: the members the stored layout keeps of the teacher described in ``key_parts``).
         """
-        layout, top_k, dtype = key_parts["layout"], key_parts["top_k"], key_parts["dtype"]
-        if num_members is None:
-            num_members = 1 if key_parts.get("stored_combine") == "mean-logits" else len(key_parts["teacher"])
-        specs = _array_specs(layout, num_cases, num_members, num_classes, top_k, dtype)
-        writer = _Writer(specs, Path(header_path).with_suffix(".bin") if header_path is not None else None)
+        num_members = _stored_members(key_parts) if num_members is None else num_members
+        specs = _array_specs(key_parts["layout"], num_cases, num_members, num_classes, key_parts["top_k"],
+                             key_parts["dtype"])
+        writer = store_files.Writer(specs, Path(header_path).with_suffix(".bin") if header_path is not None else None)
         try:
             if header_path is not None:
                 Path(header_path).unlink(missing_ok=True)  # the old header must not vouch for the new data
             for chunk in chunks:
-                writer.append(_chunk_arrays(chunk, layout, top_k))
+                writer.append(_chunk_arrays(chunk, key_parts, writer.rows))
             arrays_meta, arrays = writer.finish(num_cases)
         except BaseException:
             writer.abort()
@@ -408,14 +414,11 @@ class SoftTargets:
             header_path = header_path.with_suffix(".json")
         if not header_path.exists():
             raise DarkKnowledgeError(f"soft-target store header {header_path} is missing")
-        try:
-            header = json.loads(reading.read_bytes(header_path, "soft-target store", reading.JSON_LIMIT))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DarkKnowledgeError(f"soft-target store header {header_path} is not valid JSON ({e})") from None
+        header = store_files.read_json(header_path, "soft-target store")
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise DarkKnowledgeError(f"{header_path} is not a {FORMAT} soft-target store header")
         schemas.check(schemas.StoreHeader, header, header_path, "delete it: the store is computed again")
-        if _key(header["key_parts"]) != header["key"] or (expected_key and header["key"] != expected_key):
+        if store_files.key_of(header["key_parts"]) != header["key"] or (expected_key and header["key"] != expected_key):
             raise DarkKnowledgeError(f"soft-target store {header_path} was made for another teacher, transfer "
                                      "set or settings (key mismatch)")
         data_path = header_path.parent / header["data_file"]
@@ -426,16 +429,7 @@ class SoftTargets:
         if size != header["data_bytes"]:
             raise DarkKnowledgeError(f"soft-target store data {data_path} has {size} bytes, its header says "
                                      f"{header['data_bytes']} (truncated or replaced)")
-        with open(data_path, "rb") as f:
-            if verify:
-                for name, meta in arrays_meta.items():
-                    if _sha256_range(f, meta["offset"], meta["nbytes"]) != meta["sha256"]:
-                        raise DarkKnowledgeError(f"soft-target store data {data_path}: array {name} does not match "
-                                                 "the checksum in its header (corrupt)")
-            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        arrays = {name: np.frombuffer(mapping, dtype=np.dtype(meta["dtype"]), count=int(np.prod(meta["shape"])),
-                                      offset=meta["offset"]).reshape(meta["shape"])
-                  for name, meta in arrays_meta.items()}
+        arrays, mapping = store_files.map_arrays(data_path, arrays_meta, verify, "soft-target store")
         default = header["stored_combine"] if header["stored_combine"] in COMBINE_RULES else "arithmetic"
         if header["stored_combine"] == "mean-logits":
             default = "logits"
@@ -450,37 +444,18 @@ def _header(key_parts: dict[str, Any], num_cases: int, specs: dict[str, tuple[st
             extra: dict[str, Any] | None, arrays_meta: dict[str, Any], data_bytes: int,
             data_file: str | None) -> dict[str, Any]:
     num_members = next(iter(specs.values()))[1][1]
-    return {"format": FORMAT, "key": _key(key_parts), "key_parts": key_parts, "layout": key_parts["layout"],
-            "top_k": key_parts["top_k"], "dtype": key_parts["dtype"], "num_cases": num_cases,
-            "num_members": num_members, "num_classes": num_classes,
+    return {"format": FORMAT, "key": store_files.key_of(key_parts), "key_parts": key_parts,
+            "layout": key_parts["layout"], "top_k": key_parts["top_k"], "dtype": key_parts["dtype"],
+            "num_cases": num_cases, "num_members": num_members, "num_classes": num_classes,
             "stored_combine": key_parts.get("stored_combine"), "members_in_teacher": num_members,
             **(extra or {}), "data_file": data_file, "data_bytes": data_bytes, "arrays": arrays_meta,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "provenance": checkpoint.provenance()}
 
 
-def store_lock(header_path: Path | None, workers: Workers, log: Callable[[str], None],
-               what: str = "soft-target store"):
-    """The store's exclusive lock (rank 0 holds it for all), after removing temp files of dead writers."""
-    if header_path is None or not workers.is_main:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(locks.hold(header_path.with_suffix(".lock"), f"{what} {header_path}", wait=log))
-    checkpoint.remove_stale_temp(header_path.parent, f".{header_path.stem}.")
-    return stack
-
-
-def unseen_ranks(markers: list[Path], what: str, folder: str) -> str | None:
-    """Rank 0's refusal to finish a store while it cannot see the marker of every rank (``markers[r]``: rank r's):
-    a rank that wrote its share on a disk of its own would leave a store with rows missing."""
-    missing = [r for r, marker in enumerate(markers) if not marker.exists()]
-    if not missing:
-        return None
-    return (f"ranks {missing} wrote their share of the {what} where rank 0 cannot see it; give {folder} on a "
-            "file system that every rank (every node) sees")
-
-
-def _stored_members(teacher: nn.Module, key_parts: dict[str, Any]) -> int:
-    return 1 if key_parts["stored_combine"] == "mean-logits" else len(teacher_members(teacher))
+def _stored_members(key_parts: dict[str, Any]) -> int:
+    """Rows of outputs a case keeps: one per member, but one for mean logits and for draws."""
+    mixed = key_parts.get("stored_combine") == "mean-logits" or key_parts["layout"] == "sampled"
+    return 1 if mixed else len(key_parts["teacher"])
 
 
 def _preprocessing(transfer_set) -> str:
@@ -503,78 +478,16 @@ def _stored_logits(teacher: nn.Module, transfer_set, items: range, key_parts: di
     num_classes = _check_classes(first, transfer_set)
     top_k = key_parts["top_k"]
     if top_k is not None and top_k > num_classes:
-        raise DarkKnowledgeError(f"top_k must be at most the number of classes ({num_classes}), got {top_k}")
+        raise DarkKnowledgeError(f"top_k (a sampled store: head + samples) must be at most the number of classes "
+                                 f"({num_classes}), got {top_k}")
     chunks = itertools.chain([first], chunks)
     if key_parts["stored_combine"] == "mean-logits":
         chunks = (c.mean(1, keepdim=True) for c in chunks)
     return num_classes, chunks
 
 
-def array_layout(specs: dict[str, tuple[str, tuple]]) -> tuple[dict[str, int], dict[str, int], int]:
-    """Each array's byte offset (page-aligned, back to back) and bytes per row, and the file's size."""
-    offsets, row_bytes, offset = {}, {}, 0
-    for name, (dtype, shape) in specs.items():
-        offset = -(-offset // ALIGN) * ALIGN
-        offsets[name] = offset
-        row_bytes[name] = np.dtype(dtype).itemsize * int(np.prod(shape[1:]))
-        offset += row_bytes[name] * shape[0]
-    return offsets, row_bytes, offset
-
-
-def checked_rows(specs: dict[str, tuple[str, tuple]], first_row: int,
-                  arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``arrays`` as contiguous arrays of the store's dtypes, after checking they fit rows ``first_row..``."""
-    if set(arrays) != set(specs):
-        raise DarkKnowledgeError(f"a store chunk must hold {', '.join(sorted(specs))}, got "
-                                 f"{', '.join(sorted(arrays))}")
-    rows = {len(a) for a in arrays.values()}
-    if len(rows) != 1:
-        raise DarkKnowledgeError("the arrays of a store chunk have different numbers of rows")
-    count = rows.pop()
-    checked = {}
-    for name, (dtype, shape) in specs.items():
-        if first_row + count > shape[0]:
-            raise DarkKnowledgeError(f"store chunks hold more than the {shape[0]} cases announced")
-        checked[name] = np.ascontiguousarray(arrays[name], dtype=dtype)
-        if checked[name].shape[1:] != shape[1:]:
-            raise DarkKnowledgeError(f"store chunk array {name} has rows of shape {checked[name].shape[1:]}, "
-                                     f"expected {shape[1:]}")
-    return checked
-
-
-def write_rows(fd: int, offsets: dict[str, int], row_bytes: dict[str, int], first_row: int,
-                arrays: dict[str, np.ndarray]) -> int:
-    """Write checked ``arrays`` (:func:`checked_rows`) as rows ``first_row..`` of the store file ``fd`` laid out
-    as :func:`_layout` says; returns the number of rows."""
-    count = 0
-    for name, data in arrays.items():
-        view, position = memoryview(data).cast("B"), offsets[name] + first_row * row_bytes[name]
-        while view:
-            written = os.pwrite(fd, view, position)
-            view, position = view[written:], position + written
-        count = len(data)
-    return count
-
-
 def _compatible_rules(stored_combine: str) -> tuple[str, ...]:
     return ("arithmetic",) if stored_combine == "arithmetic" else ("geometric", "logits")
-
-
-def _key(key_parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()
-
-
-def _sha256_range(f, offset: int, nbytes: int) -> str:
-    h = hashlib.sha256()
-    f.seek(offset)
-    left = nbytes
-    while left > 0:
-        block = f.read(min(_CHUNK, left))
-        if not block:
-            break
-        h.update(block)
-        left -= len(block)
-    return h.hexdigest()
 
 
 def _array_specs(layout: str, n: int, m: int, c: int, k: int | None, dtype: str) -> dict[str, tuple[str, tuple]]:
@@ -588,16 +501,45 @@ def _array_specs(layout: str, n: int, m: int, c: int, k: int | None, dtype: str)
             "tail_logsumexp": ("<f4", (n, m)), "tail_mean": ("<f4", (n, m))}
 
 
-def _chunk_arrays(chunk, layout: str, top_k: int | None) -> dict[str, np.ndarray]:
+def _chunk_arrays(chunk, key_parts: dict[str, Any], first_row: int) -> dict[str, np.ndarray]:
+    """The arrays of rows ``first_row..`` made from member logits ``[b, M, C]`` in the layout of ``key_parts``."""
     if isinstance(chunk, dict):
         return {name: (value.numpy() if isinstance(value, Tensor) else np.asarray(value))
                 for name, value in chunk.items()}
     chunk = chunk.detach().float()
+    layout = key_parts["layout"]
     if layout == "full":
         return {"logits": chunk.numpy()}
-    t = topk_targets(chunk, top_k)
+    if layout == "topk":
+        t = topk_targets(chunk, key_parts["top_k"])
+    else:  # the members' mixture at T = 1 (mean logits were averaged already), one row of draws a case
+        mixture = chunk.log_softmax(-1).logsumexp(1) - math.log(chunk.shape[1])
+        head = key_parts["head"]
+        t = drawn_rows(mixture, store_files.key_of(key_parts), key_parts["top_k"] - head, head, first_row)
+        t = TopKTargets(*(getattr(t, name).unsqueeze(1) for name in
+                          ("logits", "indices", "tail_logsumexp", "tail_mean")))
     return {"topk_logits": t.logits.numpy(), "topk_indices": t.indices.numpy(),
             "tail_logsumexp": t.tail_logsumexp.numpy(), "tail_mean": t.tail_mean.numpy()}
+
+
+def drawn_rows(logits: Tensor, key: str, draws: int, head: int, first: int, group: int = 1) -> TopKTargets:
+    """:func:`darkknowledge.losses.sampled_targets` of rows ``[n, C]``, each ``group`` of rows (a case, or a
+    token store's window) drawn with a generator seeded by the store's ``key`` and the group's index (``first``
+    for the first group): the same draws however the rows are batched or shared among ranks."""
+    generator = torch.Generator()
+    parts = []
+    for offset, rows in enumerate(logits.split(group)):
+        generator.manual_seed((int(key[:15], 16) + first + offset) % (1 << 63))
+        parts.append(sampled_targets(rows, draws, generator, head))
+    return TopKTargets(*(torch.cat([getattr(p, name) for p in parts]) for name in
+                         ("logits", "indices", "tail_logsumexp", "tail_mean")))
+
+
+def check_temperature(layout: str, temperature: float) -> None:
+    """Refuse (one line) a temperature a store of ``layout`` cannot distil at: draws are frequencies at T = 1."""
+    if layout == "sampled" and temperature != 1:
+        raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
+                                 f"got {temperature}; use temperature 1 or a dense or top-k store")
 
 
 def _precision_key(bf16: bool | str) -> dict[str, Any]:
@@ -636,53 +578,3 @@ def _teacher_chunks(teacher: nn.Module, transfer_set, items: range, batch_size: 
             yield out.movedim(1, -2).reshape(-1, out.shape[1], out.shape[-1]).float().cpu()
     finally:
         teacher.train(was_training)
-
-
-class _Writer:
-    """Arrays laid out back to back (page-aligned) in one file, filled in row order and hashed as they go."""
-
-    def __init__(self, specs: dict[str, tuple[str, tuple]], data_path: Path | None):
-        self.specs = specs
-        self.data_path = data_path
-        self.offsets, self.row_bytes, self.total_bytes = array_layout(specs)
-        self.hashes = {name: hashlib.sha256() for name in specs}
-        self.rows = 0
-        self.fd = self.tmp = None
-        self.memory: dict[str, np.ndarray] | None = None
-        if data_path is None:
-            self.memory = {name: np.empty(shape, dtype=dtype) for name, (dtype, shape) in specs.items()}
-        else:
-            data_path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd, self.tmp = tempfile.mkstemp(prefix=f".{data_path.name}.", suffix=".tmp", dir=data_path.parent)
-
-    def append(self, arrays: dict[str, np.ndarray]) -> None:
-        arrays = checked_rows(self.specs, self.rows, arrays)
-        for name, data in arrays.items():
-            self.hashes[name].update(memoryview(data).cast("B"))
-            if self.memory is not None:
-                self.memory[name][self.rows:self.rows + len(data)] = data
-        if self.fd is not None:
-            write_rows(self.fd, self.offsets, self.row_bytes, self.rows, arrays)
-        self.rows += len(next(iter(arrays.values())))
-
-    def finish(self, num_cases: int) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
-        if self.rows != num_cases:
-            raise DarkKnowledgeError(f"store chunks held {self.rows} cases, expected {num_cases}")
-        meta = {name: {"dtype": dtype, "shape": list(shape), "offset": self.offsets[name],
-                       "nbytes": self.row_bytes[name] * shape[0], "sha256": self.hashes[name].hexdigest()}
-                for name, (dtype, shape) in self.specs.items()}
-        if self.memory is not None:
-            return meta, self.memory
-        os.ftruncate(self.fd, self.total_bytes)  # padding after the last array, if any
-        os.fsync(self.fd)
-        os.close(self.fd)
-        self.fd = None
-        checkpoint.replace(self.tmp, self.data_path)
-        return meta, None
-
-    def abort(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        if self.tmp is not None:
-            Path(self.tmp).unlink(missing_ok=True)

@@ -32,10 +32,6 @@ with one line.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,11 +40,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, reading, schemas
+from . import checkpoint, schemas, store_files
 from .distributed import Workers, current
 from .errors import DarkKnowledgeError
-from .losses import TopKTargets, sampled_targets, topk_targets
-from .soft_targets import array_layout, checked_rows, module_sha256, store_lock, unseen_ranks, write_rows
+from .losses import TopKTargets, topk_targets
+from .soft_targets import check_temperature, drawn_rows, module_sha256
+from .store_files import count, merged, missing, rank_share
 
 FORMAT = "darkknowledge/token-targets-1"
 HEADER = "targets.json"
@@ -78,8 +75,7 @@ class TokenTargets:
 
     def __init__(self, folder: Path, header: dict[str, Any]):
         self.folder, self.header = folder, header
-        self._arrays = {name: np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r", shape=tuple(shape))
-                        for name, (dtype, shape) in header["arrays"].items()}
+        self._arrays = store_files.map_array_files(folder, _specs(header))
 
     # -- what it holds -----------------------------------------------------------------------------------------
 
@@ -128,29 +124,17 @@ class TokenTargets:
         ``teacher_logits`` ``[rows, V]`` (dense) or ``topk_targets`` ``[rows, K]``. The logits are the teacher's
         at T = 1, softened by the loss; a sampled store's draws are frequencies at T = 1, so it refuses another T."""
         self.check_temperature(temperature)
-        return self._read(np.asarray(torch.as_tensor(rows, dtype=torch.int64).reshape(-1)))
-
-    def check_temperature(self, temperature: float) -> None:
-        """Refuse (one line) a temperature this store cannot distil at."""
-        if self.layout == "sampled" and temperature != 1:
-            raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
-                                     f"got {temperature}; use temperature 1 or a dense or top-k store")
-
-    def window_targets(self, windows, window_indices) -> dict[str, Any]:
-        """The rows of every position of the given windows at T = 1, shaped ``[B, S, ...]``."""
-        shape = tuple(windows.positions(window_indices).shape)
-        read = self._read(windows.positions(window_indices).reshape(-1).numpy())
-        return {name: value.reshape(*shape, -1) if isinstance(value, Tensor) else dataclasses.replace(
-            value, **{f.name: getattr(value, f.name).reshape(*shape, *getattr(value, f.name).shape[1:])
-                      for f in dataclasses.fields(value)}) for name, value in read.items()}
-
-    def _read(self, flat: np.ndarray) -> dict[str, Any]:
+        flat = np.asarray(torch.as_tensor(rows, dtype=torch.int64).reshape(-1))
         if self.layout == "dense":
             return {"teacher_logits": torch.from_numpy(self._arrays["logits"][flat].astype(np.float32))}
         values = torch.from_numpy(self._arrays["topk_logits"][flat].astype(np.float32))
         indices = torch.from_numpy(self._arrays["topk_indices"][flat].astype(np.int64))
         tail = torch.from_numpy(np.asarray(self._arrays["tail"][flat]))
         return {"topk_targets": TopKTargets(values, indices, tail[..., 0], tail[..., 1])}
+
+    def check_temperature(self, temperature: float) -> None:
+        """Refuse (one line) a temperature this store cannot distil at."""
+        check_temperature(self.layout, temperature)
 
     # -- making and opening ------------------------------------------------------------------------------------
 
@@ -202,9 +186,9 @@ class TokenTargets:
             raise DarkKnowledgeError(f"head is for a sampled store, with head + samples <= {vocab_size} (the "
                                      f"vocabulary); got head {head}, samples {samples}")
         parts = cls.key_parts(members, windows, tokenizer_sha256, top_k, samples, head)
-        key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        key = store_files.key_of(parts)
         folder = Path(folder) / key[:16]
-        with store_lock(folder / HEADER, workers, log, "token store"):  # one build per store; others wait
+        with store_files.store_lock(folder / HEADER, workers, log, "token store"):  # one build per store; others wait
             # Rank 0 decides (reuse, resume or start) and every rank follows the header it sends.
             header = workers.on_main(lambda: cls._start(folder, key, parts, len(members), windows, log))
             if header["complete"]:
@@ -236,7 +220,8 @@ class TokenTargets:
             header = None
         elif header is not None:
             header = _gather_progress(folder, header)
-            problem = _files_problem(folder, header) or cls(folder, header)._unwritten_rows()
+            problem = store_files.array_files_problem(folder, _specs(header)) or \
+                cls(folder, header)._unwritten_rows()
             log(f"token store {folder}: {problem or cls._problem(folder, header, verify=False)}; "
                 f"{'rebuilding it' if problem else 'resuming there'}")
             header = None if problem else header
@@ -248,9 +233,7 @@ class TokenTargets:
                       "positions_done": 0, "windows_done": [],
                       "arrays": {name: [d, list(s)] for name, (d, s) in _array_specs(
                           parts["layout"], windows.num_tokens, windows.vocab_size, parts["top_k"]).items()}}
-            folder.mkdir(parents=True, exist_ok=True)
-            for name, (dtype, shape) in header["arrays"].items():
-                np.memmap(folder / f"{name}.bin", dtype=dtype, mode="w+", shape=tuple(shape)).flush()
+            store_files.create_array_files(folder, _specs(header))
             for stale in _rank_progress_files(folder):  # of an earlier build of these rows, now all zeros
                 stale.unlink()
             checkpoint.write_json(header_path, header)
@@ -260,8 +243,8 @@ class TokenTargets:
     def _finish(folder: Path, header: dict[str, Any], world_size: int) -> dict[str, Any]:
         """Rank 0, once every rank has written its share: every file's SHA-256, and the header marked complete."""
         if world_size > 1:
-            problem = unseen_ranks([folder / RANK_PROGRESS.format(r) for r in range(world_size)], "token store",
-                                   "a store folder")
+            problem = store_files.unseen_ranks([folder / RANK_PROGRESS.format(r) for r in range(world_size)],
+                                               "token store", "a store folder")
             if problem is not None:
                 raise DarkKnowledgeError(problem)
             header = _gather_progress(folder, header)
@@ -281,14 +264,13 @@ class TokenTargets:
         or races for the header; the file is also its marker that rank 0 sees its rows); rank 0 folds them into
         the header when it finishes the store or resumes a killed build, and the next build, with any number of
         ranks, shares out whatever is still missing."""
-        specs = {name: (dtype, tuple(shape)) for name, (dtype, shape) in header["arrays"].items()}
-        _, row_bytes, _ = array_layout(specs)
+        specs = _specs(header)
         source = members[0] if isinstance(members[0], TokenTargets) else None
         for m in members if source is None else ():
             m.eval()
         context, started = windows.context, time.perf_counter()
         known = _windows_done(header)
-        mine = _share(_missing(known, len(windows)), workers)
+        mine = rank_share(missing(known, len(windows)), workers)
         done_here: list[list[int]] = []
         progress = folder / RANK_PROGRESS.format(workers.rank)
 
@@ -296,50 +278,45 @@ class TokenTargets:
             if workers.distributed:
                 checkpoint.write_json(progress, {"windows_done": done_here})
                 return
-            header["windows_done"] = _merged(known + done_here)
-            header["positions_done"] = _count(header["windows_done"]) * context
+            header["windows_done"] = merged(known + done_here)
+            header["positions_done"] = count(header["windows_done"]) * context
             header["build_seconds"] = header.get("build_seconds", 0.0) + time.perf_counter() - started
             checkpoint.write_json(folder / HEADER, header)
 
         if workers.distributed:
             record()  # the marker, even for a rank with nothing left to do
-        # O_CREAT: a rank that cannot see rank 0's files writes its own, and rank 0 misses its marker and says so
-        fds = {name: os.open(folder / f"{name}.bin", os.O_WRONLY | os.O_CREAT, 0o644) for name in specs}
-        try:
+        with store_files.RowFiles.per_array(specs, folder) as files:
             for first, last in mine:
                 for start in range(first, last, batch_windows):
                     stop = min(start + batch_windows, last)
                     if source is None:
                         logits = ensemble_logits(members, windows.batch(torch.arange(start, stop))[0])
                     else:
-                        logits = source.window_targets(windows, torch.arange(start, stop))["teacher_logits"]
+                        logits = source.targets(range(start * context, stop * context), 1.0)["teacher_logits"]
                     logits = logits.reshape(-1, windows.vocab_size)
                     if header["layout"] == "dense":
                         rows = {"logits": logits.numpy()}
                     else:
+                        head = header["key_parts"].get("head", 0)  # a sampled store's draws seeded by window
                         summary = (topk_targets(logits, header["top_k"]) if header["layout"] == "topk" else
-                                   _drawn(logits, header, start, stop))
+                                   drawn_rows(logits, header["key"], header["top_k"] - head, head, start, context))
                         rows = {"topk_logits": summary.logits.numpy(), "topk_indices": summary.indices.numpy(),
                                 "tail": torch.stack([summary.tail_logsumexp, summary.tail_mean], -1).numpy()}
-                    for name, data in checked_rows(specs, start * context, rows).items():
-                        write_rows(fds[name], {name: 0}, row_bytes, start * context, {name: data})
-                        os.fsync(fds[name])
+                    files.write(start * context, rows)
+                    files.sync()
                     # Only after the rows are on disk is their range recorded: a kill never leaves rows counted
                     # unwritten (rows written but not yet recorded are computed again).
-                    done_here = _merged(done_here + [[start, stop]])
+                    done_here = merged(done_here + [[start, stop]])
                     record()
                     started = time.perf_counter()
                     if on_chunk is not None:
-                        on_chunk(_count(_merged(known + done_here)) * context, header["positions"])
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+                        on_chunk(count(merged(known + done_here)) * context, header["positions"])
 
     @staticmethod
     def _problem(folder: Path, header: dict, verify: bool) -> str | None:
         if not header.get("complete"):
             return f"its build stopped after {header.get('positions_done', 0)} of {header.get('positions')} positions"
-        if problem := _files_problem(folder, header):
+        if problem := store_files.array_files_problem(folder, _specs(header)):
             return problem
         for name in header["arrays"]:
             path = folder / f"{name}.bin"
@@ -390,21 +367,15 @@ class TokenTargets:
         return cls(folder, header)
 
 
-def _files_problem(folder: Path, header: dict[str, Any]) -> str | None:
-    """Whether an array file is missing, not a regular file, or not of its header's size."""
-    for name, (dtype, shape) in header["arrays"].items():
-        path = folder / f"{name}.bin"
-        expected = np.dtype(dtype).itemsize * int(np.prod(shape))
-        if not path.is_file() or path.stat().st_size != expected:
-            return f"{path.name} is missing or truncated"
-    return None
+def _specs(header: dict[str, Any]) -> store_files.Specs:
+    return {name: (dtype, tuple(shape)) for name, (dtype, shape) in header["arrays"].items()}
 
 
 def read_header(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """``(header, None)`` when the header at ``path`` fits its schema and agrees with its key and with itself,
     else ``(None, why not)``: a header is never half-trusted."""
     try:
-        header = json.loads(reading.read_bytes(path, "token store", reading.JSON_LIMIT))
+        header = store_files.read_json(path, "token store")
     except (OSError, ValueError, DarkKnowledgeError) as e:
         return None, f"{HEADER} is unreadable or not JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     try:
@@ -419,7 +390,7 @@ def header_problem(header: dict[str, Any]) -> str | None:
     key parts, the fields a reader uses (layout, top_k, vocabulary, tokenizer, windows) those of the key parts,
     and its arrays those its layout and sizes make."""
     parts = header["key_parts"]
-    if header["key"] != hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest():
+    if header["key"] != store_files.key_of(parts):
         return "its header's key is not the hash of its key_parts (edited or damaged)"
     pairs = {"layout": "layout", "top_k": "top_k", "vocab_size": "vocab_size", "tokenizer": "tokenizer",
              "windows_fingerprint": "windows"}
@@ -437,21 +408,8 @@ def header_problem(header: dict[str, Any]) -> str | None:
     return None
 
 
-def _drawn(logits: Tensor, header: dict[str, Any], start: int, stop: int) -> TopKTargets:
-    """The sampled rows of windows ``start .. stop``, each window's draws seeded by the key and its index."""
-    rows = logits.reshape(stop - start, header["context"], -1)
-    generator = torch.Generator()
-    head = header["key_parts"].get("head", 0)
-    parts = []
-    for offset, window in enumerate(range(start, stop)):
-        generator.manual_seed((int(header["key"][:15], 16) + window) % (1 << 63))
-        parts.append(sampled_targets(rows[offset], header["top_k"] - head, generator, head))
-    return TopKTargets(*(torch.cat([getattr(p, name) for p in parts]) for name in
-                         ("logits", "indices", "tail_logsumexp", "tail_mean")))
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Progress: sorted, disjoint ranges [start, stop) of windows whose rows are on disk
+# Progress: sorted, disjoint ranges [start, stop) of windows whose rows are on disk (store_files keeps the ranges)
 # ---------------------------------------------------------------------------------------------------------------
 
 def _windows_done(header: dict[str, Any]) -> list[list[int]]:
@@ -459,53 +417,6 @@ def _windows_done(header: dict[str, Any]) -> list[list[int]]:
         return header["windows_done"]
     done = header["positions_done"] // header["context"]  # a header from before: a prefix
     return [[0, done]] if done else []
-
-
-def _merged(ranges: list[list[int]]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for start, stop in sorted(ranges):
-        if out and start <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], stop)
-        elif start < stop:
-            out.append([start, stop])
-    return out
-
-
-def _count(ranges: list[list[int]]) -> int:
-    return sum(stop - start for start, stop in ranges)
-
-
-def _missing(done: list[list[int]], n: int) -> list[list[int]]:
-    """The ranges of ``range(n)`` not in ``done``."""
-    gaps, at = [], 0
-    for start, stop in done:
-        if start > at:
-            gaps.append([at, start])
-        at = max(at, stop)
-    return gaps + ([[at, n]] if at < n else [])
-
-
-def _share(ranges: list[list[int]], workers: Workers) -> list[list[int]]:
-    """This rank's contiguous share (:meth:`Workers.shard`) of the windows in ``ranges`` taken in order."""
-    part, out, offset = workers.shard(_count(ranges)), [], 0
-    for start, stop in ranges:
-        low, high = max(part.start - offset, 0), min(part.stop - offset, stop - start)
-        if low < high:
-            out.append([start + low, start + high])
-        offset += stop - start
-    return out
-
-
-def _rank_progress(path: Path, windows: int) -> list[list[int]]:
-    """The ranges a rank's progress file records; none when it is unreadable or out of range (its rows are then
-    computed again: only rows recorded as written are ever skipped)."""
-    try:
-        progress = schemas.check(schemas.RankProgress, json.loads(
-            reading.read_bytes(path, "token store", reading.JSON_LIMIT)), path, "")
-    except (OSError, ValueError, DarkKnowledgeError):
-        return []
-    ranges = progress["windows_done"]
-    return ranges if all(start < stop <= windows for start, stop in ranges) else []
 
 
 def _rank_progress_files(folder: Path) -> list[Path]:
@@ -517,9 +428,10 @@ def _gather_progress(folder: Path, header: dict[str, Any]) -> dict[str, Any]:
     files = _rank_progress_files(folder)
     if not files:
         return header
-    ranges = _windows_done(header) + [r for f in files for r in _rank_progress(f, header["windows"])]
-    header = {**header, "windows_done": _merged(ranges)}
-    header["positions_done"] = _count(header["windows_done"]) * header["context"]
+    ranges = _windows_done(header) + [r for f in files for r in store_files.read_ranges(f, header["windows"],
+                                                                                           "token store")]
+    header = {**header, "windows_done": merged(ranges)}
+    header["positions_done"] = count(header["windows_done"]) * header["context"]
     checkpoint.write_json(folder / HEADER, header)
     for f in files:
         f.unlink()
