@@ -2,6 +2,7 @@
 the run's precision reaches the teacher's cached outputs."""
 
 import dataclasses
+import json
 import inspect
 
 import pytest
@@ -32,8 +33,10 @@ def cli_refuses(name: str, value) -> bool:
 
 
 def library_refuses(name: str, value) -> bool:
-    # the largest batch, so that only the table bounds grad_accumulation (it must also be at most the batch size)
-    others = {"batch_size": int(RANGES["batch_size"][1])} if name == "grad_accumulation" else {}
+    # Settings that other settings also bound, given the others that leave only the table: grad_accumulation is at
+    # most the batch size; a warm-up is for the schedules that have none of their own.
+    others = {"grad_accumulation": {"batch_size": int(RANGES["batch_size"][1])},
+              "warmup": {"schedule": "cosine"}}.get(name, {})
     try:
         TrainConfig(**{**others, name: value})
     except DarkKnowledgeError:
@@ -116,3 +119,19 @@ def test_a_store_keys_fp16_apart_and_keeps_the_older_keys_of_fp32_and_bf16():
     assert preprocessing("fp32") == preprocessing(False) and preprocessing("fp32")["bf16"] is False
     assert preprocessing("bf16") == preprocessing(True) and preprocessing("bf16")["bf16"] is True
     assert preprocessing("fp16") != preprocessing("fp32")
+
+
+def test_warmup_and_the_selection_metric_reach_the_loop_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", "mlp:8", "--out", str(out), "--epochs", "3", "--batch-size", "256",
+                 "--schedule", "cosine", "--warmup", "0.2", "--select-by", "log_loss", "--no-progress"]) == 0
+    model = json.loads((out / "model.json").read_text())
+    assert model["training"]["warmup"] == 0.2 and model["training"]["select_by"] == "log_loss"
+    losses = {r["epoch"]: r["val_loss"] for r in json.loads((out / "state.json").read_text())["history"]}
+    assert losses[model["epoch"]] == min(losses.values())
+    capsys.readouterr()
+    assert main(["train", "--out", str(tmp_path / "other"), "--schedule", "onecycle", "--warmup", "0.1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "warmup must be 0 with the onecycle schedule" in err[0]
+    assert main(["train", "--out", str(tmp_path / "other"), "--warmup", "1"]) == 1
+    assert "warmup must be in [0, 1)" in capsys.readouterr().err

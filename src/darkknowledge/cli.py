@@ -32,7 +32,7 @@ from .ensemble import COMBINE_RULES  # noqa: E402
 from .losses import DEFAULT_DIVERGENCE, DIVERGENCES  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
 from .devices import DEFAULT_DEVICE, DEVICE_HELP  # noqa: E402
-from .training import OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: E402
+from .training import OPTIMIZERS, SCHEDULES, SELECTION_METRICS, TrainConfig  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
 DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train")  # what runs under torchrun
@@ -88,9 +88,15 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="split each step's batch into N micro-batches: the same step in less memory (default: 1)")
     g.add_argument("--clip-grad-norm", type=float, default=None, metavar="X",
                    help="clip the gradient's global L2 norm to X before each step (default: no clipping)")
+    g.add_argument("--warmup", type=float, default=d.warmup, metavar="F",
+                   help="the first fraction F of all steps warms the rate up linearly, then --schedule follows "
+                        "(not with onecycle, which warms up already; default: 0)")
+    g.add_argument("--select-by", choices=SELECTION_METRICS, default=d.select_by,
+                   help="the validation metric that chooses the epoch kept and counts --patience: errors, or "
+                        "log_loss (per case; per token for language models) (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     g.add_argument("--patience", type=int, default=None,
-                   help="stop after N epochs without a better validation error (default: train all epochs)")
+                   help="stop after N epochs without a better validation metric (default: train all epochs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
 
@@ -444,7 +450,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
                        weight_decay=args.weight_decay, schedule=args.schedule, jitter=args.jitter, bf16=args.bf16,
                        seed=args.seed, patience=args.patience, step_epochs=args.step_epochs,
                        progress=not args.no_progress, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation,
-                       clip_grad_norm=args.clip_grad_norm, fp16=args.fp16)
+                       clip_grad_norm=args.clip_grad_norm, fp16=args.fp16, warmup=args.warmup,
+                       select_by=args.select_by)
 
 
 def _summary(model, result, out: Path) -> str:

@@ -28,6 +28,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "step_epochs": (1, 1_000_000, True, True),
     "grad_accumulation": (1, 1_000_000, True, True),
     "clip_grad_norm": (0, 1e300, False, True),
+    "warmup": (0, 1, True, False),  # a fraction of all steps
     "members": (1, 1000, True, True),
     "temperature": (0, 10_000, False, True),
     "soft_weight": (0, 1000, True, True),

@@ -51,7 +51,8 @@ SCHEDULES = ("onecycle", "cosine", "constant", "step")
 OPTIMIZERS = ("sgd", "adamw")
 # The numeric settings TrainConfig checks against constraints.RANGES, and whether each is a whole number.
 _BOUNDED = {"epochs": True, "batch_size": True, "lr": False, "momentum": False, "weight_decay": False, "jitter": True,
-            "seed": True, "patience": True, "grad_accumulation": True, "clip_grad_norm": False, "step_epochs": True}
+            "seed": True, "patience": True, "grad_accumulation": True, "clip_grad_norm": False, "step_epochs": True,
+            "warmup": False}
 _UNSET_ALLOWED = {"patience", "clip_grad_norm", "step_epochs"}
 SELECTION_METRICS = ("errors", "log_loss")  # what chooses the epoch kept: validation errors or log-loss
 # How each epoch's order of cases is seeded: fit's own, or the one the language-model loop drew before it folded
@@ -102,7 +103,6 @@ class TrainConfig:
                   ("grad_accumulation", self.grad_accumulation <= self.batch_size,
                    "at most batch_size (a micro-batch holds at least one case)"),
                   ("fp16", not (self.fp16 and self.bf16), "off when bf16 is on (choose one precision)"),
-                  ("warmup", 0 <= self.warmup < 1, "in [0, 1)"),
                   ("warmup", not (self.warmup and self.schedule == "onecycle"),
                    "0 with the onecycle schedule (it warms up over its first tenth already)"),
                   ("select_by", self.select_by in SELECTION_METRICS, f"one of {', '.join(SELECTION_METRICS)}"),
