@@ -25,6 +25,7 @@ from darkknowledge.language_model import (LMConfig, generate, load_language_mode
 from darkknowledge.locks import LOCK_FILE
 from darkknowledge.training import TrainConfig
 from darkknowledge.transformer import build_language_model, count_parameters
+from test_reliability import _in_child  # the forked child both kill tests use
 
 TINY = "gpt:layers=1,dim=16,heads=2,context=16"
 CONFIG = LMConfig(epochs=2, batch_size=8, lr=1e-2)
@@ -81,17 +82,7 @@ def _one_line_error(work, match: str) -> str:
 def _killed_at(rename: int, work) -> bool:
     """Run ``work()`` in a forked child killed (SIGKILL) just before its ``rename``-th rename; False when it
     finished first."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 0
-        try:
-            torch.set_num_threads(1)
-            checkpoint._renames = 0
-            os.environ["DARKKNOWLEDGE_KILL_AT_RENAME"] = str(rename)
-            work()
-        except BaseException:
-            code = 3
-        os._exit(code)
+    pid = _in_child(work, kill_at_rename=rename)
     _, status = os.waitpid(pid, 0)
     if os.WIFEXITED(status):
         assert os.WEXITSTATUS(status) == 0, f"the run failed (status {status}) before rename {rename}"
