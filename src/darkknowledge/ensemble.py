@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from . import checkpoint, reading, schemas
 from .errors import DarkKnowledgeError
+from .outputs import logits_of
 
 COMBINE_RULES = ("arithmetic", "geometric", "logits")
 MANIFEST = "ensemble.json"
@@ -134,7 +135,7 @@ class Ensemble(nn.Module):
 
     def member_logits(self, inputs: Tensor) -> Tensor:
         """Each member's logits ``[B, M, C]``: one pass of each member over the batch."""
-        outputs = [member(inputs) for member in self.members]
+        outputs = [logits_of(member(inputs)) for member in self.members]
         # Only the class dimension is compared: a set of batch sizes would pin the batch when exporting.
         classes = [o.shape[-1] for o in outputs]
         if any(c != classes[0] for c in classes):

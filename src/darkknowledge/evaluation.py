@@ -14,6 +14,7 @@ from torch import nn
 
 from .augment import jitter as jitter_images
 from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, cases_per_item, in_order
+from .outputs import logits_of
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Items a forward pass when evaluating a set of several cases an item: its logits [32, T, V] are summed as they
@@ -86,7 +87,7 @@ def predict_logits(model: nn.Module, data, batch_size: int = 4096, bf16: bool | 
                 inputs = to_device(inputs, device)
                 if jitter:
                     inputs = jitter_images(inputs, jitter, generator)
-                chunks.append(model(inputs).float().cpu())
+                chunks.append(logits_of(model(inputs)).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(chunks) if chunks else torch.empty(0)

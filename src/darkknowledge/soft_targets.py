@@ -60,6 +60,7 @@ from .errors import DarkKnowledgeError
 from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, cases_per_item, num_cases
 from .evaluation import autocast, device_of, precision_of, to_device
 from .losses import TopKTargets, sampled_targets, tail_logsumexp_at, topk_targets
+from .outputs import logits_of
 
 FORMAT = "darkknowledge/soft-targets-1"
 LAYOUTS = ("full", "topk", "sampled")
@@ -569,7 +570,7 @@ def _teacher_chunks(teacher: nn.Module, transfer_set, items: range, batch_size: 
         for inputs, labels, _ in batches(transfer_set, list(torch.arange(items.start, items.stop).split(batch_size))):
             with autocast(bf16, device):
                 out = teacher.member_logits(to_device(inputs, device)) if ensemble else \
-                    teacher(to_device(inputs, device)).unsqueeze(1)
+                    logits_of(teacher(to_device(inputs, device))).unsqueeze(1)
             # [b, M, ..., C] with the middle matching the labels' shape: one case per label
             if out.dim() < 3 or out.shape[0] != len(labels) or tuple(out.shape[2:-1]) != tuple(labels.shape[1:]):
                 raise DarkKnowledgeError(f"the teacher must return logits [batch, classes] (or [batch, ..., classes] "

@@ -46,6 +46,7 @@ from .errors import DarkKnowledgeError
 from .losses import TopKTargets, topk_targets
 from .soft_targets import check_temperature, drawn_rows, module_sha256
 from .store_files import count, merged, missing, rank_share
+from .outputs import logits_of
 
 FORMAT = "darkknowledge/token-targets-1"
 HEADER = "targets.json"
@@ -64,7 +65,7 @@ def _array_specs(layout: str, positions: int, vocab_size: int, top_k: int | None
 @torch.no_grad()
 def ensemble_logits(members: list[nn.Module], ids: Tensor) -> Tensor:
     """``log mean_m softmax(member_m(ids))``, ``[B, S, V]`` float32: the members' mean distribution at T = 1."""
-    log_probs = torch.stack([torch.log_softmax(m(ids).float(), -1) for m in members])
+    log_probs = torch.stack([torch.log_softmax(logits_of(m(ids)).float(), -1) for m in members])
     return log_probs.logsumexp(0) - np.log(len(members)) if len(members) > 1 else log_probs[0]
 
 

@@ -46,6 +46,7 @@ from .errors import DarkKnowledgeError, TrainingDiverged
 from .ensemble import Ensemble, distillation_targets
 from .evaluation import Evaluation, autocast, evaluate, predict_logits, to_device
 from .losses import DEFAULT_DIVERGENCE, describe_divergence, distillation_loss
+from .outputs import logits_of
 
 SCHEDULES = ("onecycle", "cosine", "constant", "step")
 OPTIMIZERS = ("sgd", "adamw")
@@ -282,7 +283,7 @@ class Distillation:
                         members = members[_on(batch.keep, members.device)]
                     targets = distillation_targets(members, self.teacher.combine, self.temperature)
                 else:
-                    targets = {"teacher_logits": as_cases(self.teacher(inputs).float(),
+                    targets = {"teacher_logits": as_cases(logits_of(self.teacher(inputs)).float(),
                                                           _on(batch.keep, self.teacher_device))}
             targets = _to_device(targets, logits.device)
         out = distillation_loss(logits, labels=batch.labels, temperature=self.temperature,
@@ -627,7 +628,7 @@ class _Epochs:
         # The gradients are summed over the ranks only on a step's last micro-batch.
         with nullcontext() if last or not workers.distributed else self.net.no_sync():
             with autocast(self.config.precision, device):
-                logits = self.net(inputs)
+                logits = logits_of(self.net(inputs))
             cases = _cases(logits, labels, case_rows(self.train, indices), self.ignore_index)
             if len(indices):
                 try:
