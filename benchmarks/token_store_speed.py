@@ -27,7 +27,7 @@ import torch
 
 from darkknowledge.data.text import TokenWindows
 from darkknowledge.losses import distillation_loss
-from darkknowledge.token_store import TokenTargets
+from darkknowledge.soft_targets import SoftTargets
 from darkknowledge.transformer import build_language_model
 
 VOCAB, CONTEXT, BATCH = 4096, 128, 16
@@ -50,7 +50,7 @@ def store_speed(windows: TokenWindows, folder: Path) -> None:
     for k in (None, 128, 32, 8):
         # Time the rows' making and writing, not the teacher: subtract a pass of the teacher alone.
         started = time.perf_counter()
-        store = TokenTargets.build(teacher, windows, folder, tokenizer_sha256="benchmark", top_k=k, batch_windows=16)
+        store = SoftTargets.build(teacher, windows, folder, tokenizer_sha256="benchmark", top_k=k, batch_windows=16)
         write = time.perf_counter() - started
         started = time.perf_counter()
         with torch.no_grad():
@@ -64,14 +64,14 @@ def store_speed(windows: TokenWindows, folder: Path) -> None:
             reads += BATCH * CONTEXT
         read = reads / (time.perf_counter() - started)
         name = "dense" if k is None else f"top-{k}"
-        print(f"  {name:>8}: {store.bytes_per_token:6.0f} B/token ({VOCAB * 2 / store.bytes_per_token:5.1f}x smaller "
+        print(f"  {name:>8}: {store.bytes_per_case:6.0f} B/token ({VOCAB * 2 / store.bytes_per_case:5.1f}x smaller "
               f"than dense float16), write {windows.num_tokens / write:9,.0f} tokens/s, read {read:9,.0f} tokens/s")
 
 
 def step_cost(windows: TokenWindows, folder: Path, spec: str, member_spec: str, members: int, repeats: int) -> None:
     torch.manual_seed(0)
     teachers = [build_language_model(member_spec, VOCAB).eval() for _ in range(members)]
-    stores = {kind: TokenTargets.build(teachers[:1], windows, folder, tokenizer_sha256="benchmark", top_k=k, log=print)
+    stores = {kind: SoftTargets.build(teachers[:1], windows, folder, tokenizer_sha256="benchmark", top_k=k, log=print)
               for kind, k in (("store", 32), ("dense", None))}
     student = build_language_model(spec, VOCAB)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)

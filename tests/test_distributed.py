@@ -245,7 +245,7 @@ import os, signal, sys
 import numpy as np, torch
 from darkknowledge import distributed
 from darkknowledge.data.text import TokenWindows
-from darkknowledge.token_store import TokenTargets
+from darkknowledge.soft_targets import SoftTargets
 from darkknowledge.transformer import build_language_model
 
 
@@ -263,9 +263,9 @@ def build(folder, top_k=None, kill_after=0):
         if workers.rank == 1 and len(chunks) == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    store = TokenTargets.build(members, windows, folder, tokenizer_sha256="0" * 64, top_k=top_k, batch_windows=3,
-                               on_chunk=on_chunk)
-    print(f"rank {workers.rank} returns {store.folder.name}, {len(chunks)} chunks")
+    store = SoftTargets.build(members, windows, folder, tokenizer_sha256="0" * 64, top_k=top_k, batch_windows=3,
+                              on_chunk=on_chunk)
+    print(f"rank {workers.rank} returns {store.path.name}, {len(chunks)} chunks")
     return store
 
 
@@ -300,8 +300,8 @@ def test_two_ranks_build_the_token_store_one_process_builds(tmp_path):
     code, out = token_store(tmp_path, "two", kill_after=0)
     assert code == 0, out
     one = token_store(tmp_path, "one")
-    assert out.count(f"returns {one.folder.name}") == 2  # every rank opens the one store
-    assert_same_store(one.folder, tmp_path / "two" / one.folder.name)
+    assert out.count(f"returns {one.path.name}") == 2  # every rank opens the one store
+    assert_same_store(one.path, tmp_path / "two" / one.path.name)
     # 20 windows each, 3 a chunk: each rank computed its own half (the ranks' lines may share one line of output)
     assert re.findall(r"returns \w+, (\d+) chunks", out) == ["7", "7"]
 
@@ -314,8 +314,8 @@ def test_a_token_store_killed_on_one_rank_resumes_to_the_rows_one_process_writes
     resumed = token_store(tmp_path, "s", top_k=4)  # here, in one process: progress does not depend on the ranks
     stopped_after = int(capsys.readouterr().out.split("its build stopped after ", 1)[1].split()[0])
     assert 2 * 3 * 8 <= stopped_after < 320  # rank 1's two chunks at least were kept, and the rest was resumed
-    assert resumed.folder == folder
-    assert_same_store(token_store(tmp_path, "one", top_k=4).folder, folder)
+    assert resumed.path == folder
+    assert_same_store(token_store(tmp_path, "one", top_k=4).path, folder)
 
 
 def test_the_windows_left_are_shared_out_once_in_contiguous_parts():

@@ -428,7 +428,7 @@ def test_fuzz_data_json(lm_data, tmp_path, request):
 
 
 def test_fuzz_token_store_header_is_reused_only_while_valid_and_else_rebuilt(lm_data, tmp_path, request):
-    from darkknowledge.token_store import HEADER, TokenTargets
+    from darkknowledge.soft_targets import FOLDER_HEADER as HEADER, SoftTargets
     from darkknowledge.transformer import build_language_model
 
     plan, _, splits = lm_data
@@ -436,26 +436,26 @@ def test_fuzz_token_store_header_is_reused_only_while_valid_and_else_rebuilt(lm_
     torch.manual_seed(0)
     teacher = build_language_model("gpt:layers=1,dim=8,heads=2,context=8", splits.tokenizer.vocab_size)
     kwargs = dict(tokenizer_sha256=splits.tokenizer.sha256, top_k=4, log=lambda _: None)
-    store = TokenTargets.build(teacher, train, tmp_path / "made", **kwargs)
+    store = SoftTargets.build(teacher, train, tmp_path / "made", **kwargs)
     reference = store.targets(range(len(store)), 1.0)["topk_targets"]
-    original = (store.folder / HEADER).read_bytes()
+    original = (store.path / HEADER).read_bytes()
 
     @fuzz(request)
     @given(data=st.data())
     def case(data):
         copy = Path(tempfile.mkdtemp(dir=tmp_path))
         try:
-            shutil.copytree(store.folder.parent, copy / "stores")
-            header = copy / "stores" / store.folder.name / HEADER
+            shutil.copytree(store.path.parent, copy / "stores")
+            header = copy / "stores" / store.path.name / HEADER
             content, _ = data.draw(mutated(original, ()))
             header.write_bytes(content)
             try:
-                opened = TokenTargets.open(header.parent, windows=train, tokenizer_sha256=splits.tokenizer.sha256,
-                                           vocab_size=splits.tokenizer.vocab_size)
+                opened = SoftTargets.open(header.parent, windows=train, tokenizer_sha256=splits.tokenizer.sha256,
+                                          vocab_size=splits.tokenizer.vocab_size)
                 assert opened.top_k == 4 and opened.header["complete"]  # open trusts only a header that fits
             except DarkKnowledgeError as e:
                 assert "\n" not in str(e), e
-            rebuilt = TokenTargets.build(teacher, train, copy / "stores", **kwargs)  # reused or rebuilt
+            rebuilt = SoftTargets.build(teacher, train, copy / "stores", **kwargs)  # reused or rebuilt
             targets = rebuilt.targets(range(len(rebuilt)), 1.0)["topk_targets"]
             assert torch.equal(targets.logits, reference.logits) and torch.equal(targets.indices, reference.indices)
             CASES["token-store header"] += 1

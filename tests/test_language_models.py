@@ -16,7 +16,7 @@ from darkknowledge.errors import DarkKnowledgeError, TrainingDiverged
 from darkknowledge.locks import LOCK_FILE
 from darkknowledge.language_model import (LMConfig, Objective, block_bootstrap_share, evaluate_language_model,
                                           generate, load_language_model, load_run_tokenizer, train_language_model)
-from darkknowledge.token_store import TokenTargets
+from darkknowledge.soft_targets import SoftTargets
 from darkknowledge.transformer import build_language_model, parse_gpt
 
 TINY = "gpt:layers=1,dim=16,heads=2,context=16"
@@ -113,9 +113,9 @@ def test_store_rows_are_the_teachers_per_token_targets(splits, tmp_path, top_k):
     torch.manual_seed(0)
     members = [build_language_model(TINY, splits.tokenizer.vocab_size) for _ in range(2)]
     train = splits.windows["train"]
-    store = TokenTargets.build(members, train, tmp_path / "store", tokenizer_sha256=splits.tokenizer.sha256,
-                               top_k=top_k, batch_windows=3)
-    assert store.bytes_per_token == (2 * train.vocab_size if top_k is None else 4 * top_k + 8)
+    store = SoftTargets.build(members, train, tmp_path / "store", tokenizer_sha256=splits.tokenizer.sha256,
+                              top_k=top_k, batch_windows=3)
+    assert store.bytes_per_case == (2 * train.vocab_size if top_k is None else 4 * top_k + 8)
     ids, _ = train.batch([1, 5])
     with torch.no_grad():
         expected = torch.log(torch.stack([torch.softmax(m.eval()(ids), -1) for m in members]).mean(0))
@@ -129,18 +129,51 @@ def test_store_rows_are_the_teachers_per_token_targets(splits, tmp_path, top_k):
         torch.testing.assert_close(top.logits, expected.topk(4, -1).values, atol=2e-2, rtol=1e-2)
 
 
+def test_one_store_class_opens_both_forms_and_reads_rows_one_way(splits, tmp_path):
+    """A folder store (build) and a one-file store (compute) over the same token windows are one class, opened by
+    one ``open`` and read by the same rows: their targets agree (float16 against float32 logits)."""
+    from darkknowledge.soft_targets import module_sha256
+    from darkknowledge.store_files import key_of
+
+    torch.manual_seed(0)
+    teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
+    train, sha = splits.windows["train"], splits.tokenizer.sha256
+    built = SoftTargets.build(teacher, train, tmp_path / "folder", tokenizer_sha256=sha, top_k=4)
+    computed = SoftTargets.compute(teacher, train, tmp_path / "file", top_k=4)
+    folder_store = SoftTargets.open(built.path, windows=train, tokenizer_sha256=sha,
+                                    vocab_size=splits.tokenizer.vocab_size)
+    file_store = SoftTargets.open(computed.path, windows=train, vocab_size=splits.tokenizer.vocab_size)
+    rows = train.positions([0, 3])  # token positions of two windows, [2, 16]
+    for store in (folder_store, file_store):
+        assert len(store) == train.num_tokens and store.num_classes == splits.tokenizer.vocab_size
+        assert store.transfer_fingerprint == train.fingerprint() and store.top_k == 4
+        assert store.targets(rows, 2.0)["topk_targets"].logits.shape == (32, 4)
+    torch.testing.assert_close(folder_store.probabilities(rows, 1.0), file_store.probabilities(rows, 1.0),
+                               atol=2e-3, rtol=2e-2)
+    assert folder_store.bytes_per_case == 4 * 4 + 8 and file_store.bytes_per_case == (4 + 2) * 4 + 8  # float32 logits
+    # the folder store's key and description are those of the token store it was before the fold, so its
+    # reproductions find their stores and language-model runs keep their run keys
+    assert built.key == key_of({"format": "darkknowledge/token-targets-1", "members": [module_sha256(teacher)],
+                                "windows": train.fingerprint(), "tokenizer": sha, "vocab_size": train.vocab_size,
+                                "layout": "topk", "top_k": 4})
+    assert built.path.name == built.key[:16] and set(built.describe()) == {
+        "folder", "layout", "top_k", "head", "key", "members", "positions", "bytes_per_token"}
+    with pytest.raises(DarkKnowledgeError, match="built with another tokenizer"):
+        SoftTargets.open(computed.path, tokenizer_sha256=sha)
+
+
 def test_topk_store_summarised_from_a_dense_store_matches_one_from_the_members(splits, tmp_path):
     torch.manual_seed(0)
     members = [build_language_model(TINY, splits.tokenizer.vocab_size) for _ in range(2)]
     train, sha = splits.windows["train"], splits.tokenizer.sha256
-    dense = TokenTargets.build(members, train, tmp_path, tokenizer_sha256=sha)
-    from_dense = TokenTargets.build(dense, train, tmp_path, tokenizer_sha256=sha, top_k=4)
-    from_members = TokenTargets.build(members, train, tmp_path, tokenizer_sha256=sha, top_k=4)
-    assert from_dense.folder != from_members.folder  # keyed by their sources
+    dense = SoftTargets.build(members, train, tmp_path, tokenizer_sha256=sha)
+    from_dense = SoftTargets.build(dense, train, tmp_path, tokenizer_sha256=sha, top_k=4)
+    from_members = SoftTargets.build(members, train, tmp_path, tokenizer_sha256=sha, top_k=4)
+    assert from_dense.path != from_members.path  # keyed by their sources
     a, b = (s.targets(train.positions([0, 3]), 1.0)["topk_targets"] for s in (from_dense, from_members))
     torch.testing.assert_close(a.logits, b.logits, atol=2e-2, rtol=1e-2)  # float16 rows, summarised again
     with pytest.raises(DarkKnowledgeError, match="must be a dense store over these windows"):
-        TokenTargets.build(from_dense, train, tmp_path, tokenizer_sha256=sha, top_k=2)
+        SoftTargets.build(from_dense, train, tmp_path, tokenizer_sha256=sha, top_k=2)
 
 
 def test_a_killed_build_resumes_and_a_corrupted_store_is_rebuilt(splits, tmp_path):
@@ -154,17 +187,17 @@ def test_a_killed_build_resumes_and_a_corrupted_store_is_rebuilt(splits, tmp_pat
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        TokenTargets.build(teacher, train, tmp_path / "s", on_chunk=kill_after_two_chunks, batch_windows=2, **kwargs)
+        SoftTargets.build(teacher, train, tmp_path / "s", on_chunk=kill_after_two_chunks, batch_windows=2, **kwargs)
     (folder,) = (tmp_path / "s").iterdir()
     header = json.loads((folder / "targets.json").read_text())
     assert header["complete"] is False and header["positions_done"] == 64
     with pytest.raises(DarkKnowledgeError, match="build stopped after 64"):
-        TokenTargets.open(folder)
+        SoftTargets.open(folder)
     chunks = []
-    resumed = TokenTargets.build(teacher, train, tmp_path / "s", on_chunk=lambda d, t: chunks.append(d),
-                                 batch_windows=50, **kwargs)
+    resumed = SoftTargets.build(teacher, train, tmp_path / "s", on_chunk=lambda d, t: chunks.append(d),
+                                batch_windows=50, **kwargs)
     assert len(train) > 54 and chunks[0] == (4 + 50) * 16  # it went on from where the kill left it
-    fresh = TokenTargets.build(teacher, train, tmp_path / "fresh", batch_windows=50, **kwargs)
+    fresh = SoftTargets.build(teacher, train, tmp_path / "fresh", batch_windows=50, **kwargs)
     every = range(len(resumed))
     for name in ("logits", "indices"):
         assert torch.equal(getattr(resumed.targets(every, 1.0)["topk_targets"], name),
@@ -173,24 +206,24 @@ def test_a_killed_build_resumes_and_a_corrupted_store_is_rebuilt(splits, tmp_pat
     with open(folder / "topk_logits.bin", "r+b") as f:
         f.write(b"\x00\x7c")
     with pytest.raises(DarkKnowledgeError, match="does not match its checksum"):
-        TokenTargets.open(folder)
+        SoftTargets.open(folder)
     chunks.clear()
-    TokenTargets.build(teacher, train, tmp_path / "s", on_chunk=lambda d, t: chunks.append(d), batch_windows=50,
-                       **kwargs)
-    assert chunks[0] == 50 * 16 and TokenTargets.open(folder)
+    SoftTargets.build(teacher, train, tmp_path / "s", on_chunk=lambda d, t: chunks.append(d), batch_windows=50,
+                      **kwargs)
+    assert chunks[0] == 50 * 16 and SoftTargets.open(folder)
 
 
 def test_store_of_other_tokenizer_corpus_or_vocabulary_is_refused_with_one_line(splits, tmp_path):
     torch.manual_seed(0)
     teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
-    store = TokenTargets.build(teacher, splits.windows["train"], tmp_path, tokenizer_sha256=splits.tokenizer.sha256,
-                               top_k=4)
+    store = SoftTargets.build(teacher, splits.windows["train"], tmp_path, tokenizer_sha256=splits.tokenizer.sha256,
+                              top_k=4)
     cases = [(dict(tokenizer_sha256="0" * 64), "built with another tokenizer"),
              (dict(vocab_size=splits.tokenizer.vocab_size + 1), "vocabularies differ"),
              (dict(windows=splits.windows["validation"]), "built over another corpus or split")]
     for kwargs, pattern in cases:
         with pytest.raises(DarkKnowledgeError, match=pattern) as raised:
-            TokenTargets.open(store.folder, **kwargs)
+            SoftTargets.open(store.path, **kwargs)
         assert "\n" not in str(raised.value)
 
 
@@ -207,7 +240,7 @@ def test_train_distil_resume_evaluate_and_generate(splits, tmp_path):
     assert after["log_loss"] < before["log_loss"] - 0.5 and 0 <= after["accuracy"] <= 1
     assert after["perplexity"] == pytest.approx(np.exp(after["log_loss"]))
 
-    store = TokenTargets.build(teacher, train, tmp_path / "store", tokenizer_sha256=tokenizer.sha256, top_k=8)
+    store = SoftTargets.build(teacher, train, tmp_path / "store", tokenizer_sha256=tokenizer.sha256, top_k=8)
     objective = Objective(store, temperature=2.0, soft_weight=1.0, hard_weight=0.5)
     lines = []
 
@@ -296,9 +329,9 @@ def test_sampled_store_holds_unbiased_draws_at_t1_the_same_however_it_was_built(
     torch.manual_seed(0)
     teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
     train, sha = splits.windows["train"], splits.tokenizer.sha256
-    one = TokenTargets.build(teacher, train, tmp_path / "a", tokenizer_sha256=sha, samples=4, batch_windows=3)
-    other = TokenTargets.build(teacher, train, tmp_path / "b", tokenizer_sha256=sha, samples=4, batch_windows=50)
-    assert one.layout == "sampled" and one.bytes_per_token == 4 * 4 + 8
+    one = SoftTargets.build(teacher, train, tmp_path / "a", tokenizer_sha256=sha, samples=4, batch_windows=3)
+    other = SoftTargets.build(teacher, train, tmp_path / "b", tokenizer_sha256=sha, samples=4, batch_windows=50)
+    assert one.layout == "sampled" and one.bytes_per_case == 4 * 4 + 8
     a, b = (s.targets(range(len(s)), 1.0)["topk_targets"] for s in (one, other))
     assert torch.equal(a.indices, b.indices) and torch.equal(a.logits, b.logits)  # seeded per window, not chunk
     torch.testing.assert_close(a.logits.exp().sum(-1), torch.ones(a.logits.shape[:-1]), atol=2e-3, rtol=0)
@@ -307,7 +340,7 @@ def test_sampled_store_holds_unbiased_draws_at_t1_the_same_however_it_was_built(
         Objective(one, temperature=2.0)
     assert "\n" not in str(raised.value)
     with pytest.raises(DarkKnowledgeError, match="not both"):
-        TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, top_k=4, samples=4)
+        SoftTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, top_k=4, samples=4)
 
 
 def test_sampled_store_with_a_head_keeps_the_head_exact_and_estimates_the_rest_without_bias(splits, tmp_path):
@@ -333,10 +366,10 @@ def test_sampled_store_with_a_head_keeps_the_head_exact_and_estimates_the_rest_w
     torch.manual_seed(0)
     teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
     train, sha = splits.windows["train"], splits.tokenizer.sha256
-    plain = TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, samples=4)
-    headed = TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, samples=4, head=2)
-    assert headed.folder != plain.folder and headed.head == 2 and plain.head == 0
-    assert headed.top_k == 6 and headed.bytes_per_token == 4 * 6 + 8
+    plain = SoftTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, samples=4)
+    headed = SoftTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, samples=4, head=2)
+    assert headed.path != plain.path and headed.head == 2 and plain.head == 0
+    assert headed.top_k == 6 and headed.bytes_per_case == 4 * 6 + 8
     rows = headed.targets(train.positions([0]), 1.0)["topk_targets"]
     with torch.no_grad():
         full = torch.softmax(teacher.eval()(train.batch(torch.tensor([0]))[0]).float(), -1)[0]
@@ -345,7 +378,7 @@ def test_sampled_store_with_a_head_keeps_the_head_exact_and_estimates_the_rest_w
     torch.testing.assert_close(stored.gather(-1, top2), full.gather(-1, top2), atol=2e-3, rtol=2e-3)
     for bad in (dict(top_k=4, head=2), dict(samples=4, head=-1), dict(samples=4, head=10**6)):
         with pytest.raises(DarkKnowledgeError, match="head is for a sampled store") as raised:
-            TokenTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, **bad)
+            SoftTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, **bad)
         assert "\n" not in str(raised.value)
 
 
@@ -357,7 +390,7 @@ def test_token_windows_are_a_transfer_set_that_fit_distils_from_a_token_store(sp
     assert num_cases(train) == train.num_tokens and len(train.classes) == tokenizer.vocab_size
     torch.manual_seed(0)
     teacher = build_language_model(TINY, tokenizer.vocab_size)
-    store = TokenTargets.build(teacher, train, tmp_path / "store", tokenizer_sha256=tokenizer.sha256, top_k=4)
+    store = SoftTargets.build(teacher, train, tmp_path / "store", tokenizer_sha256=tokenizer.sha256, top_k=4)
     assert len(store) == train.num_tokens and store.transfer_fingerprint == train.fingerprint()
     student = build_language_model(TINY, tokenizer.vocab_size)
     config = TrainConfig(epochs=2, batch_size=8, lr=1e-2, optimizer="adamw", schedule="cosine", warmup=0.1,
@@ -383,7 +416,7 @@ def test_a_sampled_store_distils_at_temperature_1_only_in_the_loop_too(splits, t
     train = splits.windows["train"]
     torch.manual_seed(0)
     teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
-    store = TokenTargets.build(teacher, train, tmp_path / "store", tokenizer_sha256="t", samples=4)
+    store = SoftTargets.build(teacher, train, tmp_path / "store", tokenizer_sha256="t", samples=4)
     student = build_language_model(TINY, splits.tokenizer.vocab_size)
     config = TrainConfig(epochs=1, batch_size=8, optimizer="adamw", progress=False)
     with pytest.raises(DarkKnowledgeError, match="distils at temperature 1 only, got 2.0") as raised:
@@ -437,8 +470,8 @@ def test_a_language_model_gets_the_loops_accumulation_and_precision(splits, tmp_
     from darkknowledge.training import Distillation, TrainConfig, fit
     tokenizer, train = splits.tokenizer, splits.windows["train"]
     torch.manual_seed(0)
-    store = TokenTargets.build(build_language_model(TINY, tokenizer.vocab_size), train, tmp_path / "store",
-                               tokenizer_sha256=tokenizer.sha256)
+    store = SoftTargets.build(build_language_model(TINY, tokenizer.vocab_size), train, tmp_path / "store",
+                              tokenizer_sha256=tokenizer.sha256)
     weights = {}
     for name, options in [("whole", {}), ("accumulated", {"grad_accumulation": 2}), ("bf16", {"bf16": True})]:
         torch.manual_seed(1)
@@ -484,7 +517,7 @@ def built_store(splits, tmp_path):
     torch.manual_seed(0)
     teacher = build_language_model(TINY, splits.tokenizer.vocab_size)
     kwargs = dict(tokenizer_sha256=splits.tokenizer.sha256, top_k=4, batch_windows=50)
-    store = TokenTargets.build(teacher, splits.windows["train"], tmp_path / "s", **kwargs)
+    store = SoftTargets.build(teacher, splits.windows["train"], tmp_path / "s", **kwargs)
     return teacher, kwargs, store, store.targets(range(len(store)), 1.0)["topk_targets"]
 
 
@@ -492,33 +525,33 @@ def built_store(splits, tmp_path):
 def test_a_damaged_store_header_is_refused_by_open_and_rebuilt_by_build(splits, built_store, damage):
     teacher, kwargs, store, reference = built_store
     train = splits.windows["train"]
-    header_path = store.folder / "targets.json"
+    header_path = store.path / "targets.json"
     header_path.write_bytes(HEADER_DAMAGES[damage](json.loads(header_path.read_text())))
     with pytest.raises(DarkKnowledgeError, match="targets.json") as raised:
-        TokenTargets.open(store.folder, windows=train, tokenizer_sha256=splits.tokenizer.sha256,
-                          vocab_size=splits.tokenizer.vocab_size)
+        SoftTargets.open(store.path, windows=train, tokenizer_sha256=splits.tokenizer.sha256,
+                         vocab_size=splits.tokenizer.vocab_size)
     assert "\n" not in str(raised.value) and "vocabularies differ" not in str(raised.value)
     lines, chunks = [], []
-    rebuilt = TokenTargets.build(teacher, train, store.folder.parent, log=lines.append,
-                                 on_chunk=lambda done, total: chunks.append(done), **kwargs)
+    rebuilt = SoftTargets.build(teacher, train, store.path.parent, log=lines.append,
+                                on_chunk=lambda done, total: chunks.append(done), **kwargs)
     assert any("rebuilding it" in line for line in lines) and chunks[0] == 50 * 16  # from the first window
     targets = rebuilt.targets(range(len(rebuilt)), 1.0)["topk_targets"]
     assert torch.equal(targets.indices, reference.indices) and torch.equal(targets.logits, reference.logits)
-    assert TokenTargets.open(store.folder).top_k == 4
+    assert SoftTargets.open(store.path).top_k == 4
 
 
 def test_a_partial_store_whose_recorded_rows_are_zeros_is_rebuilt_not_finished(splits, built_store):
     teacher, kwargs, store, reference = built_store
     train = splits.windows["train"]
-    header = json.loads((store.folder / "targets.json").read_text())
+    header = json.loads((store.path / "targets.json").read_text())
     header["complete"] = False
     del header["checksums"]
-    (store.folder / "targets.json").write_text(json.dumps(header))
+    (store.path / "targets.json").write_text(json.dumps(header))
     for name in header["arrays"]:
-        path = store.folder / f"{name}.bin"
+        path = store.path / f"{name}.bin"
         path.write_bytes(bytes(path.stat().st_size))
     lines = []
-    rebuilt = TokenTargets.build(teacher, train, store.folder.parent, log=lines.append, **kwargs)
+    rebuilt = SoftTargets.build(teacher, train, store.path.parent, log=lines.append, **kwargs)
     assert any("hold no distributions; rebuilding it" in line for line in lines), lines
     assert torch.equal(rebuilt.targets(range(len(rebuilt)), 1.0)["topk_targets"].logits, reference.logits)
 
@@ -526,16 +559,16 @@ def test_a_partial_store_whose_recorded_rows_are_zeros_is_rebuilt_not_finished(s
 def test_a_garbage_rank_progress_file_beside_a_partial_store_is_ignored(splits, built_store):
     teacher, kwargs, store, reference = built_store
     train = splits.windows["train"]
-    header = json.loads((store.folder / "targets.json").read_text())
+    header = json.loads((store.path / "targets.json").read_text())
     header.update(complete=False, windows_done=[], positions_done=0)
     del header["checksums"]
-    (store.folder / "targets.json").write_text(json.dumps(header))
+    (store.path / "targets.json").write_text(json.dumps(header))
     for garbage in (b"\xff garbage", b"[]", b'{"windows_done": [[0, 100000]]}'):
-        (store.folder / "targets.rank0.json").write_bytes(garbage)
-        rebuilt = TokenTargets.build(teacher, train, store.folder.parent, log=lambda line: None, **kwargs)
+        (store.path / "targets.rank0.json").write_bytes(garbage)
+        rebuilt = SoftTargets.build(teacher, train, store.path.parent, log=lambda line: None, **kwargs)
         assert torch.equal(rebuilt.targets(range(len(rebuilt)), 1.0)["topk_targets"].logits, reference.logits)
         header["complete"] = False
-        (store.folder / "targets.json").write_text(json.dumps(header))
+        (store.path / "targets.json").write_text(json.dumps(header))
 
 
 def test_a_tiny_sampling_temperature_samples_greedily_instead_of_failing(splits):

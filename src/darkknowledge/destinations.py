@@ -9,7 +9,7 @@ inside, a folder of a kind it does not write.
 A folder is recognised by the names of the files it holds (nothing is read):
 
 - ``experiment``: ``experiment.json`` or ``results.json`` (older experiment folders hold only the latter);
-- ``store``: a soft-target store's ``<key>.json`` / ``.bin`` / ``.lock`` (16 hex digits) or a token store's
+- ``store``: a soft-target store's ``<key>.json`` / ``.bin`` / ``.lock`` (16 hex digits) or a folder store's
   ``targets.json``;
 - ``run``: a run, an ensemble or a specialists folder: ``model.json``, ``model.safetensors``, a pending sidecar,
   ``state.json``, ``ensemble.json``, ``subsets.json``, or only the lock ``.darkknowledge.lock`` (a job that has
@@ -31,13 +31,13 @@ from .ensemble import MANIFEST
 from .errors import DarkKnowledgeError
 from .locks import LOCK_FILE
 from .specialists.jobs import SUBSETS_FILE
-from .token_store import HEADER as TOKEN_STORE_HEADER
+from .soft_targets import FOLDER_HEADER
 
 RUN, STORE, EXPERIMENT = "run", "store", "experiment"
 EXPERIMENT_FILE = "experiment.json"  # which experiment a folder holds, written as its first reproduce starts
 RESULTS_FILE = "results.json"
 _SOFT_TARGET_STORE = re.compile(r"[0-9a-f]{16}\.(json|bin|lock)")  # soft_targets.py names its files by key[:16]
-_MARKERS = ((EXPERIMENT, (EXPERIMENT_FILE, RESULTS_FILE)), (STORE, (TOKEN_STORE_HEADER,)),
+_MARKERS = ((EXPERIMENT, (EXPERIMENT_FILE, RESULTS_FILE)), (STORE, (FOLDER_HEADER,)),
             (RUN, (MODEL_META, MODEL_WEIGHTS, PENDING_META, STATE_META, MANIFEST, SUBSETS_FILE, LOCK_FILE)))
 
 

@@ -76,6 +76,14 @@ def combined_logits(member_logits: Tensor, combine: str) -> Tensor:
     raise DarkKnowledgeError(f"combine must be one of {', '.join(COMBINE_RULES)}, got {combine!r}")
 
 
+@torch.no_grad()
+def ensemble_logits(members: Sequence[nn.Module], ids: Tensor) -> Tensor:
+    """``log mean_m softmax(member_m(ids))`` in float32: the members' arithmetic mean at T = 1 of sequence models
+    (``[B, S, V]``), the distribution a language model's store holds."""
+    log_probs = torch.stack([torch.log_softmax(logits_of(m(ids)).float(), -1) for m in members])
+    return log_probs.logsumexp(0) - math.log(len(members)) if len(members) > 1 else log_probs[0]
+
+
 def soft_targets(member_logits: Tensor, combine: str, temperature: float) -> Tensor:
     """The ensemble's soft targets at ``temperature``: probabilities ``[B, C]`` by the rule (see module doc)."""
     v = member_logits / temperature

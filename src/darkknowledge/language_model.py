@@ -2,7 +2,7 @@
 in their units, sampling, and the bootstrap of a share of an ensemble's gain.
 
 Training is :func:`darkknowledge.training.fit`'s: token windows are a transfer set (a case is one token
-position) and a :class:`TokenTargets` store feeds its :class:`darkknowledge.training.Distillation` (the §2 objective
+position) and a :class:`darkknowledge.soft_targets.SoftTargets` store feeds its :class:`darkknowledge.training.Distillation` (the §2 objective
 per token). :func:`train_language_model` only turns the recipe into a :class:`darkknowledge.training.TrainConfig`
 (AdamW with betas 0.9 / 0.95, a linear warm-up then a cosine decay, gradient clipping, the epoch kept by
 validation log-loss, so model selection never sees the test split) and the run folder into a language-model
@@ -29,10 +29,11 @@ from torch import Tensor, nn
 from . import checkpoint, schemas, training
 from .data.text import TextTokenizer, TokenWindows
 from .errors import DarkKnowledgeError, OtherKindOfRun
+from .ensemble import ensemble_logits
 from .evaluation import evaluate_sequences
 from .losses import DEFAULT_DIVERGENCE, check_drawn_targets, describe_divergence
 from .memory import check_fits
-from .token_store import TokenTargets, ensemble_logits
+from .soft_targets import SoftTargets
 from .transformer import build_language_model
 
 KIND = "language-model"
@@ -56,7 +57,7 @@ class Objective:
     """Hard labels only (``store is None``), or the §2 objective per token against a token store, with any
     divergence of :data:`darkknowledge.losses.DIVERGENCES` (forward KL, the paper's, by default)."""
 
-    store: TokenTargets | None = None
+    store: SoftTargets | None = None
     temperature: float = 1.0
     soft_weight: float = 1.0
     hard_weight: float = 0.0
@@ -75,7 +76,7 @@ class Objective:
             return {"objective": "labels"}
         return {"objective": "distillation", "temperature": self.temperature, "soft_weight": self.soft_weight,
                 "hard_weight": self.hard_weight, **describe_divergence(self.divergence, beta=self.beta),
-                "store": self.store.header["key"], "layout": self.store.layout,
+                "store": self.store.key, "layout": self.store.layout,
                 "top_k": self.store.top_k,
                 # the top-k loss matches the tail's total mass (before: spread it evenly); runs of the old loss are
                 # trained again, not reused
@@ -128,8 +129,8 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
     lock is held for the whole job."""
     with checkpoint.open_run(run_dir):
         if objective.store is not None:  # a store of other windows, tokenizer or vocabulary: refused in one line
-            TokenTargets.open(objective.store.folder, windows=train, tokenizer_sha256=tokenizer.sha256,
-                              vocab_size=tokenizer.vocab_size, verify=False)
+            SoftTargets.open(objective.store.path, windows=train, tokenizer_sha256=tokenizer.sha256,
+                             vocab_size=tokenizer.vocab_size, verify=False)
         key = run_key(spec, tokenizer.sha256, train, config, objective)
         run_dir = Path(run_dir) if run_dir is not None else None
         finished = _reusable_run(run_dir, key, tokenizer, log) if run_dir is not None else None

@@ -610,7 +610,7 @@ RESULTS: dict[str, type[_Results]] = {"mnist": MnistResults, "specialists": Spec
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The token store of a language model (token_store.py): its header and the progress file of each torchrun rank
+# A store in a folder (soft_targets.SoftTargets.build, a language model's): its header and the progress file of each torchrun rank
 # ---------------------------------------------------------------------------------------------------------------
 
 WindowRange = Annotated[list[Count], Field(min_length=2, max_length=2)]  # [start, stop) of windows
@@ -624,7 +624,7 @@ class RankProgress(_Schema):
 
 class TokenStoreHeader(_Schema):
     """``targets.json`` of a token store. Whether its fields agree with its key and with each other is checked by
-    the store (:func:`darkknowledge.token_store.header_problem`)."""
+    the store (:meth:`darkknowledge.soft_targets.SoftTargets.open`)."""
     kind: ClassVar[str] = "token-store header"
     format: Literal["darkknowledge/token-targets-1"]
     key: Sha256

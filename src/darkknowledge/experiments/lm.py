@@ -37,7 +37,7 @@ from ..errors import DarkKnowledgeError
 from ..html_report import dense_share_text
 from ..language_model import (EnsembleLM, LMConfig, Objective, block_bootstrap_share, evaluate_language_model,
                               generate, load_language_model, no_gain_note, train_language_model)
-from ..token_store import TokenTargets
+from ..soft_targets import SoftTargets
 from .folder import experiment_folder
 from .plans import Named, choose, name_of
 from .report import jsonable, machine, machine_line, table, plt
@@ -195,8 +195,8 @@ def _objective(plan: Plan, splits, store: Path | None, temperature: float) -> Ob
     if store is None:
         return Objective()
     # verify=False: the store was checked when reproduce_lm built or reused it a moment ago
-    targets = TokenTargets.open(store, windows=splits.windows["train"], tokenizer_sha256=splits.tokenizer.sha256,
-                                vocab_size=splits.tokenizer.vocab_size, verify=False)
+    targets = SoftTargets.open(store, windows=splits.windows["train"], tokenizer_sha256=splits.tokenizer.sha256,
+                               vocab_size=splits.tokenizer.vocab_size, verify=False)
     return Objective(targets, temperature, plan.soft_weight, plan.hard_weight)
 
 
@@ -265,21 +265,21 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     members = [labelled[f"member-{i}"] for i in range(plan.members)]
     ensemble = EnsembleLM(members)
 
-    stores: dict[str, TokenTargets] = {}
+    stores: dict[str, SoftTargets] = {}
     for k in (None, *plan.top_ks):
         name = "dense" if k is None else f"top{k}"
         log(f"[store {name}]")
         # The members run once, for the dense store; each top-k store summarises its rows.
-        stores[name] = TokenTargets.build(members if k is None else stores["dense"], train, runs / "token-targets",
-                                          tokenizer_sha256=tokenizer.sha256, top_k=k, log=log)
+        stores[name] = SoftTargets.build(members if k is None else stores["dense"], train, runs / "token-targets",
+                                         tokenizer_sha256=tokenizer.sha256, top_k=k, log=log)
         seconds[f"store-{name}"] = round(stores[name].header.get("build_seconds", 0.0), 3)
     sampled = {_sampled_name(h, k): (h, k) for h, k in [(0, k) for k in plan.sampled] + list(plan.sampled_tails)}
     for name, (h, k) in sampled.items():
         log(f"[store {name}]")
-        stores[name] = TokenTargets.build(stores["dense"], train, runs / "token-targets",
-                                          tokenizer_sha256=tokenizer.sha256, samples=k, head=h, log=log)
+        stores[name] = SoftTargets.build(stores["dense"], train, runs / "token-targets",
+                                         tokenizer_sha256=tokenizer.sha256, samples=k, head=h, log=log)
         seconds[f"store-{name}"] = round(stores[name].header.get("build_seconds", 0.0), 3)
-    dense = stores["dense"].folder
+    dense = stores["dense"].path
 
     evaluated = {"baseline": scores(baseline), "ensemble": scores(ensemble)}
     students = train_all([(f"student-T{t:g}", plan.spec, plan.student_training, dense, t) for t in plan.temperatures])
@@ -294,19 +294,19 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     half_distilled = f"half-student-T{t_chosen:g}"
     deployed = train_all([(half_distilled, plan.half_spec, plan.student_training, dense, t_chosen),
                           *[(f"student-T{t_chosen:g}-top{k}", plan.spec, plan.student_training,
-                             stores[f"top{k}"].folder, t_chosen) for k in plan.top_ks],
-                          *[(f"student-T1-{name}", plan.spec, plan.student_training, stores[name].folder, 1.0)
+                             stores[f"top{k}"].path, t_chosen) for k in plan.top_ks],
+                          *[(f"student-T1-{name}", plan.spec, plan.student_training, stores[name].path, 1.0)
                             for name in sampled]])
     evaluated[half_distilled] = scores(deployed[half_distilled])
     evaluated["half-labels"] = scores(labelled["half-labels"])
     # Each sparse store's student, and the dense store's student at the same T it is measured against.
     top_k_rows = [{"store": "dense", "run": chosen["run"], "dense_run": chosen["run"],
-                   "bytes_per_token": stores["dense"].bytes_per_token, **_row(evaluated[chosen["run"]])}]
+                   "bytes_per_token": stores["dense"].bytes_per_case, **_row(evaluated[chosen["run"]])}]
     for store, name, dense_run in ([(f"top{k}", f"student-T{t_chosen:g}-top{k}", chosen["run"]) for k in plan.top_ks]
                                    + [(name, f"student-T1-{name}", "student-T1") for name in sampled]):
         evaluated[name] = scores(deployed[name])
         top_k_rows.append({"store": store, "run": name, "dense_run": dense_run,
-                           "bytes_per_token": stores[store].bytes_per_token, **_row(evaluated[name])})
+                           "bytes_per_token": stores[store].bytes_per_case, **_row(evaluated[name])})
     for row in top_k_rows:  # each store's student against the labels-only baseline, as a share of dense's gain
         for metric in ("accuracy", "log_loss"):
             row[f"share_of_dense_gain_{metric}"] = _share(row[f"test_{metric}"], evaluated["baseline"]["test"][metric],
