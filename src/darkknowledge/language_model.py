@@ -2,11 +2,12 @@
 in their units, sampling, and the bootstrap of a share of an ensemble's gain.
 
 Training is :func:`darkknowledge.training.fit`'s: token windows are a transfer set (a case is one token
-position) and a :class:`darkknowledge.soft_targets.SoftTargets` store feeds its :class:`darkknowledge.training.Distillation` (the §2 objective
-per token). :func:`train_language_model` only turns the recipe into a :class:`darkknowledge.training.TrainConfig`
-(AdamW with betas 0.9 / 0.95, a linear warm-up then a cosine decay, gradient clipping, the epoch kept by
-validation log-loss, so model selection never sees the test split) and the run folder into a language-model
-run; the loop brings devices, precision, accumulation, DDP and resume (after every epoch).
+position) and a :class:`darkknowledge.soft_targets.SoftTargets` store (built over them) feeds its
+:class:`darkknowledge.training.Distillation` (the §2 objective per token). :func:`train_language_model` only
+turns the recipe into a :class:`darkknowledge.training.TrainConfig` (AdamW with betas 0.9 / 0.95, a linear
+warm-up then a cosine decay, gradient clipping, the epoch kept by validation log-loss, so model selection never
+sees the test split) and the run folder into a language-model run; the loop brings devices, precision,
+accumulation, DDP and resume (after every epoch).
 
 A finished run folder holds ``model.safetensors`` + ``model.json`` (``kind: language-model``: spec, vocabulary,
 context, the tokenizer's SHA-256, the data it saw, metrics, the run's key) and ``tokenizer.json``, checked against

@@ -610,7 +610,7 @@ RESULTS: dict[str, type[_Results]] = {"mnist": MnistResults, "specialists": Spec
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A store in a folder (soft_targets.SoftTargets.build, a language model's): its header and the progress file of each torchrun rank
+# A store in a folder (a language model's, SoftTargets.build): its header and the progress file of each torchrun rank
 # ---------------------------------------------------------------------------------------------------------------
 
 WindowRange = Annotated[list[Count], Field(min_length=2, max_length=2)]  # [start, stop) of windows

@@ -1,4 +1,4 @@
-"""The file engine under both soft-target stores: arrays of rows on disk, written and checked, nothing about targets.
+"""The file engine under the soft-target store (both forms): arrays of rows on disk, written and checked, no targets.
 
 A store's arrays (``specs``: name -> (dtype, shape), the first axis the rows) live either back to back in one
 file, each starting on a page boundary (:func:`array_layout`, :class:`Writer`, :func:`map_arrays`), or one file
