@@ -224,11 +224,16 @@ class Distillation:
     teacher_device: str | torch.device | None = None  # where an online teacher runs (default: the student's device)
     divergence: str = DEFAULT_DIVERGENCE
     beta: float | None = None  # the generalized JSD's weight of the teacher (None: its default, 0.5)
+    # The soft term's working memory per chunk (None: sized for the device, losses.chunk_rows_for); speed only,
+    # the loss is the same, so no part of the run's key.
+    chunk_mb: float | None = None
     precision: str = field(default="fp32", init=False)  # the run's, for an online teacher's autocast
     online_reason: str | None = field(default=None, init=False)
 
     def __post_init__(self):
         describe_divergence(self.divergence, beta=self.beta)  # a bad name or beta fails here, not in epoch 1
+        if self.chunk_mb is not None:
+            constraints.check("loss_chunk_mb", self.chunk_mb, what="distillation option")
 
     def prepare(self, train, config: TrainConfig, device: torch.device = torch.device("cpu")) -> None:
         if self.teacher is None and self.teacher_logits is None and self.store is None:
@@ -288,7 +293,7 @@ class Distillation:
             targets = _to_device(targets, logits.device)
         out = distillation_loss(logits, labels=batch.labels, temperature=self.temperature,
                                 soft_weight=self.soft_weight, hard_weight=self.hard_weight,
-                                divergence=self.divergence, beta=self.beta, **targets)
+                                divergence=self.divergence, beta=self.beta, chunk_mb=self.chunk_mb, **targets)
         # soft_kl: the soft term as a KL (forward KL: less the targets' entropy), comparable with other
         # libraries' KLDivLoss * T^2.
         parts = {"loss": out.total, "soft": out.soft, "soft_kl": out.kl}
