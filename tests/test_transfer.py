@@ -166,7 +166,7 @@ def test_token_positions_are_cases_and_ignored_labels_count_for_nothing():
     assert result.total == 20 * 4  # ignored positions left out
     store = SoftTargets.compute(teacher, data)
     assert len(store) == 20 * 6
-    torch.testing.assert_close(store.member_logits(torch.arange(6))[:, 0], teacher.eval()(ids[:1])[0])
+    torch.testing.assert_close(store.member_logits(torch.arange(6))[:, 0], predict_logits(teacher, ids[:1])[0])
     torch.manual_seed(1)
     student = TokenTagger()
     history = fit(student, data, None, config(epochs=1, batch_size=4), Distillation(2.0, store=store), **QUIET).history
