@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from darkknowledge import distributed
+from darkknowledge import distributed, feeding
 from darkknowledge.cli import main
 from darkknowledge.data.transfer import ArrayTransferSet, DatasetTransferSet, as_transfer_set
 from darkknowledge.errors import DarkKnowledgeError
@@ -215,3 +215,80 @@ def test_cuda_language_model_from_a_token_store(tmp_path, precision):
     result = fit(student, windows, None, config(batch_size=4, **{precision: True}),
                  Distillation(1.0, store=store, hard_weight=0.5), device="cuda", **QUIET)
     assert device_of(student).type == "cuda" and result.history[-1]["train_soft"] > 0
+
+
+# -- feeding the device ahead (run here on the CPU, without pinning) ----------------------------------------------
+
+def test_one_ahead_makes_each_item_before_the_previous_is_handed_over():
+    made = []
+
+    def items():
+        for i in range(3):
+            made.append(i)
+            yield i
+
+    seen = [(item, list(made)) for item in feeding.one_ahead(items())]
+    assert seen == [(0, [0, 1]), (1, [0, 1, 2]), (2, [0, 1, 2])]
+    assert list(feeding.one_ahead([])) == [] and list(feeding.one_ahead([7])) == [7]
+
+
+def test_resident_targets_are_the_stores_rows(tmp_path):
+    from darkknowledge import Ensemble, SoftTargets
+    x, y = features()
+    rows = torch.tensor([5, 0, 95, 5])
+    for store in (SoftTargets.compute(Ensemble([mlp(), mlp(seed=1)]), (x, y)),
+                  SoftTargets.compute(mlp(), (x, y), top_k=2)):
+        resident = feeding.ResidentTargets(store, 3.0, torch.device("cpu"), rows_per_read=7)
+        for got, want in zip(feeding.tensors_of(resident.targets(rows)), feeding.tensors_of(store.targets(rows, 3.0))):
+            assert torch.equal(got, want)
+
+
+@pytest.fixture
+def fed_on_the_cpu(monkeypatch):
+    """fit's CUDA feeding path, on the CPU: ``free`` bytes said free (0: nothing resident, pinned-ahead path)."""
+    monkeypatch.setattr(feeding, "AHEAD_DEVICES", ("cuda", "cpu"))
+
+    def free(amount):
+        monkeypatch.setattr(feeding, "free_bytes", lambda device: amount)
+    return free
+
+
+@pytest.mark.parametrize("free", [0, 1 << 30])
+def test_fit_fed_ahead_trains_the_model_it_trains_as_read(fed_on_the_cpu, free):
+    from darkknowledge import SoftTargets
+    from darkknowledge.data import load_dataset
+    train = load_dataset("digits").train.subset(torch.arange(400))
+    store = SoftTargets.compute(build_model("mlp:16", (8, 8), 10), train, top_k=3)
+    models = []
+    for ahead in (False, True):
+        if ahead:
+            fed_on_the_cpu(free)
+        torch.manual_seed(0)
+        student = build_model("mlp:16", (8, 8), 10)
+        fit(student, train, None, config(batch_size=32, grad_accumulation=2), Distillation(2.0, store=store,
+                                                                                           hard_weight=0.5),
+            device="cpu", **QUIET)
+        models.append(student.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+def test_token_positions_fed_ahead_leave_out_the_ignored_ones_as_read(fed_on_the_cpu):
+    from darkknowledge import SoftTargets
+    from darkknowledge.transformer import build_language_model
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32, (24, 8), generator=g)
+    labels = torch.randint(0, 32, (24, 8), generator=g)
+    labels[:, :3] = -100  # e.g. a prompt: no target there
+    data = ArrayTransferSet(ids, labels, classes=[str(c) for c in range(32)], ignore_index=-100)
+    torch.manual_seed(0)
+    store = SoftTargets.compute(build_language_model("gpt:layers=1,dim=16,heads=2,context=8", 32), data, top_k=4)
+    models = []
+    for ahead in (False, True):
+        if ahead:
+            fed_on_the_cpu(0)
+        torch.manual_seed(1)
+        student = build_language_model("gpt:layers=1,dim=16,heads=2,context=8", 32)
+        fit(student, data, None, config(batch_size=4), Distillation(1.0, store=store, hard_weight=0.5),
+            device="cpu", **QUIET)
+        models.append(student.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
