@@ -292,3 +292,26 @@ def test_token_positions_fed_ahead_leave_out_the_ignored_ones_as_read(fed_on_the
             device="cpu", **QUIET)
         models.append(student.state_dict())
     assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+
+
+# -- benchmarks/gpu.py --------------------------------------------------------------------------------------------
+
+def test_the_gpu_benchmark_runs_small_and_writes_every_field(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu.py"
+    out = tmp_path / "gpu.json"
+    subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--repeats", "1", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["size"] == "small" and result["command"].startswith("python benchmarks/gpu.py")
+    for variant in ("naive", "dense", "topk", "sampled"):
+        assert result["loss"][variant]["seconds"] > 0 and "peak_mb" in result["loss"][variant]
+    for field in ("labels", "online", "store", "online_naive", "store_build"):
+        assert result["llm"][f"{field}_tokens_per_s"] > 0
+    assert {"store_vs_labels_time", "store_vs_online_naive_speed", "store_bytes_per_token"} <= set(result["llm"])
+    for field in ("hand_loop", "fit", "store", "online_teacher"):
+        assert result["images"][f"{field}_seconds"] > 0
+    assert {"fit_vs_hand_loop", "store_vs_fit"} <= set(result["images"])
