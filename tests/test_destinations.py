@@ -19,6 +19,7 @@ from darkknowledge.destinations import EXPERIMENT, RUN, refuse_foreign_destinati
 from darkknowledge.errors import DarkKnowledgeError
 from darkknowledge.experiments.folder import EXPERIMENT_FILE, hold_experiment
 from darkknowledge.soft_targets import SoftTargets
+from test_reliability import fork
 
 RESULTS = Path(__file__).parents[1] / "results"  # committed experiment folders (results.json only: older layout)
 DATA = Path(os.environ.get("DARKKNOWLEDGE_DATA", Path(__file__).parents[2] / "shared" / "data"))
@@ -138,7 +139,7 @@ def _wait_for_lock(folder: Path, pid: int) -> None:
 
 def _child(work) -> int:
     """``work()`` in a forked child (torch is already imported), killed by the test when it is done with it."""
-    pid = os.fork()
+    pid = fork()
     if pid == 0:
         try:
             torch.set_num_threads(1)

@@ -27,7 +27,8 @@ from darkknowledge.specialists.jobs import share_specialists
 # the same 2.9e-4; so the jittered batches are checked row for row instead (test_ranks_jitter_the_rows_...).
 TOLERANCE = 1e-5
 TRAIN = ["train", "--model", "mlp:512x2", "--batch-size", "32", "--lr", "0.02", "--no-progress"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+# CUDA hidden: these are CPU tests (gloo), and one process must train what two do, on the same device.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def torchrun(*argv, cwd, workers=2, **popen):

@@ -15,6 +15,7 @@ from darkknowledge.cli import main
 from darkknowledge.experiments.lm import QUICK
 from darkknowledge.language_model import load_language_model
 from darkknowledge.locks import LOCK_FILE
+from test_reliability import fork
 
 DATA = Path(os.environ.get("DARKKNOWLEDGE_DATA", Path(__file__).parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "shakespeare").is_dir(),
@@ -97,7 +98,7 @@ def test_killed_between_the_weights_and_the_sidecar_over_a_model_of_other_settin
         out = tmp_path / f"killed-{rename}"
         shutil.copytree(quick_run / "runs" / "half-labels", out / "runs" / "baseline",
                         ignore=shutil.ignore_patterns(LOCK_FILE))
-        pid = os.fork()
+        pid = fork()
         if pid == 0:  # the child (torch already imported, so cheap): killed at the rename, never returns
             checkpoint._renames = 0
             os.environ["DARKKNOWLEDGE_KILL_AT_RENAME"] = str(rename)
@@ -123,7 +124,7 @@ def test_killed_at_every_rename_the_rerun_ends_with_the_uninterrupted_numbers(qu
     expected = json.loads((quick_run / "results.json").read_text())["models"]
     for rename in range(1, 1000):
         out = tmp_path / f"killed-{rename}"
-        pid = os.fork()
+        pid = fork()
         if pid == 0:
             checkpoint._renames = 0
             os.environ["DARKKNOWLEDGE_KILL_AT_RENAME"] = str(rename)

@@ -413,9 +413,8 @@ def test_digits_end_to_end_specialists_combine(digits_generalist):
     subsets = ClassSubsets(((3, 5, 8), (1, 7, 9)), train.classes)
     config = SpecialistConfig(TrainConfig(epochs=2, batch_size=32, lr=0.02, progress=False))
     models = [train_specialist(generalist, s, train, val, config, log=lambda _: None)[0] for s in subsets.subsets]
-    with torch.no_grad():
-        gl = generalist(test.images.float() / 255)
-        sl = [m(test.images.float() / 255) for m in models]
+    gl = predict_logits(generalist, test.images)  # on the generalist's device (CUDA where trained there)
+    sl = [predict_logits(m, test.images) for m in models]
     result = combine(gl, sl, subsets)
     assert torch.allclose(result.probs.sum(1), torch.ones(len(test), dtype=torch.float64))
     assert result.gradient_norm.max() <= 1e-6

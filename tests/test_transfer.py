@@ -13,7 +13,7 @@ from darkknowledge import (ArrayTransferSet, DatasetTransferSet, Distillation, S
                            as_transfer_set, distill, fit)
 from darkknowledge.data import transfer
 from darkknowledge.errors import DarkKnowledgeError
-from darkknowledge.evaluation import evaluate
+from darkknowledge.evaluation import evaluate, predict_logits
 from darkknowledge.models import build_model
 
 QUIET = dict(log=lambda _: None)
@@ -42,7 +42,7 @@ def test_fit_and_store_take_a_tensor_dataset():
     fit(teacher, data, TensorDataset(*features(32, seed=1)), config(), **QUIET)
     store = SoftTargets.compute(teacher, data)
     assert len(store) == len(x) and store.num_classes == 3
-    torch.testing.assert_close(store.member_logits(torch.arange(5))[:, 0], teacher.eval()(x[:5]))
+    torch.testing.assert_close(store.member_logits(torch.arange(5))[:, 0], predict_logits(teacher, x[:5]))
     student = mlp(seed=1)
     result = fit(student, data, None, config(), Distillation(4.0, store=store), **QUIET)
     assert result.history[-1]["train_soft"] > 0
@@ -166,7 +166,7 @@ def test_token_positions_are_cases_and_ignored_labels_count_for_nothing():
     assert result.total == 20 * 4  # ignored positions left out
     store = SoftTargets.compute(teacher, data)
     assert len(store) == 20 * 6
-    torch.testing.assert_close(store.member_logits(torch.arange(6))[:, 0], teacher.eval()(ids[:1])[0])
+    torch.testing.assert_close(store.member_logits(torch.arange(6))[:, 0], predict_logits(teacher, ids[:1])[0])
     torch.manual_seed(1)
     student = TokenTagger()
     history = fit(student, data, None, config(epochs=1, batch_size=4), Distillation(2.0, store=store), **QUIET).history

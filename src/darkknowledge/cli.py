@@ -114,6 +114,9 @@ def _add_distillation_options(p: argparse.ArgumentParser) -> None:
                         + "; ".join(f"{name}: {entry.summary}" for name, entry in DIVERGENCES.items()))
     g.add_argument("--beta", type=float, default=None,
                    help="with --divergence jsd: the teacher's weight in [0, 1] (default: 0.5)")
+    g.add_argument("--loss-chunk-mb", type=float, default=None,
+                   help="working memory of the soft term per chunk of cases, in MB (default: sized for the device: "
+                        "a cache's worth on the CPU, a share of the free memory on CUDA); speed only")
 
 
 def _add_store_options(p: argparse.ArgumentParser) -> None:
@@ -535,7 +538,8 @@ def run(args: argparse.Namespace) -> int:
             args.temperature, args.soft_weight, args.hard_weight, args.out, args.resume, combine=args.combine,
             store_dir=args.store_dir or Path(args.out).parent / "soft-targets", top_k=args.top_k,
             store_dtype=args.store_dtype, options=_model_options(args.student_options, "student"),
-            device=args.device, teacher_device=args.teacher_device, divergence=args.divergence, beta=args.beta)
+            device=args.device, teacher_device=args.teacher_device, divergence=args.divergence, beta=args.beta,
+            loss_chunk_mb=args.loss_chunk_mb)
         say(_summary(model, result, args.out))
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset or args.data else None
@@ -610,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
             torch.set_num_threads(1)
         if command in DISTRIBUTED_COMMANDS:
-            distributed.init_from_env()
+            distributed.init_from_env(getattr(args, "device", None))  # nccl only for a job on CUDA
         code = run(args)
         distributed.shutdown()
         return code

@@ -2,7 +2,9 @@
 
 ``torchrun --nproc-per-node N -m darkknowledge train ...`` starts N copies of the command with ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address in their environment; :func:`init_from_env` joins them
-into one process group (gloo on CPU, nccl when CUDA is available, each rank on GPU ``LOCAL_RANK``). The library
+into one process group: nccl with each rank on GPU ``LOCAL_RANK`` when the job runs on CUDA (``--device auto`` on
+a CUDA machine, or ``cuda``), gloo on the CPU (no CUDA, or ``--device cpu``). A node asked for more ranks than it
+has GPUs is refused in one line before any process group forms. The library
 never starts processes itself: a user who called ``torch.distributed.init_process_group`` gets the same
 behaviour from :func:`current`.
 
@@ -23,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from .devices import resolve_device
 from .errors import DarkKnowledgeError
 
 
@@ -137,22 +140,29 @@ def current() -> Workers:
     return Workers(dist.get_rank(), dist.get_world_size(), device)
 
 
-def backend() -> str:
-    """nccl where CUDA is available (GPUs talk to each other directly), gloo on CPU."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def backend(device: str | torch.device | None = None) -> str:
+    """nccl when the job runs on CUDA (GPUs talk to each other directly), gloo on the CPU. ``device``: the job's
+    (None: :data:`darkknowledge.devices.DEFAULT_DEVICE`)."""
+    return "nccl" if resolve_device(device).type == "cuda" else "gloo"
 
 
-def init_from_env(timeout_minutes: float = 30) -> Workers:
-    """Join the process group described by torchrun's environment variables; a single worker without them."""
+def init_from_env(device: str | torch.device | None = None, timeout_minutes: float = 30) -> Workers:
+    """Join the process group described by torchrun's environment variables; a single worker without them.
+    ``device``: where the job runs (see :func:`backend`); on CUDA each rank takes GPU ``LOCAL_RANK``."""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 1:
         return SINGLE
     if not dist.is_available():
         raise DarkKnowledgeError("this PyTorch build has no torch.distributed; install one that has, or run "
                                  "without torchrun")
     if not dist.is_initialized():
-        chosen = backend()
+        chosen = backend(device)
         if chosen == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            local_rank, gpus = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+            if local_rank >= gpus:  # torch.cuda.set_device would fail with "invalid device ordinal"
+                raise DarkKnowledgeError(f"torchrun started more processes on this node than it has GPUs (local "
+                                         f"rank {local_rank}, {gpus} GPU(s)); use --nproc-per-node {gpus} or "
+                                         "fewer, or run every rank on the CPU with --device cpu (gloo)")
+            torch.cuda.set_device(local_rank)
         try:
             dist.init_process_group(chosen, timeout=datetime.timedelta(minutes=timeout_minutes))
         except (RuntimeError, ValueError) as e:

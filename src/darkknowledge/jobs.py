@@ -229,7 +229,7 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
                 store_dir: str | Path | None = None, top_k: int | None = None,
                 store_dtype: str = "float32", monitor: Callable | None = None, options: dict[str, Any] | None = None,
                 device: str | None = None, teacher_device: str | None = None, divergence: str = DEFAULT_DIVERGENCE,
-                beta: float | None = None) -> tuple[Any, FitResult]:
+                beta: float | None = None, loss_chunk_mb: float | None = None) -> tuple[Any, FitResult]:
     """Distil a saved teacher (a run, several runs or an ensemble folder) into a new ``spec`` student on the
     dataset's training split (§2, §3, §4).
 
@@ -237,11 +237,12 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
     ``store_dir`` (reused by every later student of the same teacher and data) when it is given, an ensemble's
     or a top-k store in memory otherwise, and a single teacher's logits in memory when neither. With jitter the
     teacher runs online on every batch, under the run's precision as when its outputs are computed once.
-    ``monitor`` as for :func:`train_run`; ``divergence`` and ``beta`` as for
+    ``monitor`` as for :func:`train_run`; ``divergence``, ``beta`` and ``loss_chunk_mb`` (its ``chunk_mb``) as for
     :class:`darkknowledge.training.Distillation`.
     """
     log = log or _log_to_stderr
-    objective = Distillation(temperature, soft_weight, hard_weight, divergence=divergence, beta=beta)  # checked now
+    objective = Distillation(temperature, soft_weight, hard_weight, divergence=divergence, beta=beta,
+                             chunk_mb=loss_chunk_mb)  # checked now
     device = resolve_device(device)
     teacher_device = resolve_device(teacher_device) if teacher_device is not None else device
     teacher, teacher_info, member_meta = load_teacher(teacher_dir, combine)

@@ -31,7 +31,7 @@ from . import checkpoint, schemas, training
 from .data.text import TextTokenizer, TokenWindows
 from .errors import DarkKnowledgeError, OtherKindOfRun
 from .ensemble import ensemble_logits
-from .evaluation import evaluate_sequences
+from .evaluation import device_of, evaluate_sequences
 from .losses import DEFAULT_DIVERGENCE, check_drawn_targets, describe_divergence
 from .memory import check_fits
 from .soft_targets import SoftTargets
@@ -324,9 +324,10 @@ def generate(model: nn.Module, tokenizer: TextTokenizer, prompt: str, tokens: in
     generator = torch.Generator().manual_seed(seed)
     context = context or getattr(getattr(model, "config", None), "context", 128)
     model.eval()
+    device = device_of(model)  # the ids follow the model; the draw stays on the CPU, with its seeded generator
     out = ids.tolist()
     for _ in range(tokens):
-        logits = model(torch.tensor([out[-context:]]))[0, -1].double()  # holds any float temperature
+        logits = model(torch.tensor([out[-context:]], device=device))[0, -1].double().cpu()  # any float temperature
         logits = (logits - logits.max()) / temperature  # at most 0: a tiny temperature gives -inf, never NaN
         if top_k is not None:
             cutoff = logits.topk(min(top_k, logits.numel())).values[-1]

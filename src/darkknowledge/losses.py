@@ -14,10 +14,13 @@ token: a micro-batch with few real tokens counts as much as a full one. For the 
 accumulated batch use ``reduction="sum"`` and divide by the total number of real tokens (``DistillationTerms.tokens``
 summed over the micro-batches). ``reduction="none"`` gives the per-position losses, 0 at ignored positions.
 
-**Memory.** The soft term is computed in chunks of positions (:data:`CHUNK_ELEMENTS` floats of ``[positions, C]``
-at a time): the teacher's dense distribution (rebuilt from logits, probabilities or a top-k summary) exists for one
-chunk only, and the student's gradient is written chunk by chunk, so a vocabulary of 32,000 over thousands of
-positions needs no ``[tokens, V]`` teacher tensor (benchmarks/loss_memory.py measures it).
+**Memory.** The soft term is computed in chunks of positions: the teacher's dense distribution (rebuilt from
+logits, probabilities or a top-k summary) exists for one chunk only, and the student's gradient is written chunk by
+chunk, so a vocabulary of 32,000 over thousands of positions needs no ``[tokens, V]`` teacher tensor
+(benchmarks/loss_memory.py measures it). :func:`chunk_rows_for` sizes the chunks for the device: on the CPU
+:data:`CHUNK_ELEMENTS` floats of ``[positions, C]`` (a cache's worth); on CUDA a budget of working memory, a fraction
+of the free memory within :data:`CUDA_CHUNK_BYTES` (each chunk costs kernel launches, so cache-sized chunks of a
+few rows leave a GPU idle); ``chunk_mb`` sets the budget on any device.
 
 **Divergences.** The soft term is the paper's forward KL unless another entry of :data:`DIVERGENCES` is named
 (reverse KL, TRL's generalized JSD with its ``beta``); each is x T^2, and the one registry is what every loop, the
@@ -53,6 +56,31 @@ REDUCTIONS = ("mean", "sum", "none")
 # chunk stays in cache across its passes (measured faster than 16 MB chunks at V = 4,096) and that no large
 # temporary is allocated (a fresh 16 MB buffer costs page faults on every step).
 CHUNK_ELEMENTS = 1 << 19
+# On CUDA: the bytes a chunk's working memory may take, as (least, most); between them, CUDA_FREE_FRACTION of the
+# free memory. At V = 128,256 the least is ~100 rows, the most ~600 rows: 512-row chunks ran at 1.1x the naive
+# loss's time with 7% of its peak memory on an H200 (issue 30), where the CPU's 4-row chunks ran at 13x.
+CUDA_CHUNK_BYTES = (256 << 20, 1536 << 20)
+CUDA_FREE_FRACTION = 1 / 8
+# float32 [positions, C] temporaries a chunk holds at once (teacher distribution, student softmax, their
+# products, the gradient's rows): what a budget of bytes is divided by.
+CHUNK_TEMPORARIES = 5
+
+
+def chunk_rows_for(classes: int, device: torch.device | str = "cpu", chunk_mb: float | None = None,
+                   free_bytes: int | None = None) -> int:
+    """Positions per chunk of the soft term for ``classes`` classes on ``device``: ``chunk_mb`` megabytes of
+    working memory when given; else on the CPU :data:`CHUNK_ELEMENTS` floats, on CUDA :data:`CUDA_FREE_FRACTION` of
+    the free memory (``free_bytes``; None: asked of the device) within :data:`CUDA_CHUNK_BYTES`."""
+    if chunk_mb is not None:
+        budget = constraints.check("loss_chunk_mb", chunk_mb, what="loss option") * (1 << 20)
+    elif torch.device(device).type == "cuda":
+        if free_bytes is None:
+            free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+        least, most = CUDA_CHUNK_BYTES
+        budget = min(max(free_bytes * CUDA_FREE_FRACTION, least), most)
+    else:
+        return max(1, CHUNK_ELEMENTS // classes)
+    return max(1, int(budget // (CHUNK_TEMPORARIES * 4 * classes)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -518,7 +546,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = No
                       soft_targets: Tensor | None = None, topk_targets: TopKTargets | None = None,
                       mask: Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                       divergence: str = DEFAULT_DIVERGENCE, beta: float | None = None, reduction: str = "mean",
-                      chunk_rows: int | None = None) -> DistillationTerms:
+                      chunk_rows: int | None = None, chunk_mb: float | None = None) -> DistillationTerms:
     """§2: ``total = soft_weight * T^2 * CE(p, softmax(z/T)) + hard_weight * CE(labels, softmax(z))``.
 
     The weights are relative, as in the paper, not a convex alpha: its "0.5 on the hard targets" is
@@ -533,7 +561,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = No
     the remaining ones (module doc: normalisation, gradient accumulation, ``reduction``). ``divergence`` names an
     entry of :data:`DIVERGENCES` (forward KL, the paper's, by default; every one x T^2), ``beta`` the generalized
     JSD's parameter (None: its default, 0.5); ``chunk_rows`` overrides how many positions the soft term handles at
-    once (default: :data:`CHUNK_ELEMENTS` // C).
+    once, ``chunk_mb`` the working memory they are sized by (default: :func:`chunk_rows_for` the logits' device).
+    Neither changes the result, only its speed and memory.
     """
     temperature = _check_temperature(temperature)
     soft_weight, hard_weight = _check_weights(soft_weight, hard_weight)
@@ -569,7 +598,7 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = No
 
     z = student_logits.reshape(-1, classes)
     tokens = z.shape[0] if rows is None else rows.numel()
-    chunk = chunk_rows or max(1, CHUNK_ELEMENTS // classes)
+    chunk = chunk_rows or chunk_rows_for(classes, z.device, chunk_mb)
     row_labels = None if labels is None else (labels if rows is None else labels[rows]).long()
     terms = partial(DIVERGENCES[divergence].terms, **parameters)
     soft_rows, kl_rows, *hard_rows = _ChunkedTerms.apply(z, rows, row_labels, teacher, terms, chunk)
@@ -637,20 +666,22 @@ class DistillationLoss(nn.Module):
 
     ``temperature`` may be a number or a 0-d tensor; it is kept as a buffer (moved by ``.to()``, saved in the
     state_dict), so a schedule can set it in place (``criterion.temperature.fill_(4.0)``); no gradient flows to it.
-    ``reduction``, ``divergence``, ``beta``, ``ignore_index`` and ``chunk_rows`` are those of
+    ``reduction``, ``divergence``, ``beta``, ``ignore_index``, ``chunk_rows`` and ``chunk_mb`` are those of
     :func:`distillation_loss`.
     """
 
     def __init__(self, temperature, soft_weight: float = 1.0, hard_weight: float = 0.0, *, reduction: str = "mean",
                  divergence: str = DEFAULT_DIVERGENCE, beta: float | None = None, ignore_index: int = IGNORE_INDEX,
-                 chunk_rows: int | None = None):
+                 chunk_rows: int | None = None, chunk_mb: float | None = None):
         super().__init__()
         _check_temperature(temperature)
         self.soft_weight, self.hard_weight = _check_weights(soft_weight, hard_weight)
         self.reduction = _check_choice("reduction", reduction, REDUCTIONS)
         divergence_parameters(divergence, beta=beta)
         self.divergence, self.beta = divergence, beta
-        self.ignore_index, self.chunk_rows = ignore_index, chunk_rows
+        self.ignore_index, self.chunk_rows, self.chunk_mb = ignore_index, chunk_rows, chunk_mb
+        if chunk_mb is not None:
+            constraints.check("loss_chunk_mb", chunk_mb, what="loss option")
         self.register_buffer("temperature", torch.as_tensor(temperature, dtype=torch.float64).detach().clone())
         self.terms: DistillationTerms | None = None
 
@@ -659,7 +690,8 @@ class DistillationLoss(nn.Module):
         terms = distillation_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
                                   soft_weight=self.soft_weight, hard_weight=self.hard_weight,
                                   reduction=self.reduction, divergence=self.divergence, beta=self.beta,
-                                  ignore_index=self.ignore_index, chunk_rows=self.chunk_rows, **targets)
+                                  ignore_index=self.ignore_index, chunk_rows=self.chunk_rows,
+                                  chunk_mb=self.chunk_mb, **targets)
         self.terms = DistillationTerms(*(t.detach() if isinstance(t, Tensor) else t for t in
                                          (terms.total, terms.soft, terms.hard, terms.kl)), tokens=terms.tokens)
         return terms.total

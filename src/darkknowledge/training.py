@@ -39,12 +39,13 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, constraints
 from .augment import check_jitter, jitter_offsets, translate
-from .data.transfer import as_transfer_set, batches, case_rows, cases_per_item, input_shape, num_cases, subset
+from .data.transfer import as_transfer_set, case_rows, cases_per_item, input_shape, num_cases, subset
 from .devices import resolve_device
 from .distributed import Workers, current
 from .errors import DarkKnowledgeError, TrainingDiverged
 from .ensemble import Ensemble, distillation_targets
 from .evaluation import Evaluation, autocast, evaluate, predict_logits, to_device
+from .feeding import Feeder, map_tensors, moved
 from .losses import DEFAULT_DIVERGENCE, describe_divergence, distillation_loss
 from .outputs import logits_of
 
@@ -173,6 +174,7 @@ class Batch(NamedTuple):
     labels: torch.Tensor   # int64 [cases]: one per case counted (labels [B, T] flattened, ignored ones left out)
     indices: torch.Tensor  # each case's row in the training set (and its store), to look up teacher outputs
     keep: torch.Tensor | None = None  # which of the batch's flattened cases are counted (None: all)
+    targets: dict[str, Any] | None = None  # a store's targets of the counted cases, fed ahead (None: read them)
 
 
 def _on(mask: torch.Tensor | None, device) -> torch.Tensor | None:
@@ -224,11 +226,16 @@ class Distillation:
     teacher_device: str | torch.device | None = None  # where an online teacher runs (default: the student's device)
     divergence: str = DEFAULT_DIVERGENCE
     beta: float | None = None  # the generalized JSD's weight of the teacher (None: its default, 0.5)
+    # The soft term's working memory per chunk (None: sized for the device, losses.chunk_rows_for); speed only,
+    # the loss is the same, so no part of the run's key.
+    chunk_mb: float | None = None
     precision: str = field(default="fp32", init=False)  # the run's, for an online teacher's autocast
     online_reason: str | None = field(default=None, init=False)
 
     def __post_init__(self):
         describe_divergence(self.divergence, beta=self.beta)  # a bad name or beta fails here, not in epoch 1
+        if self.chunk_mb is not None:
+            constraints.check("loss_chunk_mb", self.chunk_mb, what="distillation option")
 
     def prepare(self, train, config: TrainConfig, device: torch.device = torch.device("cpu")) -> None:
         if self.teacher is None and self.teacher_logits is None and self.store is None:
@@ -269,8 +276,11 @@ class Distillation:
         return "teacher run on every batch" + (f" ({self.online_reason})" if self.online_reason else "")
 
     def loss(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.store is not None:
-            targets = _to_device(self.store.targets(batch.indices, self.temperature), logits.device)
+        if batch.targets is not None:
+            targets = batch.targets
+        elif self.store is not None:
+            targets = map_tensors(self.store.targets(batch.indices, self.temperature),
+                                  lambda t: moved(t, logits.device))
         elif self.teacher_logits is not None:
             targets = {"teacher_logits": self.teacher_logits[batch.indices].to(logits.device)}
         else:
@@ -285,10 +295,10 @@ class Distillation:
                 else:
                     targets = {"teacher_logits": as_cases(logits_of(self.teacher(inputs)).float(),
                                                           _on(batch.keep, self.teacher_device))}
-            targets = _to_device(targets, logits.device)
+            targets = map_tensors(targets, lambda t: moved(t, logits.device))
         out = distillation_loss(logits, labels=batch.labels, temperature=self.temperature,
                                 soft_weight=self.soft_weight, hard_weight=self.hard_weight,
-                                divergence=self.divergence, beta=self.beta, **targets)
+                                divergence=self.divergence, beta=self.beta, chunk_mb=self.chunk_mb, **targets)
         # soft_kl: the soft term as a KL (forward KL: less the targets' entropy), comparable with other
         # libraries' KLDivLoss * T^2.
         parts = {"loss": out.total, "soft": out.soft, "soft_kl": out.kl}
@@ -304,15 +314,6 @@ class Distillation:
         elif isinstance(self.teacher, Ensemble):
             described["combine"] = self.teacher.combine
         return described
-
-
-def _to_device(targets: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Targets (tensors, or a TopKTargets of tensors, from a store or a teacher elsewhere) on the student's
-    device."""
-    return {name: value.to(device, non_blocking=value.is_pinned()) if isinstance(value, torch.Tensor)
-            else dataclasses.replace(
-        value, **{f.name: getattr(value, f.name).to(device) for f in dataclasses.fields(value)})
-        for name, value in targets.items()}
 
 
 @dataclass
@@ -549,6 +550,7 @@ class _Epochs:
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.fp16)
         self.constrain = getattr(model, "apply_constraints", None)
         self.ignore_index = getattr(train, "ignore_index", None)
+        self.feeder = Feeder(train, objective, workers.device, self.ignore_index)  # on CUDA: ahead of the steps
         self.steps_per_epoch = sampler.steps if sampler is not None else math.ceil(len(train) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
 
@@ -596,7 +598,7 @@ class _Epochs:
         config, workers = self.config, self.workers
         torch.manual_seed(self.epoch_seed(epoch) + workers.rank)  # dropout masks
         steps = self.plan(epoch)
-        reader = batches(self.train, [indices for _, parts in steps for indices, _ in parts])
+        reader = self.feeder.batches([indices for _, parts in steps for indices, _ in parts])
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         counts = torch.zeros(2, dtype=torch.long, device=workers.device)  # errors, cases counted
@@ -621,7 +623,7 @@ class _Epochs:
 
     def _micro_step(self, epoch: int, read, offsets, batch_size: int, last: bool, sums: dict, counts) -> None:
         """Forward and backward of one micro-batch; its loss terms and errors added to the epoch's sums."""
-        inputs, labels, indices = read
+        inputs, labels, indices, targets = read
         device, workers = self.workers.device, self.workers
         inputs = translate(to_device(inputs, device), offsets, self.config.jitter)
         labels = labels.to(device, non_blocking=labels.is_pinned())
@@ -632,7 +634,7 @@ class _Epochs:
             cases = _cases(logits, labels, case_rows(self.train, indices), self.ignore_index)
             if len(indices):
                 try:
-                    loss, terms = self.objective.loss(cases[0], Batch(inputs, *cases[1:]))
+                    loss, terms = self.objective.loss(cases[0], Batch(inputs, *cases[1:], targets))
                 except DarkKnowledgeError:
                     if torch.isfinite(logits).all():
                         raise

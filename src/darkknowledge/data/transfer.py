@@ -29,7 +29,9 @@ tables: per-feature standardisation; float tensors: none) that ``batch`` applies
 every label, and the bytes of the inputs, all of them when they take at most :data:`FULL_HASH_BYTES`, else of
 :data:`SAMPLE_ITEMS` items drawn with a fixed seed (a memory-mapped file of terabytes is not read on every run). A
 :class:`DatasetTransferSet` hashes its length, declared name, classes and a seeded sample of items (inputs and
-labels). So a store or a resume refuses other data: another length, other labels, other sampled bytes.
+labels), except one over a ``TensorDataset`` of (inputs, labels): that hashes as the pair of tensors does, so a
+store computed over the pinned ``DatasetTransferSet`` serves the same tensors given as arrays. So a store or a resume
+refuses other data: another length, other labels, other sampled bytes.
 """
 
 from __future__ import annotations
@@ -431,6 +433,10 @@ class DatasetTransferSet:
         return part
 
     def fingerprint(self) -> str:
+        if self._fingerprint is None and _tensor_pair(self.dataset):
+            # The same tensors wrapped otherwise (pinned, with workers) are the same data: the key of the pair.
+            self._fingerprint = ArrayTransferSet(*self.dataset.tensors, self.classes, self.name, self.transform,
+                                                 self.ignore_index).fingerprint()
         if self._fingerprint is None:
             h = hashlib.sha256()
             h.update(json.dumps({"kind": "dataset", "name": self.name.split("/")[0], "cases": len(self),
@@ -482,6 +488,11 @@ def subset(data, indices, name: str | None = None):
     return _View(data, np.flatnonzero(index) if index.dtype == bool else index, name)
 
 
+def _tensor_pair(data) -> bool:
+    """A ``TensorDataset`` of (inputs, labels): held in memory, taken as an (inputs, labels) pair."""
+    return isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) == 2
+
+
 def as_transfer_set(data, classes: Sequence[str] | None = None, name: str | None = None):
     """``data`` as a transfer set: a transfer set itself, an ``(inputs, labels)`` pair of tensors or arrays, a
     ``TensorDataset`` of two tensors (both held in memory: the fast path), or any map-style ``Dataset``."""
@@ -489,7 +500,7 @@ def as_transfer_set(data, classes: Sequence[str] | None = None, name: str | None
         return data
     if isinstance(data, (tuple, list)) and len(data) == 2:
         return ArrayTransferSet(data[0], data[1], classes, name or "arrays")
-    if isinstance(data, torch.utils.data.TensorDataset) and len(data.tensors) == 2:
+    if _tensor_pair(data):
         return ArrayTransferSet(*data.tensors, classes, name or "TensorDataset")
     if isinstance(data, torch.utils.data.Dataset):
         return DatasetTransferSet(data, classes, name)
