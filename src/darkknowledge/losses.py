@@ -154,7 +154,9 @@ def _check_labels(labels, leading: torch.Size, classes: int, ignore_index: int) 
 
 def _check_mask(mask, leading: torch.Size) -> Tensor:
     if not isinstance(mask, Tensor) or mask.shape != leading or mask.is_floating_point():
-        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        # name what is wrong: the type, the shape, or (shape right) the dtype
+        got = type(mask).__name__ if not isinstance(mask, Tensor) else f"shape {tuple(mask.shape)}" \
+            if mask.shape != leading else f"dtype {str(mask.dtype).replace('torch.', '')}; convert it with mask.bool()"
         raise DarkKnowledgeError(f"mask must be a bool or 0/1 integer tensor of shape {tuple(leading)} "
                                  f"(1 = a real position), got {got}")
     return mask.bool()
