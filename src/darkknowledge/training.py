@@ -289,12 +289,9 @@ class Distillation:
         out = distillation_loss(logits, labels=batch.labels, temperature=self.temperature,
                                 soft_weight=self.soft_weight, hard_weight=self.hard_weight,
                                 divergence=self.divergence, beta=self.beta, **targets)
-        # soft_kl: the soft term as a KL (forward KL: less the targets' entropy), comparable with other
-        # libraries' KLDivLoss * T^2.
-        parts = {"loss": out.total, "soft": out.soft, "soft_kl": out.kl}
-        if out.hard is not None:
-            parts["hard"] = out.hard
-        return out.total, parts
+        # logged "loss": the KL form, comparable with other libraries' KLDivLoss * T^2 (the same gradients as
+        # the cross-entropy form backpropagated, logged as loss_ce)
+        return out.total, out.logged()
 
     def describe(self) -> dict[str, Any]:
         described = {"objective": "distillation", "temperature": self.temperature, "soft_weight": self.soft_weight,
