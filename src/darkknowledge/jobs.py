@@ -32,8 +32,8 @@ from .memory import check_fits
 from .models import build_model, count_parameters, parse_spec
 from .soft_targets import SoftTargets
 from .losses import DEFAULT_DIVERGENCE
-from .training import (Distillation, FitResult, HardTargets, TrainConfig, cache_teacher_logits, fit, run_key,
-                       silent)
+from .training import (Distillation, FitResult, HardTargets, TrainConfig, cache_teacher_logits, check_precision,
+                       fit, run_key, silent)
 
 
 def _count(size: int | float | None) -> int | float | None:
@@ -243,6 +243,7 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
     log = log or _log_to_stderr
     objective = Distillation(temperature, soft_weight, hard_weight, divergence=divergence, beta=beta)  # checked now
     device = resolve_device(device)
+    check_precision(config, device)  # before the teacher's outputs are computed for a run that cannot start
     teacher_device = resolve_device(teacher_device) if teacher_device is not None else device
     teacher, teacher_info, member_meta = load_teacher(teacher_dir, combine)
     teacher.to(teacher_device)
