@@ -59,7 +59,8 @@ def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = 
     g.add_argument("--download", action="store_true", help="fetch missing dataset files (checksums verified)")
     g.add_argument("--val-size", type=float, default=None,
                    help="validation cases cut from the training set (a count, or a fraction < 1; 0 for none); "
-                        "default: the dataset's (mnist 10000)")
+                        "default: the dataset's (mnist 10000); distill: the teacher's recorded split (size and "
+                        "seed)")
     g.add_argument("--val-seed", type=int, default=0, help="seed of the validation split (default: 0)")
 
 

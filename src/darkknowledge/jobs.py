@@ -247,6 +247,7 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
     teacher_device = resolve_device(teacher_device) if teacher_device is not None else device
     teacher, teacher_info, member_meta = load_teacher(teacher_dir, combine)
     teacher.to(teacher_device)
+    data = _teachers_split(data, member_meta, log)
     train, val, test = data.load()
     sources = [teacher_dir] if isinstance(teacher_dir, (str, os.PathLike)) else list(teacher_dir)
     check_compatible(member_meta, train, Path(sources[0]))
@@ -269,6 +270,28 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
         result = fit(model, train, val, config, objective, out, resume, meta, log,
                      monitor=monitor(train, val, test) if monitor else None, device=device)
         return model, result
+
+
+def _teachers_split(data: DataChoice, teacher_meta: dict[str, Any], log: Callable[[str], None]) -> DataChoice:
+    """The validation split a student uses, said in the log: on the teacher's data without a ``val_size`` of its
+    own, the teacher's recorded split (size and seed), so no case the student is validated on is one the teacher
+    was trained on; another split is used as given, with a warning when it is not the teacher's."""
+    recorded = teacher_meta.get("validation")
+    files = (teacher_meta.get("data") or {}).get("path")
+    same_data = teacher_meta.get("dataset") == data.name and (
+        files is None or data.path is not None and Path(data.path).expanduser().resolve() == Path(files))
+    if same_data and recorded is not None and data.val_size is None:
+        data = replace(data, val_size=recorded["size"], val_seed=recorded["seed"])
+        log(f"validation split: the teacher's (size {recorded['size']}, seed {recorded['seed']})")
+    elif same_data and recorded is not None and (_count(data.val_size), data.val_seed) != (recorded["size"],
+                                                                                          recorded["seed"]):
+        log(f"validation split: size {_count(data.val_size)}, seed {data.val_seed}, as given; warning: the "
+            f"teacher's was size {recorded['size']}, seed {recorded['seed']}, so some of the student's validation "
+            "cases may be cases the teacher was trained on (its errors then read too low); drop --val-size to use "
+            "the teacher's split")
+    else:
+        log(f"validation split: size {_count(data.val_size)}, seed {data.val_seed}")
+    return data
 
 
 def member_dir(index: int) -> str:
