@@ -27,7 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import checkpoint
 from .errors import DarkKnowledgeError
 from .evaluation import as_inputs, evaluate, labels_of, predict_logits
-from .export import export_onnx, load_deployable, locate, model_inputs, onnx_session, run_onnx, test_set
+from .export import (export_onnx, load_deployable, locate, model_inputs, onnx_feed, onnx_session, run_onnx,
+                     test_set)
 from .models import count_parameters
 
 
@@ -114,12 +115,11 @@ def measure_speed(model: nn.Module, images: torch.Tensor, config: BenchConfig,
     result["pytorch"] = _speed(latencies, batch_times, config.batch_size)
     if onnx_path is not None:
         session = onnx_session(onnx_path, config.threads)
-        name = session.get_inputs()[0].name
-        singles_np = [s.numpy() for s in singles]
-        batch_np = batch.numpy()
-        latencies = time_calls(lambda i: session.run(None, {name: singles_np[i % len(singles_np)]}),
+        singles_np = [onnx_feed(session, s.numpy()) for s in singles]
+        batch_np = onnx_feed(session, batch.numpy())
+        latencies = time_calls(lambda i: session.run(None, singles_np[i % len(singles_np)]),
                                config.latency_calls, min_calls=20, **common)
-        batch_times = time_calls(lambda i: session.run(None, {name: batch_np}), config.throughput_calls,
+        batch_times = time_calls(lambda i: session.run(None, batch_np), config.throughput_calls,
                                  min_calls=3, **common)
         result["onnxruntime"] = _speed(latencies, batch_times, config.batch_size)
     return result

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import checkpoint
 from .bench import BenchConfig, measure_speed
 from .errors import DarkKnowledgeError
 from .evaluation import evaluate
@@ -38,6 +39,12 @@ def card_path(out: str | os.PathLike) -> Path:
     (one card per file, so two exports in one folder never overwrite each other's card)."""
     out = Path(out)
     return out.with_name(out.name + ".model_card.md")
+
+
+def tokenizer_path(out: str | os.PathLike) -> Path:
+    """Where a text classifier's tokenizer goes: beside its file, ``student.onnx`` -> ``student.onnx.tokenizer.json``."""
+    out = Path(out)
+    return out.with_name(out.name + ".tokenizer.json")
 
 
 def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data_dir: str | None = None,
@@ -71,6 +78,8 @@ def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data
         os.replace(staged, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if deployable.tokenizer is not None:  # a text classifier ships with the tokenizer that makes its inputs
+        checkpoint.atomic_write(tokenizer_path(out), lambda tmp: shutil.copyfile(deployable.tokenizer, tmp))
     accuracy = evaluate(deployable.model, test).to_dict()
     measured = None
     if speed:
