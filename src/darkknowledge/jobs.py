@@ -289,8 +289,8 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
     teacher_device = resolve_device(teacher_device) if teacher_device is not None else device
     teacher, teacher_info, member_meta = load_teacher(teacher_dir, combine)
     teacher.to(teacher_device)
-    data = _teachers_split(data, member_meta, log)
     _check_same_tokenizer(data, member_meta, spec)
+    data = _teachers_split(data, member_meta, log)
     train, val, test = _beside(data, out).load()
     spec = complete_spec(spec, data.vocab_size)
     sources = [teacher_dir] if isinstance(teacher_dir, (str, os.PathLike)) else list(teacher_dir)
@@ -321,6 +321,10 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
         return model, result
 
 
+def _size(size: int | float | None) -> str:
+    return "the data's default" if size is None else str(_count(size))
+
+
 def _check_same_tokenizer(data: DataChoice, teacher_meta: dict[str, Any], spec: str) -> None:
     """Teacher and student read the same token ids: the text's tokenizer (and a student folder's own) must be the
     teacher's."""
@@ -347,15 +351,15 @@ def _teachers_split(data: DataChoice, teacher_meta: dict[str, Any], log: Callabl
         files is None or data.path is not None and Path(data.path).expanduser().resolve() == Path(files))
     if same_data and recorded is not None and data.val_size is None:
         data = replace(data, val_size=recorded["size"], val_seed=recorded["seed"])
-        log(f"validation split: the teacher's (size {recorded['size']}, seed {recorded['seed']})")
+        log(f"validation split: the teacher's (size {_size(recorded['size'])}, seed {recorded['seed']})")
     elif same_data and recorded is not None and (_count(data.val_size), data.val_seed) != (recorded["size"],
                                                                                           recorded["seed"]):
-        log(f"validation split: size {_count(data.val_size)}, seed {data.val_seed}, as given; warning: the "
-            f"teacher's was size {recorded['size']}, seed {recorded['seed']}, so some of the student's validation "
-            "cases may be cases the teacher was trained on (its errors then read too low); drop --val-size to use "
-            "the teacher's split")
+        log(f"validation split: size {_size(data.val_size)}, seed {data.val_seed}, as given; warning: the "
+            f"teacher's was size {_size(recorded['size'])}, seed {recorded['seed']}, so some of the student's "
+            "validation cases may be cases the teacher was trained on (its errors then read too low); drop "
+            "--val-size to use the teacher's split")
     else:
-        log(f"validation split: size {_count(data.val_size)}, seed {data.val_seed}")
+        log(f"validation split: size {_size(data.val_size)}, seed {data.val_seed}")
     return data
 
 
