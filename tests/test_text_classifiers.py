@@ -177,3 +177,20 @@ def test_the_docs_example_runs_on_shakespeare(tmp_path, monkeypatch, capsys):
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
     assert Path("runs/text/student.onnx.tokenizer.json").read_bytes() == Path("tokenizer.json").read_bytes()
     assert list(Path("runs/text/tokenized").glob("*.npy"))  # tokenised once, beside the runs
+
+
+def test_a_text_classifier_exports_with_two_named_inputs_and_its_tokenizer_and_benches(small, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    csv_path, tokenizer = small
+    assert main([str(a) for a in ["train", "--model", TINY, "--data", csv_path, "--text-column", "text",
+                                  "--tokenizer", tokenizer, "--max-length", "8", "--out", tmp_path / "run",
+                                  *QUICK]]) == 0
+    code, out, err = run(capsys, "export", tmp_path / "run", "--out", tmp_path / "model.onnx")
+    assert code == 0, err
+    import onnx
+    assert [i.name for i in onnx.load(tmp_path / "model.onnx").graph.input] == ["input_ids", "attention_mask"]
+    assert (tmp_path / "model.onnx.tokenizer.json").read_bytes() == tokenizer.read_bytes()
+    card = (tmp_path / "model.onnx.model_card.md").read_text()
+    assert "`input_ids`, `attention_mask`" in card and "Tokenizer.from_file('model.onnx.tokenizer.json')" in card
+    code, out, err = run(capsys, "bench", tmp_path / "run", "--calls", "5", "--batch-size", "8")
+    assert code == 0 and "hf-classifier:bert" in out, err

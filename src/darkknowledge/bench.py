@@ -90,10 +90,11 @@ def _speed(latencies: np.ndarray, batch_times: np.ndarray, batch_size: int) -> d
             "latency_calls": len(latencies), "throughput_calls": len(batch_times), "batch_size": batch_size}
 
 
-def flops_per_example(model: nn.Module, image_shape: tuple[int, int]) -> int:
-    """FLOPs of one forward pass on one example (2 per multiply-add of matmuls and convolutions)."""
+def flops_per_example(model: nn.Module, image_shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> int:
+    """FLOPs of one forward pass on one example (2 per multiply-add of matmuls and convolutions); ``dtype``: the
+    inputs' (int64 token ids and mask for a text classifier)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(torch.zeros(1, *image_shape))
+        model.eval()(torch.zeros(1, *image_shape, dtype=dtype))
     return int(counter.get_total_flops())
 
 
@@ -137,7 +138,7 @@ def bench_run(run: str | os.PathLike, config: BenchConfig, data_dir: str | None 
     entry: dict[str, Any] = {
         "run": deployable.name, "kind": deployable.kind, "model": deployable.spec, "dataset": deployable.dataset,
         "parameters": count_parameters(model), "weights_bytes": deployable.weight_bytes,
-        "flops_per_example": flops_per_example(model, deployable.image_shape),
+        "flops_per_example": flops_per_example(model, deployable.image_shape, as_inputs(inputs[:1]).dtype),
         "test_errors": accuracy.errors, "test_total": accuracy.total, "test_accuracy": accuracy.accuracy,
     }
     onnx_path = None

@@ -21,7 +21,7 @@ from .bench import BenchConfig, measure_speed
 from .errors import DarkKnowledgeError
 from .evaluation import evaluate
 from .export import (DEFAULT_ATOL, FORMATS, Parity, check_format, check_parity, export_model, load_deployable,
-                     model_inputs, test_set)
+                     model_inputs, test_set, tokenizer_beside)
 from .model_card import write_model_card
 
 
@@ -39,12 +39,6 @@ def card_path(out: str | os.PathLike) -> Path:
     (one card per file, so two exports in one folder never overwrite each other's card)."""
     out = Path(out)
     return out.with_name(out.name + ".model_card.md")
-
-
-def tokenizer_path(out: str | os.PathLike) -> Path:
-    """Where a text classifier's tokenizer goes: beside its file, ``student.onnx`` -> ``student.onnx.tokenizer.json``."""
-    out = Path(out)
-    return out.with_name(out.name + ".tokenizer.json")
 
 
 def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data_dir: str | None = None,
@@ -79,7 +73,7 @@ def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if deployable.tokenizer is not None:  # a text classifier ships with the tokenizer that makes its inputs
-        checkpoint.atomic_write(tokenizer_path(out), lambda tmp: shutil.copyfile(deployable.tokenizer, tmp))
+        checkpoint.atomic_write(tokenizer_beside(out), lambda tmp: shutil.copyfile(deployable.tokenizer, tmp))
     accuracy = evaluate(deployable.model, test).to_dict()
     measured = None
     if speed:

@@ -245,6 +245,13 @@ def is_text(image_shape: tuple[int, ...], example: torch.Tensor | None) -> bool:
     return example is not None and example.dtype == torch.int64 and len(image_shape) == 2 and image_shape[0] == 2
 
 
+def tokenizer_beside(out: str | os.PathLike) -> Path:
+    """Where a text classifier's tokenizer is written: beside its file, ``student.onnx`` ->
+    ``student.onnx.tokenizer.json`` (two exports in one folder keep theirs apart, as their model cards)."""
+    out = Path(out)
+    return out.with_name(out.name + ".tokenizer.json")
+
+
 def onnx_feed(session, inputs: np.ndarray) -> dict[str, np.ndarray]:
     """What an ONNX session of ours takes for model-ready ``inputs``: one input, or a text case's ids and mask."""
     names = [i.name for i in session.get_inputs()]
