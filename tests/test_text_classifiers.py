@@ -194,3 +194,22 @@ def test_a_text_classifier_exports_with_two_named_inputs_and_its_tokenizer_and_b
     assert "`input_ids`, `attention_mask`" in card and "Tokenizer.from_file('model.onnx.tokenizer.json')" in card
     code, out, err = run(capsys, "bench", tmp_path / "run", "--calls", "5", "--batch-size", "8")
     assert code == 0 and "hf-classifier:bert" in out, err
+
+
+def test_an_hf_folder_export_is_read_back_as_a_teacher_or_student_folder(small, tmp_path, capsys):
+    csv_path, tokenizer = small
+    data = ["--data", csv_path, "--text-column", "text", "--tokenizer", tokenizer, "--max-length", "8"]
+    assert main([str(a) for a in ["train", "--model", TINY, *data, "--out", tmp_path / "run", *QUICK]]) == 0
+    code, out, err = run(capsys, "export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "hf")
+    assert code == 0 and "0 different predictions" in out, err
+    assert {p.name for p in (tmp_path / "hf").iterdir()} == {"config.json", "model.safetensors", "tokenizer.json"}
+    assert "from_pretrained('hf')" in (tmp_path / "hf.model_card.md").read_text()
+    # the folder as a model: from_pretrained, its weights the exported ones
+    code, _, err = run(capsys, "train", "--model", f"hf-classifier:{tmp_path / 'hf'}", *data, "--out",
+                       tmp_path / "again", *QUICK)
+    assert code == 0, err
+    # a student folder whose tokenizer is not the teacher's is refused
+    word_tokenizer(tmp_path / "hf" / "tokenizer.json", ["other words entirely"])
+    code, _, err = run(capsys, "distill", "--teacher", tmp_path / "run", "--student",
+                       f"hf-classifier:{tmp_path / 'hf'}", "-T", "2", "--out", tmp_path / "student", *QUICK)
+    one_line_error(code, err, "the student's folder has another tokenizer")

@@ -60,6 +60,7 @@ def build(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Modul
         raise DarkKnowledgeError(f"model spec {spec!r} takes text (token ids and attention mask, [2, length]), "
                                  f"not inputs of shape {tuple(input_shape)}; give --data TABLE with --text-column")
     source, options = parse(spec)
+    quiet_transformers()
     try:
         if is_folder(source):
             folder = Path(source).expanduser()
@@ -77,6 +78,12 @@ def build(spec: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Modul
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DarkKnowledgeError(f"model spec {spec!r}: transformers cannot build it: {first}") from None
     return SequenceClassifier(model)
+
+
+def quiet_transformers() -> None:
+    """No progress bars from transformers while it reads or writes weights: the command's own lines are the log."""
+    from transformers.utils import logging
+    logging.disable_progress_bar()
 
 
 def complete_spec(spec: str, vocab_size: int | None) -> str:

@@ -320,8 +320,9 @@ def _add_export_parsers(sub) -> None:
                                    "FILE.model_card.md beside it. Inputs: float32 [batch, H, W] in [0, 1] "
                                    "(uint8 / 255).", epilog=EPILOG)
     p.add_argument("run", type=Path, help="run directory (or its model.json), or an ensemble folder")
-    p.add_argument("--format", default="onnx", metavar="{onnx,torchscript}",
-                   help="file format: onnx or torchscript (default: %(default)s)")
+    p.add_argument("--format", default="onnx", metavar="{onnx,torchscript,hf}",
+                   help="file format: onnx or torchscript, or hf: a Hugging Face folder (config.json, "
+                        "model.safetensors, tokenizer.json) of a text classifier (default: %(default)s)")
     p.add_argument("--out", type=Path, help="file to write, e.g. student.onnx (required)")
     p.add_argument("--atol", type=float, default=1e-4,
                    help="largest |logit difference| from PyTorch accepted on the test set (default: %(default)g)")

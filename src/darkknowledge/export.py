@@ -34,7 +34,8 @@ from .ensemble import Ensemble, is_ensemble_dir
 from .errors import DarkKnowledgeError
 from .evaluation import as_inputs, predict_logits
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "hf": ""}  # hf: a Hugging Face folder (text classifiers)
+HF_WEIGHTS = "model.safetensors"  # what save_pretrained writes into an hf folder
 DEFAULT_ATOL = 1e-4  # max |logit difference| allowed between PyTorch and the exported file (float32 reorderings)
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -312,10 +313,25 @@ def export_torchscript(model: nn.Module, out: str | os.PathLike, image_shape: tu
     return out
 
 
+def export_hf_folder(model: nn.Module, out: str | os.PathLike) -> Path:
+    """Write a Hugging Face classifier (``hf-classifier:`` models) as the folder ``save_pretrained`` makes
+    (config.json, model.safetensors), which ``from_pretrained`` and ``hf-classifier:FOLDER`` read back."""
+    from .classifiers import SequenceClassifier, quiet_transformers
+    quiet_transformers()
+    if not isinstance(model, SequenceClassifier):
+        raise DarkKnowledgeError("--format hf is for Hugging Face classifiers (hf-classifier: models); export this "
+                                 "model as onnx or torchscript")
+    model.model.save_pretrained(out, safe_serialization=True)
+    return Path(out)
+
+
 def export_model(model: nn.Module, out: str | os.PathLike, format: str, image_shape: tuple[int, int],
                  metadata: dict[str, str] | None = None, example: torch.Tensor | None = None) -> Path:
-    """Export any ``nn.Module`` that maps float images ``[B, H, W]`` to scores ``[B, classes]``."""
+    """Export any ``nn.Module`` that maps float images ``[B, H, W]`` to scores ``[B, classes]`` (``hf``: a
+    Hugging Face classifier, as its folder)."""
     check_format(format)
+    if format == "hf":
+        return export_hf_folder(model, out)
     if format == "onnx":
         return export_onnx(model, out, image_shape, metadata, example)
     return export_torchscript(model, out, image_shape, example)
@@ -390,6 +406,10 @@ def check_parity(path: str | os.PathLike, format: str, model: nn.Module, images:
     if format == "onnx":
         session = onnx_session(path, threads)
         run = lambda n, b: run_onnx(session, inputs[:n].numpy(), b)  # noqa: E731
+    elif format == "hf":  # read back as a user would: from_pretrained on the folder
+        from .classifiers import build
+        reloaded = build(f"hf-classifier:{Path(path).resolve()}", tuple(inputs.shape[1:]), expected.shape[-1])
+        run = lambda n, b: predict_logits(reloaded, inputs[:n], batch_size=b).numpy()  # noqa: E731
     else:
         run = lambda n, b: run_torchscript(path, inputs[:n], b).numpy()  # noqa: E731
     worst, mismatches = 0.0, 0

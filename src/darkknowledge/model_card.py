@@ -86,7 +86,17 @@ def _usage(format: str, file: str, deployable: Deployable) -> list[str]:
                 "feed = {'input_ids': np.array([e.ids for e in encoded], np.int64),",
                 "        'attention_mask': np.array([e.attention_mask for e in encoded], np.int64)}",
                 "predictions = session.run(None, feed)[0].argmax(1)"]
-        if format == "onnx":
+        if format == "hf":
+            folder = file  # an hf export's card names its folder
+            code = ["from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast",
+                    f"model = AutoModelForSequenceClassification.from_pretrained({folder!r})",
+                    f"tokenizer = PreTrainedTokenizerFast(tokenizer_file={folder + '/tokenizer.json'!r}, "
+                    "pad_token='[PAD]')  # its padding token",
+                    f"inputs = tokenizer(texts, truncation=True, max_length={length}, padding='max_length', "
+                    "return_tensors='pt')",
+                    "predictions = model(input_ids=inputs['input_ids'], "
+                    "attention_mask=inputs['attention_mask']).logits.argmax(1)"]
+        if format in ("onnx", "hf"):
             return ["```python", *code, "```"]
     if deployable.preprocessing != PREPROCESSING:  # not the built-in images: the inputs as the model took them
         made = "inputs = ...  # " + deployable.preprocessing
@@ -150,7 +160,7 @@ def render_model_card(deployable: Deployable, exported: Path, format: str, parit
         f"{', '.join(deployable.classes)}; the prediction is the argmax, probabilities are softmax(logits) (temperature 1: T > 1 is only "
         "for training).",
         "",
-        *_usage(format, exported.name, deployable),
+        *_usage(format, exported.parent.name if format == "hf" else exported.name, deployable),
         "",
         "## Training data",
         *_data_lines(deployable),
