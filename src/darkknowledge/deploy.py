@@ -20,8 +20,8 @@ from . import checkpoint
 from .bench import BenchConfig, measure_speed
 from .errors import DarkKnowledgeError
 from .evaluation import evaluate
-from .export import (DEFAULT_ATOL, FORMATS, HF_WEIGHTS, Parity, check_format, check_parity, export_model, load_deployable,
-                     model_inputs, test_set, tokenizer_beside)
+from .export import (DEFAULT_ATOL, FORMATS, HF_WEIGHTS, Parity, check_format, check_parity, export_model,
+                     load_deployable, model_inputs, test_set, tokenizer_beside)
 from .model_card import write_model_card
 
 

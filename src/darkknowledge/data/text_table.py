@@ -112,8 +112,8 @@ def load_text_table(path: str | Path, text_columns: tuple[str, ...], label_colum
     label_column = label_column or "label"
     for column, option in [*((c, "--text-column") for c in text_columns), (label_column, "--label-column")]:
         if column not in frame.columns:
-            raise DarkKnowledgeError(f"{path}: no column {column!r} (columns: {', '.join(map(str, frame.columns[:12]))});"
-                                     f" pass {option} NAME")
+            columns = ", ".join(map(str, frame.columns[:12]))
+            raise DarkKnowledgeError(f"{path}: no column {column!r} (columns: {columns}); pass {option} NAME")
     texts = []
     for column in text_columns:
         values = frame[column]
