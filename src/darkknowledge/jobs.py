@@ -290,11 +290,12 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
     teacher, teacher_info, member_meta = load_teacher(teacher_dir, combine)
     teacher.to(teacher_device)
     _check_same_tokenizer(data, member_meta, spec)
-    data = _teachers_split(data, member_meta, log)
+    data, split = _teachers_split(data, member_meta)
     train, val, test = _beside(data, out).load()
     spec = complete_spec(spec, data.vocab_size)
     sources = [teacher_dir] if isinstance(teacher_dir, (str, os.PathLike)) else list(teacher_dir)
     check_compatible(member_meta, train, Path(sources[0]))
+    log(split)  # once the data is known to fit the teacher
     with contextlib.ExitStack() as held:  # the run's lock before the teacher's outputs: a second writer is refused
         # before it computes them (fit takes the lock again, re-entrantly); rank 0 holds it for every rank
         if out is not None:
@@ -341,26 +342,25 @@ def _check_same_tokenizer(data: DataChoice, teacher_meta: dict[str, Any], spec: 
                                      "same token ids; drop --tokenizer, or use a student with the teacher's tokenizer")
 
 
-def _teachers_split(data: DataChoice, teacher_meta: dict[str, Any], log: Callable[[str], None]) -> DataChoice:
-    """The validation split a student uses, said in the log: on the teacher's data without a ``val_size`` of its
-    own, the teacher's recorded split (size and seed), so no case the student is validated on is one the teacher
-    was trained on; another split is used as given, with a warning when it is not the teacher's."""
+def _teachers_split(data: DataChoice, teacher_meta: dict[str, Any]) -> tuple[DataChoice, str]:
+    """The validation split a student uses, and the log line that says which: on the teacher's data without a
+    ``val_size`` of its own, the teacher's recorded split (size and seed), so no case the student is validated on
+    is one the teacher was trained on; another split is used as given, with a warning when it is not the
+    teacher's."""
     recorded = teacher_meta.get("validation")
     files = (teacher_meta.get("data") or {}).get("path")
     same_data = teacher_meta.get("dataset") == data.name and (
         files is None or data.path is not None and Path(data.path).expanduser().resolve() == Path(files))
     if same_data and recorded is not None and data.val_size is None:
-        data = replace(data, val_size=recorded["size"], val_seed=recorded["seed"])
-        log(f"validation split: the teacher's (size {_size(recorded['size'])}, seed {recorded['seed']})")
-    elif same_data and recorded is not None and (_count(data.val_size), data.val_seed) != (recorded["size"],
-                                                                                          recorded["seed"]):
-        log(f"validation split: size {_size(data.val_size)}, seed {data.val_seed}, as given; warning: the "
-            f"teacher's was size {_size(recorded['size'])}, seed {recorded['seed']}, so some of the student's "
-            "validation cases may be cases the teacher was trained on (its errors then read too low); drop "
-            "--val-size to use the teacher's split")
-    else:
-        log(f"validation split: size {_size(data.val_size)}, seed {data.val_seed}")
-    return data
+        return (replace(data, val_size=recorded["size"], val_seed=recorded["seed"]),
+                f"validation split: the teacher's (size {_size(recorded['size'])}, seed {recorded['seed']})")
+    given = f"validation split: size {_size(data.val_size)}, seed {data.val_seed}"
+    if same_data and recorded is not None and (_count(data.val_size), data.val_seed) != (recorded["size"],
+                                                                                         recorded["seed"]):
+        return data, (f"{given}, as given; warning: the teacher's was size {_size(recorded['size'])}, seed "
+                      f"{recorded['seed']}, so some of the student's validation cases may be cases the teacher was "
+                      "trained on (its errors then read too low); drop --val-size to use the teacher's split")
+    return data, given
 
 
 def member_dir(index: int) -> str:
