@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from darkknowledge.data import DatasetTransferSet
-from darkknowledge.data.text_table import load_text_table, load_tokenizer, read_table, tokenize
+from darkknowledge.data.text_table import load_text_table, load_tokenizer, pad_id, read_table
 from darkknowledge.models import build_model
 from darkknowledge.training import TrainConfig, fit
 
@@ -37,13 +37,16 @@ class OnTheFly(Dataset):
     """Each item tokenised when it is read: ``([2, L] ids and mask, label)``."""
 
     def __init__(self, texts, labels, tokenizer, max_length):
-        self.texts, self.labels, self.tokenizer, self.max_length = texts, labels, tokenizer, max_length
+        self.texts, self.labels, self.tokenizer = texts, labels, tokenizer
+        tokenizer.enable_truncation(max_length)  # set once, as the cached path does for all lines at once
+        tokenizer.enable_padding(pad_id=pad_id(tokenizer), length=max_length)
 
     def __len__(self):
         return len(self.texts)
 
     def __getitem__(self, i):
-        return torch.from_numpy(tokenize(self.tokenizer, [self.texts[i]], self.max_length)[0]), int(self.labels[i])
+        encoded = self.tokenizer.encode(self.texts[i])
+        return torch.tensor([encoded.ids, encoded.attention_mask]), int(self.labels[i])
 
 
 def epoch_seconds(data, vocab_size: int, config: TrainConfig, repeats: int) -> float:
