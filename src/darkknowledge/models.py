@@ -23,6 +23,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -226,8 +227,10 @@ def _build_language_model(spec: ModelSpec, input_shape: tuple[int, ...], num_cla
 
 
 def _parse_classifier(rest: str, spec: str) -> ModelSpec:
-    from .classifiers import parse  # checks the grammar now, as the other kinds do
-    parse(spec)
+    from .classifiers import is_folder, parse  # checks the grammar now, as the other kinds do
+    source, _ = parse(spec)
+    if is_folder(source):  # recorded in model.json as an absolute path: any command in any folder rebuilds it
+        rest = str(Path(source).expanduser().resolve()) + rest[len(source):]
     return ModelSpec("hf-classifier", rest)
 
 
