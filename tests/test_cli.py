@@ -108,6 +108,37 @@ def test_missing_and_corrupt_model_files_are_one_line_errors(teacher_run, tmp_pa
                                    "--out", tmp_path / "s")[::2], "checksum")
 
 
+def test_distill_validates_on_the_teachers_split_unless_given_another_and_says_which(tmp_path, capsys):
+    # A teacher trained with --val-size 0.3: a student on the default split would train on teacher validation cases
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--model", "mlp:16", "--val-size", "0.3", "--val-seed", "5", "--out", str(teacher), *FAST,
+                 "--epochs", "1"]) == 0
+    code, _, err = run_cli(capsys, "distill", "--teacher", teacher, "--student", "mlp:16", "-T", "4", "--out",
+                           tmp_path / "student", *FAST, "--epochs", "1")
+    assert code == 0 and "validation split: the teacher's (size 0.3, seed 5)" in err
+    assert checkpoint.read_model_meta(tmp_path / "student")["validation"] == {"size": 0.3, "seed": 5}
+    code, _, err = run_cli(capsys, "distill", "--teacher", teacher, "--student", "mlp:16", "-T", "4", "--val-size",
+                           "100", "--out", tmp_path / "other", *FAST, "--epochs", "1")
+    assert code == 0 and "the teacher's was size 0.3, seed 5" in err
+    assert checkpoint.read_model_meta(tmp_path / "other")["validation"] == {"size": 100, "seed": 0}
+
+
+def test_a_refused_run_leaves_no_folder_behind(teacher_run, tmp_path, capsys):
+    # --fp16 on the CPU is refused; neither the run folder (nor the folders made for it) nor a store is left
+    code, _, err = run_cli(capsys, "train", "--model", "mlp:16", "--fp16", "--device", "cpu", "--out",
+                           tmp_path / "new" / "run", *FAST)
+    assert_one_line_error(code, err, "fp16 training needs a CUDA device")
+    code, _, err = run_cli(capsys, "distill", "--teacher", teacher_run, "--student", "mlp:16", "-T", "4", "--fp16",
+                           "--device", "cpu", "--out", tmp_path / "student", *FAST)
+    assert_one_line_error(code, err, "fp16 training needs a CUDA device")
+    assert not list(tmp_path.iterdir())
+    # a folder that was there before is kept, with what it held
+    (tmp_path / "kept").mkdir()
+    code, _, err = run_cli(capsys, "train", "--model", "mlp:16", "--fp16", "--device", "cpu", "--out",
+                           tmp_path / "kept", *FAST)
+    assert code == 1 and (tmp_path / "kept").is_dir()
+
+
 def test_rerunning_into_a_finished_run_needs_resume(teacher_run, capsys):
     assert_one_line_error(*run_cli(capsys, "train", "--model", "mlp:64", "--out", teacher_run, *FAST)[::2],
                           "--resume")

@@ -268,7 +268,7 @@ def test_fuzz_store_header_is_reused_only_while_valid_and_else_rebuilt(made, tmp
 # -- option values, on the command line and in a TOML config file --------------------------------------------
 
 TRAIN_OPTIONS = ["epochs", "batch-size", "lr", "momentum", "weight-decay", "schedule", "jitter", "seed",
-                 "patience", "val-size", "val-seed", "members", "model"]
+                 "patience", "val-size", "val-seed", "members", "model", "text-column", "tokenizer", "max-length"]
 option_text = st.sampled_from(["1e308", "-1e308", "inf", "nan", "-1", "0", "1.5", "99999999999999999999999", "",
                                "2", "0.5", "true", "mlp:1000000000000", "mlp:10x100000000", "mlp:0",
                                "x" * 200]) | st.text(max_size=10)

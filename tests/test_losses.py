@@ -147,7 +147,7 @@ def test_soft_only_equals_soft_cross_entropy():
     assert result.hard is None
     assert torch.equal(result.total, soft_cross_entropy(z, v, 3.0))
     assert torch.equal(result.soft, result.total)
-    assert set(result.parts()) == {"loss", "soft", "soft_kl"}
+    assert set(result.parts()) == {"loss", "loss_ce", "soft", "soft_kl"}
 
 
 @pytest.mark.parametrize("soft_weight, hard_weight", [(1.0, 0.5), (0.3, 2.0)])
@@ -160,8 +160,11 @@ def test_total_is_weighted_sum(soft_weight, hard_weight):
     torch.testing.assert_close(result.total, soft_weight * result.soft + hard_weight * result.hard, rtol=0, atol=1e-12)
     parts = result.parts()
     assert all(type(value) is float for value in parts.values())
-    assert parts == pytest.approx({"loss": result.total.item(), "soft": result.soft.item(), "hard": result.hard.item(),
-                                   "soft_kl": result.kl.item()})
+    # the headline loss is the KL form (comparable with KLDivLoss * T^2); the cross-entropy form is loss_ce
+    kl = F.kl_div(F.log_softmax(z / 2.0, -1), F.softmax(v / 2.0, -1), reduction="batchmean") * 4
+    assert parts == pytest.approx({"loss": soft_weight * kl.item() + hard_weight * result.hard.item(),
+                                   "loss_ce": result.total.item(), "soft": result.soft.item(),
+                                   "hard": result.hard.item(), "soft_kl": kl.item()})
 
 
 def test_labels_with_zero_hard_weight_are_logged_not_trained_on():

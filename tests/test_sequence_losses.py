@@ -228,7 +228,10 @@ INVALID = {
     "labels of another shape": (lambda: distillation_loss(tokens(), tokens(seed=1), torch.zeros(2, 4).long(),
                                                           temperature=2), r"labels must be of shape \(2, 5\)"),
     "float mask": (lambda: distillation_loss(tokens(), tokens(seed=1), temperature=2, mask=torch.ones(2, 5)),
-                   r"mask must be a bool or 0/1 integer tensor of shape \(2, 5\)"),
+                   r"mask must be a bool or 0/1 integer tensor of shape \(2, 5\) "
+                   r"\(1 = a real position\), got dtype float32; convert it with mask.bool\(\)"),
+    "mask of another shape": (lambda: distillation_loss(tokens(), tokens(seed=1), temperature=2,
+                                                        mask=torch.ones(2, 4).bool()), r"got shape \(2, 4\)$"),
     "unknown divergence": (lambda: distillation_loss(tokens(), tokens(seed=1), temperature=2, divergence="kl"),
                            r"divergence must be one of forward_kl, reverse_kl, jsd"),
     "unknown reduction": (lambda: DistillationLoss(2.0, reduction="batchmean"), r"reduction must be one of"),

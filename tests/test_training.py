@@ -98,6 +98,20 @@ def test_cached_teacher_logits_train_like_the_online_teacher(digits):
         assert torch.allclose(a, b, atol=1e-4)
 
 
+def test_the_logged_loss_is_the_kl_form_and_the_cross_entropy_form_is_loss_ce(digits):
+    # The headline train_loss must read as other libraries' KLDivLoss * T^2 (+ the hard term): the cross-entropy
+    # form counts the teacher's entropy too, tens higher at T = 4, and is kept under its own name.
+    train, _, _ = digits
+    teacher = build_model("mlp:64", train.image_shape, train.num_classes)
+    fit(teacher, train, None, quiet(epochs=1, lr=0.1), log=lambda _: None)
+    student = build_model("mlp:16", train.image_shape, train.num_classes)
+    objective = Distillation(4.0, 1.0, 0.5, teacher_logits=predict_logits(teacher, train.images))
+    record = fit(student, train, None, quiet(epochs=1), objective, log=lambda _: None).history[-1]
+    assert record["train_loss"] == pytest.approx(record["train_soft_kl"] + 0.5 * record["train_hard"], rel=1e-5)
+    assert record["train_loss_ce"] == pytest.approx(record["train_soft"] + 0.5 * record["train_hard"], rel=1e-5)
+    assert record["train_loss_ce"] > record["train_loss"] + 1  # the teacher's entropy x T^2 between them
+
+
 def test_cached_logits_with_jitter_are_refused(digits):
     train, val, _ = digits
     cached = torch.zeros(len(train), train.num_classes)

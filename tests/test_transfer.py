@@ -271,3 +271,46 @@ def test_micro_batches_without_cases_still_step_through_a_dataloader():
         fit(model, data, None, config(batch_size=4, grad_accumulation=4), **QUIET)
         weights.append(torch.cat([p.flatten() for p in model.parameters()]))
     torch.testing.assert_close(weights[0], weights[1])
+
+
+class NoisyDataset(PairsDataset):
+    """Augments in __getitem__: every read of an item gives other pixels (a random flip-like noise)."""
+
+    def __getitem__(self, i):
+        image, label = super().__getitem__(i)
+        return np.clip(image.astype(np.int16) + np.random.randint(-8, 9, image.shape), 0, 255).astype(np.uint8), label
+
+
+def test_a_datasets_fingerprint_never_depends_on_random_augmentation(tmp_path):
+    images, labels = rgb()
+    # two wrappers of one augmenting Dataset (two processes) name the same data: a resume or a store is not refused
+    assert DatasetTransferSet(NoisyDataset(images, labels)).fingerprint() == \
+        DatasetTransferSet(NoisyDataset(images, labels)).fingerprint()
+    data = DatasetTransferSet(NoisyDataset(images, labels))
+    # what it declares tells data apart: its name, length, labels (targets), the rows of a subset, its files
+    named = DatasetTransferSet(NoisyDataset(images, labels), name="other")
+    shorter = DatasetTransferSet(NoisyDataset(images[:30], labels[:30]))
+    labelled = NoisyDataset(images, labels)
+    labelled.targets = (labels + 1) % 4
+    rows = [data.subset(torch.arange(10)), data.subset(torch.arange(10, 20))]
+    files = []
+    for text in ("a", "b"):
+        (tmp_path / text).write_text(text)
+        listed = NoisyDataset(images, labels)
+        listed.files = [tmp_path / text]
+        files.append(DatasetTransferSet(listed))
+    prints = {d.fingerprint() for d in (data, named, shorter, DatasetTransferSet(labelled), *rows, *files)}
+    assert len(prints) == 8
+    assert data.subset(torch.arange(10)).fingerprint() == rows[0].fingerprint()
+
+
+def test_a_store_over_items_that_change_between_reads_warns_and_points_to_the_online_teacher():
+    images, labels = rgb()
+    lines = []
+    SoftTargets.compute(build_model("mlp:4", (3, 8, 8), 4), DatasetTransferSet(NoisyDataset(images, labels)),
+                        log=lines.append)
+    assert any("change between two reads" in line and "online" in line for line in lines), lines
+    lines.clear()
+    SoftTargets.compute(build_model("mlp:4", (3, 8, 8), 4), DatasetTransferSet(PairsDataset(images, labels)),
+                        log=lines.append)
+    assert not any("change between" in line for line in lines)

@@ -27,7 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import checkpoint
 from .errors import DarkKnowledgeError
 from .evaluation import as_inputs, evaluate, labels_of, predict_logits
-from .export import export_onnx, load_deployable, locate, model_inputs, onnx_session, run_onnx, test_set
+from .export import (export_onnx, load_deployable, locate, model_inputs, onnx_feed, onnx_session, run_onnx,
+                     test_set)
 from .models import count_parameters
 
 
@@ -89,10 +90,11 @@ def _speed(latencies: np.ndarray, batch_times: np.ndarray, batch_size: int) -> d
             "latency_calls": len(latencies), "throughput_calls": len(batch_times), "batch_size": batch_size}
 
 
-def flops_per_example(model: nn.Module, image_shape: tuple[int, int]) -> int:
-    """FLOPs of one forward pass on one example (2 per multiply-add of matmuls and convolutions)."""
+def flops_per_example(model: nn.Module, image_shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> int:
+    """FLOPs of one forward pass on one example (2 per multiply-add of matmuls and convolutions); ``dtype``: the
+    inputs' (int64 token ids and mask for a text classifier)."""
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(torch.zeros(1, *image_shape))
+        model.eval()(torch.zeros(1, *image_shape, dtype=dtype))
     return int(counter.get_total_flops())
 
 
@@ -114,12 +116,11 @@ def measure_speed(model: nn.Module, images: torch.Tensor, config: BenchConfig,
     result["pytorch"] = _speed(latencies, batch_times, config.batch_size)
     if onnx_path is not None:
         session = onnx_session(onnx_path, config.threads)
-        name = session.get_inputs()[0].name
-        singles_np = [s.numpy() for s in singles]
-        batch_np = batch.numpy()
-        latencies = time_calls(lambda i: session.run(None, {name: singles_np[i % len(singles_np)]}),
+        singles_np = [onnx_feed(session, s.numpy()) for s in singles]
+        batch_np = onnx_feed(session, batch.numpy())
+        latencies = time_calls(lambda i: session.run(None, singles_np[i % len(singles_np)]),
                                config.latency_calls, min_calls=20, **common)
-        batch_times = time_calls(lambda i: session.run(None, {name: batch_np}), config.throughput_calls,
+        batch_times = time_calls(lambda i: session.run(None, batch_np), config.throughput_calls,
                                  min_calls=3, **common)
         result["onnxruntime"] = _speed(latencies, batch_times, config.batch_size)
     return result
@@ -137,7 +138,7 @@ def bench_run(run: str | os.PathLike, config: BenchConfig, data_dir: str | None 
     entry: dict[str, Any] = {
         "run": deployable.name, "kind": deployable.kind, "model": deployable.spec, "dataset": deployable.dataset,
         "parameters": count_parameters(model), "weights_bytes": deployable.weight_bytes,
-        "flops_per_example": flops_per_example(model, deployable.image_shape),
+        "flops_per_example": flops_per_example(model, deployable.image_shape, as_inputs(inputs[:1]).dtype),
         "test_errors": accuracy.errors, "test_total": accuracy.total, "test_accuracy": accuracy.accuracy,
     }
     onnx_path = None

@@ -291,13 +291,33 @@ def recover(run_dir: Path) -> None:
 
 @contextlib.contextmanager
 def open_run(run_dir: str | os.PathLike | None, what: str = "run folder") -> Iterator[None]:
-    """Hold ``run_dir``'s lock for the block, after recovering it from a crash; nothing for ``None``."""
+    """Hold ``run_dir``'s lock for the block, after recovering it from a crash; nothing for ``None``.
+
+    A block that fails (a refused option, bad data, an interrupt) before it wrote anything leaves no trace: the
+    folders this call made are removed again when they hold only the lock file, so a refused run leaves no empty
+    run folder behind to be mistaken for a run."""
     if run_dir is None:
         yield
         return
-    with locks.hold_folder(run_dir, what):
-        recover(Path(run_dir))
-        yield
+    made = [p for p in (Path(run_dir).absolute(), *Path(run_dir).absolute().parents) if not p.exists()]
+    try:
+        with locks.hold_folder(run_dir, what):
+            recover(Path(run_dir))
+            yield
+    except BaseException:
+        _remove_if_untouched(made)
+        raise
+
+
+def _remove_if_untouched(made: list[Path]) -> None:
+    """Remove the folders in ``made`` (innermost first) that hold nothing but a lock file."""
+    for folder in made:
+        try:
+            if {p.name for p in folder.iterdir()} <= {locks.LOCK_FILE}:
+                (folder / locks.LOCK_FILE).unlink(missing_ok=True)
+                folder.rmdir()
+        except OSError:  # written to meanwhile, or never made: keep what is there
+            return
 
 
 def save_training_state(run_dir: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -51,6 +51,15 @@ def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = 
                         "folder with x.npy and y.npy (memory-mapped), a folder of one sub-folder of images per class "
                         "(train/ and test/ inside for splits), or a .csv/.parquet table with --label-column")
     g.add_argument("--label-column", default=None, help="a table's label column (default: label)")
+    g.add_argument("--text-column", action=_Repeatable, default=None, metavar="NAME", dest="text_column",
+                   help="a .csv/.parquet/.jsonl table of labelled text: its text column; twice for sentence pairs "
+                        "(tokenised with --tokenizer, cached beside the run; a 'split' column of train/test holds "
+                        "the test split out)")
+    g.add_argument("--tokenizer", type=Path, default=None, metavar="PATH",
+                   help="with --text-column: a Hugging Face tokenizer.json or a model folder holding one (distill "
+                        "and evaluate: the teacher's, as its model.json records it)")
+    g.add_argument("--max-length", type=int, default=None, metavar="N",
+                   help="with --text-column: tokens per text, truncated or padded (default: 128)")
     g.add_argument("--image-size", default=None, metavar="N|HxW",
                    help="resize an image folder's images to N x N or H x W pixels (default: all must share one "
                         "size)")
@@ -59,7 +68,8 @@ def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = 
     g.add_argument("--download", action="store_true", help="fetch missing dataset files (checksums verified)")
     g.add_argument("--val-size", type=float, default=None,
                    help="validation cases cut from the training set (a count, or a fraction < 1; 0 for none); "
-                        "default: the dataset's (mnist 10000)")
+                        "default: the dataset's (mnist 10000); distill: the teacher's recorded split (size and "
+                        "seed)")
     g.add_argument("--val-seed", type=int, default=0, help="seed of the validation split (default: 0)")
 
 
@@ -223,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default="mlp:800x2", help="student model spec, or package.module:factory "
                                                             "(default: %(default)s)")
     _add_model_options(p, "student")
+    p.add_argument("--init-from-teacher", action="store_true",
+                   help="start the student from the teacher's weights where names and shapes agree, taking every "
+                        "other layer of a teacher twice as deep (DistilBERT's initialisation)")
     p.add_argument("--teacher-device", default=None, help=f"where the teacher runs: {DEVICE_HELP} (default: "
                                                           "the student's --device)")
     p.add_argument("--out", type=Path, help="run directory to write (required)")
@@ -310,8 +323,9 @@ def _add_export_parsers(sub) -> None:
                                    "FILE.model_card.md beside it. Inputs: float32 [batch, H, W] in [0, 1] "
                                    "(uint8 / 255).", epilog=EPILOG)
     p.add_argument("run", type=Path, help="run directory (or its model.json), or an ensemble folder")
-    p.add_argument("--format", default="onnx", metavar="{onnx,torchscript}",
-                   help="file format: onnx or torchscript (default: %(default)s)")
+    p.add_argument("--format", default="onnx", metavar="{onnx,torchscript,hf}",
+                   help="file format: onnx or torchscript, or hf: a Hugging Face folder (config.json, "
+                        "model.safetensors, tokenizer.json) of a text classifier (default: %(default)s)")
     p.add_argument("--out", type=Path, help="file to write, e.g. student.onnx (required)")
     p.add_argument("--atol", type=float, default=1e-4,
                    help="largest |logit difference| from PyTorch accepted on the test set (default: %(default)g)")
@@ -444,8 +458,25 @@ def _data_choice(args: argparse.Namespace, default: str | dict | None = None):
             dataset = default
     if path is None and (args.label_column is not None or args.image_size is not None):
         raise DarkKnowledgeError("--label-column and --image-size are for --data PATH; drop them or give --data")
+    text = _text_choice(args, default.get("data") or {} if isinstance(default, dict) and args.data is None else {})
     return DataChoice(dataset, args.data_dir, args.download, val_size, args.val_seed, path=None if path is None
-                      else str(path), label_column=label_column, image_size=image_size)
+                      else str(path), label_column=label_column, image_size=image_size, **text)
+
+
+def _text_choice(args: argparse.Namespace, recorded: dict) -> dict:
+    """--text-column, --tokenizer and --max-length (a teacher's recorded ones where not given) as DataChoice
+    fields."""
+    from .jobs import text_options
+    columns = args.text_column
+    columns = [columns] if isinstance(columns, str) else columns
+    given = {"text_columns": tuple(columns) if columns else None,
+             "tokenizer": None if args.tokenizer is None else str(args.tokenizer), "max_length": args.max_length}
+    text = {**text_options(recorded), **{k: v for k, v in given.items() if v is not None}}
+    if not text.get("text_columns") and (args.tokenizer is not None or args.max_length is not None):
+        raise DarkKnowledgeError("--tokenizer and --max-length are for text: give --data TABLE --text-column NAME")
+    if text.get("text_columns") and args.data is None and not recorded:
+        raise DarkKnowledgeError("--text-column needs --data TABLE (a .csv, .parquet or .jsonl file)")
+    return text
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
@@ -539,7 +570,7 @@ def run(args: argparse.Namespace) -> int:
             store_dir=args.store_dir or Path(args.out).parent / "soft-targets", top_k=args.top_k,
             store_dtype=args.store_dtype, options=_model_options(args.student_options, "student"),
             device=args.device, teacher_device=args.teacher_device, divergence=args.divergence, beta=args.beta,
-            loss_chunk_mb=args.loss_chunk_mb)
+            loss_chunk_mb=args.loss_chunk_mb, init_from_teacher=args.init_from_teacher)
         say(_summary(model, result, args.out))
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset or args.data else None

@@ -36,6 +36,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "beta": (0, 1, True, True),  # the generalized JSD's weight of the teacher (losses.DIVERGENCES)
     "top_k": (1, 1_000_000, True, True),
     "loss_chunk_mb": (0, 1_000_000, False, True),  # the soft term's working memory per chunk (losses.chunk_rows_for)
+    "max_length": (2, 1_000_000, True, True),  # tokens per text of a text table
     "atol": (0, 1000, False, True),
     "threads": (1, 1024, True, True),
     "jobs": (1, 1024, True, True),

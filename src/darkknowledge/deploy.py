@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import checkpoint
 from .bench import BenchConfig, measure_speed
 from .errors import DarkKnowledgeError
 from .evaluation import evaluate
-from .export import (DEFAULT_ATOL, FORMATS, Parity, check_format, check_parity, export_model, load_deployable,
-                     model_inputs, test_set)
+from .export import (DEFAULT_ATOL, FORMATS, HF_WEIGHTS, Parity, check_format, check_parity, export_model,
+                     load_deployable, model_inputs, test_set, tokenizer_beside)
 from .model_card import write_model_card
 
 
@@ -51,6 +52,8 @@ def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data
     out = Path(out)
     if atol <= 0:
         raise DarkKnowledgeError(f"atol must be positive, got {atol}")
+    if format == "hf" and out.exists():
+        raise DarkKnowledgeError(f"--out {out} exists; --format hf writes a new folder: give a name not yet taken")
     if out.is_dir():
         raise DarkKnowledgeError(f"--out {out} is a folder; give a file name, e.g. {out / ('model' + FORMATS[format])}")
     deployable = load_deployable(run)
@@ -67,10 +70,16 @@ def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data
         if not parity.passed:
             raise DarkKnowledgeError(f"the exported {format} model does not reproduce PyTorch: {parity.describe()}; "
                                      "nothing written")
-        os.chmod(staged, 0o644)  # a file to ship: readable by the service that loads it (temp files are 0600)
+        if deployable.tokenizer is not None and format == "hf":  # in the folder, where from_pretrained looks
+            shutil.copyfile(deployable.tokenizer, staged / "tokenizer.json")
+        for path in [staged, *staged.iterdir()] if staged.is_dir() else [staged]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)  # to ship: readable by the service that loads it
         os.replace(staged, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    if deployable.tokenizer is not None and format != "hf":  # a text classifier ships with its tokenizer
+        checkpoint.atomic_write(tokenizer_beside(out), lambda tmp: shutil.copyfile(deployable.tokenizer, tmp))
+        os.chmod(tokenizer_beside(out), 0o644)
     accuracy = evaluate(deployable.model, test).to_dict()
     measured = None
     if speed:
@@ -78,5 +87,6 @@ def export_run(run: str | os.PathLike, format: str, out: str | os.PathLike, data
                                  onnx_path=out if format == "onnx" else None)
     card_file = None
     if card:
-        card_file = write_model_card(card_path(out), deployable, out, format, parity, accuracy, measured, command)
+        card_file = write_model_card(card_path(out), deployable, out / HF_WEIGHTS if format == "hf" else out, format,
+                                     parity, accuracy, measured, command)
     return ExportResult(out, card_file, parity, accuracy, measured)

@@ -34,10 +34,12 @@ from .ensemble import Ensemble, is_ensemble_dir
 from .errors import DarkKnowledgeError
 from .evaluation import as_inputs, predict_logits
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "hf": ""}  # hf: a Hugging Face folder (text classifiers)
+HF_WEIGHTS = "model.safetensors"  # what save_pretrained writes into an hf folder
 DEFAULT_ATOL = 1e-4  # max |logit difference| allowed between PyTorch and the exported file (float32 reorderings)
 ONNX_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
+TEXT_INPUT_NAMES = ("input_ids", "attention_mask")  # a text classifier's two inputs, each [batch, length] int64
 PREPROCESSING = "float32 images [batch, height, width], pixels scaled to [0, 1] (uint8 / 255); no other " \
                 "normalisation"
 PARITY_BATCH_SIZES = (1, 7, 1000)  # the parity check runs the exported file at each: the batch is dynamic
@@ -80,7 +82,17 @@ class Deployable:
         return Transform.from_description(described) if described else UINT8_PIXELS
 
     @property
+    def tokenizer(self) -> Path | None:
+        """A text classifier's tokenizer.json, as its model.json records it (None for other models)."""
+        recorded = (self.training_meta.get("data") or {}).get("tokenizer")
+        return Path(recorded) if recorded else None
+
+    @property
     def preprocessing(self) -> str:
+        if self.tokenizer is not None:
+            return (f"text tokenised by the tokenizer.json written beside this file, truncated and padded to "
+                    f"{self.image_shape[-1]} tokens: int64 input_ids and attention_mask [batch, "
+                    f"{self.image_shape[-1]}]")
         if self.transform == UINT8_PIXELS and len(self.image_shape) == 2:
             return PREPROCESSING
         dtype = (self.training_meta.get("transfer_set") or {}).get("dtype", "float32")
@@ -218,9 +230,42 @@ def _example(image_shape: tuple[int, int], example: torch.Tensor | None) -> torc
     return as_inputs(example[:4].clone())
 
 
+class _TextInputs(nn.Module):
+    """A text classifier (one ``[B, 2, L]`` tensor of ids and mask) as a graph of two named inputs."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.stack([input_ids, attention_mask], 1))
+
+
+def is_text(image_shape: tuple[int, ...], example: torch.Tensor | None) -> bool:
+    """Whether inputs are a text case ``[2, L]`` of int64 ids and mask (see data.text_table)."""
+    return example is not None and example.dtype == torch.int64 and len(image_shape) == 2 and image_shape[0] == 2
+
+
+def tokenizer_beside(out: str | os.PathLike) -> Path:
+    """Where a text classifier's tokenizer is written: beside its file, ``student.onnx`` ->
+    ``student.onnx.tokenizer.json`` (two exports in one folder keep theirs apart, as their model cards)."""
+    out = Path(out)
+    return out.with_name(out.name + ".tokenizer.json")
+
+
+def onnx_feed(session, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """What an ONNX session of ours takes for model-ready ``inputs``: one input, or a text case's ids and mask."""
+    names = [i.name for i in session.get_inputs()]
+    if tuple(names) == TEXT_INPUT_NAMES:
+        return {TEXT_INPUT_NAMES[0]: np.ascontiguousarray(inputs[:, 0]),
+                TEXT_INPUT_NAMES[1]: np.ascontiguousarray(inputs[:, 1])}
+    return {names[0]: inputs}
+
+
 def export_onnx(model: nn.Module, out: str | os.PathLike, image_shape: tuple[int, int],
                 metadata: dict[str, str] | None = None, example: torch.Tensor | None = None) -> Path:
-    """Write ``model`` as one self-contained ONNX file with a dynamic batch dimension (``images`` -> ``logits``)."""
+    """Write ``model`` as one self-contained ONNX file with a dynamic batch dimension (``images`` -> ``logits``;
+    a text classifier: ``input_ids``, ``attention_mask`` -> ``logits``)."""
     try:
         import onnx
     except ImportError:
@@ -232,10 +277,15 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, image_shape: tuple[int
     out = Path(out)
     model = model.eval()
     x = _example(image_shape, example)
+    batch = torch.export.Dim("batch")
+    if is_text(image_shape, example):
+        model, args, names, dynamic = _TextInputs(model), (x[:, 0], x[:, 1]), list(TEXT_INPUT_NAMES), \
+            ({0: batch}, {0: batch})
+    else:
+        args, names, dynamic = (x,), [INPUT_NAME], ({0: batch},)
     with _quiet_exporter(), torch.no_grad():
-        program = torch.onnx.export(model, (x,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=ONNX_OPSET,
-                                    verbose=False)
+        program = torch.onnx.export(model, args, dynamo=True, input_names=names, output_names=[OUTPUT_NAME],
+                                    dynamic_shapes=dynamic, opset_version=ONNX_OPSET, verbose=False)
     proto = program.model_proto
     props = {"preprocessing": (metadata or {}).pop("preprocessing", PREPROCESSING),
              "image_shape": json.dumps(list(image_shape)),
@@ -263,10 +313,25 @@ def export_torchscript(model: nn.Module, out: str | os.PathLike, image_shape: tu
     return out
 
 
+def export_hf_folder(model: nn.Module, out: str | os.PathLike) -> Path:
+    """Write a Hugging Face classifier (``hf-classifier:`` models) as the folder ``save_pretrained`` makes
+    (config.json, model.safetensors), which ``from_pretrained`` and ``hf-classifier:FOLDER`` read back."""
+    from .classifiers import SequenceClassifier, quiet_transformers
+    quiet_transformers()
+    if not isinstance(model, SequenceClassifier):
+        raise DarkKnowledgeError("--format hf is for Hugging Face classifiers (hf-classifier: models); export this "
+                                 "model as onnx or torchscript")
+    model.model.save_pretrained(out, safe_serialization=True)
+    return Path(out)
+
+
 def export_model(model: nn.Module, out: str | os.PathLike, format: str, image_shape: tuple[int, int],
                  metadata: dict[str, str] | None = None, example: torch.Tensor | None = None) -> Path:
-    """Export any ``nn.Module`` that maps float images ``[B, H, W]`` to scores ``[B, classes]``."""
+    """Export any ``nn.Module`` that maps float images ``[B, H, W]`` to scores ``[B, classes]`` (``hf``: a
+    Hugging Face classifier, as its folder)."""
     check_format(format)
+    if format == "hf":
+        return export_hf_folder(model, out)
     if format == "onnx":
         return export_onnx(model, out, image_shape, metadata, example)
     return export_torchscript(model, out, image_shape, example)
@@ -294,8 +359,8 @@ def onnx_session(path: str | os.PathLike, threads: int = 1):
 
 def run_onnx(session, inputs: np.ndarray, batch_size: int = 1000) -> np.ndarray:
     """Scores of an ONNX session for float inputs ``[N, H, W]``, ``batch_size`` at a time."""
-    name = session.get_inputs()[0].name
-    chunks = [session.run(None, {name: inputs[i:i + batch_size]})[0] for i in range(0, len(inputs), batch_size)]
+    chunks = [session.run(None, onnx_feed(session, inputs[i:i + batch_size]))[0]
+              for i in range(0, len(inputs), batch_size)]
     return np.concatenate(chunks) if chunks else np.empty((0,), np.float32)
 
 
@@ -341,6 +406,10 @@ def check_parity(path: str | os.PathLike, format: str, model: nn.Module, images:
     if format == "onnx":
         session = onnx_session(path, threads)
         run = lambda n, b: run_onnx(session, inputs[:n].numpy(), b)  # noqa: E731
+    elif format == "hf":  # read back as a user would: from_pretrained on the folder
+        from .classifiers import build
+        reloaded = build(f"hf-classifier:{Path(path).resolve()}", tuple(inputs.shape[1:]), expected.shape[-1])
+        run = lambda n, b: predict_logits(reloaded, inputs[:n], batch_size=b).numpy()  # noqa: E731
     else:
         run = lambda n, b: run_torchscript(path, inputs[:n], b).numpy()  # noqa: E731
     worst, mismatches = 0.0, 0

@@ -22,9 +22,12 @@ from .distributed import current
 from .augment import check_jitter
 from .data import DEFAULT_VALIDATION_SIZE, LabeledImages, load_dataset, validation_split
 from .data.files import DEFAULT_VALIDATION_FRACTION as DEFAULT_FILES_VALIDATION, load_files
+from .data.idx import sha256_file
+from .data.text_table import DEFAULT_MAX_LENGTH, load_text_table, load_tokenizer, tokenizer_path
 from .data.transfer import Transform, input_shape, subset
 from .evaluation import labels_of
 from .ensemble import MANIFEST, Ensemble, is_ensemble_dir, read_manifest, write_manifest
+from .classifiers import complete_spec, init_from_teacher as init_weights
 from .devices import resolve_device
 from .errors import DarkKnowledgeError
 from .evaluation import evaluate
@@ -32,8 +35,8 @@ from .memory import check_fits
 from .models import build_model, count_parameters, parse_spec
 from .soft_targets import SoftTargets
 from .losses import DEFAULT_DIVERGENCE
-from .training import (Distillation, FitResult, HardTargets, TrainConfig, cache_teacher_logits, fit, run_key,
-                       silent)
+from .training import (Distillation, FitResult, HardTargets, TrainConfig, cache_teacher_logits, check_precision,
+                       fit, run_key, silent)
 
 
 def _count(size: int | float | None) -> int | float | None:
@@ -61,12 +64,27 @@ class DataChoice:
     label_column: str | None = None  # a table's label column (default: label)
     image_size: tuple[int, int] | None = None  # resize an image folder's images to (height, width)
     transform: dict[str, Any] | None = None  # a saved model's recorded transform, applied instead of the files'
+    text_columns: tuple[str, ...] | None = None  # a table of labelled text: its text column (two for pairs)
+    tokenizer: str | None = None  # the tokenizer.json (or a folder holding one) that tokenises the text
+    max_length: int | None = None  # tokens per text, truncated or padded (None: text_table.DEFAULT_MAX_LENGTH)
+    cache_dir: str | None = None  # where the tokenised text is cached (the jobs: beside the run); not recorded
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The text tokenizer's vocabulary (None for other data)."""
+        return load_tokenizer(self.tokenizer).get_vocab_size() if self.text_columns and self.tokenizer else None
 
     @property
     def name(self) -> str:
         return f"data:{Path(self.path).name}" if self.path is not None else self.dataset
 
     def splits(self):
+        if self.text_columns:
+            if self.tokenizer is None:
+                raise DarkKnowledgeError("text needs a tokenizer: give --tokenizer PATH (a tokenizer.json, or a "
+                                         "model folder holding one)")
+            return load_text_table(self.path, self.text_columns, self.label_column, self.tokenizer,
+                                   self.max_length or DEFAULT_MAX_LENGTH, self.cache_dir)
         if self.path is not None:
             return load_files(self.path, self.label_column, self.image_size,
                               Transform.from_description(self.transform) if self.transform else None)
@@ -104,6 +122,11 @@ class DataChoice:
             described["data"] = {"path": str(Path(self.path).expanduser().resolve()),
                                  "label_column": self.label_column,
                                  "image_size": list(self.image_size) if self.image_size else None}
+            if self.text_columns:
+                tokenizer = tokenizer_path(self.tokenizer)
+                described["data"].update(text_columns=list(self.text_columns), tokenizer=str(tokenizer),
+                                         tokenizer_sha256=sha256_file(tokenizer),
+                                         max_length=self.max_length or DEFAULT_MAX_LENGTH)
         if self.subset is not None:
             described["subset"] = self.subset
         if self.train_subset is not None:
@@ -128,7 +151,16 @@ class DataChoice:
                    subset=meta.get("subset"), train_classes=tuple(classes) if classes else None,
                    train_subset=meta.get("train_subset"), path=files.get("path"),
                    label_column=files.get("label_column"),
-                   image_size=tuple(files["image_size"]) if files.get("image_size") else None, transform=transform)
+                   image_size=tuple(files["image_size"]) if files.get("image_size") else None, transform=transform,
+                   **text_options(files))
+
+
+def text_options(files: dict[str, Any]) -> dict[str, Any]:
+    """A text table's DataChoice fields as a model.json's ``data`` records them (none for other data)."""
+    if not files.get("text_columns"):
+        return {}
+    return {"text_columns": tuple(files["text_columns"]), "tokenizer": files["tokenizer"],
+            "max_length": files["max_length"]}
 
 
 def _model_meta(spec: str, train, data: DataChoice, options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -153,11 +185,19 @@ def train_run(spec: str, data: DataChoice, config: TrainConfig, out: str | Path 
     ``options``: a model factory's keyword arguments; ``device``: where it trains (None: the default,
     :data:`darkknowledge.devices.DEFAULT_DEVICE`).
     """
-    train, val, test = data.load()
+    train, val, test = _beside(data, out).load()
+    spec = complete_spec(spec, data.vocab_size)
     model = _seeded_model(spec, train, config.seed, options)
     result = fit(model, train, val, config, HardTargets(), out, resume, _model_meta(spec, train, data, options), log,
                  monitor=monitor(train, val, test) if monitor else None, device=device)
     return model, result
+
+
+def _beside(data: DataChoice, out: str | Path | None) -> DataChoice:
+    """``data`` with tokenised text cached beside the run (``OUT/../tokenized``), so later runs read it back."""
+    if not data.text_columns or data.cache_dir is not None or out is None:
+        return data
+    return replace(data, cache_dir=str(Path(out).parent / "tokenized"))
 
 
 def _log_to_stderr(line: str) -> None:
@@ -229,7 +269,8 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
                 store_dir: str | Path | None = None, top_k: int | None = None,
                 store_dtype: str = "float32", monitor: Callable | None = None, options: dict[str, Any] | None = None,
                 device: str | None = None, teacher_device: str | None = None, divergence: str = DEFAULT_DIVERGENCE,
-                beta: float | None = None, loss_chunk_mb: float | None = None) -> tuple[Any, FitResult]:
+                beta: float | None = None, loss_chunk_mb: float | None = None,
+                init_from_teacher: bool = False) -> tuple[Any, FitResult]:
     """Distil a saved teacher (a run, several runs or an ensemble folder) into a new ``spec`` student on the
     dataset's training split (§2, §3, §4).
 
@@ -238,18 +279,25 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
     or a top-k store in memory otherwise, and a single teacher's logits in memory when neither. With jitter the
     teacher runs online on every batch, under the run's precision as when its outputs are computed once.
     ``monitor`` as for :func:`train_run`; ``divergence``, ``beta`` and ``loss_chunk_mb`` (its ``chunk_mb``) as for
-    :class:`darkknowledge.training.Distillation`.
+    :class:`darkknowledge.training.Distillation`. ``init_from_teacher``: the student starts from the teacher's
+    weights where names and shapes agree, every other layer of a teacher twice as deep
+    (:func:`darkknowledge.classifiers.init_from_teacher`).
     """
     log = log or _log_to_stderr
     objective = Distillation(temperature, soft_weight, hard_weight, divergence=divergence, beta=beta,
                              chunk_mb=loss_chunk_mb)  # checked now
     device = resolve_device(device)
+    check_precision(config, device)  # before the teacher's outputs are computed for a run that cannot start
     teacher_device = resolve_device(teacher_device) if teacher_device is not None else device
     teacher, teacher_info, member_meta = load_teacher(teacher_dir, combine)
     teacher.to(teacher_device)
-    train, val, test = data.load()
+    _check_same_tokenizer(data, member_meta, spec)
+    data, split = _teachers_split(data, member_meta)
+    train, val, test = _beside(data, out).load()
+    spec = complete_spec(spec, data.vocab_size)
     sources = [teacher_dir] if isinstance(teacher_dir, (str, os.PathLike)) else list(teacher_dir)
     check_compatible(member_meta, train, Path(sources[0]))
+    log(split)  # once the data is known to fit the teacher
     with contextlib.ExitStack() as held:  # the run's lock before the teacher's outputs: a second writer is refused
         # before it computes them (fit takes the lock again, re-entrantly); rank 0 holds it for every rank
         if out is not None:
@@ -265,10 +313,56 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
         objective = replace(objective, teacher=teacher, teacher_logits=cached, store=store,
                             teacher_device=teacher_device)
         model = _seeded_model(spec, train, config.seed, options)
-        meta = {**_model_meta(spec, train, data, options), "teacher": teacher_info}
+        if init_from_teacher:
+            if isinstance(teacher, Ensemble):
+                raise DarkKnowledgeError("--init-from-teacher needs one teacher run, not an ensemble")
+            log(f"student: {init_weights(model, teacher)} weight tensors copied from the teacher's")
+        meta = {**_model_meta(spec, train, data, options), "teacher": teacher_info,
+                **({"init_from_teacher": True} if init_from_teacher else {})}
         result = fit(model, train, val, config, objective, out, resume, meta, log,
                      monitor=monitor(train, val, test) if monitor else None, device=device)
         return model, result
+
+
+def _size(size: int | float | None) -> str:
+    return "the data's default" if size is None else str(_count(size))
+
+
+def _check_same_tokenizer(data: DataChoice, teacher_meta: dict[str, Any], spec: str) -> None:
+    """Teacher and student read the same token ids: the text's tokenizer (and a student folder's own) must be the
+    teacher's."""
+    recorded = (teacher_meta.get("data") or {}).get("tokenizer_sha256")
+    if not data.text_columns or recorded is None:
+        return
+    source = str(spec).partition(":")[2].split(",")[0]
+    student = Path(source).expanduser() / "tokenizer.json" if str(spec).startswith("hf-classifier:") else None
+    for what, file in (("--tokenizer", tokenizer_path(data.tokenizer)),
+                       ("the student's folder", student if student is not None and student.is_file() else None)):
+        if file is not None and sha256_file(file) != recorded:
+            raise DarkKnowledgeError(f"{what} has another tokenizer ({file}) than the teacher's "
+                                     f"({teacher_meta['data']['tokenizer']}): teacher and student must read the "
+                                     "same token ids; drop --tokenizer, or use a student with the teacher's tokenizer")
+
+
+def _teachers_split(data: DataChoice, teacher_meta: dict[str, Any]) -> tuple[DataChoice, str]:
+    """The validation split a student uses, and the log line that says which: on the teacher's data without a
+    ``val_size`` of its own, the teacher's recorded split (size and seed), so no case the student is validated on
+    is one the teacher was trained on; another split is used as given, with a warning when it is not the
+    teacher's."""
+    recorded = teacher_meta.get("validation")
+    files = (teacher_meta.get("data") or {}).get("path")
+    same_data = teacher_meta.get("dataset") == data.name and (
+        files is None or data.path is not None and Path(data.path).expanduser().resolve() == Path(files))
+    if same_data and recorded is not None and data.val_size is None:
+        return (replace(data, val_size=recorded["size"], val_seed=recorded["seed"]),
+                f"validation split: the teacher's (size {_size(recorded['size'])}, seed {recorded['seed']})")
+    given = f"validation split: size {_size(data.val_size)}, seed {data.val_seed}"
+    if same_data and recorded is not None and (_count(data.val_size), data.val_seed) != (recorded["size"],
+                                                                                         recorded["seed"]):
+        return data, (f"{given}, as given; warning: the teacher's was size {_size(recorded['size'])}, seed "
+                      f"{recorded['seed']}, so some of the student's validation cases may be cases the teacher was "
+                      "trained on (its errors then read too low); drop --val-size to use the teacher's split")
+    return data, given
 
 
 def member_dir(index: int) -> str:

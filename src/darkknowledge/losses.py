@@ -182,7 +182,9 @@ def _check_labels(labels, leading: torch.Size, classes: int, ignore_index: int) 
 
 def _check_mask(mask, leading: torch.Size) -> Tensor:
     if not isinstance(mask, Tensor) or mask.shape != leading or mask.is_floating_point():
-        got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        # name what is wrong: the type, the shape, or (shape right) the dtype
+        got = type(mask).__name__ if not isinstance(mask, Tensor) else f"shape {tuple(mask.shape)}" \
+            if mask.shape != leading else f"dtype {str(mask.dtype).replace('torch.', '')}; convert it with mask.bool()"
         raise DarkKnowledgeError(f"mask must be a bool or 0/1 integer tensor of shape {tuple(leading)} "
                                  f"(1 = a real position), got {got}")
     return mask.bool()
@@ -488,7 +490,9 @@ class DistillationTerms:
     compare gradient sizes); keep ``parts()``, not the tensors, when logging, so no graph is held. ``kl`` is the
     soft term as a KL divergence x T^2 (for forward_kl: the cross-entropy less the targets' entropy), the number
     other libraries' ``KLDivLoss(reduction="batchmean") * T**2`` give; it is for logging and has no graph.
-    ``tokens`` is the number of real positions the terms were averaged over.
+    ``total_kl`` is ``total`` with the soft term in that KL form: the headline ``loss`` that is logged, comparable
+    across libraries (the cross-entropy form counts the teacher's entropy too: at T = 4 tens higher for the same
+    gradients). ``tokens`` is the number of real positions the terms were averaged over.
     """
 
     total: Tensor  # soft_weight * soft + hard_weight * hard: what to backprop
@@ -496,18 +500,20 @@ class DistillationTerms:
     hard: Tensor | None  # cross-entropy with the labels at T = 1, unweighted; None when no labels were given
     kl: Tensor | None = None
     tokens: int = 0
+    total_kl: Tensor | None = None  # soft_weight * kl + hard_weight * hard, no graph: the logged "loss"
+
+    def logged(self) -> dict[str, Tensor]:
+        """The terms by the names every loop logs: ``loss`` (the KL form), ``loss_ce`` (the cross-entropy form,
+        what is backpropagated), ``soft``, ``soft_kl`` and ``hard`` (left out when there is no hard term)."""
+        terms = {"loss": self.total if self.total_kl is None else self.total_kl, "loss_ce": self.total,
+                 "soft": self.soft, "soft_kl": self.kl, "hard": self.hard}
+        return {name: value for name, value in terms.items() if value is not None}
 
     def parts(self) -> dict[str, float]:
-        """``{"loss", "soft", "soft_kl", "hard"}`` as Python floats (per real position for ``reduction="none"``);
-        "hard" is left out when there is no hard term."""
+        """:meth:`logged` as Python floats (per real position for ``reduction="none"``)."""
         def number(t: Tensor) -> float:
             return t.item() if t.dim() == 0 else t.sum().item() / max(self.tokens, 1)
-        parts = {"loss": number(self.total), "soft": number(self.soft)}
-        if self.kl is not None:
-            parts["soft_kl"] = number(self.kl)
-        if self.hard is not None:
-            parts["hard"] = number(self.hard)
-        return parts
+        return {name: number(value) for name, value in self.logged().items()}
 
 
 def _flat_topk(targets, student_logits: Tensor) -> tuple[Tensor, ...]:
@@ -609,7 +615,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor | None = No
     # the other term.
     terms = [w * t for w, t in ((soft_weight, soft), (hard_weight, hard)) if w > 0]
     total = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-    return DistillationTerms(total=total, soft=soft, hard=hard, kl=kl, tokens=tokens)
+    total_kl = (total - soft_weight * (soft - kl) if soft_weight > 0 else total).detach()
+    return DistillationTerms(total=total, soft=soft, hard=hard, kl=kl, tokens=tokens, total_kl=total_kl)
 
 
 def _check_linear(divergence: str, logits: Tensor, indices: Tensor, tail_logsumexp: Tensor, tail_mean: Tensor,
@@ -662,7 +669,7 @@ class DistillationLoss(nn.Module):
         criterion = DistillationLoss(temperature=2.0, soft_weight=1.0, hard_weight=0.5)
         loss = criterion(student_logits, teacher_logits, labels)   # or soft_targets=..., topk_targets=...
         loss.backward()
-        criterion.terms.parts()   # {"loss", "soft", "soft_kl", "hard"} of the last call
+        criterion.terms.parts()   # {"loss", "loss_ce", "soft", "soft_kl", "hard"} of the last call
 
     ``temperature`` may be a number or a 0-d tensor; it is kept as a buffer (moved by ``.to()``, saved in the
     state_dict), so a schedule can set it in place (``criterion.temperature.fill_(4.0)``); no gradient flows to it.
@@ -693,7 +700,8 @@ class DistillationLoss(nn.Module):
                                   ignore_index=self.ignore_index, chunk_rows=self.chunk_rows,
                                   chunk_mb=self.chunk_mb, **targets)
         self.terms = DistillationTerms(*(t.detach() if isinstance(t, Tensor) else t for t in
-                                         (terms.total, terms.soft, terms.hard, terms.kl)), tokens=terms.tokens)
+                                         (terms.total, terms.soft, terms.hard, terms.kl)), tokens=terms.tokens,
+                                       total_kl=terms.total_kl)
         return terms.total
 
     def extra_repr(self) -> str:

@@ -33,9 +33,10 @@ def available_bytes() -> int:
 def check_fits(spec, input_shape: tuple[int, ...], num_classes: int, options: dict | None = None,
                copies: int = TRAINING_COPIES) -> None:
     """Raise a one-line error if ``copies`` float32 copies of the ``spec`` model's parameters exceed the memory
-    available now. A user's factory (``package.module:factory``) is not checked: its code may not run on ``meta``."""
+    available now. A user's factory (``package.module:factory``) and a Hugging Face classifier are not checked:
+    their code may not run on ``meta``."""
     kind = parse_spec(spec, options).kind
-    if kind == FACTORY:
+    if kind in (FACTORY, "hf-classifier"):  # a classifier's folder is read from disk, not built on meta
         return
     if kind in ("gpt", "hf"):  # language models: input_shape is (context,), num_classes the vocabulary
         parameters = count_parameters(str(spec), num_classes, input_shape[-1] if input_shape else None)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
-from .export import INPUT_NAME, OUTPUT_NAME, PREPROCESSING, Deployable, Parity
+from .export import INPUT_NAME, OUTPUT_NAME, PREPROCESSING, TEXT_INPUT_NAMES, Deployable, Parity, tokenizer_beside
 
 
 def _teacher_lines(meta: dict[str, Any]) -> list[str]:
@@ -75,6 +75,29 @@ def _speed_lines(speed: dict[str, Any] | None) -> list[str]:
 
 
 def _usage(format: str, file: str, deployable: Deployable) -> list[str]:
+    if deployable.tokenizer is not None:  # a text classifier: its tokenizer makes both inputs
+        length = deployable.image_shape[-1]
+        code = ["import numpy as np, onnxruntime as ort", "from tokenizers import Tokenizer",
+                f"tokenizer = Tokenizer.from_file({tokenizer_beside(file).name!r})",
+                f"tokenizer.enable_truncation({length})",
+                f"tokenizer.enable_padding(length={length})  # pad_id: the id of its [PAD] token",
+                f"session = ort.InferenceSession({file!r})",
+                "encoded = tokenizer.encode_batch(texts)",
+                "feed = {'input_ids': np.array([e.ids for e in encoded], np.int64),",
+                "        'attention_mask': np.array([e.attention_mask for e in encoded], np.int64)}",
+                "predictions = session.run(None, feed)[0].argmax(1)"]
+        if format == "hf":
+            folder = file  # an hf export's card names its folder
+            code = ["from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast",
+                    f"model = AutoModelForSequenceClassification.from_pretrained({folder!r})",
+                    f"tokenizer = PreTrainedTokenizerFast(tokenizer_file={folder + '/tokenizer.json'!r}, "
+                    "pad_token='[PAD]')  # its padding token",
+                    f"inputs = tokenizer(texts, truncation=True, max_length={length}, padding='max_length', "
+                    "return_tensors='pt')",
+                    "predictions = model(input_ids=inputs['input_ids'], "
+                    "attention_mask=inputs['attention_mask']).logits.argmax(1)"]
+        if format in ("onnx", "hf"):
+            return ["```python", *code, "```"]
     if deployable.preprocessing != PREPROCESSING:  # not the built-in images: the inputs as the model took them
         made = "inputs = ...  # " + deployable.preprocessing
         call = f"session.run(None, {{{INPUT_NAME!r}: inputs}})[0]" if format == "onnx" else "model(inputs)"
@@ -95,6 +118,13 @@ def _usage(format: str, file: str, deployable: Deployable) -> list[str]:
                 f"images = torch.as_tensor(uint8_images).reshape(-1, {h}, {w}).float() / 255",
                 "predictions = model(images).argmax(1)"]
     return ["```python", *code, "```"]
+
+
+def _inputs_line(deployable: Deployable) -> str:
+    if deployable.tokenizer is not None:
+        return f"- Inputs `{'`, `'.join(TEXT_INPUT_NAMES)}`: {deployable.preprocessing}; batch size free."
+    return (f"- Input `{INPUT_NAME}`: {deployable.preprocessing}; shape [batch, "
+            f"{', '.join(map(str, deployable.image_shape))}], batch size free.")
 
 
 def render_model_card(deployable: Deployable, exported: Path, format: str, parity: Parity,
@@ -125,13 +155,12 @@ def render_model_card(deployable: Deployable, exported: Path, format: str, parit
     lines += [
         "",
         "## Inputs and outputs",
-        f"- Input `{INPUT_NAME}`: {deployable.preprocessing}; shape [batch, "
-        f"{', '.join(map(str, deployable.image_shape))}], batch size free.",
+        _inputs_line(deployable),
         f"- Output `{OUTPUT_NAME}`: float32 [batch, {len(deployable.classes)}], one score per class in the order "
         f"{', '.join(deployable.classes)}; the prediction is the argmax, probabilities are softmax(logits) (temperature 1: T > 1 is only "
         "for training).",
         "",
-        *_usage(format, exported.name, deployable),
+        *_usage(format, exported.parent.name if format == "hf" else exported.name, deployable),
         "",
         "## Training data",
         *_data_lines(deployable),

@@ -23,6 +23,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -34,7 +35,8 @@ SPEC_HELP = (
     "a model spec is KIND:SIZES[,option=value...], e.g. 'mlp:1200x2', 'mlp:500-300', "
     "'mlp:1200x2,dropout=0.5,input_dropout=0.2,max_norm=3.5' or 'cnn:small', or a factory "
     "'package.module:function' called as function(input_shape, num_classes, **options); language models: "
-    "'gpt:layers=4,dim=192,heads=6,context=128' or 'hf:gpt2,n_layer=2,n_embd=128,n_head=4'"
+    "'gpt:layers=4,dim=192,heads=6,context=128' or 'hf:gpt2,n_layer=2,n_embd=128,n_head=4'; text classifiers: "
+    "'hf-classifier:bert,num_hidden_layers=2,hidden_size=64' or 'hf-classifier:FOLDER'"
 )
 
 
@@ -222,6 +224,21 @@ def _parse_language_model(kind: str):
 def _build_language_model(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     from .transformer import build_language_model
     return build_language_model(str(spec), num_classes, input_shape[-1] if input_shape else None)
+
+
+def _parse_classifier(rest: str, spec: str) -> ModelSpec:
+    from .classifiers import is_folder, parse  # checks the grammar now, as the other kinds do
+    source, _ = parse(spec)
+    if is_folder(source):  # recorded in model.json as an absolute path: any command in any folder rebuilds it
+        rest = str(Path(source).expanduser().resolve()) + rest[len(source):]
+    return ModelSpec("hf-classifier", rest)
+
+
+# Text classifiers (darkknowledge.classifiers): (token ids, attention mask) [B, 2, L] -> logits [B, num_classes]
+@register_model("hf-classifier", parse=_parse_classifier)
+def _build_classifier(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    from .classifiers import build
+    return build(str(spec), input_shape, num_classes)
 
 
 def parse_spec(spec: str, options: dict[str, Any] | None = None) -> ModelSpec:

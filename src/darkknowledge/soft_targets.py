@@ -73,7 +73,7 @@ from . import checkpoint, reading, schemas, store_files
 from .distributed import Workers, current
 from .ensemble import COMBINE_RULES, Ensemble, check_combine, distillation_targets, ensemble_logits
 from .errors import DarkKnowledgeError
-from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, cases_per_item, num_cases
+from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, cases_per_item, changes_between_reads, num_cases
 from .evaluation import autocast, device_of, precision_of, to_device
 from .losses import TopKTargets, sampled_targets, tail_logsumexp_at, topk_targets
 from .outputs import logits_of
@@ -351,6 +351,11 @@ class SoftTargets:
                 return store
             if found:
                 log(f"soft targets: {found}")
+            if changes_between_reads(transfer_set):
+                log("soft targets: warning: the transfer set's items change between two reads (random "
+                    "augmentation in __getitem__?): the stored targets are the teacher's outputs on one random view "
+                    "of each case, not on what the student sees; run the teacher online instead (Distillation("
+                    "teacher=...) without a store or cached logits)")
 
             started = time.perf_counter()
             describe = teacher.describe() if isinstance(teacher, Ensemble) else {"module": type(teacher).__name__}

@@ -299,12 +299,9 @@ class Distillation:
         out = distillation_loss(logits, labels=batch.labels, temperature=self.temperature,
                                 soft_weight=self.soft_weight, hard_weight=self.hard_weight,
                                 divergence=self.divergence, beta=self.beta, chunk_mb=self.chunk_mb, **targets)
-        # soft_kl: the soft term as a KL (forward KL: less the targets' entropy), comparable with other
-        # libraries' KLDivLoss * T^2.
-        parts = {"loss": out.total, "soft": out.soft, "soft_kl": out.kl}
-        if out.hard is not None:
-            parts["hard"] = out.hard
-        return out.total, parts
+        # logged "loss": the KL form, comparable with other libraries' KLDivLoss * T^2 (the same gradients as
+        # the cross-entropy form backpropagated, logged as loss_ce)
+        return out.total, out.logged()
 
     def describe(self) -> dict[str, Any]:
         described = {"objective": "distillation", "temperature": self.temperature, "soft_weight": self.soft_weight,
@@ -409,6 +406,13 @@ def fit(model: nn.Module, train, val=None, config: TrainConfig | None = None, ob
                     callbacks, _Hooks(sampler, validate, keep, score_start, tuple(legacy_keys)))
 
 
+def check_precision(config: TrainConfig, device: torch.device) -> None:
+    """fp16 trains on CUDA only: refused before any work (a job checks it before computing a teacher's outputs)."""
+    if config.fp16 and torch.device(device).type != "cuda":
+        raise DarkKnowledgeError(f"fp16 training needs a CUDA device (this run is on {device}); use bf16 "
+                                 "on the CPU, or --device cuda")
+
+
 class _Hooks(NamedTuple):
     """fit's hooks for a loop that trains otherwise (see :func:`fit`)."""
 
@@ -430,9 +434,7 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
     workers = workers or current()
     if not workers.distributed:
         workers = dataclasses.replace(workers, device=resolve_device(device))
-    if config.fp16 and workers.device.type != "cuda":
-        raise DarkKnowledgeError(f"fp16 training needs a CUDA device (this run is on {workers.device}); use bf16 "
-                                 "on the CPU, or --device cuda")
+    check_precision(config, workers.device)
     train = as_transfer_set(train)
     val = as_transfer_set(val) if val is not None else None
     meta = dict(meta or {})

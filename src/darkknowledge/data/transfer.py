@@ -27,11 +27,18 @@ tables: per-feature standardisation; float tensors: none) that ``batch`` applies
 
 **The fingerprint rule** (what a store or a resume checks): SHA-256 of the kind, shape, dtype, classes, transform,
 every label, and the bytes of the inputs, all of them when they take at most :data:`FULL_HASH_BYTES`, else of
-:data:`SAMPLE_ITEMS` items drawn with a fixed seed (a memory-mapped file of terabytes is not read on every run). A
-:class:`DatasetTransferSet` hashes its length, declared name, classes and a seeded sample of items (inputs and
-labels), except one over a ``TensorDataset`` of (inputs, labels): that hashes as the pair of tensors does, so a
-store computed over the pinned ``DatasetTransferSet`` serves the same tensors given as arrays. So a store or a resume
-refuses other data: another length, other labels, other sampled bytes.
+:data:`SAMPLE_ITEMS` items drawn with a fixed seed (a memory-mapped file of terabytes is not read on every run). So a
+store or a resume refuses other data: another length, other labels, other sampled bytes.
+
+A :class:`DatasetTransferSet` never reads its items for the fingerprint: a ``Dataset`` that augments in
+``__getitem__`` gives other bytes on every read, so its fingerprint would differ in every process (a resume refused,
+the store recomputed). It is named by what it declares: its name (``name=``, else the class's name), length,
+input shape, classes, transform, its labels when it has a ``targets`` attribute, and the SHA-256 of every file
+it lists in a ``files`` attribute. Two different Datasets that declare the same are taken for the same data: give
+them different names, or list their files. Building a store over a set whose items change between two reads
+warns (:func:`changes_between_reads`): the stored targets are one random view of each case. One over a
+``TensorDataset`` of (inputs, labels) hashes as the pair of tensors does, so a store computed over the pinned
+``DatasetTransferSet`` serves the same tensors given as arrays.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ import mmap
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -49,6 +57,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DarkKnowledgeError
+from .idx import sha256_file
 
 FULL_HASH_BYTES = 1 << 28  # 256 MB: inputs up to this size are hashed whole
 SAMPLE_ITEMS = 1024  # items hashed from larger inputs (and from any Dataset), drawn with FINGERPRINT_SEED
@@ -383,6 +392,7 @@ class DatasetTransferSet:
         self.classes = tuple(str(c) for c in given) if given is not None \
             else _infer_classes(self.labels.numpy(), ignore_index, self.name)
         self._fingerprint: str | None = None
+        self._within: tuple[DatasetTransferSet, np.ndarray] | None = None  # a subset's whole set and rows
 
     def __repr__(self) -> str:
         return f"DatasetTransferSet({self.name!r}: {len(self)} x {list(self.input_shape)} {self.dtype}, " \
@@ -430,21 +440,30 @@ class DatasetTransferSet:
         part.name = self.name if name is None else name
         part._labels = self.labels[torch.from_numpy(index)] if self._labels is not None else None
         part._fingerprint = None
+        whole, rows = self._within or (self, np.arange(len(self)))
+        part._within = (whole, rows[index])  # named by the whole set and the rows kept
         return part
 
     def fingerprint(self) -> str:
+        """What the Dataset declares, never its items (see the module's fingerprint rule); a subset's adds the
+        rows it keeps to its whole set's. Tensors (a TensorDataset pair) are the data itself: hashed as arrays."""
         if self._fingerprint is None and _tensor_pair(self.dataset):
             # The same tensors wrapped otherwise (pinned, with workers) are the same data: the key of the pair.
             self._fingerprint = ArrayTransferSet(*self.dataset.tensors, self.classes, self.name, self.transform,
                                                  self.ignore_index).fingerprint()
         if self._fingerprint is None:
+            whole, rows = self._within or (self, None)
             h = hashlib.sha256()
-            h.update(json.dumps({"kind": "dataset", "name": self.name.split("/")[0], "cases": len(self),
+            files = getattr(whole.dataset, "files", None)
+            h.update(json.dumps({"kind": "dataset", "name": whole.name.split("/")[0], "cases": len(whole),
                                  "input_shape": list(self.input_shape), "classes": list(self.classes),
-                                 "transform": self.transform.describe()}).encode())
-            inputs, labels = self.batch(torch.from_numpy(_sample(len(self))))
-            h.update(_bytes(inputs))
-            h.update(np.ascontiguousarray(labels.numpy(), dtype="<i8"))
+                                 "transform": self.transform.describe(),
+                                 "files": None if files is None else [sha256_file(Path(f)) for f in files]}).encode())
+            targets = getattr(whole.dataset, "targets", None)
+            if targets is not None:
+                h.update(np.ascontiguousarray(np.asarray(targets), dtype="<i8"))
+            if rows is not None:
+                h.update(np.ascontiguousarray(rows, dtype="<i8"))
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -478,6 +497,17 @@ class _View:
 
     def describe(self) -> dict[str, Any]:
         return {**self.data.describe(), "name": self.name, "cases": len(self)}
+
+
+def changes_between_reads(data, items: int = 4) -> bool:
+    """Whether reading the first ``items`` cases twice gives other inputs: a Dataset that augments in
+    ``__getitem__`` (random crops, flips, noise). Outputs computed once over it are then one random view."""
+    rows = torch.arange(min(items, len(data)))
+    first, second = data.batch(rows)[0], data.batch(rows)[0]
+    if isinstance(first, Tensor):
+        return not torch.equal(first, second)
+    return any(not torch.equal(a, b) for a, b in zip(first.values(), second.values())) \
+        if isinstance(first, dict) else False
 
 
 def subset(data, indices, name: str | None = None):

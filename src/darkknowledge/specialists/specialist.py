@@ -301,7 +301,7 @@ class GeneralistTargets:
         out = distillation_loss(logits.float(), self.teacher[batch.indices].to(logits.device), batch.labels,
                                 temperature=self.temperature, soft_weight=self.soft_weight,
                                 hard_weight=self.hard_weight)
-        return out.total, {"loss": out.total, "soft": out.soft, "hard": out.hard}
+        return out.total, out.logged()
 
     def describe(self) -> dict[str, Any]:
         return {"objective": "generalist soft targets", "temperature": self.temperature,
