@@ -1,0 +1,104 @@
+"""Language models from the command line: a corpus given as a folder of .txt files, a .jsonl or a table's text
+column, split by whole documents; the one label convention (labels shifted by the library, Hugging Face-style
+unshifted labels too); bad corpora refused in one line."""
+
+import json
+
+import pytest
+import torch
+
+from darkknowledge.data.text import (IGNORE_INDEX, TextTokenizer, causal_sequences, is_corpus, load_corpus,
+                                     shift_labels, split_documents, tokenise_corpus)
+from darkknowledge.errors import DarkKnowledgeError
+from darkknowledge.training import TrainConfig, fit
+
+DOCUMENTS = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (5 + i) for i in range(6)]
+
+
+def _one_line(work, match: str) -> None:
+    with pytest.raises(DarkKnowledgeError, match=match) as raised:
+        work()
+    assert "\n" not in str(raised.value)
+
+
+def _folder(tmp_path, documents=DOCUMENTS):
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for i, text in enumerate(documents):
+        (folder / f"doc{i}.txt").write_text(text)
+    return folder
+
+
+def _jsonl(tmp_path, documents=DOCUMENTS, field="text"):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({field: text, "id": i}) + "\n" for i, text in enumerate(documents)))
+    return path
+
+
+def _table(tmp_path, documents=DOCUMENTS, suffix=".csv"):
+    import pandas as pd
+    frame = pd.DataFrame({"id": range(len(documents)), "body": documents})
+    path = tmp_path / f"corpus{suffix}"
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "csv", "parquet"])
+def test_every_corpus_format_gives_the_same_documents_split_whole(tmp_path, kind):
+    column = "body" if kind in ("csv", "parquet") else None
+    path = {"txt": lambda: _folder(tmp_path), "jsonl": lambda: _jsonl(tmp_path),
+            "csv": lambda: _table(tmp_path), "parquet": lambda: _table(tmp_path, suffix=".parquet")}[kind]()
+    assert is_corpus(path, column)
+    corpus = load_corpus(path, column)
+    assert sorted(corpus.documents.values()) == sorted(DOCUMENTS)
+    splits = split_documents(corpus.documents, seed=3)
+    assert splits == split_documents(corpus.documents, seed=3)  # seeded
+    assert sorted(sum(splits.values(), [])) == sorted(corpus.documents)  # whole documents, each in one split
+
+
+def test_image_folders_and_labelled_tables_are_not_corpora(tmp_path):
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    assert not is_corpus(tmp_path / "images")
+    assert not is_corpus(_table(tmp_path))  # a table without --text-column is a labelled table
+
+
+def test_bad_corpora_are_refused_in_one_line(tmp_path):
+    _one_line(lambda: load_corpus(_folder(tmp_path, DOCUMENTS[:2])), "needs at least 3: add documents")
+    _one_line(lambda: load_corpus(_table(tmp_path), "text"), r"no text column 'text' \(columns: id, body\)")
+    _one_line(lambda: load_corpus(_table(tmp_path, ["", "", "", ""]), "body"), "text column 'body' is empty")
+    _one_line(lambda: load_corpus(_jsonl(tmp_path, field="content")), "no 'text' field")
+    assert len(load_corpus(_jsonl(tmp_path, field="content"), "content").documents) == len(DOCUMENTS)
+    _one_line(lambda: load_corpus(_table(tmp_path)), "needs --text-column")
+
+
+def test_labels_are_shifted_by_the_library_and_hugging_face_style_labels_read_the_same():
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert shift_labels(ids).tolist() == [[6, 7, 8, IGNORE_INDEX]]
+    # Hugging Face's way: labels = input_ids, -100 where nothing is predicted (here the prompt's first token)
+    assert shift_labels(torch.tensor([[-100, 6, 7, 8]])).tolist() == [[6, 7, 8, IGNORE_INDEX]]
+    assert shift_labels(torch.tensor([[5, 6, -100, -100]])).tolist() == [[6, -100, -100, IGNORE_INDEX]]
+
+
+def test_token_windows_follow_the_same_convention(tmp_path):
+    corpus = load_corpus(_folder(tmp_path))
+    documents = split_documents(corpus.documents)
+    tokenizer = TextTokenizer.train([corpus.documents[n] for n in documents["train"]], "char")
+    windows = tokenise_corpus(corpus, documents, tokenizer, context=8).windows["train"]
+    inputs, labels = windows.batch([0])
+    following, _ = windows.batch([1])
+    assert torch.equal(labels[:, :-1], shift_labels(inputs)[:, :-1])  # label t: the token after input t
+    assert labels[0, -1] == following[0, 0]  # a window's last label is the next window's first token
+
+
+def test_unshifted_labels_train_a_causal_model_with_minus_100_ignored():
+    from darkknowledge.transformer import build_language_model
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (8, 6))
+    labels = ids.clone()
+    labels[:, :2] = IGNORE_INDEX  # a prompt: nothing predicted there
+    data = causal_sequences(ids, labels, vocab_size=11)
+    assert (data.batch([0])[1][0] == IGNORE_INDEX).sum() == 2  # the prompt's second label, and the last position
+    model = build_language_model("gpt:layers=1,dim=8,heads=2,context=6", 11)
+    result = fit(model, data, data, TrainConfig(epochs=1, batch_size=4, progress=False), device="cpu",
+                 log=lambda _: None)
+    assert result.history[-1]["val_tokens"] == 8 * 4  # per sequence: 6 positions, 2 ignored
