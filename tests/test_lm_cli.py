@@ -3,6 +3,7 @@ column, split by whole documents; the one label convention (labels shifted by th
 unshifted labels too); bad corpora refused in one line."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -102,3 +103,97 @@ def test_unshifted_labels_train_a_causal_model_with_minus_100_ignored():
     result = fit(model, data, data, TrainConfig(epochs=1, batch_size=4, progress=False), device="cpu",
                  log=lambda _: None)
     assert result.history[-1]["val_tokens"] == 8 * 4  # per sequence: 6 positions, 2 ignored
+
+
+# -- store build and evaluate on a corpus, from the command line ------------------------------------------------
+
+TINY = "gpt:layers=1,dim=16,heads=2,context=16"
+
+
+@pytest.fixture(scope="module")
+def teacher_and_corpus(tmp_path_factory):
+    """A tiny darkknowledge teacher (context 16) trained on the corpus it is then used with."""
+    from darkknowledge.language_model import LMConfig, train_language_model
+    root = tmp_path_factory.mktemp("lm")
+    folder = _folder(root)
+    corpus = load_corpus(folder)
+    documents = split_documents(corpus.documents)
+    tokenizer = TextTokenizer.train([corpus.documents[n] for n in documents["train"]], "char")
+    splits = tokenise_corpus(corpus, documents, tokenizer, context=16)
+    train_language_model(TINY, tokenizer, splits.windows["train"], splits.windows["validation"],
+                         LMConfig(epochs=1, batch_size=8), run_dir=root / "teacher", log=lambda _: None)
+    return root / "teacher", folder
+
+
+def _cli(*argv):
+    import contextlib
+    import io
+    from darkknowledge.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_store_build_prints_its_size_and_speed_and_a_rerun_reuses_it(teacher_and_corpus, tmp_path):
+    teacher, corpus = teacher_and_corpus
+    code, out, err = _cli("store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores",
+                          "--layout", "topk", "--top-k", "4")
+    assert code == 0, err
+    assert "24 bytes per token" in out and "tokens/s" in out  # 4 x (2 + 2) + 8 bytes of tail
+    assert "tokens/s so far" in err  # progress while it runs
+    header = json.loads(next((tmp_path / "stores").glob("*/targets.json")).read_text())
+    assert header["complete"] and header["layout"] == "topk"
+    code, out2, _ = _cli("store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores",
+                         "--layout", "topk", "--top-k", "4")
+    assert code == 0 and len(list((tmp_path / "stores").iterdir())) == 1  # the same key: reused
+
+
+def test_a_killed_store_build_resumes_to_the_uninterrupted_store(teacher_and_corpus, tmp_path):
+    import os
+    import signal
+    from darkknowledge.lm_jobs import Corpus, build_store
+    from test_reliability import _in_child
+    teacher, corpus = teacher_and_corpus
+    data = Corpus(str(corpus), context=16)
+    whole, _ = build_store(teacher, data, tmp_path / "whole", "sampled", head=2, samples=3, log=lambda _: None,
+                           on_chunk=lambda *_: None)
+
+    def killed():
+        build_store(teacher, data, tmp_path / "killed", "sampled", head=2, samples=3, log=lambda _: None,
+                    on_chunk=lambda done, total: os.kill(os.getpid(), signal.SIGKILL))
+    _, status = os.waitpid(_in_child(killed), 0)
+    assert os.WIFSIGNALED(status)
+    partial = json.loads(next((tmp_path / "killed").glob("*/targets.json")).read_text())
+    assert not partial["complete"] and 0 < partial["positions_done"] < partial["positions"]
+    lines = []
+    resumed, _ = build_store(teacher, data, tmp_path / "killed", "sampled", head=2, samples=3, log=lines.append,
+                             on_chunk=lambda *_: None)
+    assert any("resuming there" in line for line in lines)
+    assert resumed.header["checksums"] == whole.header["checksums"]  # the same bytes as one uninterrupted build
+
+
+def test_bad_input_to_store_build_is_one_line_and_writes_nothing(teacher_and_corpus, tmp_path):
+    teacher, corpus = teacher_and_corpus
+    (tmp_path / "small").mkdir()
+    small = _folder(tmp_path / "small", DOCUMENTS[:2])
+    for extra, message in [(["--context", "32"], "--context 32 is longer than the teacher"),
+                           (["--data", small], "needs at least 3: add documents"),
+                           (["--layout", "sampled"], "needs --samples"),
+                           (["--layout", "dense", "--top-k", "3"], "--top-k is for --layout topk")]:
+        argv = ["store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores", *extra]
+        code, _, err = _cli(*argv)
+        assert code == 1 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "stores").exists()
+
+
+def test_evaluate_prints_per_token_metrics_of_a_split_of_the_corpus(teacher_and_corpus):
+    teacher, corpus = teacher_and_corpus
+    code, out, err = _cli("evaluate", teacher, "--data", corpus, "--split", "test")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["split"] == "test" and result["context"] == 16 and result["tokens"] > 0
+    assert result["perplexity"] == pytest.approx(math.exp(result["log_loss"]))
+    assert 0 <= result["accuracy"] <= 1
+    code, _, err = _cli("evaluate", teacher, "--data", corpus, "--context", "64")
+    assert code == 1 and "--context 64 is longer than the model" in err

@@ -63,6 +63,19 @@ def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = 
     g.add_argument("--val-seed", type=int, default=0, help="seed of the validation split (default: 0)")
 
 
+def _add_corpus_options(g) -> None:
+    """How a text corpus given as --data is read, split and cut (docs/language-models-cli.md)."""
+    g.add_argument("--text-column", default=None, metavar="NAME",
+                   help="a text corpus: the field of a .jsonl (default: text) or the column of a .csv/.parquet "
+                        "table holding each document's text; a table with --text-column is a corpus")
+    g.add_argument("--context", type=int, default=None, metavar="N",
+                   help="a text corpus: tokens a window, at most the model's positions (default: the model's "
+                        "positions, at most 1024)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="a text corpus: seed of the split of whole documents into train/validation/test (10%% "
+                        "each for validation and test; default: %(default)s)")
+
+
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     g = p.add_argument_group("training")
@@ -242,6 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
                                                   f"{DEFAULT_DEVICE}, as for training)")
     _add_data_options(p, default_dataset=None,
                       dataset_help="dataset to evaluate on (default: the one the model was trained on)")
+    _add_corpus_options(p.add_argument_group("text corpus (--data a folder of .txt files, a .jsonl or a table with "
+                                             "--text-column: a language model evaluated per token)"))
+
+    p = sub.add_parser("store", help="teacher outputs computed once, for language models",
+                       description="Soft-target stores of a language-model teacher over a text corpus.", epilog=EPILOG)
+    store = p.add_subparsers(dest="store_command", metavar="SUBCOMMAND")
+    p = store.add_parser("build", help="run a teacher once over a corpus's training windows and store its outputs",
+                         description="Run --teacher (a darkknowledge language-model run or a Hugging Face folder) "
+                                     "over the training split of --data and store its next-token outputs, keyed to "
+                                     "teacher, tokenizer, corpus, context and layout, in a sub-folder of --out. A "
+                                     "build killed at any point resumes where it stopped when run again. Prints "
+                                     "progress, then bytes per token and tokens/s.", epilog=EPILOG)
+    p.add_argument("--teacher", type=Path, help="the teacher: a language-model run or a Hugging Face folder "
+                                                "(required); its tokenizer cuts the corpus")
+    p.add_argument("--data", type=Path, metavar="CORPUS",
+                   help="the text corpus (required): a folder of .txt files, a .jsonl, or a .csv/.parquet with "
+                        "--text-column")
+    p.add_argument("--out", type=Path, help="folder of stores to write into (required)")
+    p.add_argument("--layout", choices=("dense", "topk", "sampled"), default="topk",
+                   help="what a token's row holds: dense: every logit (2 bytes x vocabulary); topk: the K largest "
+                        "and a summary of the rest; sampled: --head exact tokens + --samples drawn at T = 1 "
+                        "(distils at T = 1 only) (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="with --layout topk: logits kept a token (default: 32)")
+    p.add_argument("--head", type=int, default=0, metavar="H",
+                   help="with --layout sampled: the H most probable tokens kept exact (default: 0)")
+    p.add_argument("--samples", type=int, default=None, metavar="K",
+                   help="with --layout sampled: tokens drawn a position from the rest (required there)")
+    _add_corpus_options(p)
 
     p = sub.add_parser("demo", help="teacher, baseline and distilled student on the embedded digits, in a minute",
                        description="Train a teacher, a small baseline and a distilled student on scikit-learn's "
@@ -445,6 +487,31 @@ def _data_choice(args: argparse.Namespace, default: str | dict | None = None):
                       else str(path), label_column=label_column, image_size=image_size)
 
 
+def _is_corpus(args: argparse.Namespace) -> bool:
+    """Whether --data is a text corpus (decided by what it holds: .txt files, a .jsonl, a table's text column)."""
+    from .data.text import is_corpus
+    return args.data is not None and is_corpus(args.data, args.text_column)
+
+
+def _corpus(args: argparse.Namespace):
+    from .lm_jobs import Corpus
+    if args.data is None:
+        raise DarkKnowledgeError(f"{args.command} needs --data CORPUS (a folder of .txt files, a .jsonl, or a "
+                                 ".csv/.parquet with --text-column)")
+    return Corpus(str(args.data), args.text_column, args.context, seed=args.split_seed)
+
+
+def _run_store(args: argparse.Namespace, say) -> None:
+    from .lm_jobs import build_store
+    if args.store_command is None:
+        raise DarkKnowledgeError("store needs a subcommand: store build --teacher T --data CORPUS --out STORE")
+    _require(args, "teacher", "out")
+    store, report = build_store(args.teacher, _corpus(args), args.out, args.layout, top_k=args.top_k,
+                                head=args.head, samples=args.samples, log=lambda line: print(line, file=sys.stderr))
+    say(f"store {report['layout']} of {report['tokens']:,} tokens in {store.folder}: "
+        f"{report['bytes_per_token']:g} bytes per token, {report['tokens_per_second']:,.0f} tokens/s")
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        weight_decay=args.weight_decay, schedule=args.schedule, jitter=args.jitter, bf16=args.bf16,
@@ -481,7 +548,8 @@ def _refuse_foreign_destinations(args: argparse.Namespace) -> None:
     """Before any work: refuse an output path inside a run, store or experiment folder this command does not write
     (``destinations.py``). A reproduction checks its own folder (``experiments/folder.py``)."""
     from .destinations import EXPERIMENT, RUN, refuse_foreign_destination
-    command = " ".join(filter(None, (args.command, getattr(args, "specialists_command", None))))
+    command = " ".join(filter(None, (args.command, getattr(args, "specialists_command", None),
+                                     getattr(args, "store_command", None))))
     files = {"export": "out", "bench": "json", "report": "out", "specialists evaluate": "json"}
     if command in files and getattr(args, files[command]) is not None:  # an export's model card, a report's
         # Markdown twin and images go beside the file named: into the same folder
@@ -490,6 +558,8 @@ def _refuse_foreign_destinations(args: argparse.Namespace) -> None:
         # a run folder, which may lie in an experiment folder (as its stages' runs do) or in another run folder
         # (as an ensemble's members do)
         refuse_foreign_destination(args.out, f"{command} --out", makes=RUN, inside=(RUN, EXPERIMENT))
+    elif command == "store build" and args.out is not None:  # a folder of stores (each in its key's sub-folder)
+        refuse_foreign_destination(args.out, "store build --out", inside=(EXPERIMENT,))
     elif command == "demo":  # a folder of three runs
         refuse_foreign_destination(args.out, "demo --out")
 
@@ -537,6 +607,11 @@ def run(args: argparse.Namespace) -> int:
             store_dtype=args.store_dtype, options=_model_options(args.student_options, "student"),
             device=args.device, teacher_device=args.teacher_device, divergence=args.divergence, beta=args.beta)
         say(_summary(model, result, args.out))
+    elif args.command == "evaluate" and _is_corpus(args):
+        from .lm_jobs import evaluate_lm_run
+        print(json.dumps(evaluate_lm_run(args.run, _corpus(args), args.split, args.device), indent=2))
+    elif args.command == "store":
+        _run_store(args, say)
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset or args.data else None
         print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter, args.combine, args.device),
