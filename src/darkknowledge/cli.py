@@ -219,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train an ensemble of N members differing only in seed (--seed, --seed+1, ...) into "
                         "OUT/member-00, ...; with --resume, finished members are skipped and missing ones trained")
     _add_data_options(p)
+    g = p.add_argument_group("text corpus (--data a folder of .txt files, a .jsonl or a table with --text-column: "
+                             "a language model, --model gpt:..., hf:... or package.module:factory)")
+    _add_corpus_options(g)
+    g.add_argument("--tokenizer", default="bpe", metavar="PATH|char|bpe",
+                   help="a text corpus: a tokenizer.json to use, or char / bpe trained on the training split "
+                        "(default: %(default)s)")
+    g.add_argument("--vocab-size", type=int, default=4096, metavar="N",
+                   help="with --tokenizer bpe: the vocabulary trained (default: %(default)s)")
     _add_training_options(p)
 
     p = sub.add_parser("distill", help="distil a trained teacher into a student",
@@ -237,6 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "the student's --device)")
     p.add_argument("--out", type=Path, help="run directory to write (required)")
     _add_data_options(p, default_dataset=None, dataset_help="dataset to train on (default: the teacher's)")
+    g = p.add_argument_group("text corpus (--data a folder of .txt files, a .jsonl or a table with --text-column: "
+                             "--teacher a language-model run or Hugging Face folder, --student gpt:..., hf:..., a "
+                             "folder or package.module:factory)")
+    _add_corpus_options(g)
+    g.add_argument("--store", type=Path, default=None, metavar="STORE",
+                   help="a text corpus: the teacher's outputs from this store ('store build --out'), which must "
+                        "be this teacher's over this corpus and tokenizer (default: the teacher runs online, on "
+                        "--teacher-device)")
     _add_training_options(p)
     _add_distillation_options(p)
     _add_store_options(p)
@@ -501,6 +517,35 @@ def _corpus(args: argparse.Namespace):
     return Corpus(str(args.data), args.text_column, args.context, seed=args.split_seed)
 
 
+def _run_language_model(args: argparse.Namespace, say) -> None:
+    """train or distill on a text corpus: a language model on the one loop (lm_jobs.lm_run)."""
+    from .lm_jobs import corpus_tokenizer, lm_run
+    from .models import count_parameters
+    _require(args, "out")
+    corpus, config = _corpus(args), _train_config(args)
+    if args.command == "train":
+        if not args.model.startswith(("gpt:", "hf:")) and ":" not in args.model:
+            raise DarkKnowledgeError(f"train --data CORPUS trains a language model: give --model gpt:..., hf:... or "
+                                     f"package.module:factory, not {args.model!r}")
+        tokenizer = corpus_tokenizer(corpus, args.tokenizer, args.vocab_size)
+        model, meta = lm_run(args.model, corpus, config, args.out, args.resume, tokenizer=tokenizer,
+                             device=args.device)
+    else:
+        teachers = _teachers(args)
+        _require(args, "temperature")
+        if len(teachers) != 1:
+            raise DarkKnowledgeError("distill --data CORPUS takes one --teacher (a language-model run or a Hugging "
+                                     "Face folder)")
+        model, meta = lm_run(args.student, corpus, config, args.out, args.resume, teacher=teachers[0],
+                             store=args.store, device=args.device, teacher_device=args.teacher_device,
+                             objective={"temperature": args.temperature, "soft_weight": args.soft_weight,
+                                        "hard_weight": args.hard_weight, "divergence": args.divergence,
+                                        "beta": args.beta})
+    best = meta["history"][meta["best_epoch"] - 1]
+    say(f"saved {count_parameters(model):,}-parameter language model to {args.out}, best validation log-loss "
+        f"{best['val_log_loss']:.4f} at epoch {meta['best_epoch']}")
+
+
 def _run_store(args: argparse.Namespace, say) -> None:
     from .lm_jobs import build_store
     if args.store_command is None:
@@ -591,6 +636,8 @@ def run(args: argparse.Namespace) -> int:
                                    device=args.device)
         say(f"saved an ensemble of {args.members} members to {args.out} ({len(done.trained)} trained now, "
               f"{len(done.skipped)} already finished); use it with 'distill --ensemble {args.out}'")
+    elif args.command in ("train", "distill") and _is_corpus(args):
+        _run_language_model(args, say)
     elif args.command == "train":
         _require(args, "out")
         model, result = jobs.train_run(args.model, _data_choice(args, "digits"), _train_config(args), args.out,

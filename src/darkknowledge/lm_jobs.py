@@ -148,3 +148,88 @@ def evaluate_lm_run(run: str | Path, corpus: Corpus, split: str = "test",
     return {"run": str(run), "data": corpus.path, "split": split,
             "context": corpus.context, "tokens": result["tokens"], "log_loss": result["log_loss"],
             "perplexity": result["perplexity"], "accuracy": result["accuracy"]}
+
+
+def _store_for(folder: str | Path, teacher: nn.Module, windows, tokenizer: TextTokenizer) -> TokenTargets:
+    """The store in ``folder`` (one store, or a folder of them as ``store build --out`` writes) built from this
+    teacher over these windows with this tokenizer; another teacher's, tokenizer's or corpus's is refused."""
+    from .soft_targets import module_sha256
+    folder = Path(folder)
+    found = [folder] if (folder / "targets.json").exists() else sorted(p.parent for p in folder.glob("*/targets.json"))
+    if not found:
+        raise DarkKnowledgeError(f"{folder} holds no token store; build one with 'darkknowledge store build'")
+    teacher_sha, problems = module_sha256(teacher), []
+    for candidate in found:
+        try:
+            store = TokenTargets.open(candidate, windows=windows, tokenizer_sha256=tokenizer.sha256,
+                                      vocab_size=tokenizer.vocab_size)
+        except DarkKnowledgeError as error:
+            problems.append(str(error))
+            continue
+        if teacher_sha in store.header["key_parts"]["members"]:
+            return store
+        problems.append(f"token store {candidate} was built from another teacher; build one from this teacher")
+    raise DarkKnowledgeError(problems[0] if len(problems) == 1 else
+                             f"none of the {len(found)} stores in {folder} is this teacher's over this corpus "
+                             f"and tokenizer ({problems[0]})")
+
+
+def _student(spec: str, tokenizer: TextTokenizer, corpus: Corpus) -> tuple[str, nn.Module | None]:
+    """``(spec, first weights or None)``: a ``gpt:``/``hf:`` spec or a factory is built by the run from its seed;
+    a folder (:func:`load_causal_lm`) starts from its weights and must share the teacher's tokenizer."""
+    if not Path(spec).expanduser().is_dir():
+        return spec, None
+    model, student_tokenizer, description = load_causal_lm(spec)
+    check_context(corpus.context, model, description, "student")
+    if student_tokenizer.sha256 != tokenizer.sha256:
+        raise DarkKnowledgeError(f"the student {spec} has another tokenizer than the teacher (SHA-256 "
+                                 f"{student_tokenizer.sha256[:12]}, the teacher's {tokenizer.sha256[:12]}); teacher "
+                                 "and student must share one")
+    check_vocabulary(model, tokenizer, "student", spec)
+    if not description.get("spec"):
+        raise DarkKnowledgeError(f"the student folder {spec} does not name its architecture (no spec); give a "
+                                 "gpt: or hf: spec instead")
+    return description["spec"], model
+
+
+def lm_run(spec: str, corpus: Corpus, config, out: str | Path, resume: bool = False, *,
+           tokenizer: TextTokenizer | None = None, teacher: str | Path | None = None, store: str | Path | None = None,
+           objective: dict[str, Any] | None = None, device: str | None = None, teacher_device: str | None = None,
+           log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``spec`` (a spec, a factory or a folder) on ``corpus`` into the run folder ``out``, on the one loop
+    (``config``: a :class:`darkknowledge.training.TrainConfig`): on labels without ``teacher`` (``tokenizer``: the
+    one to use), else distilled from the teacher (its tokenizer), read from ``store`` or run online on
+    ``teacher_device``. ``objective``: temperature, soft_weight, hard_weight, divergence, beta. A folder holding a
+    run of other settings is refused; a killed run continues with ``resume``."""
+    from . import checkpoint
+    from .language_model import Objective, train_language_model
+    online = None
+    if teacher is not None:
+        online, tokenizer, corpus = load_model(teacher, corpus, "teacher")
+    elif tokenizer is None:
+        raise DarkKnowledgeError("a language-model run needs a tokenizer or a teacher")
+    elif corpus.context is None:
+        corpus = replace(corpus, context=128)
+    spec, first = _student(spec, tokenizer, corpus)
+    splits = corpus.splits(tokenizer)
+    train, validation = splits.windows["train"], splits.windows["validation"]
+    if (Path(out) / checkpoint.STATE_META).exists():
+        checkpoint.check_startable(Path(out), resume)  # a killed run continues only when asked
+    soft = {}
+    if online is not None and store is not None:
+        soft = {"store": _store_for(store, online, train, tokenizer)}
+    elif online is not None:
+        soft = {"teacher": online, "teacher_device": teacher_device}
+    goal = Objective(**soft, **(objective or {})) if soft else Objective()
+    return train_language_model(spec, tokenizer, train, validation, config, goal, out, log=log, device=device,
+                                model=first, refuse_others=True, data=corpus.describe(splits))
+
+
+def corpus_tokenizer(corpus: Corpus, choice: str = "bpe", vocab_size: int = 4096) -> TextTokenizer:
+    """A run's tokenizer with no teacher: ``choice`` a ``tokenizer.json`` path, or ``char`` / ``bpe`` trained on the
+    corpus's training split, as the reproduction trains its own."""
+    if choice not in ("char", "bpe"):
+        return TextTokenizer.load(choice)
+    corpus_documents = load_corpus(corpus.path, corpus.text_column)
+    documents = split_documents(corpus_documents.documents, corpus.validation, corpus.test, corpus.seed)
+    return TextTokenizer.train([corpus_documents.documents[n] for n in documents["train"]], choice, vocab_size)
