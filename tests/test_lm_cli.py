@@ -4,6 +4,7 @@ unshifted labels too); bad corpora refused in one line."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -197,3 +198,77 @@ def test_evaluate_prints_per_token_metrics_of_a_split_of_the_corpus(teacher_and_
     assert 0 <= result["accuracy"] <= 1
     code, _, err = _cli("evaluate", teacher, "--data", corpus, "--context", "64")
     assert code == 1 and "--context 64 is longer than the model" in err
+
+
+# -- train and distill on a corpus ---------------------------------------------------------------------------
+
+STUDENT = "gpt:layers=1,dim=8,heads=2"
+LOOP = ["--epochs", "2", "--batch-size", "8", "--optimizer", "adamw", "--lr", "0.01", "--no-progress"]
+
+
+def test_train_on_a_corpus_trains_a_language_model_that_evaluate_reads(teacher_and_corpus, tmp_path):
+    _, corpus = teacher_and_corpus
+    code, out, err = _cli("train", "--data", corpus, "--model", STUDENT, "--tokenizer", "char", "--context", "16",
+                          "--out", tmp_path / "run", *LOOP, "--grad-accumulation", "2", "--clip-grad-norm", "1")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["kind"] == "language-model" and meta["context"] == 16
+    assert meta["data"]["documents"] == {"train": 4, "validation": 1, "test": 1}  # split sizes recorded
+    assert meta["config"]["grad_accumulation"] == 2
+    code, out, err = _cli("evaluate", tmp_path / "run", "--data", corpus)
+    assert code == 0 and json.loads(out)["tokens"] > 0, err
+    code, _, err = _cli("train", "--data", corpus, "--out", tmp_path / "run2", *LOOP)
+    assert code == 1 and "give gpt:" in err  # the image default is no language model
+
+
+def test_distill_from_a_store_or_online_and_foreign_stores_refused(teacher_and_corpus, tmp_path):
+    teacher, corpus = teacher_and_corpus
+    assert _cli("store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores",
+                "--layout", "dense")[0] == 0
+    common = ["distill", "--teacher", teacher, "--data", corpus, "--student", STUDENT, "-T", "2", *LOOP]
+    code, _, err = _cli(*common, "--store", tmp_path / "stores", "--out", tmp_path / "stored")
+    assert code == 0 and "soft-target store" in err, err
+    code, _, err = _cli(*common, "--out", tmp_path / "online", "--teacher-device", "cpu")
+    assert code == 0 and "teacher run on every batch" in err, err
+    stored, online = (json.loads((tmp_path / r / "model.json").read_text()) for r in ("stored", "online"))
+    # the same teacher, whether stored (float16 logits) or run online: nearly the same student
+    assert stored["history"][0]["val_log_loss"] == pytest.approx(online["history"][0]["val_log_loss"], abs=0.05)
+    # a store over other windows (another context) is refused in one line, nothing written
+    code, _, err = _cli(*common, "--store", tmp_path / "stores", "--context", "8", "--out", tmp_path / "other")
+    assert code == 1 and err.count("\n") == 1 and "another corpus or split" in err, err
+    assert not (tmp_path / "other").exists()
+    # a store of another teacher
+    other_teacher = tmp_path / "teacher2"
+    shutil.copytree(teacher, other_teacher)
+    from darkknowledge.language_model import load_language_model, save_language_model
+    from darkknowledge.data.text import TextTokenizer as Tok
+    model, meta = load_language_model(other_teacher)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_language_model(other_teacher, model, Tok.load(other_teacher / "tokenizer.json"), meta)
+    code, _, err = _cli(*common[:2], other_teacher, *common[3:], "--store", tmp_path / "stores",
+                        "--out", tmp_path / "other")
+    assert code == 1 and "another teacher" in err, err
+    # a folder holding a run of other settings is refused, not trained over
+    before = (tmp_path / "online" / "model.safetensors").read_bytes()
+    code, _, err = _cli(*common[:-len(LOOP)], "--epochs", "1", "--no-progress", "--out", tmp_path / "online")
+    assert code == 1 and "choose another --out" in err, err
+    assert (tmp_path / "online" / "model.safetensors").read_bytes() == before
+
+
+def test_a_killed_distill_resumes_to_the_uninterrupted_student(teacher_and_corpus, tmp_path):
+    import os
+    from test_reliability import _in_child
+    teacher, corpus = teacher_and_corpus
+    common = ["distill", "--teacher", teacher, "--data", corpus, "--student", STUDENT, "-T", "2", *LOOP]
+    assert _cli(*common, "--out", tmp_path / "whole")[0] == 0
+    pid = _in_child(lambda: _cli(*common, "--out", tmp_path / "killed"), kill_at_rename=6)  # after epoch 1's state
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    assert (tmp_path / "killed" / "state.json").exists() and not (tmp_path / "killed" / "tokenizer.json").exists()
+    code, _, err = _cli(*common, "--out", tmp_path / "killed")
+    assert code == 1 and "--resume" in err  # a killed run continues only when asked
+    code, _, err = _cli(*common, "--out", tmp_path / "killed", "--resume")
+    assert code == 0 and "resuming" in err, err
+    assert (tmp_path / "killed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model.safetensors").read_bytes()

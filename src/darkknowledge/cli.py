@@ -519,17 +519,17 @@ def _corpus(args: argparse.Namespace):
 
 def _run_language_model(args: argparse.Namespace, say) -> None:
     """train or distill on a text corpus: a language model on the one loop (lm_jobs.lm_run)."""
-    from .lm_jobs import corpus_tokenizer, lm_run
+    from .lm_jobs import check_language_model_spec, corpus_tokenizer, lm_run
     from .models import count_parameters
     _require(args, "out")
     corpus, config = _corpus(args), _train_config(args)
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if distributed.current().is_main else \
+        (lambda _: None)
     if args.command == "train":
-        if not args.model.startswith(("gpt:", "hf:")) and ":" not in args.model:
-            raise DarkKnowledgeError(f"train --data CORPUS trains a language model: give --model gpt:..., hf:... or "
-                                     f"package.module:factory, not {args.model!r}")
+        check_language_model_spec(args.model)  # before a tokenizer is trained
         tokenizer = corpus_tokenizer(corpus, args.tokenizer, args.vocab_size)
         model, meta = lm_run(args.model, corpus, config, args.out, args.resume, tokenizer=tokenizer,
-                             device=args.device)
+                             device=args.device, log=log)
     else:
         teachers = _teachers(args)
         _require(args, "temperature")
@@ -540,7 +540,7 @@ def _run_language_model(args: argparse.Namespace, say) -> None:
                              store=args.store, device=args.device, teacher_device=args.teacher_device,
                              objective={"temperature": args.temperature, "soft_weight": args.soft_weight,
                                         "hard_weight": args.hard_weight, "divergence": args.divergence,
-                                        "beta": args.beta})
+                                        "beta": args.beta}, log=log)
     best = meta["history"][meta["best_epoch"] - 1]
     say(f"saved {count_parameters(model):,}-parameter language model to {args.out}, best validation log-loss "
         f"{best['val_log_loss']:.4f} at epoch {meta['best_epoch']}")

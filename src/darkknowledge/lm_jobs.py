@@ -174,10 +174,19 @@ def _store_for(folder: str | Path, teacher: nn.Module, windows, tokenizer: TextT
                              f"and tokenizer ({problems[0]})")
 
 
+def check_language_model_spec(spec: str) -> None:
+    """A language model's spec: ``gpt:``, ``hf:`` or a factory (an image model's is refused in one line)."""
+    from .models import FACTORY, parse_spec
+    if parse_spec(spec).kind not in ("gpt", "hf", FACTORY):
+        raise DarkKnowledgeError(f"a text corpus trains a language model: give gpt:..., hf:..., "
+                                 f"package.module:factory or a model folder, not {spec!r}")
+
+
 def _student(spec: str, tokenizer: TextTokenizer, corpus: Corpus) -> tuple[str, nn.Module | None]:
     """``(spec, first weights or None)``: a ``gpt:``/``hf:`` spec or a factory is built by the run from its seed;
     a folder (:func:`load_causal_lm`) starts from its weights and must share the teacher's tokenizer."""
     if not Path(spec).expanduser().is_dir():
+        check_language_model_spec(spec)
         return spec, None
     model, student_tokenizer, description = load_causal_lm(spec)
     check_context(corpus.context, model, description, "student")
