@@ -35,6 +35,11 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "hard_weight": (0, 1000, True, True),
     "beta": (0, 1, True, True),  # the generalized JSD's weight of the teacher (losses.DIVERGENCES)
     "top_k": (1, 1_000_000, True, True),
+    "context": (1, 1_000_000, True, True),  # tokens a window of a text corpus
+    "split_seed": (0, SEED_MAX, True, True),
+    "vocab_size": (2, 10_000_000, True, True),
+    "head": (0, 1_000_000, True, True),  # a sampled store's exact tokens
+    "samples": (1, 1_000_000, True, True),  # a sampled store's draws
     "atol": (0, 1000, False, True),
     "threads": (1, 1024, True, True),
     "jobs": (1, 1024, True, True),

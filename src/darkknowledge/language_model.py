@@ -161,7 +161,7 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
         if model is None:
             check_fits(spec, (train.context,), tokenizer.vocab_size)  # before a spec of any size is built
             torch.manual_seed(config.seed)
-            model = build_model(spec, (train.context,), tokenizer.vocab_size)
+            model = _build(spec, tokenizer.vocab_size, train.context)
         settings = config if isinstance(config, training.TrainConfig) else train_config(config)
         loss = training.HardTargets() if objective.store is None and objective.teacher is None else \
             training.Distillation(objective.temperature, objective.soft_weight, objective.hard_weight,
@@ -187,6 +187,13 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
             save_language_model(run_dir, model, tokenizer, meta)
             _drop_resume_files(run_dir)
         return model.eval(), meta
+
+
+def _build(spec: str, vocab_size: int, context: int) -> nn.Module:
+    """A ``gpt:`` or ``hf:`` spec's model, or a user's factory's (called as ``factory((context,), vocab_size)``)."""
+    if spec.partition(":")[0] in ("gpt", "hf"):
+        return build_language_model(spec, vocab_size, context)
+    return build_model(spec, (context,), vocab_size)
 
 
 def _adopt_stopped_run(run_dir: Path, key: str, fit_key: str, fit_meta: dict[str, Any], train: TokenWindows) -> None:
@@ -281,7 +288,7 @@ def load_language_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]
     meta = checkpoint.read_model_meta(run_dir, schemas.LanguageModelSidecar)
     check_fits(meta["spec"], (meta["context"],), meta["vocab_size"], copies=2)  # a spec may name any size
     try:
-        model = build_model(meta["spec"], (meta["context"],), meta["vocab_size"])
+        model = _build(meta["spec"], meta["vocab_size"], meta["context"])
     except (RuntimeError, MemoryError) as error:
         raise DarkKnowledgeError(f"model: {run_dir / checkpoint.MODEL_META} describes a model that cannot be built "
                                  f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
