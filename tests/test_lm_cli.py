@@ -272,3 +272,30 @@ def test_a_killed_distill_resumes_to_the_uninterrupted_student(teacher_and_corpu
     assert code == 0 and "resuming" in err, err
     assert (tmp_path / "killed" / "model.safetensors").read_bytes() == \
         (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_decay_weights_leaves_biases_and_norms_alone_and_all_decays_every_parameter(optimizer):
+    from torch import nn
+    for decay, norm_decays in (("weights", False), ("all", True)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+        nn.init.constant_(model[0].bias, 1.0)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        config = TrainConfig(optimizer=optimizer, weight_decay=0.5, lr=0.1, momentum=0.0, decay=decay)
+        step = config.make_optimizer(model.parameters())
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)  # the step is the decay alone
+        step.step()
+        after = dict(model.named_parameters())
+        assert not torch.equal(after["0.weight"], before["0.weight"])  # a weight always decays
+        for name in ("0.bias", "1.weight"):
+            assert torch.equal(after[name], before[name]) != norm_decays, (decay, name)
+
+
+def test_a_language_model_on_a_corpus_decays_its_weights_alone_by_default(teacher_and_corpus, tmp_path):
+    _, corpus = teacher_and_corpus
+    code, _, err = _cli("train", "--data", corpus, "--model", STUDENT, "--tokenizer", "char", "--context", "16",
+                        "--out", tmp_path / "run", *LOOP, "--weight-decay", "0.1")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["config"]["decay"] == "weights"

@@ -32,7 +32,7 @@ from .ensemble import COMBINE_RULES  # noqa: E402
 from .losses import DEFAULT_DIVERGENCE, DIVERGENCES  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
 from .devices import DEFAULT_DEVICE, DEVICE_HELP  # noqa: E402
-from .training import OPTIMIZERS, SCHEDULES, SELECTION_METRICS, TrainConfig  # noqa: E402
+from .training import DECAY, OPTIMIZERS, SCHEDULES, SELECTION_METRICS, TrainConfig  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
 DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train")  # what runs under torchrun
@@ -104,6 +104,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=float, default=d.warmup, metavar="F",
                    help="the first fraction F of all steps warms the rate up linearly, then --schedule follows "
                         "(not with onecycle, which warms up already; default: 0)")
+    g.add_argument("--decay", choices=DECAY, default=None,
+                   help="what --weight-decay shrinks: all parameters, or the weights alone (not biases and norms' "
+                        "gains, the usual for transformers) (default: weights for a language model on a text "
+                        "corpus, all otherwise)")
     g.add_argument("--select-by", choices=SELECTION_METRICS, default=d.select_by,
                    help="the validation metric that chooses the epoch kept and counts --patience: errors, or "
                         "log_loss (per case; per token for language models) (default: %(default)s)")
@@ -563,7 +567,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
                        seed=args.seed, patience=args.patience, step_epochs=args.step_epochs,
                        progress=not args.no_progress, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation,
                        clip_grad_norm=args.clip_grad_norm, fp16=args.fp16, warmup=args.warmup,
-                       select_by=args.select_by)
+                       select_by=args.select_by, decay=args.decay or ("weights" if _is_corpus(args) else "all"))
 
 
 def _summary(model, result, out: Path) -> str:
