@@ -299,3 +299,24 @@ def test_a_language_model_on_a_corpus_decays_its_weights_alone_by_default(teache
                         "--out", tmp_path / "run", *LOOP, "--weight-decay", "0.1")
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "model.json").read_text())["config"]["decay"] == "weights"
+
+
+def test_a_student_folder_starts_from_its_weights_and_must_share_the_teachers_tokenizer(teacher_and_corpus, tmp_path):
+    teacher, corpus = teacher_and_corpus
+    from darkknowledge.language_model import load_language_model
+    common = ["distill", "--teacher", teacher, "--data", corpus, "-T", "1", *LOOP[:-3], "--lr", "1e-9",
+              "--no-progress"]
+    code, _, err = _cli(*common, "--student", teacher, "--out", tmp_path / "self")
+    assert code == 0, err
+    # a rate of 1e-9: the student is still its starting folder's model, not a freshly initialised one
+    student, start = (load_language_model(run)[0].state_dict() for run in (tmp_path / "self", teacher))
+    assert all(torch.allclose(student[k], start[k], atol=1e-6) for k in start)
+    other = tmp_path / "other-corpus"
+    other.mkdir()
+    for i, text in enumerate(DOCUMENTS):
+        (other / f"doc{i}.txt").write_text(text.upper())
+    assert _cli("train", "--data", other, "--model", STUDENT, "--tokenizer", "char", "--context", "16",
+                "--out", tmp_path / "upper", *LOOP)[0] == 0
+    code, _, err = _cli(*common, "--student", tmp_path / "upper", "--out", tmp_path / "mixed")
+    assert code == 1 and "another tokenizer than the teacher" in err, err
+    assert not (tmp_path / "mixed").exists()
