@@ -205,11 +205,11 @@ def test_cuda_specialist_from_a_generalist_on_cuda():
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_cuda_language_model_from_a_token_store(tmp_path, precision):
     from darkknowledge.data.text import TokenWindows
-    from darkknowledge.token_store import TokenTargets
+    from darkknowledge.soft_targets import SoftTargets
     from darkknowledge.transformer import build_language_model
     windows = TokenWindows(np.random.default_rng(0).integers(0, 32, 24 * 8 + 1), 8, "train", 32)
     teacher = build_language_model("gpt:layers=1,dim=16,heads=2,context=8", 32).cuda()
-    store = TokenTargets.build(teacher, windows, tmp_path / "store", tokenizer_sha256="0" * 64, top_k=4,
+    store = SoftTargets.build(teacher, windows, tmp_path / "store", tokenizer_sha256="0" * 64, top_k=4,
                                log=lambda _: None)
     student = build_language_model("gpt:layers=1,dim=16,heads=2,context=8", 32)
     result = fit(student, windows, None, config(batch_size=4, **{precision: True}),

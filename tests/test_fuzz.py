@@ -268,7 +268,8 @@ def test_fuzz_store_header_is_reused_only_while_valid_and_else_rebuilt(made, tmp
 # -- option values, on the command line and in a TOML config file --------------------------------------------
 
 TRAIN_OPTIONS = ["epochs", "batch-size", "lr", "momentum", "weight-decay", "schedule", "jitter", "seed",
-                 "patience", "val-size", "val-seed", "members", "model", "text-column", "tokenizer", "max-length"]
+                 "patience", "val-size", "val-seed", "members", "model", "context", "split-seed", "vocab-size",
+                 "text-column", "tokenizer", "max-length"]
 option_text = st.sampled_from(["1e308", "-1e308", "inf", "nan", "-1", "0", "1.5", "99999999999999999999999", "",
                                "2", "0.5", "true", "mlp:1000000000000", "mlp:10x100000000", "mlp:0",
                                "x" * 200]) | st.text(max_size=10)
@@ -321,6 +322,24 @@ def test_fuzz_distill_option_values_on_the_command_line(tmp_path, request):
                            f"--{option}", value)
         check_outcome(code, err, must_fail=True, seconds=time.monotonic() - started)
         CASES["option value (distill)"] += 1
+    case()
+
+
+STORE_BUILD_OPTIONS = ["layout", "top-k", "head", "samples", "context", "split-seed", "text-column", "teacher",
+                       "data"]
+
+
+def test_fuzz_store_build_option_values_on_the_command_line(tmp_path, request):
+    @fuzz(request)
+    @given(option=st.sampled_from(STORE_BUILD_OPTIONS), value=option_text)
+    def case(option, value):
+        started = time.monotonic()
+        (tmp_path / "corpus").mkdir(exist_ok=True)
+        code, _, err = run("store", "build", "--teacher", tmp_path / "no-teacher", "--data", tmp_path / "corpus",
+                           "--out", tmp_path / "out", f"--{option}", value)
+        check_outcome(code, err, must_fail=True, seconds=time.monotonic() - started)
+        assert not (tmp_path / "out").exists()
+        CASES["option value (store build)"] += 1
     case()
 
 

@@ -32,7 +32,7 @@ from .ensemble import COMBINE_RULES  # noqa: E402
 from .losses import DEFAULT_DIVERGENCE, DIVERGENCES  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
 from .devices import DEFAULT_DEVICE, DEVICE_HELP  # noqa: E402
-from .training import OPTIMIZERS, SCHEDULES, SELECTION_METRICS, TrainConfig  # noqa: E402
+from .training import DECAY, OPTIMIZERS, SCHEDULES, SELECTION_METRICS, TrainConfig  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
 DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train")  # what runs under torchrun
@@ -52,12 +52,14 @@ def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = 
                         "(train/ and test/ inside for splits), or a .csv/.parquet table with --label-column")
     g.add_argument("--label-column", default=None, help="a table's label column (default: label)")
     g.add_argument("--text-column", action=_Repeatable, default=None, metavar="NAME", dest="text_column",
-                   help="a .csv/.parquet/.jsonl table of labelled text: its text column; twice for sentence pairs "
-                        "(tokenised with --tokenizer, cached beside the run; a 'split' column of train/test holds "
-                        "the test split out)")
-    g.add_argument("--tokenizer", type=Path, default=None, metavar="PATH",
-                   help="with --text-column: a Hugging Face tokenizer.json or a model folder holding one (distill "
-                        "and evaluate: the teacher's, as its model.json records it)")
+                   help="a .csv/.parquet/.jsonl table of text: its text column. With a label column (--label-column, "
+                        "default label) it is labelled text for a classifier: twice for sentence pairs (tokenised "
+                        "with --tokenizer, cached beside the run; a 'split' column of train/test holds the test split "
+                        "out). Without one it is a corpus for a language model (a .jsonl's default: text)")
+    g.add_argument("--tokenizer", default=None, metavar="PATH|char|bpe",
+                   help="labelled text (--text-column): a Hugging Face tokenizer.json or a model folder holding one "
+                        "(distill and evaluate: the teacher's, as its model.json records it); a text corpus: a "
+                        "tokenizer.json, or char / bpe trained on the training split (default: bpe)")
     g.add_argument("--max-length", type=int, default=None, metavar="N",
                    help="with --text-column: tokens per text, truncated or padded (default: 128)")
     g.add_argument("--image-size", default=None, metavar="N|HxW",
@@ -71,6 +73,16 @@ def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = 
                         "default: the dataset's (mnist 10000); distill: the teacher's recorded split (size and "
                         "seed)")
     g.add_argument("--val-seed", type=int, default=0, help="seed of the validation split (default: 0)")
+
+
+def _add_corpus_options(g) -> None:
+    """How a text corpus given as --data is read, split and cut (docs/language-models-cli.md)."""
+    g.add_argument("--context", type=int, default=None, metavar="N",
+                   help="a text corpus: tokens a window, at most the model's positions (default: the model's "
+                        "positions, at most 1024)")
+    g.add_argument("--split-seed", type=int, default=0,
+                   help="a text corpus: seed of the split of whole documents into train/validation/test (10%% "
+                        "each for validation and test; default: %(default)s)")
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
@@ -101,6 +113,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup", type=float, default=d.warmup, metavar="F",
                    help="the first fraction F of all steps warms the rate up linearly, then --schedule follows "
                         "(not with onecycle, which warms up already; default: 0)")
+    g.add_argument("--decay", choices=DECAY, default=None,
+                   help="what --weight-decay shrinks: all parameters, or the weights alone (not biases and norms' "
+                        "gains, the usual for transformers) (default: weights for a language model on a text "
+                        "corpus, all otherwise)")
     g.add_argument("--select-by", choices=SELECTION_METRICS, default=d.select_by,
                    help="the validation metric that chooses the epoch kept and counts --patience: errors, or "
                         "log_loss (per case; per token for language models) (default: %(default)s)")
@@ -219,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train an ensemble of N members differing only in seed (--seed, --seed+1, ...) into "
                         "OUT/member-00, ...; with --resume, finished members are skipped and missing ones trained")
     _add_data_options(p)
+    g = p.add_argument_group("text corpus (--data a folder of .txt files, a .jsonl or a table with --text-column: "
+                             "a language model, --model gpt:..., hf:... or package.module:factory)")
+    _add_corpus_options(g)
+    g.add_argument("--vocab-size", type=int, default=4096, metavar="N",
+                   help="with --tokenizer bpe: the vocabulary trained (default: %(default)s)")
     _add_training_options(p)
 
     p = sub.add_parser("distill", help="distil a trained teacher into a student",
@@ -240,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "the student's --device)")
     p.add_argument("--out", type=Path, help="run directory to write (required)")
     _add_data_options(p, default_dataset=None, dataset_help="dataset to train on (default: the teacher's)")
+    g = p.add_argument_group("text corpus (--data a folder of .txt files, a .jsonl or a table with --text-column: "
+                             "--teacher a language-model run or Hugging Face folder, --student gpt:..., hf:..., a "
+                             "folder or package.module:factory)")
+    _add_corpus_options(g)
+    g.add_argument("--store", type=Path, default=None, metavar="STORE",
+                   help="a text corpus: the teacher's outputs from this store ('store build --out'), which must "
+                        "be this teacher's over this corpus and tokenizer (default: the teacher runs online, on "
+                        "--teacher-device)")
     _add_training_options(p)
     _add_distillation_options(p)
     _add_store_options(p)
@@ -258,6 +287,38 @@ def build_parser() -> argparse.ArgumentParser:
                                                   f"{DEFAULT_DEVICE}, as for training)")
     _add_data_options(p, default_dataset=None,
                       dataset_help="dataset to evaluate on (default: the one the model was trained on)")
+    _add_corpus_options(p.add_argument_group("text corpus (--data a folder of .txt files, a .jsonl or a table with "
+                                             "--text-column: a language model evaluated per token)"))
+
+    p = sub.add_parser("store", help="teacher outputs computed once, for language models",
+                       description="Soft-target stores of a language-model teacher over a text corpus.", epilog=EPILOG)
+    store = p.add_subparsers(dest="store_command", metavar="SUBCOMMAND")
+    p = store.add_parser("build", help="run a teacher once over a corpus's training windows and store its outputs",
+                         description="Run --teacher (a darkknowledge language-model run or a Hugging Face folder) "
+                                     "over the training split of --data and store its next-token outputs, keyed to "
+                                     "teacher, tokenizer, corpus, context and layout, in a sub-folder of --out. A "
+                                     "build killed at any point resumes where it stopped when run again. Prints "
+                                     "progress, then bytes per token and tokens/s.", epilog=EPILOG)
+    p.add_argument("--teacher", type=Path, help="the teacher: a language-model run or a Hugging Face folder "
+                                                "(required); its tokenizer cuts the corpus")
+    p.add_argument("--data", type=Path, metavar="CORPUS",
+                   help="the text corpus (required): a folder of .txt files, a .jsonl, or a .csv/.parquet with "
+                        "--text-column")
+    p.add_argument("--out", type=Path, help="folder of stores to write into (required)")
+    p.add_argument("--layout", choices=("dense", "topk", "sampled"), default="topk",
+                   help="what a token's row holds: dense: every logit (2 bytes x vocabulary); topk: the K largest "
+                        "and a summary of the rest; sampled: --head exact tokens + --samples drawn at T = 1 "
+                        "(distils at T = 1 only) (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="with --layout topk: logits kept a token (default: 32)")
+    p.add_argument("--head", type=int, default=0, metavar="H",
+                   help="with --layout sampled: the H most probable tokens kept exact (default: 0)")
+    p.add_argument("--samples", type=int, default=None, metavar="K",
+                   help="with --layout sampled: tokens drawn a position from the rest (required there)")
+    p.add_argument("--text-column", default=None, metavar="NAME",
+                   help="the field of a .jsonl (default: text) or the column of a .csv/.parquet table holding each "
+                        "document's text")
+    _add_corpus_options(p)
 
     p = sub.add_parser("demo", help="teacher, baseline and distilled student on the embedded digits, in a minute",
                        description="Train a teacher, a small baseline and a distilled student on scikit-learn's "
@@ -479,13 +540,75 @@ def _text_choice(args: argparse.Namespace, recorded: dict) -> dict:
     return text
 
 
+def _is_corpus(args: argparse.Namespace) -> bool:
+    """Whether --data is a text corpus (decided by what it holds: .txt files, a .jsonl, a table's text column)."""
+    from .data.text import is_corpus
+    return args.data is not None and is_corpus(args.data, _corpus_column(args), args.label_column)
+
+
+def _corpus_column(args: argparse.Namespace) -> str | None:
+    """A corpus's one text column (labelled text may have two)."""
+    columns = [args.text_column] if isinstance(args.text_column, str) else args.text_column or [None]
+    if len(columns) > 1:
+        raise DarkKnowledgeError("a text corpus has one --text-column (two are for labelled sentence pairs)")
+    return columns[0]
+
+
+def _corpus(args: argparse.Namespace):
+    from .lm_jobs import Corpus
+    if args.data is None:
+        raise DarkKnowledgeError(f"{args.command} needs --data CORPUS (a folder of .txt files, a .jsonl, or a "
+                                 ".csv/.parquet with --text-column)")
+    return Corpus(str(args.data), _corpus_column(args), args.context, seed=args.split_seed)
+
+
+def _run_language_model(args: argparse.Namespace, say) -> None:
+    """train or distill on a text corpus: a language model on the one loop (lm_jobs.lm_run)."""
+    from .lm_jobs import check_language_model_spec, corpus_tokenizer, lm_run
+    from .models import count_parameters
+    _require(args, "out")
+    corpus, config = _corpus(args), _train_config(args)
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if distributed.current().is_main else \
+        (lambda _: None)
+    if args.command == "train":
+        check_language_model_spec(args.model)  # before a tokenizer is trained
+        tokenizer = corpus_tokenizer(corpus, args.tokenizer or "bpe", args.vocab_size)
+        model, meta = lm_run(args.model, corpus, config, args.out, args.resume, tokenizer=tokenizer,
+                             device=args.device, log=log)
+    else:
+        teachers = _teachers(args)
+        _require(args, "temperature")
+        if len(teachers) != 1:
+            raise DarkKnowledgeError("distill --data CORPUS takes one --teacher (a language-model run or a Hugging "
+                                     "Face folder)")
+        model, meta = lm_run(args.student, corpus, config, args.out, args.resume, teacher=teachers[0],
+                             store=args.store, device=args.device, teacher_device=args.teacher_device,
+                             objective={"temperature": args.temperature, "soft_weight": args.soft_weight,
+                                        "hard_weight": args.hard_weight, "divergence": args.divergence,
+                                        "beta": args.beta}, log=log)
+    best = meta["history"][meta["best_epoch"] - 1]
+    say(f"saved {count_parameters(model):,}-parameter language model to {args.out}, best validation log-loss "
+        f"{best['val_log_loss']:.4f} at epoch {meta['best_epoch']}")
+
+
+def _run_store(args: argparse.Namespace, say) -> None:
+    from .lm_jobs import build_store
+    if args.store_command is None:
+        raise DarkKnowledgeError("store needs a subcommand: store build --teacher T --data CORPUS --out STORE")
+    _require(args, "teacher", "out")
+    store, report = build_store(args.teacher, _corpus(args), args.out, args.layout, top_k=args.top_k,
+                                head=args.head, samples=args.samples, log=lambda line: print(line, file=sys.stderr))
+    say(f"store {report['layout']} of {report['tokens']:,} tokens in {store.path}: "
+        f"{report['bytes_per_token']:g} bytes per token, {report['tokens_per_second']:,.0f} tokens/s")
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                        weight_decay=args.weight_decay, schedule=args.schedule, jitter=args.jitter, bf16=args.bf16,
                        seed=args.seed, patience=args.patience, step_epochs=args.step_epochs,
                        progress=not args.no_progress, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation,
                        clip_grad_norm=args.clip_grad_norm, fp16=args.fp16, warmup=args.warmup,
-                       select_by=args.select_by)
+                       select_by=args.select_by, decay=args.decay or ("weights" if _is_corpus(args) else "all"))
 
 
 def _summary(model, result, out: Path) -> str:
@@ -515,7 +638,8 @@ def _refuse_foreign_destinations(args: argparse.Namespace) -> None:
     """Before any work: refuse an output path inside a run, store or experiment folder this command does not write
     (``destinations.py``). A reproduction checks its own folder (``experiments/folder.py``)."""
     from .destinations import EXPERIMENT, RUN, refuse_foreign_destination
-    command = " ".join(filter(None, (args.command, getattr(args, "specialists_command", None))))
+    command = " ".join(filter(None, (args.command, getattr(args, "specialists_command", None),
+                                     getattr(args, "store_command", None))))
     files = {"export": "out", "bench": "json", "report": "out", "specialists evaluate": "json"}
     if command in files and getattr(args, files[command]) is not None:  # an export's model card, a report's
         # Markdown twin and images go beside the file named: into the same folder
@@ -524,6 +648,8 @@ def _refuse_foreign_destinations(args: argparse.Namespace) -> None:
         # a run folder, which may lie in an experiment folder (as its stages' runs do) or in another run folder
         # (as an ensemble's members do)
         refuse_foreign_destination(args.out, f"{command} --out", makes=RUN, inside=(RUN, EXPERIMENT))
+    elif command == "store build" and args.out is not None:  # a folder of stores (each in its key's sub-folder)
+        refuse_foreign_destination(args.out, "store build --out", inside=(EXPERIMENT,))
     elif command == "demo":  # a folder of three runs
         refuse_foreign_destination(args.out, "demo --out")
 
@@ -555,6 +681,8 @@ def run(args: argparse.Namespace) -> int:
                                    device=args.device)
         say(f"saved an ensemble of {args.members} members to {args.out} ({len(done.trained)} trained now, "
               f"{len(done.skipped)} already finished); use it with 'distill --ensemble {args.out}'")
+    elif args.command in ("train", "distill") and _is_corpus(args):
+        _run_language_model(args, say)
     elif args.command == "train":
         _require(args, "out")
         model, result = jobs.train_run(args.model, _data_choice(args, "digits"), _train_config(args), args.out,
@@ -572,6 +700,11 @@ def run(args: argparse.Namespace) -> int:
             device=args.device, teacher_device=args.teacher_device, divergence=args.divergence, beta=args.beta,
             loss_chunk_mb=args.loss_chunk_mb, init_from_teacher=args.init_from_teacher)
         say(_summary(model, result, args.out))
+    elif args.command == "evaluate" and _is_corpus(args):
+        from .lm_jobs import evaluate_lm_run
+        print(json.dumps(evaluate_lm_run(args.run, _corpus(args), args.split, args.device), indent=2))
+    elif args.command == "store":
+        _run_store(args, say)
     elif args.command == "evaluate":
         data = _data_choice(args) if args.dataset or args.data else None
         print(json.dumps(jobs.evaluate_run(args.run, data, args.split, args.jitter, args.combine, args.device),

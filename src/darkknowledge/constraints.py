@@ -37,6 +37,11 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "top_k": (1, 1_000_000, True, True),
     "loss_chunk_mb": (0, 1_000_000, False, True),  # the soft term's working memory per chunk (losses.chunk_rows_for)
     "max_length": (2, 1_000_000, True, True),  # tokens per text of a text table
+    "context": (1, 1_000_000, True, True),  # tokens a window of a text corpus
+    "split_seed": (0, SEED_MAX, True, True),
+    "vocab_size": (2, 10_000_000, True, True),
+    "head": (0, 1_000_000, True, True),  # a sampled store's exact tokens
+    "samples": (1, 1_000_000, True, True),  # a sampled store's draws
     "atol": (0, 1000, False, True),
     "threads": (1, 1024, True, True),
     "jobs": (1, 1024, True, True),

@@ -34,7 +34,8 @@ from .ensemble import ensemble_logits
 from .evaluation import device_of, evaluate_sequences
 from .losses import DEFAULT_DIVERGENCE, check_drawn_targets, describe_divergence
 from .memory import check_fits
-from .soft_targets import SoftTargets
+from .models import build_model
+from .soft_targets import SoftTargets, module_sha256
 from .transformer import build_language_model
 
 KIND = "language-model"
@@ -64,15 +65,25 @@ class Objective:
     hard_weight: float = 0.0
     divergence: str = DEFAULT_DIVERGENCE
     beta: float | None = None
+    teacher: nn.Module | None = None  # a teacher run online on every batch, instead of a store
+    teacher_device: str | None = None  # where the online teacher runs (None: the student's device)
 
     def __post_init__(self):
         describe_divergence(self.divergence, beta=self.beta)
+        if self.store is not None and self.teacher is not None:
+            raise DarkKnowledgeError("distil from a token store or from a teacher run online, not both")
+        if self.teacher is not None:  # what the teacher is, once: the run's key holds it
+            object.__setattr__(self, "_teacher_sha256", module_sha256(self.teacher))
         if self.store is not None:  # up front, before any training
             if self.store.layout == "sampled":
                 check_drawn_targets(self.divergence)
             self.store.check_temperature(self.temperature)
 
     def describe(self) -> dict[str, Any]:
+        if self.teacher is not None:
+            return {"objective": "distillation", "temperature": self.temperature, "soft_weight": self.soft_weight,
+                    "hard_weight": self.hard_weight, **describe_divergence(self.divergence, beta=self.beta),
+                    "teacher": self._teacher_sha256, "online": True}
         if self.store is None:
             return {"objective": "labels"}
         return {"objective": "distillation", "temperature": self.temperature, "soft_weight": self.soft_weight,
@@ -115,19 +126,29 @@ def train_config(config: LMConfig) -> training.TrainConfig:
         progress=False)
 
 
-def run_key(spec: str, tokenizer_sha256: str, train: TokenWindows, config: LMConfig, objective: Objective) -> str:
-    parts = {"spec": spec, "tokenizer": tokenizer_sha256, "train": train.fingerprint(), "config": asdict(config),
+def run_key(spec: str, tokenizer_sha256: str, train: TokenWindows, config: LMConfig | training.TrainConfig,
+            objective: Objective) -> str:
+    settings = config.settings() if isinstance(config, training.TrainConfig) else asdict(config)
+    parts = {"spec": spec, "tokenizer": tokenizer_sha256, "train": train.fingerprint(), "config": settings,
              "objective": objective.describe()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindows, validation: TokenWindows,
-                         config: LMConfig = LMConfig(), objective: Objective = Objective(),
+                         config: LMConfig | training.TrainConfig = LMConfig(), objective: Objective = Objective(),
                          run_dir: str | Path | None = None, log: Callable[[str], None] = print,
-                         device: str | torch.device | None = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+                         device: str | torch.device | None = "cpu", *, model: nn.Module | None = None,
+                         refuse_others: bool = False,
+                         data: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train (or resume, or reuse a finished run of the same key) and return ``(best model on the CPU,
     model.json meta)``. ``device``: where it trains (``auto``: CUDA when present). One writer per run folder: its
-    lock is held for the whole job."""
+    lock is held for the whole job.
+
+    ``config``: the recipe (:class:`LMConfig`), or the loop's settings as they are (the command line's). ``model``:
+    the student's first weights (e.g. a pretrained folder's) instead of ``spec``'s seeded ones; ``spec`` still
+    names its architecture. ``refuse_others``: a folder holding a run of other settings is refused in one line and
+    left as it is (the command line's rule) instead of trained again. ``data``: what model.json records of the
+    corpus."""
     with checkpoint.open_run(run_dir):
         if objective.store is not None:  # a store of other windows, tokenizer or vocabulary: refused in one line
             SoftTargets.open(objective.store.path, windows=train, tokenizer_sha256=tokenizer.sha256,
@@ -138,23 +159,28 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
         if finished is not None:
             log(f"{run_dir}: finished run of these settings, reused")
             return finished
-        check_fits(spec, (train.context,), tokenizer.vocab_size)  # before a spec of any size is built
-        torch.manual_seed(config.seed)
-        model = build_language_model(spec, tokenizer.vocab_size, train.context)
-        settings = train_config(config)
-        loss = training.HardTargets() if objective.store is None else training.Distillation(
-            objective.temperature, objective.soft_weight, objective.hard_weight, store=objective.store,
-            divergence=objective.divergence, beta=objective.beta)
+        if model is None:
+            check_fits(spec, (train.context,), tokenizer.vocab_size)  # before a spec of any size is built
+            torch.manual_seed(config.seed)
+            model = _build(spec, tokenizer.vocab_size, train.context)
+        settings = config if isinstance(config, training.TrainConfig) else train_config(config)
+        loss = training.HardTargets() if objective.store is None and objective.teacher is None else \
+            training.Distillation(objective.temperature, objective.soft_weight, objective.hard_weight,
+                                  store=objective.store, teacher=objective.teacher,
+                                  teacher_device=objective.teacher_device, divergence=objective.divergence,
+                                  beta=objective.beta)
         # the spec lets the loop rebuild its best model on resume (the model registry knows gpt: and hf: specs)
         fit_meta = {"spec": spec, "tokenizer_sha256": tokenizer.sha256}
         if run_dir is not None:
             fit_key = training.run_key(fit_meta, train, validation, settings, loss)
             _adopt_stopped_run(run_dir, key, fit_key, fit_meta, train)
-            _clear_other_run(run_dir, fit_key, log)
+            _clear_other_run(run_dir, fit_key, log, refuse_others)
         result = training.fit(model, train, validation, settings, loss, run_dir=run_dir, resume=True,
                               meta=fit_meta, log=log, device=device)
         meta = {"kind": KIND, "spec": spec, "vocab_size": tokenizer.vocab_size, "context": train.context,
-                "tokenizer_sha256": tokenizer.sha256, "train": train.describe(), "config": asdict(config),
+                "tokenizer_sha256": tokenizer.sha256, "train": train.describe(),
+                "config": settings.settings() if isinstance(config, training.TrainConfig) else asdict(config),
+                **({"data": data} if data is not None else {}),
                 **objective.describe(), "best_epoch": result.best_epoch,
                 "history": _per_epoch(result.history, train.num_tokens), "run_key": key}
         model.cpu()
@@ -162,6 +188,13 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
             save_language_model(run_dir, model, tokenizer, meta)
             _drop_resume_files(run_dir)
         return model.eval(), meta
+
+
+def _build(spec: str, vocab_size: int, context: int) -> nn.Module:
+    """A ``gpt:`` or ``hf:`` spec's model, or a user's factory's (called as ``factory((context,), vocab_size)``)."""
+    if spec.partition(":")[0] in ("gpt", "hf"):
+        return build_language_model(spec, vocab_size, context)
+    return build_model(spec, (context,), vocab_size)
 
 
 def _adopt_stopped_run(run_dir: Path, key: str, fit_key: str, fit_meta: dict[str, Any], train: TokenWindows) -> None:
@@ -197,10 +230,10 @@ def _adopt_stopped_run(run_dir: Path, key: str, fit_key: str, fit_meta: dict[str
     (run_dir / BEST_WEIGHTS).unlink()
 
 
-def _clear_other_run(run_dir: Path, fit_key: str, log: Callable[[str], None]) -> None:
+def _clear_other_run(run_dir: Path, fit_key: str, log: Callable[[str], None], refuse: bool = False) -> None:
     """A folder holding a run of other settings (another spec, data, recipe or objective), or a state that cannot
     resume (damaged, or its tensors fail their checksum), is trained again from the start, as the language models'
-    own loop did."""
+    own loop did; with ``refuse``, it is refused in one line and left as it is."""
     state = run_dir / checkpoint.STATE_META
     if state.exists():
         try:
@@ -216,6 +249,8 @@ def _clear_other_run(run_dir: Path, fit_key: str, log: Callable[[str], None]) ->
         reason = "holds a model of other settings"
     else:
         return
+    if refuse:
+        raise DarkKnowledgeError(f"{run_dir} {reason}; choose another --out, or delete the folder to train it again")
     log(f"{run_dir}: {reason}; training starts afresh")
     _drop_resume_files(run_dir)
     for name in (checkpoint.MODEL_META, checkpoint.MODEL_WEIGHTS):
@@ -254,7 +289,7 @@ def load_language_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]
     meta = checkpoint.read_model_meta(run_dir, schemas.LanguageModelSidecar)
     check_fits(meta["spec"], (meta["context"],), meta["vocab_size"], copies=2)  # a spec may name any size
     try:
-        model = build_language_model(meta["spec"], meta["vocab_size"], meta["context"])
+        model = _build(meta["spec"], meta["vocab_size"], meta["context"])
     except (RuntimeError, MemoryError) as error:
         raise DarkKnowledgeError(f"model: {run_dir / checkpoint.MODEL_META} describes a model that cannot be built "
                                  f"({str(error).splitlines()[0] if str(error) else type(error).__name__}); "

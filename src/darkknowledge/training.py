@@ -56,13 +56,17 @@ _BOUNDED = {"epochs": True, "batch_size": True, "lr": False, "momentum": False, 
             "seed": True, "patience": True, "grad_accumulation": True, "clip_grad_norm": False, "step_epochs": True,
             "warmup": False}
 _UNSET_ALLOWED = {"patience", "clip_grad_norm", "step_epochs"}
-SELECTION_METRICS = ("errors", "log_loss")  # what chooses the epoch kept: validation errors or log-loss
+SELECTION_METRICS = ("errors", "log_loss")
+# What weight decay shrinks: every parameter, or the weights alone (matrices and embeddings; not the biases and
+# the norms' gains, whose decay only pulls them from their useful values: the usual for transformers).
+DECAY = ("all", "weights")  # what chooses the epoch kept: validation errors or log-loss
 # How each epoch's order of cases is seeded: fit's own, or the one the language-model loop drew before it folded
 # into fit (seed * 1000 + epoch, epochs from 1), kept so the committed results/lm* runs reproduce exactly.
 EPOCH_ORDERS = ("fit", "language-model")
 # Settings added after runs were saved: left out of a run's key while at their defaults, so older runs resume.
 _NEWER_SETTINGS = {"optimizer": "sgd", "optimizer_options": {}, "grad_accumulation": 1, "clip_grad_norm": None,
-                   "fp16": False, "step_epochs": None, "warmup": 0.0, "select_by": "errors", "epoch_order": "fit"}
+                   "fp16": False, "step_epochs": None, "warmup": 0.0, "select_by": "errors", "epoch_order": "fit",
+                   "decay": "all"}
 
 
 @dataclass
@@ -91,6 +95,7 @@ class TrainConfig:
     warmup: float = 0.0  # fraction of all steps warming the rate up linearly from lr / warm-up steps (not onecycle)
     select_by: str = "errors"  # the validation metric that chooses the epoch kept (and counts patience)
     epoch_order: str = "fit"  # how each epoch's order is seeded (see EPOCH_ORDERS)
+    decay: str = "all"  # what weight_decay shrinks (see DECAY): all parameters, or the weights alone
 
     def __post_init__(self):
         # Numbers keep the ranges the command line gives them (constraints.RANGES); unset ones are left out.
@@ -108,7 +113,8 @@ class TrainConfig:
                   ("warmup", not (self.warmup and self.schedule == "onecycle"),
                    "0 with the onecycle schedule (it warms up over its first tenth already)"),
                   ("select_by", self.select_by in SELECTION_METRICS, f"one of {', '.join(SELECTION_METRICS)}"),
-                  ("epoch_order", self.epoch_order in EPOCH_ORDERS, f"one of {', '.join(EPOCH_ORDERS)}")]
+                  ("epoch_order", self.epoch_order in EPOCH_ORDERS, f"one of {', '.join(EPOCH_ORDERS)}"),
+                  ("decay", self.decay in DECAY, f"one of {', '.join(DECAY)}")]
         for name, ok, allowed in checks:
             if not ok:
                 raise DarkKnowledgeError(f"training option {name} must be {allowed}, got {getattr(self, name)!r}")
@@ -129,13 +135,19 @@ class TrainConfig:
         return out
 
     def make_optimizer(self, parameters) -> torch.optim.Optimizer:
-        """The optimizer; its learning rate is set every step by :meth:`learning_rate`."""
+        """The optimizer; its learning rate is set every step by :meth:`learning_rate`. With ``decay="weights"``
+        the parameters of fewer than two dimensions (biases, norms' gains) are in a group without weight decay."""
+        flat = list(parameters)
+        parameters = flat
+        if self.decay == "weights" and self.weight_decay:
+            groups = [{"params": [p for p in flat if p.dim() >= 2]},
+                      {"params": [p for p in flat if p.dim() < 2], "weight_decay": 0.0}]
+            parameters = [group for group in groups if group["params"]]
         if self.optimizer == "sgd":
-            parameters = list(parameters)
             # One fused pass over each tensor, not torch's CPU default of one per operation: the same update up to
             # rounding, a 1.8x faster step for the MNIST teacher (benchmarks/teacher_speed.py).
             fusable = not {"fused", "foreach"} & set(self.optimizer_options) and all(
-                p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in parameters)
+                p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in flat)
             return torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                                    **({"fused": True} if fusable else {}), **self.optimizer_options)
         if self.optimizer == "adamw":

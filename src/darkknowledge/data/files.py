@@ -225,8 +225,8 @@ def load_image_folder(path: Path, image_size=None, transform: Transform | None =
     return DatasetSplits(train=train, test=test)
 
 
-def load_table(path: Path, label_column: str | None = None, transform: Transform | None = None,
-               **_) -> DatasetSplits:
+def read_table(path: Path):
+    """A CSV (with a header row) or Parquet file as a pandas DataFrame, read whole; one line when it cannot be."""
     try:
         import pandas as pd
     except ImportError:
@@ -241,6 +241,13 @@ def load_table(path: Path, label_column: str | None = None, transform: Transform
     except Exception as e:  # pandas raises many kinds for a malformed file
         raise DarkKnowledgeError(f"{path}: cannot read the table ({one_line(e)}); give a CSV with a header row "
                                  "or a Parquet file") from None
+    return frame
+
+
+def load_table(path: Path, label_column: str | None = None, transform: Transform | None = None,
+               **_) -> DatasetSplits:
+    import pandas as pd
+    frame = read_table(path)
     label_column = label_column or "label"
     if label_column not in frame.columns:
         raise DarkKnowledgeError(f"{path}: no label column {label_column!r} (columns: "

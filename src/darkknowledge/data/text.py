@@ -1,7 +1,10 @@
-"""A text corpus from a folder of ``.txt`` files, split by whole documents, tokenised, cut into token windows.
+"""A text corpus (a folder of ``.txt`` files, a ``.jsonl`` or a table's text column), split by whole documents,
+tokenised, cut into token windows.
 
-- :func:`load_corpus` reads every ``*.txt`` (sorted by name) as UTF-8; a file that is not UTF-8 is refused with
-  its name; empty (or whitespace-only) documents are skipped and counted.
+- :func:`load_corpus` reads a folder's every ``*.txt`` (sorted by name) as UTF-8 (a file that is not UTF-8 is
+  refused with its name), a ``.jsonl``'s ``text`` field (one document a line) or a ``.csv`` / ``.parquet``
+  table's text column (one document a row); empty (or whitespace-only) documents are skipped and counted.
+  :func:`is_corpus` tells a corpus from the other data ``--data`` takes, by what the path holds.
 - :func:`split_documents` assigns whole documents to train / validation / test by a seeded permutation of their
   names (fixed by the seed and recorded in the run), so no work leaks between splits.
 - :class:`TextTokenizer` is character level or a byte-level BPE trained on the training split only, with Hugging
@@ -10,6 +13,11 @@
   split's documents joined by an end-of-document token, cut into non-overlapping windows of ``context`` tokens;
   item ``i`` is window ``i``, its inputs the window and its labels the next tokens. A *case* is one token
   position, ``i * context + t`` (a row of the token store); every position counts, so no label is ``-100``.
+
+**One label convention** (docs/language-models-cli.md): the labels a loss sees are already shifted, label ``t``
+being the token after input ``t``. Labels given the Hugging Face way, unshifted (``labels = input_ids``, ``-100``
+where nothing is predicted), become that by :func:`shift_labels`; :class:`LabeledSequences` does it for a user's
+``(input_ids, labels)`` arrays, so such data trains in :func:`darkknowledge.training.fit` as token windows do.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from .. import reading, schemas
 from ..errors import DarkKnowledgeError
 
 SPLITS = ("train", "validation", "test")
+IGNORE_INDEX = -100  # a label that is not predicted (Hugging Face's convention)
+TABLE_SUFFIXES = (".csv", ".parquet")
 END_OF_DOCUMENT = "<|endoftext|>"
 TOKENIZER_FORMAT = "darkknowledge/tokenizer-1"
 TOKENIZER_KINDS = ("char", "bpe")
@@ -50,25 +60,115 @@ class TextCorpus:
         return h.hexdigest()
 
 
-def load_corpus(folder: str | Path) -> TextCorpus:
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DarkKnowledgeError(f"text corpus {folder} is not a folder; give a folder of .txt files")
-    documents, skipped = {}, 0
+def is_corpus(path: str | Path, text_column: str | None = None, label_column: str | None = None) -> bool:
+    """Whether ``--data PATH`` is a text corpus (a language model's), by what it holds: a folder with ``.txt`` files
+    directly in it, or a ``.jsonl`` / a table with a ``text_column``, with no label column (``label_column``, default
+    ``label``). A table or ``.jsonl`` that has labels is labelled text, a classifier's (data/text_table.py)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return any(path.glob("*.txt"))
+    suffix = path.suffix.lower()
+    if not (suffix == ".jsonl" or (suffix in TABLE_SUFFIXES and text_column is not None)) or not path.is_file():
+        return False
+    return (label_column or "label") not in _column_names(path)
+
+
+def _column_names(path: Path) -> list[str]:
+    """A table's column names (a .jsonl's: its first line's fields) without reading it whole."""
+    try:
+        if path.suffix.lower() == ".jsonl":
+            reading.check_file(path, "--data", None)  # a regular file, not a FIFO
+            with open(path, "rb") as f:
+                first = next((line for line in f if line.strip()), b"{}")
+            fields = json.loads(first)
+            return list(fields) if isinstance(fields, dict) else []
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet
+            return list(pyarrow.parquet.read_schema(path).names)
+        import pandas
+        return list(pandas.read_csv(path, nrows=0).columns)
+    except Exception:  # an unreadable file is reported, in one line, by the reader it goes to
+        return []
+
+
+def load_corpus(source: str | Path, text_column: str | None = None) -> TextCorpus:
+    """The documents of a folder of ``.txt`` files (by file name), of a ``.jsonl`` (``text_column``, default
+    ``text``, of each line's object; named by line) or of a CSV / Parquet table's ``text_column`` (by row)."""
+    source = Path(source).expanduser()
+    suffix = source.suffix.lower()
+    if source.is_dir():
+        if text_column is not None:
+            raise DarkKnowledgeError(f"--text-column is for a .jsonl, .csv or .parquet corpus; {source} is a folder "
+                                     "of .txt files (one document each): drop --text-column")
+        texts = _folder_texts(source)
+    elif suffix == ".jsonl" and source.is_file():
+        texts = _jsonl_texts(source, text_column or "text")
+    elif suffix in TABLE_SUFFIXES and source.is_file():
+        if text_column is None:
+            raise DarkKnowledgeError(f"{source}: a table corpus needs --text-column NAME (the column holding each "
+                                     "document's text)")
+        texts = _table_texts(source, text_column)
+    else:
+        raise DarkKnowledgeError(f"text corpus {source} is not a folder of .txt files, a .jsonl file or a "
+                                 ".csv/.parquet table; give one of those")
+    documents = {name: text for name, text in texts.items() if text.strip()}
+    skipped = len(texts) - len(documents)
+    if len(documents) < len(SPLITS):
+        raise DarkKnowledgeError(f"text corpus {source} has {len(documents)} non-empty document(s) "
+                                 f"({skipped} empty skipped); splitting by document into train, validation and test "
+                                 f"needs at least {len(SPLITS)}: add documents")
+    return TextCorpus(source, documents, skipped)
+
+
+def _folder_texts(folder: Path) -> dict[str, str]:
+    texts = {}
     for path in sorted(folder.glob("*.txt")):
         try:
-            text = reading.read_text(path, "text corpus", reading.TEXT_LIMIT)
+            texts[path.name] = reading.read_text(path, "text corpus", reading.TEXT_LIMIT)
         except UnicodeDecodeError as error:
             raise DarkKnowledgeError(f"{path} is not UTF-8 text (byte {error.start}); convert it "
                                      f"(e.g. iconv -t utf-8) or move it out of the corpus folder") from None
-        if text.strip():
-            documents[path.name] = text
-        else:
-            skipped += 1
-    if len(documents) < len(SPLITS):
-        raise DarkKnowledgeError(f"text corpus {folder} has {len(documents)} non-empty .txt file(s) "
-                                 f"({skipped} empty skipped); splitting by document needs at least {len(SPLITS)}")
-    return TextCorpus(folder, documents, skipped)
+    return texts
+
+
+def _jsonl_texts(path: Path, field_name: str) -> dict[str, str]:
+    try:
+        lines = reading.read_text(path, "text corpus", reading.TEXT_LIMIT).splitlines()
+    except UnicodeDecodeError as error:
+        raise DarkKnowledgeError(f"{path} is not UTF-8 text (byte {error.start}); convert it "
+                                 "(e.g. iconv -t utf-8)") from None
+    texts, width = {}, len(str(len(lines)))
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise DarkKnowledgeError(f"{path}, line {number}: not JSON; give one JSON object a line") from None
+        if not isinstance(record, dict) or field_name not in record:
+            raise DarkKnowledgeError(f"{path}, line {number}: no {field_name!r} field; give each line a "
+                                     f"{field_name!r} field, or name the field with --text-column")
+        if not isinstance(record[field_name], str):
+            raise DarkKnowledgeError(f"{path}, line {number}: field {field_name!r} is not a text")
+        texts[f"line-{number:0{width}d}"] = record[field_name]
+    return texts
+
+
+def _table_texts(path: Path, column: str) -> dict[str, str]:
+    from .files import read_table
+    frame = read_table(path)
+    if column not in frame.columns:
+        raise DarkKnowledgeError(f"{path}: no text column {column!r} (columns: "
+                                 f"{', '.join(map(str, frame.columns[:12]))}); pass --text-column NAME")
+    values = frame[column]
+    if not all(isinstance(v, str) for v in values.dropna()):
+        raise DarkKnowledgeError(f"{path}: column {column!r} holds values that are not text; name the text column "
+                                 "with --text-column")
+    texts = {f"row-{i:0{len(str(len(values)))}d}": v for i, v in enumerate(values) if isinstance(v, str)}
+    if not any(text.strip() for text in texts.values()):
+        raise DarkKnowledgeError(f"{path}: text column {column!r} is empty (no row holds text); name the column "
+                                 "that does with --text-column")
+    return texts
 
 
 def split_documents(names, validation: float = 0.1, test: float = 0.1, seed: int = 0) -> dict[str, list[str]]:
@@ -226,6 +326,28 @@ class TokenWindows:
     def describe(self) -> dict[str, Any]:
         return {"kind": "token-windows", "split": self.name, "context": self.context, "windows": self.num_windows,
                 "tokens": self.num_tokens, "vocab_size": self.vocab_size, "fingerprint": self.fingerprint()}
+
+
+def shift_labels(labels) -> Tensor:
+    """Hugging Face-style labels ``[..., S]`` (label ``t`` the token *at* ``t``, ``-100`` where nothing counts) in
+    the library's convention: label ``t`` is the token after input ``t``, and the last position, with no next token,
+    is ``-100``."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    return torch.cat([labels[..., 1:], torch.full_like(labels[..., :1], IGNORE_INDEX)], -1)
+
+
+def causal_sequences(input_ids, labels=None, *, vocab_size: int, name: str = "sequences"):
+    """A user's token sequences ``[N, S]`` as a transfer set for :func:`darkknowledge.training.fit`, the labels
+    shifted by :func:`shift_labels` (``labels`` unshifted, Hugging Face's way; default: the inputs themselves), so
+    a causal model learns to predict the next token; every ``-100`` counts for nothing, in the loss and in metrics."""
+    from .transfer import ArrayTransferSet
+    input_ids = torch.as_tensor(input_ids, dtype=torch.int64)
+    labels = shift_labels(input_ids if labels is None else labels)
+    if labels.shape != input_ids.shape:
+        raise DarkKnowledgeError(f"{name}: labels {list(labels.shape)} must have the inputs' shape "
+                                 f"{list(input_ids.shape)}")
+    return ArrayTransferSet(input_ids, labels, classes=[str(i) for i in range(vocab_size)], name=name,
+                            ignore_index=IGNORE_INDEX)
 
 
 @dataclass

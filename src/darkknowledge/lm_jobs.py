@@ -1,0 +1,244 @@
+"""Whole jobs of a language model on a user's corpus, as the command line runs them: the corpus split and
+tokenised with the teacher's tokenizer (:class:`Corpus`), the teacher's outputs stored once (:func:`build_store`),
+a run evaluated in its units (:func:`evaluate_lm_run`). Models and tokenizers come from
+:func:`darkknowledge.pretrained.load_causal_lm`, so every verb takes the same folders."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .data.text import TextSplits, TextTokenizer, load_corpus, split_documents, tokenise_corpus
+from .errors import DarkKnowledgeError
+from .language_model import evaluate_language_model
+from .outputs import logits_of
+from .pretrained import load_causal_lm
+from .soft_targets import SoftTargets
+
+LAYOUTS = ("dense", "topk", "sampled")
+DEFAULT_CONTEXT = 1024  # the longest window a corpus is cut into when --context is not given
+SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A user's corpus (``--data``, ``--text-column``), split by whole documents (fractions and seed recorded) and
+    cut into windows of ``context`` tokens."""
+
+    path: str
+    text_column: str | None = None
+    context: int | None = None  # None: the model's positions, at most DEFAULT_CONTEXT
+    validation: float = 0.1
+    test: float = 0.1
+    seed: int = 0
+
+    def splits(self, tokenizer: TextTokenizer) -> TextSplits:
+        corpus = load_corpus(self.path, self.text_column)
+        documents = split_documents(corpus.documents, self.validation, self.test, self.seed)
+        return tokenise_corpus(corpus, documents, tokenizer, self.context)
+
+    def describe(self, splits: TextSplits) -> dict[str, Any]:
+        """What a run or store records of its data: where, how it was split (sizes in documents and tokens)."""
+        return {"path": str(Path(self.path).expanduser().resolve()), "text_column": self.text_column,
+                "context": self.context, "split": {"validation": self.validation, "test": self.test,
+                                                   "seed": self.seed},
+                "documents": {name: len(names) for name, names in splits.documents.items()},
+                "tokens": {name: w.num_tokens for name, w in splits.windows.items()},
+                "corpus_sha256": splits.corpus_sha256, "skipped_empty": splits.skipped_empty}
+
+
+def positions_of(model: nn.Module, description: dict[str, Any] | None = None) -> int | None:
+    """How many positions a model reads at most (None: no limit it states)."""
+    if description and description.get("context"):
+        return int(description["context"])
+    config = getattr(model, "config", None) or getattr(getattr(model, "model", None), "config", None)
+    for name in ("context", "n_positions", "max_position_embeddings"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    return None
+
+
+def check_context(context: int, model: nn.Module, description: dict[str, Any], role: str) -> None:
+    """``--context`` must fit the model's positions: refused in one line before any work."""
+    positions = positions_of(model, description)
+    if positions is not None and context > positions:
+        raise DarkKnowledgeError(f"--context {context} is longer than the {role} {description.get('source', '')} "
+                                 f"reads ({positions} positions); give --context {positions} or less")
+
+
+def check_vocabulary(model: nn.Module, tokenizer: TextTokenizer, role: str, source: str) -> None:
+    """The model's outputs must be its tokenizer's vocabulary (one forward of one token: cheap)."""
+    with torch.no_grad():
+        width = logits_of(model(torch.zeros(1, 1, dtype=torch.int64))).shape[-1]
+    if width != tokenizer.vocab_size:
+        raise DarkKnowledgeError(f"the {role} {source} gives {width} logits a token but its tokenizer has "
+                                 f"{tokenizer.vocab_size} tokens; the vocabularies differ: use a model and the "
+                                 "tokenizer it was trained with")
+
+
+def load_model(source: str | Path, corpus: Corpus, role: str) -> tuple[nn.Module, TextTokenizer, Corpus]:
+    """A teacher (or a student folder) with its tokenizer, checked against ``--context`` and its vocabulary, and
+    the corpus with its context settled (unset: the model's positions, at most :data:`DEFAULT_CONTEXT`)."""
+    model, tokenizer, description = load_causal_lm(source)
+    if corpus.context is None:
+        corpus = replace(corpus, context=min(positions_of(model, description) or DEFAULT_CONTEXT, DEFAULT_CONTEXT))
+    check_context(corpus.context, model, description, role)
+    check_vocabulary(model, tokenizer, role, str(source))
+    return model, tokenizer, corpus
+
+
+def _progress(total_label: str) -> Callable[[int, int], None]:
+    """A store build's progress on stderr: tokens done, of all, and tokens a second, at most once a second."""
+    started, last = time.perf_counter(), [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= 1.0 or done == total:
+            last[0] = now
+            print(f"{total_label}: {done:,}/{total:,} tokens ({done / max(now - started, 1e-9):,.0f} tokens/s so "
+                  "far)", file=sys.stderr, flush=True)
+    return show
+
+
+def build_store(teacher: str | Path, corpus: Corpus, out: str | Path, layout: str = "topk", *,
+                top_k: int | None = None, head: int = 0, samples: int | None = None,
+                log: Callable[[str], None] = print,
+                on_chunk: Callable[[int, int], None] | None = None) -> tuple[SoftTargets, dict[str, Any]]:
+    """The teacher's per-token outputs over the corpus's training windows, computed once into ``out`` (a folder
+    of stores, each in its key's sub-folder: keyed to teacher, tokenizer, corpus, context and layout); a killed
+    build resumes where it stopped. Returns the store and what to report (bytes per token, tokens/s)."""
+    if layout not in LAYOUTS:
+        raise DarkKnowledgeError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "topk" and top_k is None:
+        top_k = 32
+    if layout == "sampled" and samples is None:
+        raise DarkKnowledgeError("--layout sampled needs --samples K (draws a token; e.g. --head 16 --samples 16)")
+    if layout != "topk" and top_k is not None:
+        raise DarkKnowledgeError(f"--top-k is for --layout topk, not {layout}")
+    if layout != "sampled" and (head or samples is not None):
+        raise DarkKnowledgeError(f"--head and --samples are for --layout sampled, not {layout}")
+    model, tokenizer, corpus = load_model(teacher, corpus, "teacher")
+    train = corpus.splits(tokenizer).windows["train"]
+    started = time.perf_counter()
+    store = SoftTargets.build(model, train, out, tokenizer_sha256=tokenizer.sha256, top_k=top_k,
+                               samples=samples, head=head, log=log,
+                               on_chunk=on_chunk or _progress(f"store {layout}"))
+    seconds = store.header.get("build_seconds") or (time.perf_counter() - started)
+    return store, {"store": str(store.path), "layout": store.layout, "top_k": store.top_k, "head": store.head,
+                   "tokens": len(store), "bytes_per_token": store.bytes_per_case,
+                   "tokens_per_second": len(store) / max(seconds, 1e-9)}
+
+
+def evaluate_lm_run(run: str | Path, corpus: Corpus, split: str = "test",
+                    device: str | None = None) -> dict[str, Any]:
+    """Per-token log-loss, perplexity and next-token accuracy of a language model (a run or a folder
+    :func:`load_causal_lm` reads) on a split of ``corpus``, split as training split it."""
+    if split not in SPLIT_NAMES:
+        raise DarkKnowledgeError(f"split must be train, val or test, got {split!r}")
+    from .devices import resolve_device
+    model, tokenizer, corpus = load_model(run, corpus, "model")
+    windows = corpus.splits(tokenizer).windows[SPLIT_NAMES[split]]
+    result = evaluate_language_model(model.to(resolve_device(device)), windows)
+    return {"run": str(run), "data": corpus.path, "split": split,
+            "context": corpus.context, "tokens": result["tokens"], "log_loss": result["log_loss"],
+            "perplexity": result["perplexity"], "accuracy": result["accuracy"]}
+
+
+def _store_for(folder: str | Path, teacher: nn.Module, windows, tokenizer: TextTokenizer) -> SoftTargets:
+    """The store in ``folder`` (one store, or a folder of them as ``store build --out`` writes) built from this
+    teacher over these windows with this tokenizer; another teacher's, tokenizer's or corpus's is refused."""
+    from .soft_targets import module_sha256
+    folder = Path(folder)
+    found = [folder] if (folder / "targets.json").exists() else sorted(p.parent for p in folder.glob("*/targets.json"))
+    if not found:
+        raise DarkKnowledgeError(f"{folder} holds no token store; build one with 'darkknowledge store build'")
+    teacher_sha, problems = module_sha256(teacher), []
+    for candidate in found:
+        try:
+            store = SoftTargets.open(candidate, windows=windows, tokenizer_sha256=tokenizer.sha256,
+                                      vocab_size=tokenizer.vocab_size)
+        except DarkKnowledgeError as error:
+            problems.append(str(error))
+            continue
+        if teacher_sha in store.header["key_parts"]["members"]:
+            return store
+        problems.append(f"token store {candidate} was built from another teacher; build one from this teacher")
+    raise DarkKnowledgeError(problems[0] if len(problems) == 1 else
+                             f"none of the {len(found)} stores in {folder} is this teacher's over this corpus "
+                             f"and tokenizer ({problems[0]})")
+
+
+def check_language_model_spec(spec: str) -> None:
+    """A language model's spec: ``gpt:``, ``hf:`` or a factory (an image model's is refused in one line)."""
+    from .models import FACTORY, parse_spec
+    if parse_spec(spec).kind not in ("gpt", "hf", FACTORY):
+        raise DarkKnowledgeError(f"a text corpus trains a language model: give gpt:..., hf:..., "
+                                 f"package.module:factory or a model folder, not {spec!r}")
+
+
+def _student(spec: str, tokenizer: TextTokenizer, corpus: Corpus) -> tuple[str, nn.Module | None]:
+    """``(spec, first weights or None)``: a ``gpt:``/``hf:`` spec or a factory is built by the run from its seed;
+    a folder (:func:`load_causal_lm`) starts from its weights and must share the teacher's tokenizer."""
+    if not Path(spec).expanduser().is_dir():
+        check_language_model_spec(spec)
+        return spec, None
+    model, student_tokenizer, description = load_causal_lm(spec)
+    check_context(corpus.context, model, description, "student")
+    if student_tokenizer.sha256 != tokenizer.sha256:
+        raise DarkKnowledgeError(f"the student {spec} has another tokenizer than the teacher (SHA-256 "
+                                 f"{student_tokenizer.sha256[:12]}, the teacher's {tokenizer.sha256[:12]}); teacher "
+                                 "and student must share one")
+    check_vocabulary(model, tokenizer, "student", spec)
+    if not description.get("spec"):
+        raise DarkKnowledgeError(f"the student folder {spec} does not name its architecture (no spec); give a "
+                                 "gpt: or hf: spec instead")
+    return description["spec"], model
+
+
+def lm_run(spec: str, corpus: Corpus, config, out: str | Path, resume: bool = False, *,
+           tokenizer: TextTokenizer | None = None, teacher: str | Path | None = None, store: str | Path | None = None,
+           objective: dict[str, Any] | None = None, device: str | None = None, teacher_device: str | None = None,
+           log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:
+    """Train ``spec`` (a spec, a factory or a folder) on ``corpus`` into the run folder ``out``, on the one loop
+    (``config``: a :class:`darkknowledge.training.TrainConfig`): on labels without ``teacher`` (``tokenizer``: the
+    one to use), else distilled from the teacher (its tokenizer), read from ``store`` or run online on
+    ``teacher_device``. ``objective``: temperature, soft_weight, hard_weight, divergence, beta. A folder holding a
+    run of other settings is refused; a killed run continues with ``resume``."""
+    from . import checkpoint
+    from .language_model import Objective, train_language_model
+    online = None
+    if teacher is not None:
+        online, tokenizer, corpus = load_model(teacher, corpus, "teacher")
+    elif tokenizer is None:
+        raise DarkKnowledgeError("a language-model run needs a tokenizer or a teacher")
+    elif corpus.context is None:
+        corpus = replace(corpus, context=128)
+    spec, first = _student(spec, tokenizer, corpus)
+    splits = corpus.splits(tokenizer)
+    train, validation = splits.windows["train"], splits.windows["validation"]
+    if (Path(out) / checkpoint.STATE_META).exists():
+        checkpoint.check_startable(Path(out), resume)  # a killed run continues only when asked
+    soft = {}
+    if online is not None and store is not None:
+        soft = {"store": _store_for(store, online, train, tokenizer)}
+    elif online is not None:
+        soft = {"teacher": online, "teacher_device": teacher_device}
+    goal = Objective(**soft, **(objective or {})) if soft else Objective()
+    return train_language_model(spec, tokenizer, train, validation, config, goal, out, log=log, device=device,
+                                model=first, refuse_others=True, data=corpus.describe(splits))
+
+
+def corpus_tokenizer(corpus: Corpus, choice: str = "bpe", vocab_size: int = 4096) -> TextTokenizer:
+    """A run's tokenizer with no teacher: ``choice`` a ``tokenizer.json`` path, or ``char`` / ``bpe`` trained on the
+    corpus's training split, as the reproduction trains its own."""
+    if choice not in ("char", "bpe"):
+        return TextTokenizer.load(choice)
+    corpus_documents = load_corpus(corpus.path, corpus.text_column)
+    documents = split_documents(corpus_documents.documents, corpus.validation, corpus.test, corpus.seed)
+    return TextTokenizer.train([corpus_documents.documents[n] for n in documents["train"]], choice, vocab_size)

@@ -1,0 +1,322 @@
+"""Language models from the command line: a corpus given as a folder of .txt files, a .jsonl or a table's text
+column, split by whole documents; the one label convention (labels shifted by the library, Hugging Face-style
+unshifted labels too); bad corpora refused in one line."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from darkknowledge.data.text import (IGNORE_INDEX, TextTokenizer, causal_sequences, is_corpus, load_corpus,
+                                     shift_labels, split_documents, tokenise_corpus)
+from darkknowledge.errors import DarkKnowledgeError
+from darkknowledge.training import TrainConfig, fit
+
+DOCUMENTS = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (5 + i) for i in range(6)]
+
+
+def _one_line(work, match: str) -> None:
+    with pytest.raises(DarkKnowledgeError, match=match) as raised:
+        work()
+    assert "\n" not in str(raised.value)
+
+
+def _folder(tmp_path, documents=DOCUMENTS):
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for i, text in enumerate(documents):
+        (folder / f"doc{i}.txt").write_text(text)
+    return folder
+
+
+def _jsonl(tmp_path, documents=DOCUMENTS, field="text"):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({field: text, "id": i}) + "\n" for i, text in enumerate(documents)))
+    return path
+
+
+def _table(tmp_path, documents=DOCUMENTS, suffix=".csv"):
+    import pandas as pd
+    frame = pd.DataFrame({"id": range(len(documents)), "body": documents})
+    path = tmp_path / f"corpus{suffix}"
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "csv", "parquet"])
+def test_every_corpus_format_gives_the_same_documents_split_whole(tmp_path, kind):
+    column = "body" if kind in ("csv", "parquet") else None
+    path = {"txt": lambda: _folder(tmp_path), "jsonl": lambda: _jsonl(tmp_path),
+            "csv": lambda: _table(tmp_path), "parquet": lambda: _table(tmp_path, suffix=".parquet")}[kind]()
+    assert is_corpus(path, column)
+    corpus = load_corpus(path, column)
+    assert sorted(corpus.documents.values()) == sorted(DOCUMENTS)
+    splits = split_documents(corpus.documents, seed=3)
+    assert splits == split_documents(corpus.documents, seed=3)  # seeded
+    assert sorted(sum(splits.values(), [])) == sorted(corpus.documents)  # whole documents, each in one split
+
+
+def test_image_folders_and_labelled_tables_are_not_corpora(tmp_path):
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    assert not is_corpus(tmp_path / "images")
+    assert not is_corpus(_table(tmp_path))  # a table without --text-column is a labelled table
+
+
+def test_bad_corpora_are_refused_in_one_line(tmp_path):
+    _one_line(lambda: load_corpus(_folder(tmp_path, DOCUMENTS[:2])), "needs at least 3: add documents")
+    _one_line(lambda: load_corpus(_table(tmp_path), "text"), r"no text column 'text' \(columns: id, body\)")
+    _one_line(lambda: load_corpus(_table(tmp_path, ["", "", "", ""]), "body"), "text column 'body' is empty")
+    _one_line(lambda: load_corpus(_jsonl(tmp_path, field="content")), "no 'text' field")
+    assert len(load_corpus(_jsonl(tmp_path, field="content"), "content").documents) == len(DOCUMENTS)
+    _one_line(lambda: load_corpus(_table(tmp_path)), "needs --text-column")
+
+
+def test_labels_are_shifted_by_the_library_and_hugging_face_style_labels_read_the_same():
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert shift_labels(ids).tolist() == [[6, 7, 8, IGNORE_INDEX]]
+    # Hugging Face's way: labels = input_ids, -100 where nothing is predicted (here the prompt's first token)
+    assert shift_labels(torch.tensor([[-100, 6, 7, 8]])).tolist() == [[6, 7, 8, IGNORE_INDEX]]
+    assert shift_labels(torch.tensor([[5, 6, -100, -100]])).tolist() == [[6, -100, -100, IGNORE_INDEX]]
+
+
+def test_token_windows_follow_the_same_convention(tmp_path):
+    corpus = load_corpus(_folder(tmp_path))
+    documents = split_documents(corpus.documents)
+    tokenizer = TextTokenizer.train([corpus.documents[n] for n in documents["train"]], "char")
+    windows = tokenise_corpus(corpus, documents, tokenizer, context=8).windows["train"]
+    inputs, labels = windows.batch([0])
+    following, _ = windows.batch([1])
+    assert torch.equal(labels[:, :-1], shift_labels(inputs)[:, :-1])  # label t: the token after input t
+    assert labels[0, -1] == following[0, 0]  # a window's last label is the next window's first token
+
+
+def test_unshifted_labels_train_a_causal_model_with_minus_100_ignored():
+    from darkknowledge.transformer import build_language_model
+    torch.manual_seed(0)
+    ids = torch.randint(0, 11, (8, 6))
+    labels = ids.clone()
+    labels[:, :2] = IGNORE_INDEX  # a prompt: nothing predicted there
+    data = causal_sequences(ids, labels, vocab_size=11)
+    assert (data.batch([0])[1][0] == IGNORE_INDEX).sum() == 2  # the prompt's second label, and the last position
+    model = build_language_model("gpt:layers=1,dim=8,heads=2,context=6", 11)
+    result = fit(model, data, data, TrainConfig(epochs=1, batch_size=4, progress=False), device="cpu",
+                 log=lambda _: None)
+    assert result.history[-1]["val_tokens"] == 8 * 4  # per sequence: 6 positions, 2 ignored
+
+
+# -- store build and evaluate on a corpus, from the command line ------------------------------------------------
+
+TINY = "gpt:layers=1,dim=16,heads=2,context=16"
+
+
+@pytest.fixture(scope="module")
+def teacher_and_corpus(tmp_path_factory):
+    """A tiny darkknowledge teacher (context 16) trained on the corpus it is then used with."""
+    from darkknowledge.language_model import LMConfig, train_language_model
+    root = tmp_path_factory.mktemp("lm")
+    folder = _folder(root)
+    corpus = load_corpus(folder)
+    documents = split_documents(corpus.documents)
+    tokenizer = TextTokenizer.train([corpus.documents[n] for n in documents["train"]], "char")
+    splits = tokenise_corpus(corpus, documents, tokenizer, context=16)
+    train_language_model(TINY, tokenizer, splits.windows["train"], splits.windows["validation"],
+                         LMConfig(epochs=1, batch_size=8), run_dir=root / "teacher", log=lambda _: None)
+    return root / "teacher", folder
+
+
+def _cli(*argv):
+    import contextlib
+    import io
+    from darkknowledge.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_store_build_prints_its_size_and_speed_and_a_rerun_reuses_it(teacher_and_corpus, tmp_path):
+    teacher, corpus = teacher_and_corpus
+    code, out, err = _cli("store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores",
+                          "--layout", "topk", "--top-k", "4")
+    assert code == 0, err
+    assert "24 bytes per token" in out and "tokens/s" in out  # 4 x (2 + 2) + 8 bytes of tail
+    assert "tokens/s so far" in err  # progress while it runs
+    header = json.loads(next((tmp_path / "stores").glob("*/targets.json")).read_text())
+    assert header["complete"] and header["layout"] == "topk"
+    code, out2, _ = _cli("store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores",
+                         "--layout", "topk", "--top-k", "4")
+    assert code == 0 and len(list((tmp_path / "stores").iterdir())) == 1  # the same key: reused
+
+
+def test_a_killed_store_build_resumes_to_the_uninterrupted_store(teacher_and_corpus, tmp_path):
+    import os
+    import signal
+    from darkknowledge.lm_jobs import Corpus, build_store
+    from test_reliability import _in_child
+    teacher, corpus = teacher_and_corpus
+    data = Corpus(str(corpus), context=16)
+    whole, _ = build_store(teacher, data, tmp_path / "whole", "sampled", head=2, samples=3, log=lambda _: None,
+                           on_chunk=lambda *_: None)
+
+    def killed():
+        build_store(teacher, data, tmp_path / "killed", "sampled", head=2, samples=3, log=lambda _: None,
+                    on_chunk=lambda done, total: os.kill(os.getpid(), signal.SIGKILL))
+    _, status = os.waitpid(_in_child(killed), 0)
+    assert os.WIFSIGNALED(status)
+    partial = json.loads(next((tmp_path / "killed").glob("*/targets.json")).read_text())
+    assert not partial["complete"] and 0 < partial["positions_done"] < partial["positions"]
+    lines = []
+    resumed, _ = build_store(teacher, data, tmp_path / "killed", "sampled", head=2, samples=3, log=lines.append,
+                             on_chunk=lambda *_: None)
+    assert any("resuming there" in line for line in lines)
+    assert resumed.header["checksums"] == whole.header["checksums"]  # the same bytes as one uninterrupted build
+
+
+def test_bad_input_to_store_build_is_one_line_and_writes_nothing(teacher_and_corpus, tmp_path):
+    teacher, corpus = teacher_and_corpus
+    (tmp_path / "small").mkdir()
+    small = _folder(tmp_path / "small", DOCUMENTS[:2])
+    for extra, message in [(["--context", "32"], "--context 32 is longer than the teacher"),
+                           (["--data", small], "needs at least 3: add documents"),
+                           (["--layout", "sampled"], "needs --samples"),
+                           (["--layout", "dense", "--top-k", "3"], "--top-k is for --layout topk")]:
+        argv = ["store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores", *extra]
+        code, _, err = _cli(*argv)
+        assert code == 1 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "stores").exists()
+
+
+def test_evaluate_prints_per_token_metrics_of_a_split_of_the_corpus(teacher_and_corpus):
+    teacher, corpus = teacher_and_corpus
+    code, out, err = _cli("evaluate", teacher, "--data", corpus, "--split", "test")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["split"] == "test" and result["context"] == 16 and result["tokens"] > 0
+    assert result["perplexity"] == pytest.approx(math.exp(result["log_loss"]))
+    assert 0 <= result["accuracy"] <= 1
+    code, _, err = _cli("evaluate", teacher, "--data", corpus, "--context", "64")
+    assert code == 1 and "--context 64 is longer than the model" in err
+
+
+# -- train and distill on a corpus ---------------------------------------------------------------------------
+
+STUDENT = "gpt:layers=1,dim=8,heads=2"
+LOOP = ["--epochs", "2", "--batch-size", "8", "--optimizer", "adamw", "--lr", "0.01", "--no-progress"]
+
+
+def test_train_on_a_corpus_trains_a_language_model_that_evaluate_reads(teacher_and_corpus, tmp_path):
+    _, corpus = teacher_and_corpus
+    code, out, err = _cli("train", "--data", corpus, "--model", STUDENT, "--tokenizer", "char", "--context", "16",
+                          "--out", tmp_path / "run", *LOOP, "--grad-accumulation", "2", "--clip-grad-norm", "1")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["kind"] == "language-model" and meta["context"] == 16
+    assert meta["data"]["documents"] == {"train": 4, "validation": 1, "test": 1}  # split sizes recorded
+    assert meta["config"]["grad_accumulation"] == 2
+    code, out, err = _cli("evaluate", tmp_path / "run", "--data", corpus)
+    assert code == 0 and json.loads(out)["tokens"] > 0, err
+    code, _, err = _cli("train", "--data", corpus, "--out", tmp_path / "run2", *LOOP)
+    assert code == 1 and "give gpt:" in err  # the image default is no language model
+
+
+def test_distill_from_a_store_or_online_and_foreign_stores_refused(teacher_and_corpus, tmp_path):
+    teacher, corpus = teacher_and_corpus
+    assert _cli("store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores",
+                "--layout", "dense")[0] == 0
+    common = ["distill", "--teacher", teacher, "--data", corpus, "--student", STUDENT, "-T", "2", *LOOP]
+    code, _, err = _cli(*common, "--store", tmp_path / "stores", "--out", tmp_path / "stored")
+    assert code == 0 and "soft-target store" in err, err
+    code, _, err = _cli(*common, "--out", tmp_path / "online", "--teacher-device", "cpu")
+    assert code == 0 and "teacher run on every batch" in err, err
+    stored, online = (json.loads((tmp_path / r / "model.json").read_text()) for r in ("stored", "online"))
+    # the same teacher, whether stored (float16 logits) or run online: nearly the same student
+    assert stored["history"][0]["val_log_loss"] == pytest.approx(online["history"][0]["val_log_loss"], abs=0.05)
+    # a store over other windows (another context) is refused in one line, nothing written
+    code, _, err = _cli(*common, "--store", tmp_path / "stores", "--context", "8", "--out", tmp_path / "other")
+    assert code == 1 and err.count("\n") == 1 and "another corpus or split" in err, err
+    assert not (tmp_path / "other").exists()
+    # a store of another teacher
+    other_teacher = tmp_path / "teacher2"
+    shutil.copytree(teacher, other_teacher)
+    from darkknowledge.language_model import load_language_model, save_language_model
+    from darkknowledge.data.text import TextTokenizer as Tok
+    model, meta = load_language_model(other_teacher)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_language_model(other_teacher, model, Tok.load(other_teacher / "tokenizer.json"), meta)
+    code, _, err = _cli(*common[:2], other_teacher, *common[3:], "--store", tmp_path / "stores",
+                        "--out", tmp_path / "other")
+    assert code == 1 and "another teacher" in err, err
+    # a folder holding a run of other settings is refused, not trained over
+    before = (tmp_path / "online" / "model.safetensors").read_bytes()
+    code, _, err = _cli(*common[:-len(LOOP)], "--epochs", "1", "--no-progress", "--out", tmp_path / "online")
+    assert code == 1 and "choose another --out" in err, err
+    assert (tmp_path / "online" / "model.safetensors").read_bytes() == before
+
+
+def test_a_killed_distill_resumes_to_the_uninterrupted_student(teacher_and_corpus, tmp_path):
+    import os
+    from test_reliability import _in_child
+    teacher, corpus = teacher_and_corpus
+    common = ["distill", "--teacher", teacher, "--data", corpus, "--student", STUDENT, "-T", "2", *LOOP]
+    assert _cli(*common, "--out", tmp_path / "whole")[0] == 0
+    pid = _in_child(lambda: _cli(*common, "--out", tmp_path / "killed"), kill_at_rename=6)  # after epoch 1's state
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    assert (tmp_path / "killed" / "state.json").exists() and not (tmp_path / "killed" / "tokenizer.json").exists()
+    code, _, err = _cli(*common, "--out", tmp_path / "killed")
+    assert code == 1 and "--resume" in err  # a killed run continues only when asked
+    code, _, err = _cli(*common, "--out", tmp_path / "killed", "--resume")
+    assert code == 0 and "resuming" in err, err
+    assert (tmp_path / "killed" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_decay_weights_leaves_biases_and_norms_alone_and_all_decays_every_parameter(optimizer):
+    from torch import nn
+    for decay, norm_decays in (("weights", False), ("all", True)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
+        nn.init.constant_(model[0].bias, 1.0)
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        config = TrainConfig(optimizer=optimizer, weight_decay=0.5, lr=0.1, momentum=0.0, decay=decay)
+        step = config.make_optimizer(model.parameters())
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)  # the step is the decay alone
+        step.step()
+        after = dict(model.named_parameters())
+        assert not torch.equal(after["0.weight"], before["0.weight"])  # a weight always decays
+        for name in ("0.bias", "1.weight"):
+            assert torch.equal(after[name], before[name]) != norm_decays, (decay, name)
+
+
+def test_a_language_model_on_a_corpus_decays_its_weights_alone_by_default(teacher_and_corpus, tmp_path):
+    _, corpus = teacher_and_corpus
+    code, _, err = _cli("train", "--data", corpus, "--model", STUDENT, "--tokenizer", "char", "--context", "16",
+                        "--out", tmp_path / "run", *LOOP, "--weight-decay", "0.1")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["config"]["decay"] == "weights"
+
+
+def test_a_student_folder_starts_from_its_weights_and_must_share_the_teachers_tokenizer(teacher_and_corpus, tmp_path):
+    teacher, corpus = teacher_and_corpus
+    from darkknowledge.language_model import load_language_model
+    common = ["distill", "--teacher", teacher, "--data", corpus, "-T", "1", *LOOP[:-3], "--lr", "1e-9",
+              "--no-progress"]
+    code, _, err = _cli(*common, "--student", teacher, "--out", tmp_path / "self")
+    assert code == 0, err
+    # a rate of 1e-9: the student is still its starting folder's model, not a freshly initialised one
+    student, start = (load_language_model(run)[0].state_dict() for run in (tmp_path / "self", teacher))
+    assert all(torch.allclose(student[k], start[k], atol=1e-6) for k in start)
+    other = tmp_path / "other-corpus"
+    other.mkdir()
+    for i, text in enumerate(DOCUMENTS):
+        (other / f"doc{i}.txt").write_text(text.upper())
+    assert _cli("train", "--data", other, "--model", STUDENT, "--tokenizer", "char", "--context", "16",
+                "--out", tmp_path / "upper", *LOOP)[0] == 0
+    code, _, err = _cli(*common, "--student", tmp_path / "upper", "--out", tmp_path / "mixed")
+    assert code == 1 and "another tokenizer than the teacher" in err, err
+    assert not (tmp_path / "mixed").exists()
