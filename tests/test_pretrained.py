@@ -3,6 +3,7 @@ tokenizer loads as a teacher or student (:func:`darkknowledge.pretrained.load_ca
 and vocabularies trimmed to their real tokens; ``hf:`` students save and reload tied; a student starts from the
 teacher's layers; language-model runs are exported as Hugging Face folders, evaluated and benched."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -60,3 +61,21 @@ def test_an_hf_student_trains_checkpoints_and_reloads_to_the_same_logits(splits,
     ids, _ = splits.windows["test"].batch([0, 1])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids), model(ids), rtol=0, atol=0)
+
+
+# --- darkknowledge's own tokenizers in the Hugging Face format ----------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_a_runs_tokenizer_loads_in_transformers_and_an_old_runs_still_verifies(tmp_path, kind):
+    from darkknowledge.language_model import save_tokenizer
+    tokenizer = TextTokenizer.train([" ".join(WORDS * 20) + "\nÉ 😀"], kind, vocab_size=300)
+    save_tokenizer(tmp_path, tokenizer)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = "the lazy kings sing\nÉ 😀 of zq"
+    assert hf(text).input_ids == tokenizer.encode(text).tolist()
+    assert hf.eos_token_id == tokenizer.end_of_document and hf.decode(tokenizer.encode("the dog")) == "the dog"
+    assert TextTokenizer.load(tmp_path / "tokenizer.json", sha256=tokenizer.sha256).sha256 == tokenizer.sha256
+    old = tmp_path / "old.json"  # what runs saved before the Hugging Face format: its SHA-256 is the one recorded
+    old.write_text(tokenizer.to_json())
+    assert tokenizer.sha256 == hashlib.sha256(old.read_bytes()).hexdigest()
+    assert TextTokenizer.load(old, sha256=tokenizer.sha256).encode(text).tolist() == tokenizer.encode(text).tolist()
