@@ -79,3 +79,101 @@ def test_a_runs_tokenizer_loads_in_transformers_and_an_old_runs_still_verifies(t
     old.write_text(tokenizer.to_json())
     assert tokenizer.sha256 == hashlib.sha256(old.read_bytes()).hexdigest()
     assert TextTokenizer.load(old, sha256=tokenizer.sha256).encode(text).tolist() == tokenizer.encode(text).tolist()
+
+
+# --- pretrained Hugging Face folders ------------------------------------------------------------------------------
+
+def _tiny_gpt2(folder: Path, vocab_size: int = 300, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny GPT-2 saved as people save one: save_pretrained for the model and for its (BPE) tokenizer; its
+    output layer padded past the tokenizer's tokens to ``vocab_size`` rows."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([" ".join(WORDS * 30)], trainer=trainers.BpeTrainer(
+        vocab_size=290, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, n_positions=64, vocab_size=vocab_size,
+                                     bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return _tiny_gpt2(tmp_path_factory.mktemp("teacher") / "teacher-hf")
+
+
+def test_a_hugging_face_folder_loads_with_its_tokenizer(teacher):
+    from darkknowledge.pretrained import load_causal_lm
+    model, tokenizer, described = load_causal_lm(teacher)
+    reference = transformers.GPT2LMHeadModel.from_pretrained(teacher)
+    ids = torch.as_tensor(tokenizer.encode("the lazy dog sings")).unsqueeze(0)
+    assert ids.numel() > 1 and tokenizer.decode(ids[0]) == "the lazy dog sings"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids).logits)
+    assert tokenizer.end_of_document == 0 and tokenizer.vocab_size == 290 <= described["vocab_size"] == 300
+    assert tokenizer.sha256 == hashlib.sha256((teacher / "tokenizer.json").read_bytes()).hexdigest()
+    assert described["max_positions"] == 64 and described["kind"] == "huggingface" and not model.training
+    assert load_causal_lm(teacher, dtype="bfloat16")[0](ids).dtype == torch.bfloat16
+
+
+def test_a_runs_description_gives_its_positions(splits, tmp_path):
+    from darkknowledge.pretrained import load_causal_lm
+    train_language_model("gpt:layers=1,dim=16,heads=2,context=16", splits.tokenizer, splits.windows["train"],
+                         splits.windows["validation"], LMConfig(epochs=1, batch_size=8), run_dir=tmp_path / "run",
+                         log=lambda _: None)
+    _, tokenizer, described = load_causal_lm(tmp_path / "run")
+    assert described["max_positions"] == 16 and tokenizer.sha256 == splits.tokenizer.sha256
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("no-weights", "has no safetensors weights"), ("bin-only", r"pytorch_model\.bin; pickled"),
+    ("unknown-config", "transformers cannot read this config"), ("no-tokenizer", "has no tokenizer.json"),
+    ("neither", "neither a Hugging Face folder"), ("no-eos", "no end-of-document"),
+    ("bad-dtype", "dtype must be one of")])
+def test_a_broken_folder_is_refused_in_one_line(teacher, tmp_path, damage, match):
+    import shutil
+    from darkknowledge.pretrained import load_causal_lm
+    folder = Path(shutil.copytree(teacher, tmp_path / "folder"))
+    if damage in ("no-weights", "bin-only"):
+        (folder / "model.safetensors").unlink()
+        if damage == "bin-only":
+            (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    elif damage == "unknown-config":
+        (folder / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    elif damage == "no-tokenizer":
+        (folder / "tokenizer.json").unlink()
+    elif damage == "neither":
+        (folder / "config.json").unlink()
+    elif damage == "no-eos":
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<nope>"}))
+    _one_line_error(lambda: load_causal_lm(folder, dtype="float64" if damage == "bad-dtype" else None), match)
+
+
+def test_teacher_and_student_must_share_a_tokenizer(teacher, splits, tmp_path):
+    from darkknowledge.language_model import save_tokenizer
+    from darkknowledge.pretrained import check_same_tokenizer, load_hf_tokenizer
+    ours = load_hf_tokenizer(teacher)
+    check_same_tokenizer(ours, load_hf_tokenizer(teacher))
+    _one_line_error(lambda: check_same_tokenizer(ours, splits.tokenizer), "is not the teacher's")
+    save_tokenizer(tmp_path, splits.tokenizer)  # a run's tokenizer, read back as a folder's: still the same one
+    check_same_tokenizer(splits.tokenizer, load_hf_tokenizer(tmp_path))
+
+
+def test_padding_rows_are_masked_out_of_the_shared_vocabulary(teacher, tmp_path):
+    from darkknowledge.pretrained import RealVocabulary, load_causal_lm, real_vocabulary
+    model, tokenizer, described = load_causal_lm(teacher)  # 300 rows for 290 tokens
+    student, _, student_described = load_causal_lm(_tiny_gpt2(tmp_path / "student", vocab_size=320, layers=1))
+    vocab = real_vocabulary(tokenizer, described["vocab_size"], student_described["vocab_size"])
+    assert vocab == 290
+    ids = torch.as_tensor(tokenizer.encode("the fox")).unsqueeze(0)
+    with torch.no_grad():
+        real = RealVocabulary(model, vocab)(ids)
+        assert real.shape[-1] == RealVocabulary(student, vocab)(ids).shape[-1] == 290
+        torch.testing.assert_close(real, model(ids)[..., :290])
+    assert torch.softmax(real, -1).sum(-1).allclose(torch.ones(1))  # a distribution over the real tokens only
+    _one_line_error(lambda: real_vocabulary(tokenizer, 300, 280), "280 outputs cannot score a tokenizer of 290")
