@@ -177,3 +177,30 @@ def test_padding_rows_are_masked_out_of_the_shared_vocabulary(teacher, tmp_path)
         torch.testing.assert_close(real, model(ids)[..., :290])
     assert torch.softmax(real, -1).sum(-1).allclose(torch.ones(1))  # a distribution over the real tokens only
     _one_line_error(lambda: real_vocabulary(tokenizer, 300, 280), "280 outputs cannot score a tokenizer of 290")
+
+
+# --- a student from the teacher's layers --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["hf", "gpt"])
+def test_a_student_starts_from_the_teachers_layers(teacher, kind):
+    from darkknowledge.pretrained import load_causal_lm, parse_student_init, student_from_teacher_layers
+    model = load_causal_lm(teacher)[0] if kind == "hf" else build_language_model(
+        "gpt:layers=3,dim=16,heads=2,context=16", 290)
+    layers = parse_student_init("teacher-layers=1" if kind == "hf" else "teacher-layers=0,2")
+    student = student_from_teacher_layers(model, layers)
+    teacher_state, student_state = model.state_dict(), student.state_dict()
+    renamed = {"hf": {"model.transformer.h.0.": "model.transformer.h.1."},
+               "gpt": {"blocks.0.": "blocks.0.", "blocks.1.": "blocks.2."}}[kind]
+    for name, value in student_state.items():
+        source = next((name.replace(s, t, 1) for s, t in renamed.items() if name.startswith(s)), name)
+        assert torch.equal(value, teacher_state[source]), name
+    assert len(student_state) < len(teacher_state)
+    ids = torch.randint(0, 290, (2, 8))
+    assert student(ids).shape == model(ids).shape
+    inner = student.model if kind == "hf" else student
+    assert (inner.config.n_layer if kind == "hf" else inner.config.layers) == len(layers)
+    with torch.no_grad():  # copies: training the student leaves the teacher alone
+        next(student.parameters()).add_(1)
+    assert torch.equal(next(model.parameters()), teacher_state[next(iter(teacher_state))])
+    _one_line_error(lambda: student_from_teacher_layers(model, [0, 5]), "the teacher has")
+    _one_line_error(lambda: parse_student_init("layers=a"), "teacher-layers=I,J")

@@ -11,6 +11,8 @@ evaluation's) is over the real tokens only, the padding masked out.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -25,7 +27,7 @@ from .data.text import TextTokenizer
 from .errors import DarkKnowledgeError
 from .language_model import load_language_model, load_run_tokenizer
 from .outputs import logits_of
-from .transformer import HFCausalLM
+from .transformer import GPTConfig, HFCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HF_CONFIG, HF_TOKENIZER, HF_TOKENIZER_CONFIG = "config.json", "tokenizer.json", "tokenizer_config.json"
@@ -197,3 +199,60 @@ class RealVocabulary(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         return logits_of(self.model(ids))[..., :self.vocab_size]
+
+
+def parse_student_init(text: str) -> list[int]:
+    """``teacher-layers=0,2,4`` (``--student-init``): the teacher's layers a student starts from, in order."""
+    name, _, value = text.partition("=")
+    try:
+        layers = [int(part) for part in value.split(",")] if name == "teacher-layers" else []
+    except ValueError:
+        layers = []
+    if not layers or min(layers) < 0:
+        raise DarkKnowledgeError(f"--student-init {text!r}: give teacher-layers=I,J,... (the teacher's layers to "
+                                 "keep, from 0), e.g. teacher-layers=0,2,4")
+    return layers
+
+
+def student_from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A student of the teacher's architecture with ``len(layers)`` layers, each a copy of the teacher's layer of
+    that index, and copies of its embeddings, final norm and output layer (DistilBERT's start). Works on a
+    ``gpt:`` model (its ``blocks``) and on a Hugging Face model (the module list holding its config's layers)."""
+    inner = teacher.model if isinstance(teacher, HFCausalLM) else teacher
+    config = getattr(inner, "config", None)
+    count = next((getattr(config, key) for key in ("num_hidden_layers", "n_layer", "layers")
+                  if isinstance(getattr(config, key, None), int)), None)
+    stacks = [(name, module) for name, module in inner.named_modules()
+              if isinstance(module, nn.ModuleList) and len(module) == count]
+    if count is None or len(stacks) != 1:
+        raise DarkKnowledgeError(f"cannot find the layers of a {type(inner).__name__} (one list of {count} layers); "
+                                 "--student-init teacher-layers works on gpt: models and Hugging Face causal LMs")
+    if max(layers) >= count:
+        raise DarkKnowledgeError(f"--student-init teacher-layers={','.join(map(str, layers))}: the teacher has "
+                                 f"{count} layers (0 to {count - 1})")
+    student = copy.deepcopy(teacher)  # embeddings, norms and head copied, not shared with the teacher
+    inner_student = student.model if isinstance(student, HFCausalLM) else student
+    path, _ = stacks[0]
+    parent_name, _, attribute = path.rpartition(".")
+    parent = inner_student.get_submodule(parent_name) if parent_name else inner_student
+    kept = nn.ModuleList(copy.deepcopy(getattr(parent, attribute)[i]) for i in layers)
+    for index, layer in enumerate(kept):  # Hugging Face attention numbers its layer (its cache slot)
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = index
+    setattr(parent, attribute, kept)
+    if isinstance(inner_student.config, GPTConfig):
+        inner_student.config = dataclasses.replace(inner_student.config, layers=len(layers))
+    else:
+        _set_layer_count(inner_student.config, layers)
+    return student
+
+
+def _set_layer_count(config: Any, layers: list[int]) -> None:
+    """A Hugging Face config says the student's number of layers (and, where it lists one per layer, the kept
+    ones')."""
+    for key in ("num_hidden_layers", "n_layer"):
+        if isinstance(getattr(config, key, None), int):
+            setattr(config, key, len(layers))
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in layers]
