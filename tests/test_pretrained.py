@@ -204,3 +204,45 @@ def test_a_student_starts_from_the_teachers_layers(teacher, kind):
     assert torch.equal(next(model.parameters()), teacher_state[next(iter(teacher_state))])
     _one_line_error(lambda: student_from_teacher_layers(model, [0, 5]), "the teacher has")
     _one_line_error(lambda: parse_student_init("layers=a"), "teacher-layers=I,J")
+
+
+# --- export, evaluate and bench of language-model runs ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_run(splits, tmp_path_factory):
+    run = tmp_path_factory.mktemp("hf-run") / "run"
+    train_language_model("hf:gpt2,n_layer=2,n_embd=16,n_head=2", splits.tokenizer, splits.windows["train"],
+                         splits.windows["validation"], LMConfig(epochs=1, batch_size=8), run_dir=run,
+                         log=lambda _: None)
+    return run
+
+
+def test_an_hf_run_exports_as_a_folder_transformers_loads_to_the_same_logits(hf_run, splits, tmp_path, capsys):
+    from darkknowledge.cli import main
+    assert main(["export", str(hf_run), "--format", "hf", "--out", str(tmp_path / "student-hf")]) == 0
+    assert "max |logit difference| after loading it with transformers" in capsys.readouterr().out
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student-hf", local_files_only=True)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "student-hf")
+    model = load_language_model(hf_run)[0]
+    ids = torch.as_tensor([hf_tokenizer("the lazy dog").input_ids])
+    assert ids[0].tolist() == splits.tokenizer.encode("the lazy dog").tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(ids), atol=1e-5, rtol=0)
+    assert loaded.config.eos_token_id == splits.tokenizer.end_of_document
+    out = loaded.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 3)
+
+
+def test_export_hf_refuses_a_gpt_run_and_a_full_folder_in_one_line(hf_run, splits, tmp_path, capsys):
+    from darkknowledge.cli import main
+    train_language_model("gpt:layers=1,dim=16,heads=2,context=16", splits.tokenizer, splits.windows["train"],
+                         splits.windows["validation"], LMConfig(epochs=1, batch_size=8), run_dir=tmp_path / "gpt",
+                         log=lambda _: None)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    for run, out, match in [(tmp_path / "gpt", tmp_path / "x", "--student hf:"),
+                            (hf_run, tmp_path / "full", "not an empty folder")]:
+        assert main(["export", str(run), "--format", "hf", "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("darkknowledge: error:") and match in err
+    assert not (tmp_path / "x").exists() and (tmp_path / "full" / "keep.txt").read_text() == "mine"

@@ -301,14 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_export_parsers(sub) -> None:
     """``export`` and ``bench``: ship a trained model, and measure what shipping it costs."""
-    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, checked, with a model card",
+    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, checked, with a model card; "
+                                      "a language model's as a Hugging Face folder",
                        description="Export a run directory's model (or an ensemble folder, as one graph) with a "
                                    "dynamic batch size; check it against PyTorch on the test set; write "
                                    "FILE.model_card.md beside it. Inputs: float32 [batch, H, W] in [0, 1] "
-                                   "(uint8 / 255).", epilog=EPILOG)
+                                   "(uint8 / 255). --format hf writes a language-model run's hf: model as a "
+                                   "Hugging Face folder (save_pretrained + tokenizer), loaded back by transformers "
+                                   "and checked to give the same logits.", epilog=EPILOG)
     p.add_argument("run", type=Path, help="run directory (or its model.json), or an ensemble folder")
-    p.add_argument("--format", default="onnx", metavar="{onnx,torchscript}",
-                   help="file format: onnx or torchscript (default: %(default)s)")
+    p.add_argument("--format", default="onnx", metavar="{onnx,torchscript,hf}",
+                   help="file format: onnx or torchscript, or hf (a Hugging Face folder) for a language-model run "
+                        "(default: %(default)s)")
     p.add_argument("--out", type=Path, help="file to write, e.g. student.onnx (required)")
     p.add_argument("--atol", type=float, default=1e-4,
                    help="largest |logit difference| from PyTorch accepted on the test set (default: %(default)g)")
@@ -350,6 +354,14 @@ def _run_export_or_bench(args: argparse.Namespace) -> int:
     if args.command == "export":
         from .deploy import export_run
         from .export import check_format
+        from .hf_export import HF_FORMAT, export_hf
+        if args.format == HF_FORMAT:
+            if args.out is None:
+                raise DarkKnowledgeError("export --format hf needs --out DIR, e.g. --out student-hf")
+            written = export_hf(args.run, args.out, atol=args.atol)
+            print(f"wrote {written['out']} (a Hugging Face {written['architecture']} folder); max |logit difference| "
+                  f"after loading it with transformers: {written['max_abs_difference']:.3g} (atol {args.atol:g})")
+            return 0
         check_format(args.format)
         if args.out is None:
             raise DarkKnowledgeError("export needs --out FILE, e.g. --out student.onnx")
