@@ -246,3 +246,22 @@ def test_export_hf_refuses_a_gpt_run_and_a_full_folder_in_one_line(hf_run, split
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("darkknowledge: error:") and match in err
     assert not (tmp_path / "x").exists() and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_a_folder_and_a_run_are_evaluated_in_language_model_units(teacher, hf_run, splits):
+    from darkknowledge.data.text import TokenWindows
+    from darkknowledge.pretrained import evaluate_causal_lm, load_causal_lm, load_hf_tokenizer
+    tokenizer = load_hf_tokenizer(teacher)
+    windows = TokenWindows(tokenizer.encode(" ".join(WORDS * 4)), 16, "test", tokenizer.vocab_size)
+    result = evaluate_causal_lm(teacher, windows)
+    ids, labels = windows.batch(range(len(windows)))
+    with torch.no_grad():
+        logits = load_causal_lm(teacher)[0](ids)[..., :tokenizer.vocab_size]  # the padding rows masked out
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    assert result["log_loss"] == pytest.approx(float(nll), rel=1e-4)
+    assert result["perplexity"] == pytest.approx(float(nll.exp()), rel=1e-4) and result["tokens"] == labels.numel()
+    assert 0 <= result["accuracy"] <= 1 and json.dumps(result)
+    assert evaluate_causal_lm(hf_run, splits.windows["test"])["tokens"] == splits.windows["test"].num_tokens
+    long = TokenWindows(tokenizer.encode(" ".join(WORDS * 20)), 65, "test", tokenizer.vocab_size)
+    _one_line_error(lambda: evaluate_causal_lm(teacher, long), "longer than .* 64 positions")
+    _one_line_error(lambda: evaluate_causal_lm(teacher, splits.windows["test"]), "tokenise the corpus")

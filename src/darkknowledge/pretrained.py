@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint, reading
-from .data.text import TextTokenizer
+from .data.text import TextTokenizer, TokenWindows
+from .devices import resolve_device
 from .errors import DarkKnowledgeError
-from .language_model import load_language_model, load_run_tokenizer
+from .language_model import evaluate_language_model, load_language_model, load_run_tokenizer
 from .outputs import logits_of
 from .transformer import GPTConfig, HFCausalLM
 
@@ -256,3 +257,22 @@ def _set_layer_count(config: Any, layers: list[int]) -> None:
             setattr(config, key, len(layers))
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in layers]
+
+
+def evaluate_causal_lm(source: str | Path, windows: TokenWindows, batch_size: int = 32, device: str = "cpu",
+                       dtype: str | None = None) -> dict[str, Any]:
+    """What ``evaluate RUN --data CORPUS`` prints for a language model (a run or a Hugging Face folder): per-token
+    log-loss (nats), perplexity and next-token accuracy over ``windows`` (tokenised with the model's own
+    tokenizer), on its real vocabulary. Windows longer than the model's positions are refused in one line."""
+    model, tokenizer, described = load_causal_lm(source, dtype=dtype)
+    limit = described["max_positions"]
+    if limit is not None and windows.context > limit:
+        raise DarkKnowledgeError(f"--context {windows.context} is longer than {source}'s {limit} positions; give "
+                                 f"--context {limit} or less")
+    if windows.vocab_size != tokenizer.vocab_size:
+        raise DarkKnowledgeError(f"the windows were tokenised with {windows.vocab_size} tokens but {source}'s "
+                                 f"tokenizer has {tokenizer.vocab_size}; tokenise the corpus with the model's own")
+    vocab = real_vocabulary(tokenizer, described["vocab_size"])
+    result = evaluate_language_model(RealVocabulary(model, vocab).to(resolve_device(device)), windows, batch_size)
+    return {"model": described, "split": windows.name, "tokens": result["tokens"], "log_loss": result["log_loss"],
+            "perplexity": result["perplexity"], "accuracy": result["accuracy"]}
