@@ -265,3 +265,13 @@ def test_a_folder_and_a_run_are_evaluated_in_language_model_units(teacher, hf_ru
     long = TokenWindows(tokenizer.encode(" ".join(WORDS * 20)), 65, "test", tokenizer.vocab_size)
     _one_line_error(lambda: evaluate_causal_lm(teacher, long), "longer than .* 64 positions")
     _one_line_error(lambda: evaluate_causal_lm(teacher, splits.windows["test"]), "tokenise the corpus")
+
+
+def test_bench_gives_prompt_and_decode_speed_of_a_folder_and_a_run_side_by_side(teacher, hf_run, tmp_path, capsys):
+    from darkknowledge.cli import main
+    assert main(["bench", str(teacher), str(hf_run), "--json", str(tmp_path / "bench.json")]) == 0
+    table = capsys.readouterr().out
+    assert "prompt tokens/s" in table and "decode tokens/s" in table and str(hf_run) in table
+    models = json.loads((tmp_path / "bench.json").read_text())["models"]
+    assert [m["kind"] for m in models] == ["huggingface", "darkknowledge"]
+    assert all(m["prompt_tokens_per_s"] > 0 and m["decode_tokens_per_s"] > 0 for m in models)

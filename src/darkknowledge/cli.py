@@ -338,8 +338,11 @@ def _add_export_parsers(sub) -> None:
     p = sub.add_parser("bench", help="size, FLOPs, accuracy, latency and throughput of runs, side by side",
                        description="For each run: parameters, size on disk, FLOPs per example, test errors, batch-1 "
                                    "latency (median, p99) and large-batch throughput in PyTorch and onnxruntime. "
-                                   "Prints a Markdown table; --json saves every number.", epilog=EPILOG)
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories or ensemble folders")
+                                   "Language-model runs and Hugging Face folders: prompt and greedy decode tokens "
+                                   "a second at batch 1. Prints a Markdown table; --json saves every number.",
+                       epilog=EPILOG)
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="run directories or ensemble folders; or language-model runs and Hugging Face folders")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.add_argument("--threads", type=int, default=1, help="threads for both runtimes (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1024, help="batch for throughput (default: %(default)s)")
@@ -372,10 +375,19 @@ def _run_export_or_bench(args: argparse.Namespace) -> int:
         return 0
     from .bench import BenchConfig, bench_runs, format_table
     from .checkpoint import write_json
-    config = BenchConfig(threads=args.threads, batch_size=args.batch_size, latency_calls=args.calls,
-                         onnx=not args.no_onnx)
-    result = bench_runs(args.runs, config, args.data_dir, log=lambda line: print(line, file=sys.stderr),
-                        data_path=args.data)
+    from .lm_bench import bench_causal_lms, format_lm_table, is_language_model
+    language_models = [is_language_model(run) for run in args.runs]
+    if any(language_models) and not all(language_models):
+        raise DarkKnowledgeError("bench compares language models with language models and image models with image "
+                                 "models; give runs of one kind")
+    if all(language_models):  # prompt and decode tokens a second
+        result = bench_causal_lms(args.runs, threads=args.threads, log=lambda line: print(line, file=sys.stderr))
+        format_table = format_lm_table
+    else:
+        config = BenchConfig(threads=args.threads, batch_size=args.batch_size, latency_calls=args.calls,
+                             onnx=not args.no_onnx)
+        result = bench_runs(args.runs, config, args.data_dir, log=lambda line: print(line, file=sys.stderr),
+                            data_path=args.data)
     result["command"] = "darkknowledge " + " ".join(args.argv)
     print(format_table(result))
     if args.json:
