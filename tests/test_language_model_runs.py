@@ -123,7 +123,8 @@ def test_a_run_killed_at_every_rename_over_a_model_of_other_settings_finishes_to
         assert loaded["weights_sha256"] == weights
         assert load_run_tokenizer(out, loaded).sha256 == splits.tokenizer.sha256
         assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == \
-            ["metrics.jsonl", "model.json", "model.safetensors", "tokenizer.json"], f"killed at rename {rename}"
+            ["metrics.jsonl", "model.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"], \
+            f"killed at rename {rename}"
     assert rename > 10  # every commit of both epochs and of the model was cut (3 + 3 + tokenizer, pending, 2)
 
 
