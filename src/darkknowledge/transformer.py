@@ -156,7 +156,9 @@ def build_hf(spec: str, vocab_size: int, context: int) -> nn.Module:
         raise DarkKnowledgeError("hf: models need Hugging Face transformers: pip install 'darkknowledge[hf]'") from None
     arch, options = parse_hf(spec)
     try:
-        config = AutoConfig.for_model(arch, vocab_size=vocab_size, **options)
+        # the architecture's special ids belong to its own tokenizer (GPT-2's 50256), not to this vocabulary
+        special = {key: None for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key not in options}
+        config = AutoConfig.for_model(arch, vocab_size=vocab_size, **{**special, **options})
         for key in ("n_positions", "max_position_embeddings"):
             if hasattr(config, key) and key not in options:
                 setattr(config, key, context)
