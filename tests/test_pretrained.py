@@ -275,3 +275,11 @@ def test_bench_gives_prompt_and_decode_speed_of_a_folder_and_a_run_side_by_side(
     models = json.loads((tmp_path / "bench.json").read_text())["models"]
     assert [m["kind"] for m in models] == ["huggingface", "darkknowledge"]
     assert all(m["prompt_tokens_per_s"] > 0 and m["decode_tokens_per_s"] > 0 for m in models)
+
+
+def test_evaluate_of_a_language_model_without_a_corpus_names_data_in_one_line(teacher, hf_run, capsys):
+    from darkknowledge.cli import main
+    for source in (teacher, hf_run):
+        assert main(["evaluate", str(source)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "is a language model" in err and "--data CORPUS" in err

@@ -375,7 +375,8 @@ def _run_export_or_bench(args: argparse.Namespace) -> int:
         return 0
     from .bench import BenchConfig, bench_runs, format_table
     from .checkpoint import write_json
-    from .lm_bench import bench_causal_lms, format_lm_table, is_language_model
+    from .lm_bench import bench_causal_lms, format_lm_table
+    from .pretrained import is_language_model
     language_models = [is_language_model(run) for run in args.runs]
     if any(language_models) and not all(language_models):
         raise DarkKnowledgeError("bench compares language models with language models and image models with image "

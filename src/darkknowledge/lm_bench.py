@@ -17,19 +17,8 @@ import torch
 from . import checkpoint
 from .bench import machine, torch_threads
 from .errors import DarkKnowledgeError
-from .pretrained import is_hf_folder, load_causal_lm
+from .pretrained import load_causal_lm
 from .transformer import HFCausalLM
-
-
-def is_language_model(path: str | os.PathLike) -> bool:
-    """A Hugging Face folder, or a run whose model.json says it holds a language model."""
-    if is_hf_folder(path):
-        return True
-    try:
-        return checkpoint.read_json(checkpoint.resolve_run_dir(path) / checkpoint.MODEL_META, "model").get(
-            "kind") == "language-model"
-    except (DarkKnowledgeError, AttributeError):
-        return False
 
 
 def _median_seconds(call: Callable[[], Any], repeats: int) -> float:

@@ -83,6 +83,17 @@ def is_hf_folder(path: str | Path) -> bool:
     return (path / HF_CONFIG).is_file() and not (path / checkpoint.MODEL_META).exists()
 
 
+def is_language_model(path: str | os.PathLike) -> bool:
+    """A Hugging Face folder, or a run whose model.json says it holds a language model."""
+    if is_hf_folder(path):
+        return True
+    try:
+        return checkpoint.read_json(checkpoint.resolve_run_dir(path) / checkpoint.MODEL_META, "model").get(
+            "kind") == "language-model"
+    except (DarkKnowledgeError, AttributeError):
+        return False
+
+
 def load_causal_lm(source: str | Path, dtype: str | None = None
                    ) -> tuple[nn.Module, TextTokenizer | HFTokenizer, dict[str, Any]]:
     """``(model in eval mode, its tokenizer, what it is)`` for the folder ``source``: a darkknowledge run or a
