@@ -123,7 +123,8 @@ def test_a_run_killed_at_every_rename_over_a_model_of_other_settings_finishes_to
         assert loaded["weights_sha256"] == weights
         assert load_run_tokenizer(out, loaded).sha256 == splits.tokenizer.sha256
         assert sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) == \
-            ["metrics.jsonl", "model.json", "model.safetensors", "tokenizer.json"], f"killed at rename {rename}"
+            ["metrics.jsonl", "model.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"], \
+            f"killed at rename {rename}"
     assert rename > 10  # every commit of both epochs and of the model was cut (3 + 3 + tokenizer, pending, 2)
 
 
@@ -150,16 +151,23 @@ def test_a_pending_language_model_sidecar_is_read_and_committed_not_dropped(spli
 
 
 @pytest.mark.parametrize("damage", ["edited", "swapped", "deleted", "not-json", "no-chars", "chars-empty",
-                                    "chars-string", "chars-ints", "bpe-empty", "bare-string"])
+                                    "chars-string", "chars-ints", "bpe-empty", "bare-string", "hf-edited",
+                                    "hf-no-model", "hf-vocab-ints", "hf-decoder"])
 def test_a_damaged_tokenizer_is_refused_in_one_line_and_repaired_by_a_rerun(splits, finished, tmp_path, damage):
     run = _copy(finished, tmp_path / "run")
     path = run / "tokenizer.json"
-    good = json.loads(path.read_text())
+    hf = json.loads(path.read_text())  # the Hugging Face format runs save
+    good = json.loads(splits.tokenizer.to_json())  # the format runs saved before it
+    vocab = hf["model"]["vocab"]
     broken = {"edited": {**good, "chars": good["chars"][:-1]},
               "swapped": json.loads(_splits(tmp_path / "upper", upper=True).tokenizer.to_json()),
               "no-chars": {k: v for k, v in good.items() if k != "chars"}, "chars-empty": {**good, "chars": []},
               "chars-string": {**good, "chars": "abc"}, "chars-ints": {**good, "chars": [1, 2, 3]},
-              "bpe-empty": {**good, "kind": "bpe", "bpe": {}}, "bare-string": "chars"}
+              "bpe-empty": {**good, "kind": "bpe", "bpe": {}}, "bare-string": "chars",
+              "hf-edited": {**hf, "model": {**hf["model"], "vocab": {**vocab, "Z": len(vocab)}}},
+              "hf-no-model": {k: v for k, v in hf.items() if k != "model"},
+              "hf-vocab-ints": {**hf, "model": {**hf["model"], "vocab": list(vocab.values())}},
+              "hf-decoder": {**hf, "decoder": None}}
     if damage == "deleted":
         path.unlink()
     elif damage == "not-json":
@@ -168,7 +176,7 @@ def test_a_damaged_tokenizer_is_refused_in_one_line_and_repaired_by_a_rerun(spli
         path.write_text(json.dumps(broken[damage]))
     meta = load_language_model(run)[1]
     _one_line_error(lambda: load_run_tokenizer(run, meta), "tokenizer")
-    if damage not in ("deleted", "swapped", "edited"):  # broken outright: refused by its schema, SHA-256 or not
+    if damage not in ("deleted", "swapped", "edited", "hf-edited"):  # broken outright: refused, SHA-256 or not
         _one_line_error(lambda: TextTokenizer.load(path), str(path))
     lines = []
     _train(splits, run, log=lines.append)

@@ -257,7 +257,7 @@ def test_train_distil_resume_evaluate_and_generate(splits, tmp_path):
     assert any(line.startswith("resuming") and "after epoch 1" in line for line in lines)
     assert student_meta["objective"] == "distillation" and student_meta["top_k"] == 8
     assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.name != LOCK_FILE) == \
-        ["metrics.jsonl", "model.json", "model.safetensors", "tokenizer.json"]
+        ["metrics.jsonl", "model.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     # The same settings again: the finished run is reused, not retrained.
     train_language_model(TINY, tokenizer, train, val, config, objective, run_dir=tmp_path / "s", log=lines.append)
     assert "finished run of these settings, reused" in lines[-1]

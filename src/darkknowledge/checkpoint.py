@@ -125,8 +125,16 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _finite(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
-    """The tensors on the CPU, refused if any holds NaN or inf: nothing diverged is ever saved."""
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    """The tensors on the CPU, refused if any holds NaN or inf: nothing diverged is ever saved. Tensors that share
+    memory (a Hugging Face model's ``lm_head`` tied to its embedding) are saved once each: safetensors refuses
+    shared tensors, and loading the state dict ties them again (both names are the one parameter)."""
+    seen, out = set(), {}
+    for name, value in tensors.items():
+        value = value.detach().contiguous().cpu()
+        shared = value.untyped_storage().data_ptr() in seen and value.numel() > 0
+        seen.add(value.untyped_storage().data_ptr())
+        out[name] = value.clone() if shared else value
+    tensors = out
     for name, value in tensors.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise TrainingDiverged(f"training diverged: {name} holds NaN or inf, so {path} was not written; "

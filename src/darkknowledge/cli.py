@@ -378,15 +378,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_export_parsers(sub) -> None:
     """``export`` and ``bench``: ship a trained model, and measure what shipping it costs."""
-    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, checked, with a model card",
+    p = sub.add_parser("export", help="export a run's model to ONNX or TorchScript, checked, with a model card; "
+                                      "a language model's as a Hugging Face folder",
                        description="Export a run directory's model (or an ensemble folder, as one graph) with a "
                                    "dynamic batch size; check it against PyTorch on the test set; write "
                                    "FILE.model_card.md beside it. Inputs: float32 [batch, H, W] in [0, 1] "
-                                   "(uint8 / 255).", epilog=EPILOG)
+                                   "(uint8 / 255). --format hf writes a language-model run's hf: model as a "
+                                   "Hugging Face folder (save_pretrained + tokenizer), loaded back by transformers "
+                                   "and checked to give the same logits.", epilog=EPILOG)
     p.add_argument("run", type=Path, help="run directory (or its model.json), or an ensemble folder")
     p.add_argument("--format", default="onnx", metavar="{onnx,torchscript,hf}",
                    help="file format: onnx or torchscript, or hf: a Hugging Face folder (config.json, "
-                        "model.safetensors, tokenizer.json) of a text classifier (default: %(default)s)")
+                        "model.safetensors, tokenizer.json) of a language-model or text-classifier run (default: "
+                        "%(default)s)")
     p.add_argument("--out", type=Path, help="file to write, e.g. student.onnx (required)")
     p.add_argument("--atol", type=float, default=1e-4,
                    help="largest |logit difference| from PyTorch accepted on the test set (default: %(default)g)")
@@ -412,8 +416,11 @@ def _add_export_parsers(sub) -> None:
     p = sub.add_parser("bench", help="size, FLOPs, accuracy, latency and throughput of runs, side by side",
                        description="For each run: parameters, size on disk, FLOPs per example, test errors, batch-1 "
                                    "latency (median, p99) and large-batch throughput in PyTorch and onnxruntime. "
-                                   "Prints a Markdown table; --json saves every number.", epilog=EPILOG)
-    p.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories or ensemble folders")
+                                   "Language-model runs and Hugging Face folders: prompt and greedy decode tokens "
+                                   "a second at batch 1. Prints a Markdown table; --json saves every number.",
+                       epilog=EPILOG)
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="run directories or ensemble folders; or language-model runs and Hugging Face folders")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     p.add_argument("--threads", type=int, default=1, help="threads for both runtimes (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=1024, help="batch for throughput (default: %(default)s)")
@@ -428,6 +435,15 @@ def _run_export_or_bench(args: argparse.Namespace) -> int:
     if args.command == "export":
         from .deploy import export_run
         from .export import check_format
+        from .hf_export import HF_FORMAT, export_hf
+        from .pretrained import is_language_model
+        if args.format == HF_FORMAT and is_language_model(args.run):  # a classifier's goes through export_run
+            if args.out is None:
+                raise DarkKnowledgeError("export --format hf needs --out DIR, e.g. --out student-hf")
+            written = export_hf(args.run, args.out, atol=args.atol)
+            print(f"wrote {written['out']} (a Hugging Face {written['architecture']} folder); max |logit difference| "
+                  f"after loading it with transformers: {written['max_abs_difference']:.3g} (atol {args.atol:g})")
+            return 0
         check_format(args.format)
         if args.out is None:
             raise DarkKnowledgeError("export needs --out FILE, e.g. --out student.onnx")
@@ -438,10 +454,20 @@ def _run_export_or_bench(args: argparse.Namespace) -> int:
         return 0
     from .bench import BenchConfig, bench_runs, format_table
     from .checkpoint import write_json
-    config = BenchConfig(threads=args.threads, batch_size=args.batch_size, latency_calls=args.calls,
-                         onnx=not args.no_onnx)
-    result = bench_runs(args.runs, config, args.data_dir, log=lambda line: print(line, file=sys.stderr),
-                        data_path=args.data)
+    from .lm_bench import bench_causal_lms, format_lm_table
+    from .pretrained import is_language_model
+    language_models = [is_language_model(run) for run in args.runs]
+    if any(language_models) and not all(language_models):
+        raise DarkKnowledgeError("bench compares language models with language models and image models with image "
+                                 "models; give runs of one kind")
+    if all(language_models):  # prompt and decode tokens a second
+        result = bench_causal_lms(args.runs, threads=args.threads, log=lambda line: print(line, file=sys.stderr))
+        format_table = format_lm_table
+    else:
+        config = BenchConfig(threads=args.threads, batch_size=args.batch_size, latency_calls=args.calls,
+                             onnx=not args.no_onnx)
+        result = bench_runs(args.runs, config, args.data_dir, log=lambda line: print(line, file=sys.stderr),
+                            data_path=args.data)
     result["command"] = "darkknowledge " + " ".join(args.argv)
     print(format_table(result))
     if args.json:

@@ -32,6 +32,7 @@ from .devices import resolve_device
 from .errors import DarkKnowledgeError
 from .evaluation import evaluate
 from .memory import check_fits
+from .pretrained import is_language_model
 from .models import build_model, count_parameters, parse_spec
 from .soft_targets import SoftTargets
 from .losses import DEFAULT_DIVERGENCE
@@ -483,6 +484,9 @@ def evaluate_run(run_dir: str | Path, data: DataChoice | None = None, split: str
     """Errors of a saved model, or of an ensemble folder (members combined by ``combine``, default the
     manifest's rule), on a split of its dataset (or ``data``'s), as a JSON-ready dict; run on ``device`` (None:
     :data:`darkknowledge.devices.DEFAULT_DEVICE`, as for training)."""
+    if is_language_model(run_dir):  # its units are tokens: pretrained.evaluate_causal_lm on a corpus's windows
+        raise DarkKnowledgeError(f"{run_dir} is a language model: evaluate it on a text corpus, "
+                                 "evaluate RUN --data CORPUS --split test")
     if is_ensemble_dir(run_dir):
         model = Ensemble.from_dir(run_dir, combine)
         meta = model.member_meta[0]  # the members share dataset and split (train_ensemble makes them so)

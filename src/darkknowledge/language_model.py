@@ -10,8 +10,9 @@ sees the test split) and the run folder into a language-model run; the loop brin
 accumulation, DDP and resume (after every epoch).
 
 A finished run folder holds ``model.safetensors`` + ``model.json`` (``kind: language-model``: spec, vocabulary,
-context, the tokenizer's SHA-256, the data it saw, metrics, the run's key) and ``tokenizer.json``, checked against
-the SHA-256 on load, and the loop's ``metrics.jsonl``.
+context, the tokenizer's SHA-256, the data it saw, metrics, the run's key) and ``tokenizer.json`` (with its
+``tokenizer_config.json``: the Hugging Face format), checked against the SHA-256 on load, and the loop's
+``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .transformer import build_language_model
 
 KIND = "language-model"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # beside it, so transformers.AutoTokenizer.from_pretrained(run) loads it
 BEST_WEIGHTS = "best.safetensors"  # the best epoch of a run the language models' own loop stopped unfinished
 
 
@@ -276,8 +278,14 @@ def _drop_resume_files(run_dir: Path) -> None:
 def save_language_model(run_dir: str | Path, model: nn.Module, tokenizer: TextTokenizer, meta: dict) -> None:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write(run_dir / TOKENIZER_FILE, tokenizer.save)
+    save_tokenizer(run_dir, tokenizer)
     checkpoint.save_model(run_dir, model, meta)
+
+
+def save_tokenizer(folder: str | Path, tokenizer: TextTokenizer) -> None:
+    """``tokenizer.json`` (Hugging Face format) and ``tokenizer_config.json`` in ``folder``, each atomically."""
+    checkpoint.atomic_write(Path(folder) / TOKENIZER_FILE, tokenizer.save)
+    checkpoint.write_json(Path(folder) / TOKENIZER_CONFIG, tokenizer.hf_config())
 
 
 def load_language_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -330,7 +338,7 @@ def _reusable_run(run_dir: Path, key: str, tokenizer: TextTokenizer,
     try:
         load_run_tokenizer(run_dir, meta)
     except DarkKnowledgeError as error:
-        checkpoint.atomic_write(path, tokenizer.save)
+        save_tokenizer(run_dir, tokenizer)
         log(f"{run_dir}: {TOKENIZER_FILE} repaired from the corpus's tokenizer ({error})")
     _drop_resume_files(run_dir)  # a run killed after its commit left them
     return model, meta

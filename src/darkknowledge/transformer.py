@@ -127,16 +127,21 @@ def parse_hf(spec: str) -> tuple[str, dict]:
         key, sep, value = part.partition("=")
         if not sep:
             raise DarkKnowledgeError(f"model spec {spec!r}: option {part!r} is not key=value; {HF_HELP}")
-        options[key] = int(value) if value.lstrip("-").isdigit() else float(value) if _is_float(value) else value
+        options[key] = parse_value(value)
     return arch, options
 
 
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def parse_value(text: str) -> bool | int | float | str:
+    """A config value as transformers' typed configs want it: ``true``/``false`` (any case) a bool, then an int,
+    a float, else the text itself (``gelu_new``)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def build_hf(spec: str, vocab_size: int, context: int) -> nn.Module:
@@ -151,14 +156,18 @@ def build_hf(spec: str, vocab_size: int, context: int) -> nn.Module:
         raise DarkKnowledgeError("hf: models need Hugging Face transformers: pip install 'darkknowledge[hf]'") from None
     arch, options = parse_hf(spec)
     try:
-        config = AutoConfig.for_model(arch, vocab_size=vocab_size, **options)
+        # the architecture's special ids belong to its own tokenizer (GPT-2's 50256), not to this vocabulary
+        special = {key: None for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key not in options}
+        config = AutoConfig.for_model(arch, vocab_size=vocab_size, **{**special, **options})
         for key in ("n_positions", "max_position_embeddings"):
             if hasattr(config, key) and key not in options:
                 setattr(config, key, context)
         return HFCausalLM(AutoModelForCausalLM.from_config(config))
-    except (ValueError, TypeError, KeyError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DarkKnowledgeError(f"model spec {spec!r}: transformers cannot build it: {first}") from None
+    # transformers 5's typed configs refuse a value with their own exception (4's with ValueError or TypeError):
+    # whatever the config or model refused, said in one line
+    except Exception as error:  # noqa: BLE001
+        why = " ".join(str(error).split()) or type(error).__name__
+        raise DarkKnowledgeError(f"model spec {spec!r}: transformers cannot build it: {why}") from None
 
 
 def count_parameters(spec: str, vocab_size: int, context: int | None = None) -> int:

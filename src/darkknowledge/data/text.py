@@ -8,7 +8,10 @@ tokenised, cut into token windows.
 - :func:`split_documents` assigns whole documents to train / validation / test by a seeded permutation of their
   names (fixed by the seed and recorded in the run), so no work leaks between splits.
 - :class:`TextTokenizer` is character level or a byte-level BPE trained on the training split only, with Hugging
-  Face ``tokenizers``; it is saved beside the run (``tokenizer.json``) and its SHA-256 is checked on load.
+  Face ``tokenizers``; it is saved beside the run (``tokenizer.json``, in the Hugging Face format, so
+  ``transformers.AutoTokenizer`` loads it) and its SHA-256 is checked on load. Its SHA-256 names the tokenizer,
+  not the file: it is that of its darkknowledge/tokenizer-1 JSON (:meth:`TextTokenizer.to_json`), the format runs
+  saved before, so the SHA-256 recorded in every run, store and experiment stays the same.
 - :class:`TokenWindows` is the transfer set of a language model (:mod:`darkknowledge.data.transfer`): the
   split's documents joined by an end-of-document token, cut into non-overlapping windows of ``context`` tokens;
   item ``i`` is window ``i``, its inputs the window and its labels the next tokens. A *case* is one token
@@ -237,7 +240,27 @@ class TextTokenizer:
         return self._bpe.decode(ids)
 
     def to_json(self) -> str:
+        """The darkknowledge/tokenizer-1 JSON: what :attr:`sha256` hashes (and what older runs saved)."""
         return json.dumps({"format": TOKENIZER_FORMAT, "kind": self.kind, **self.state}, sort_keys=True)
+
+    def to_hf_json(self) -> str:
+        """The Hugging Face ``tokenizer.json`` of this tokenizer: the BPE's own, or for characters a word-level
+        model over single characters (each character one token, ``<unk>`` for unseen ones) that joins them back."""
+        if self.kind == "bpe":
+            return json.dumps(self.state["bpe"])
+        special = [{"id": i, "content": self._chars[i], "single_word": False, "lstrip": False, "rstrip": False,
+                    "normalized": False, "special": True} for i in (0, self.end_of_document)]
+        return json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
+                           "normalizer": None,
+                           "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"},
+                                             "behavior": "Isolated", "invert": False},
+                           "post_processor": None, "decoder": {"type": "Fuse"},
+                           "model": {"type": "WordLevel", "vocab": self._ids, "unk_token": self._chars[0]}})
+
+    def hf_config(self) -> dict[str, Any]:
+        """``tokenizer_config.json`` beside :meth:`to_hf_json`: which class loads it and its special tokens."""
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": END_OF_DOCUMENT,
+                **({"unk_token": self._chars[0]} if self.kind == "char" else {})}
 
     @property
     def sha256(self) -> str:
@@ -247,31 +270,60 @@ class TextTokenizer:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "sha256": self.sha256}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        Path(path).write_text(self.to_hf_json())
 
     @classmethod
     def load(cls, path: str | Path, sha256: str | None = None) -> TextTokenizer:
-        """Read a saved tokenizer; ``sha256`` (from the run's model.json) must match, else one line says so."""
+        """Read a saved tokenizer, in the Hugging Face format darkknowledge writes or the darkknowledge/tokenizer-1
+        format older runs hold; ``sha256`` (from the run's model.json) must match, else one line says so."""
         path = Path(path)
+        fix = "restore the file, or delete it to train it again"
         try:
             text = reading.read_bytes(path, "tokenizer", reading.JSON_LIMIT)
-            # Saved as its own to_json(), so the file's bytes name it: checked before any field is used.
+            # An old file is its own to_json(), so its bytes name it: checked before any field is used.
             found = hashlib.sha256(text).hexdigest()
-            if sha256 is not None and found != sha256:
-                raise DarkKnowledgeError(f"tokenizer {path} is not the one this run was trained with (SHA-256 "
-                                         f"{found[:12]} != {sha256[:12]}); restore the run's tokenizer.json")
             state = json.loads(text)
         except (OSError, ValueError) as error:
             raise DarkKnowledgeError(f"cannot read tokenizer {path}: {error}") from None
-        schemas.check(schemas.TokenizerFile, state, path, "restore the file, or delete it to train it again")
-        state.pop("format")
+        old = isinstance(state, dict) and "format" in state
+        if sha256 is not None and old and found != sha256:
+            raise _not_this_runs(path, found, sha256)
+        if old:
+            schemas.check(schemas.TokenizerFile, state, path, fix)
+            state.pop("format")
         try:
-            return cls(state.pop("kind"), state)
+            tokenizer = cls(state.pop("kind"), state) if old else cls._from_hf(state)
         except ImportError:
             raise
         except Exception as error:  # tokenizers raises plain Exceptions on a BPE it cannot read
-            raise DarkKnowledgeError(f"{path} is not a valid tokenizer ({str(error).splitlines()[0]}); restore the "
-                                     "file, or delete it to train the tokenizer again") from None
+            why = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise DarkKnowledgeError(f"{path} is not a valid tokenizer ({why}); {fix}") from None
+        if not old and tokenizer.to_hf_json().encode() != text:  # exactly what save writes, or not ours
+            raise DarkKnowledgeError(f"{path} is not a tokenizer darkknowledge saved (its Hugging Face JSON differs "
+                                     f"from the one its vocabulary gives); {fix}")
+        if sha256 is not None and tokenizer.sha256 != sha256:
+            raise _not_this_runs(path, tokenizer.sha256, sha256)
+        return tokenizer
+
+    @classmethod
+    def _from_hf(cls, state: Any) -> TextTokenizer:
+        """A tokenizer from the Hugging Face JSON :meth:`to_hf_json` wrote: word level over characters, or BPE."""
+        model = state.get("model") if isinstance(state, dict) else None
+        kind = model.get("type") if isinstance(model, dict) else None
+        if kind == "BPE":
+            return cls("bpe", {"bpe": state})
+        vocab = model.get("vocab") if kind == "WordLevel" else None
+        if not isinstance(vocab, dict) or sorted(vocab.values()) != list(range(len(vocab))) or len(vocab) < 2:
+            raise ValueError("neither a word-level model over characters with ids 0..n-1 nor a BPE")
+        chars = sorted(vocab, key=vocab.get)
+        if chars[:2] != ["<unk>", END_OF_DOCUMENT] or any(len(c) != 1 for c in chars[2:]):
+            raise ValueError(f"a character tokenizer starts with <unk> and {END_OF_DOCUMENT}, then single characters")
+        return cls("char", {"chars": chars})
+
+
+def _not_this_runs(path: Path, found: str, expected: str) -> DarkKnowledgeError:
+    return DarkKnowledgeError(f"tokenizer {path} is not the one this run was trained with (SHA-256 {found[:12]} != "
+                              f"{expected[:12]}); restore the run's tokenizer.json")
 
 
 class TokenWindows:
