@@ -298,12 +298,12 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
     spec = complete_spec(spec, data.vocab_size)
     sources = [teacher_dir] if isinstance(teacher_dir, (str, os.PathLike)) else list(teacher_dir)
     check_compatible(member_meta, train, Path(sources[0]))
-    log(split)  # once the data is known to fit the teacher
     with contextlib.ExitStack() as held:  # the run's lock before the teacher's outputs: a second writer is refused
         # before it computes them (fit takes the lock again, re-entrantly); rank 0 holds it for every rank
         if out is not None:
             current().on_main(lambda: held.enter_context(checkpoint.open_run(Path(out))))
             checkpoint.check_startable(Path(out), resume)  # a run it may not continue: refused before the store
+        log(split)  # once the data is known to fit the teacher and the run may start: a refusal stays one line
         cached = store = None
         if config.jitter == 0:
             if store_dir is not None or isinstance(teacher, Ensemble) or top_k is not None:
