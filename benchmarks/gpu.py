@@ -41,7 +41,6 @@ from darkknowledge.losses import (CHUNK_ELEMENTS, chunk_rows_for, distillation_l
 from darkknowledge.models import build_model
 from darkknowledge.outputs import logits_of
 from darkknowledge.soft_targets import SoftTargets
-from darkknowledge.token_store import TokenTargets
 from darkknowledge.training import Distillation, HardTargets, TrainConfig, fit
 
 FULL = {"vocab": 128_256, "positions": 8192, "batch": 8, "context": 1024, "windows": 64, "dataset": "mnist",
@@ -157,11 +156,11 @@ def llm_speed(size: dict, device: torch.device, repeats: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as folder:
         started = time.perf_counter()
-        store = TokenTargets.build(teacher, windows, Path(folder) / "store", tokenizer_sha256="benchmark",
+        store = SoftTargets.build(teacher, windows, Path(folder) / "store", tokenizer_sha256="benchmark",
                                    top_k=TOP_K, batch_windows=batch, log=lambda _: None)
         synchronize(device)
         out["store_build_tokens_per_s"] = tokens / (time.perf_counter() - started)
-        out["store_bytes_per_token"] = store.bytes_per_token
+        out["store_bytes_per_token"] = store.bytes_per_case
         runs = {"labels": HardTargets(), "online": Distillation(T, teacher=teacher),
                 "store": Distillation(T, store=store)}
         for name, objective in runs.items():

@@ -141,7 +141,7 @@ def test_the_run_key_tells_divergences_apart_and_a_default_run_keeps_its_old_key
     assert Distillation(4.0, divergence="jsd", beta=0.5).describe() == described["jsd"]
     assert Distillation(4.0, divergence="jsd", beta=0.2).describe() != described["jsd"]
     # The language-model objective records its divergence the same way.
-    store = types.SimpleNamespace(header={"key": "k"}, layout="dense", top_k=None, check_temperature=lambda t: None)
+    store = types.SimpleNamespace(key="k", header={"key": "k"}, layout="dense", top_k=None, check_temperature=lambda t: None)
     assert "divergence" not in Objective(store).describe()
     assert Objective(store, divergence="reverse_kl").describe()["divergence"] == "reverse_kl"
 

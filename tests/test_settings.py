@@ -101,6 +101,7 @@ def test_an_fp16_run_caches_its_teacher_under_fp16(monkeypatch, tmp_path):
         raise Stop
     monkeypatch.setattr(jobs, "cache_teacher_logits", cache)
     monkeypatch.setattr(SoftTargets, "compute", compute)
+    monkeypatch.setattr(jobs, "check_precision", lambda config, device: None)  # fp16 on this CPU, to see the cache
     config = TrainConfig(fp16=True, progress=False)
     for store_dir in (None, tmp_path / "store"):
         with pytest.raises(Stop):
