@@ -61,6 +61,11 @@ def test_every_corpus_format_gives_the_same_documents_split_whole(tmp_path, kind
 def test_image_folders_and_labelled_tables_are_not_corpora(tmp_path):
     (tmp_path / "images" / "cat").mkdir(parents=True)
     assert not is_corpus(tmp_path / "images")
+    arrays = tmp_path / "arrays"  # x.npy, y.npy and classes.txt: an arrays folder, not a corpus
+    arrays.mkdir()
+    for name in ("x.npy", "y.npy", "classes.txt"):
+        (arrays / name).write_text("")
+    assert not is_corpus(arrays)
     assert not is_corpus(_table(tmp_path))  # a table without --text-column is a labelled table
 
 

@@ -68,8 +68,8 @@ def is_corpus(path: str | Path, text_column: str | None = None, label_column: st
     directly in it, or a ``.jsonl`` / a table with a ``text_column``, with no label column (``label_column``, default
     ``label``). A table or ``.jsonl`` that has labels is labelled text, a classifier's (data/text_table.py)."""
     path = Path(path).expanduser()
-    if path.is_dir():
-        return any(path.glob("*.txt"))
+    if path.is_dir():  # an arrays folder (x.npy, y.npy, classes.txt) is not one
+        return not (path / "x.npy").exists() and any(p.name != "classes.txt" for p in path.glob("*.txt"))
     suffix = path.suffix.lower()
     if not (suffix == ".jsonl" or (suffix in TABLE_SUFFIXES and text_column is not None)) or not path.is_file():
         return False
