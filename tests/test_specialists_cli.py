@@ -89,14 +89,15 @@ def test_soft_targets_and_user_errors(generalist, tmp_path, capsys):
     assert run_cli(capsys, "specialists", "cluster", "--generalist", generalist, "--out", folder, "--clusters", "3",
                    "--method", "confusion", "--raw-columns")[0] == 0
     assert json.loads((folder / "subsets.json").read_text())["params"]["normalize"] is False
-    code, _, _ = run_cli(capsys, "specialists", "train", folder, "--index", "0", "-T", "2", *FAST)
+    code, _, _ = run_cli(capsys, "specialists", "train", folder, "--index", "0", "-T", "2", "--device", "cpu", *FAST)
     assert code == 0
     meta = checkpoint.read_model_meta(folder / "specialist-00")
     assert meta["specialist"]["targets"] == "soft" and meta["specialist"]["temperature"] == 2
     for argv, needle in ((("train", folder, "--index", "7"), "not in 0.."),
                          (("train", tmp_path / "nowhere"), "subsets.json not found"),
                          (("cluster", "--generalist", tmp_path / "none", "--out", folder, "--clusters", "3"),
-                          "not found")):
+                          "not found"),
+                         (("train", folder, "--index", "1", "--device", "tpu"), "unknown device 'tpu'")):
         code, _, err = run_cli(capsys, "specialists", *argv)
         assert code == 1 and needle in err and len(err.strip().splitlines()) == 1
     assert parse_indices("0,2,4-5", 6) == [0, 2, 4, 5] and parse_indices("all", 3) == [0, 1, 2]

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..devices import DEFAULT_DEVICE, DEVICE_HELP
 from ..distributed import current
 from ..errors import DarkKnowledgeError
 from ..training import SCHEDULES, TrainConfig
@@ -86,6 +87,8 @@ def add_specialists_parser(sub) -> None:
     p.add_argument("--soft-weight", type=float, default=d.soft_weight, help="with -T (default: %(default)s)")
     p.add_argument("--hard-weight", type=float, default=d.hard_weight,
                    help="with -T: weight of the label term (default: %(default)s)")
+    p.add_argument("--device", default=None, help=f"where the specialists train: {DEVICE_HELP} (default: "
+                                                  f"{DEFAULT_DEVICE})")
     p.add_argument("--resume", action="store_true", help="continue interrupted specialists and skip finished ones")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch lines")
     p.add_argument("--data-dir", help="folder holding one sub-folder per dataset (default: $DARKKNOWLEDGE_DATA)")
@@ -139,7 +142,7 @@ def run_specialists(args: argparse.Namespace) -> int:
                   f"{jobs.specialist_dir(args.folder, index)}{by}", flush=True)
 
         done = jobs.train_specialists(args.folder, indices, config, args.resume, args.data_dir, quiet,
-                                      on_done=report)
+                                      on_done=report, device=args.device)
         if workers.distributed and workers.is_main:
             shares = {rank: [i for i, row in done.items() if row["rank"] == rank] for rank in range(workers.world_size)}
             print(f"trained {len(done)} specialists on {workers.world_size} ranks: "

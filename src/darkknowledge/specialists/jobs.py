@@ -138,14 +138,15 @@ def train_specialists(folder: str | Path, indices: Sequence[int] | None = None, 
                       resume: bool = True, data_dir: str | None = None,
                       log: Callable[[str], None] | None = None,
                       on_done: Callable[[int, dict[str, Any]], None] | None = None,
-                      workers: Workers | None = None) -> dict[int, dict[str, Any]]:
+                      workers: Workers | None = None,
+                      device: str | None = None) -> dict[int, dict[str, Any]]:
     """Train the specialists ``indices`` (default: all) of ``folder/subsets.json``, each into its own run
     directory; with ``resume`` finished ones are reused and interrupted ones continued. Returns per index:
     subset, seconds, best epoch, dustbin offset (also passed to ``on_done`` as each one finishes).
 
     Specialists are independent (§5), so under torchrun (``workers``, default: the current process group) each
     rank trains its share (:func:`share_specialists`) as a single process, and every rank returns all of them,
-    each with the ``rank`` that trained it."""
+    each with the ``rank`` that trained it. ``device``: where each trains (default: ``auto``)."""
     workers = workers or current()
     subsets = read_subsets(folder)
     indices = list(range(len(subsets))) if indices is None else list(indices)
@@ -167,7 +168,8 @@ def train_specialists(folder: str | Path, indices: Sequence[int] | None = None, 
         with checkpoint.open_run(specialist_dir(folder, index), "specialist folder"):  # one writer at a time
             _, result = train_specialist(generalist, subsets.subsets[index], train, val, config,
                                          generalist_logits=logits, run_dir=specialist_dir(folder, index),
-                                         resume=resume, meta={**base, "specialist_index": index}, log=log)
+                                         resume=resume, meta={**base, "specialist_index": index}, log=log,
+                                         device=device)
         done[index] = {"subset": list(result.subset), "seconds": round(result.seconds, 2),
                        "best_epoch": result.best_epoch, "dustbin_offset": result.dustbin_offset}
         if on_done is not None:

@@ -334,7 +334,8 @@ def _upgrade_state(run_dir: Path) -> None:
 def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: LabeledImages | None = None,
                      config: SpecialistConfig | None = None, *, generalist_logits: Tensor | None = None,
                      run_dir: str | Path | None = None, resume: bool = False, meta: dict[str, Any] | None = None,
-                     log: Callable[[str], None] | None = None) -> tuple[nn.Module, SpecialistResult]:
+                     log: Callable[[str], None] | None = None,
+                     device: str | torch.device | None = None) -> tuple[nn.Module, SpecialistResult]:
     """Train the specialist for ``subset`` from ``generalist`` on ``train`` (labels in the generalist's numbering).
 
     The epoch kept is the one with the lowest validation cross-entropy on ``val`` (natural class frequencies,
@@ -345,7 +346,7 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     ``image_shape`` so the file loads with :func:`darkknowledge.checkpoint.load_model`), resume state every
     epoch, and ``resume=True`` continues.
 
-    The training is :func:`darkknowledge.training.fit`'s, on the CPU, through its hooks: the 50/50 batches
+    The training is :func:`darkknowledge.training.fit`'s, on ``device`` (default: ``auto``), through its hooks: the 50/50 batches
     (``sampler``), the untrained start scored (``score_start``), the dustbin correction applied to what is
     validated and kept (``validate``, ``keep``).
     """
@@ -402,7 +403,7 @@ def train_specialist(generalist: nn.Module, subset, train: LabeledImages, val: L
     unfused = {"foreach": False} if cfg.optimizer == "sgd" else {}
     fit_config = replace(cfg, select_by="log_loss", optimizer_options={**unfused, **cfg.optimizer_options})
     result = fit(model, relabeled, val, fit_config, objective, run_dir, resume, meta,
-                 lambda line: log(f"specialist {list(subset)} {line}"), workers=SINGLE, device="cpu",
+                 lambda line: log(f"specialist {list(subset)} {line}"), workers=SINGLE, device=device,
                  sampler=sampler, validate=validate, keep=keep, score_start=True,
                  legacy_keys=_older_keys(meta, train, val, subset, config))
     return model.eval(), SpecialistResult(subset, offset, natural, result.history, result.best_epoch, result.seconds)
