@@ -63,6 +63,19 @@ def test_distill_records_its_teacher_and_learns(teacher_run, tmp_path, capsys):
     assert json.loads(out)["errors"] < 120  # of 202; chance is ~182
 
 
+def test_distill_from_a_sampled_store_on_the_command_line(teacher_run, tmp_path, capsys):
+    """--samples K --head H: the sampled layout of the one store, for images as for tokens; at T = 1 only."""
+    code, _, err = run_cli(capsys, "distill", "--teacher", teacher_run, "--student", "mlp:16", "-T", "1",
+                           "--samples", "3", "--head", "2", "--out", tmp_path / "sampled", *FAST)
+    assert code == 0, err
+    header = json.loads(next((tmp_path / "soft-targets").glob("*.json")).read_text())
+    assert (header["layout"], header["top_k"], header["key_parts"]["head"]) == ("sampled", 5, 2)
+    code, _, err = run_cli(capsys, "distill", "--teacher", teacher_run, "--student", "mlp:16", "-T", "2",
+                           "--samples", "3", "--out", tmp_path / "hot", *FAST)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "T = 1" in err, err
+    assert not (tmp_path / "hot").exists()
+
+
 def test_toml_config_gives_defaults_and_the_command_line_overrides_them(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text('model = "mlp:8"\nepochs = 2\nbatch-size = 256\nno_progress = true\n')

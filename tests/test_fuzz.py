@@ -310,7 +310,8 @@ def test_fuzz_option_values_on_the_command_line(tmp_path, request):
     case()
 
 
-DISTILL_OPTIONS = ["temperature", "soft-weight", "hard-weight", "top-k", "store-dtype", "combine", "student"]
+DISTILL_OPTIONS = ["temperature", "soft-weight", "hard-weight", "top-k", "samples", "head", "store-dtype", "combine",
+                   "student"]
 
 
 def test_fuzz_distill_option_values_on_the_command_line(tmp_path, request):

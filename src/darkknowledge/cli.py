@@ -157,6 +157,12 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
                    help="store only the K largest logits per case and a summary of the rest (for many classes)")
     g.add_argument("--store-dtype", choices=("float32", "float16"), default="float32",
                    help="precision of the stored logits (default: %(default)s)")
+    g.add_argument("--samples", type=int, default=None, metavar="K",
+                   help="store K classes per case drawn from the teacher at T = 1 and their frequencies (an "
+                        "unbiased estimate; distils at -T 1 only), for many classes")
+    g.add_argument("--head", type=int, default=0, metavar="H",
+                   help="with --samples: the H most probable classes kept exact, the K draws made from the rest "
+                        "(default: 0)")
 
 
 def _add_model_options(p: argparse.ArgumentParser, role: str) -> None:
@@ -722,7 +728,7 @@ def run(args: argparse.Namespace) -> int:
             teachers, args.student, _data_choice(args, jobs.teacher_data(teachers)), _train_config(args),
             args.temperature, args.soft_weight, args.hard_weight, args.out, args.resume, combine=args.combine,
             store_dir=args.store_dir or Path(args.out).parent / "soft-targets", top_k=args.top_k,
-            store_dtype=args.store_dtype, options=_model_options(args.student_options, "student"),
+            samples=args.samples, head=args.head, store_dtype=args.store_dtype, options=_model_options(args.student_options, "student"),
             device=args.device, teacher_device=args.teacher_device, divergence=args.divergence, beta=args.beta,
             loss_chunk_mb=args.loss_chunk_mb, init_from_teacher=args.init_from_teacher)
         say(_summary(model, result, args.out))

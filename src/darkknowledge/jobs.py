@@ -34,7 +34,7 @@ from .evaluation import evaluate
 from .memory import check_fits
 from .pretrained import is_language_model
 from .models import build_model, count_parameters, parse_spec
-from .soft_targets import SoftTargets
+from .soft_targets import SoftTargets, check_layout_temperature
 from .losses import DEFAULT_DIVERGENCE
 from .training import (Distillation, FitResult, HardTargets, TrainConfig, cache_teacher_logits, check_precision,
                        fit, run_key, silent)
@@ -267,8 +267,8 @@ def teacher_dataset(teacher: TeacherSource) -> str | None:
 def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config: TrainConfig, temperature: float,
                 soft_weight: float = 1.0, hard_weight: float = 0.0, out: str | Path | None = None,
                 resume: bool = False, log: Callable[[str], None] | None = None, *, combine: str = "arithmetic",
-                store_dir: str | Path | None = None, top_k: int | None = None,
-                store_dtype: str = "float32", monitor: Callable | None = None, options: dict[str, Any] | None = None,
+                store_dir: str | Path | None = None, top_k: int | None = None, samples: int | None = None,
+                head: int = 0, store_dtype: str = "float32", monitor: Callable | None = None, options: dict[str, Any] | None = None,
                 device: str | None = None, teacher_device: str | None = None, divergence: str = DEFAULT_DIVERGENCE,
                 beta: float | None = None, loss_chunk_mb: float | None = None,
                 init_from_teacher: bool = False) -> tuple[Any, FitResult]:
@@ -277,8 +277,9 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
 
     Without jitter the teacher's outputs are computed once over the transfer set: into the soft-target store in
     ``store_dir`` (reused by every later student of the same teacher and data) when it is given, an ensemble's
-    or a top-k store in memory otherwise, and a single teacher's logits in memory when neither. With jitter the
-    teacher runs online on every batch, under the run's precision as when its outputs are computed once.
+    or a top-k store in memory otherwise, and a single teacher's logits in memory when neither. ``samples`` (with
+    ``head``): the sampled layout of :meth:`darkknowledge.soft_targets.SoftTargets.compute`, for T = 1. With
+    jitter the teacher runs online on every batch, under the run's precision as when its outputs are computed once.
     ``monitor`` as for :func:`train_run`; ``divergence``, ``beta`` and ``loss_chunk_mb`` (its ``chunk_mb``) as for
     :class:`darkknowledge.training.Distillation`. ``init_from_teacher``: the student starts from the teacher's
     weights where names and shapes agree, every other layer of a teacher twice as deep
@@ -287,6 +288,8 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
     log = log or _log_to_stderr
     objective = Distillation(temperature, soft_weight, hard_weight, divergence=divergence, beta=beta,
                              chunk_mb=loss_chunk_mb)  # checked now
+    if samples is not None:
+        check_layout_temperature("sampled", temperature)
     device = resolve_device(device)
     check_precision(config, device)  # before the teacher's outputs are computed for a run that cannot start
     teacher_device = resolve_device(teacher_device) if teacher_device is not None else device
@@ -306,8 +309,9 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
         log(split)  # once the data is known to fit the teacher and the run may start: a refusal stays one line
         cached = store = None
         if config.jitter == 0:
-            if store_dir is not None or isinstance(teacher, Ensemble) or top_k is not None:
-                store = SoftTargets.compute(teacher, train, store_dir, top_k=top_k, dtype=store_dtype,
+            if store_dir is not None or isinstance(teacher, Ensemble) or top_k is not None or samples is not None:
+                store = SoftTargets.compute(teacher, train, store_dir, top_k=top_k, samples=samples, head=head,
+                                            dtype=store_dtype,
                                             combine=combine, bf16=config.precision, log=log)
             else:
                 cached = cache_teacher_logits(teacher, train, config.precision)

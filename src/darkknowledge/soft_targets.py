@@ -247,9 +247,7 @@ class SoftTargets:
 
     def check_temperature(self, temperature: float) -> None:
         """Refuse (one line) a temperature this store cannot distil at: draws are frequencies at T = 1."""
-        if self.layout == "sampled" and temperature != 1:
-            raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
-                                     f"got {temperature}; use temperature 1 or a dense or top-k store")
+        check_layout_temperature(self.layout, temperature)
 
     def probabilities(self, indices, temperature: float) -> Tensor:
         """Dense soft targets ``[B, C]`` at ``temperature`` (top-k: the tail mass spread evenly over the tail)."""
@@ -972,3 +970,10 @@ def _teacher_chunks(teacher: nn.Module, transfer_set, items: range, batch_size: 
             yield out.movedim(1, -2).reshape(-1, out.shape[1], out.shape[-1]).float().cpu()
     finally:
         teacher.train(was_training)
+
+
+def check_layout_temperature(layout: str, temperature: float) -> None:
+    """Refuse (one line) a temperature a store of ``layout`` cannot distil at, before one is computed."""
+    if layout == "sampled" and temperature != 1:
+        raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
+                                 f"got {temperature}; use temperature 1 or a dense or top-k store")
