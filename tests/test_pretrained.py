@@ -164,6 +164,22 @@ def test_teacher_and_student_must_share_a_tokenizer(teacher, splits, tmp_path):
     check_same_tokenizer(splits.tokenizer, load_hf_tokenizer(tmp_path))
 
 
+def test_a_run_keeps_a_hugging_face_folders_tokenizer_byte_for_byte_and_reads_it_back(teacher, tmp_path):
+    """What a student distilled from a folder's teacher saves: it used to crash ('HFTokenizer' has no 'save'), and
+    the run then failed to load ('not a tokenizer darkknowledge saved')."""
+    from darkknowledge.language_model import load_run_tokenizer, save_tokenizer
+    from darkknowledge.pretrained import load_hf_tokenizer
+    tokenizer = load_hf_tokenizer(teacher)
+    save_tokenizer(tmp_path, tokenizer)
+    assert (tmp_path / "tokenizer.json").read_bytes() == (teacher / "tokenizer.json").read_bytes()
+    meta = {"tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size}
+    loaded = load_run_tokenizer(tmp_path, meta)
+    assert loaded.sha256 == tokenizer.sha256 and loaded.end_of_document == tokenizer.end_of_document
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).eos_token_id == tokenizer.end_of_document
+    _one_line_error(lambda: load_run_tokenizer(tmp_path, {**meta, "tokenizer_sha256": "0" * 64}),
+                    "not a tokenizer darkknowledge saved")
+
+
 def test_padding_rows_are_masked_out_of_the_shared_vocabulary(teacher, tmp_path):
     from darkknowledge.pretrained import RealVocabulary, load_causal_lm, real_vocabulary
     model, tokenizer, described = load_causal_lm(teacher)  # 300 rows for 290 tokens
