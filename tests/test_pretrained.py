@@ -299,3 +299,17 @@ def test_evaluate_of_a_language_model_without_a_corpus_names_data_in_one_line(te
         assert main(["evaluate", str(source)]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "is a language model" in err and "--data CORPUS" in err
+
+
+def test_train_takes_a_hugging_face_folder_or_its_tokenizer_json_as_tokenizer(teacher, tmp_path):
+    """A labels-only twin of a student distilled from a folder shares its tokenizer: `train --tokenizer FOLDER`
+    (or FOLDER/tokenizer.json) used to be refused ('a folder' / 'not a tokenizer darkknowledge saved')."""
+    from darkknowledge.lm_jobs import Corpus, corpus_tokenizer
+    from darkknowledge.pretrained import load_hf_tokenizer
+    expected = load_hf_tokenizer(teacher)
+    for choice in (teacher, teacher / "tokenizer.json"):
+        tokenizer = corpus_tokenizer(Corpus(str(tmp_path)), str(choice))
+        assert tokenizer.sha256 == expected.sha256 and tokenizer.end_of_document == expected.end_of_document
+    (tmp_path / "other.json").write_text("{}")
+    _one_line_error(lambda: corpus_tokenizer(Corpus(str(tmp_path)), str(tmp_path / "other.json")),
+                    "not a valid tokenizer")
