@@ -313,3 +313,11 @@ def test_train_takes_a_hugging_face_folder_or_its_tokenizer_json_as_tokenizer(te
     (tmp_path / "other.json").write_text("{}")
     _one_line_error(lambda: corpus_tokenizer(Corpus(str(tmp_path)), str(tmp_path / "other.json")),
                     "not a valid tokenizer")
+
+
+def test_bench_of_a_folder_and_a_mistyped_run_names_the_missing_one(teacher, tmp_path, capsys):
+    """It used to say 'give runs of one kind', the missing run read as an image model."""
+    from darkknowledge.cli import main
+    assert main(["bench", str(teacher), str(tmp_path / "runs" / "studnet")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "runs/studnet does not exist" in err
