@@ -164,6 +164,22 @@ def test_teacher_and_student_must_share_a_tokenizer(teacher, splits, tmp_path):
     check_same_tokenizer(splits.tokenizer, load_hf_tokenizer(tmp_path))
 
 
+def test_a_run_keeps_a_hugging_face_folders_tokenizer_byte_for_byte_and_reads_it_back(teacher, tmp_path):
+    """What a student distilled from a folder's teacher saves: it used to crash ('HFTokenizer' has no 'save'), and
+    the run then failed to load ('not a tokenizer darkknowledge saved')."""
+    from darkknowledge.language_model import load_run_tokenizer, save_tokenizer
+    from darkknowledge.pretrained import load_hf_tokenizer
+    tokenizer = load_hf_tokenizer(teacher)
+    save_tokenizer(tmp_path, tokenizer)
+    assert (tmp_path / "tokenizer.json").read_bytes() == (teacher / "tokenizer.json").read_bytes()
+    meta = {"tokenizer_sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size}
+    loaded = load_run_tokenizer(tmp_path, meta)
+    assert loaded.sha256 == tokenizer.sha256 and loaded.end_of_document == tokenizer.end_of_document
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).eos_token_id == tokenizer.end_of_document
+    _one_line_error(lambda: load_run_tokenizer(tmp_path, {**meta, "tokenizer_sha256": "0" * 64}),
+                    "not a tokenizer darkknowledge saved")
+
+
 def test_padding_rows_are_masked_out_of_the_shared_vocabulary(teacher, tmp_path):
     from darkknowledge.pretrained import RealVocabulary, load_causal_lm, real_vocabulary
     model, tokenizer, described = load_causal_lm(teacher)  # 300 rows for 290 tokens
@@ -283,3 +299,25 @@ def test_evaluate_of_a_language_model_without_a_corpus_names_data_in_one_line(te
         assert main(["evaluate", str(source)]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "is a language model" in err and "--data CORPUS" in err
+
+
+def test_train_takes_a_hugging_face_folder_or_its_tokenizer_json_as_tokenizer(teacher, tmp_path):
+    """A labels-only twin of a student distilled from a folder shares its tokenizer: `train --tokenizer FOLDER`
+    (or FOLDER/tokenizer.json) used to be refused ('a folder' / 'not a tokenizer darkknowledge saved')."""
+    from darkknowledge.lm_jobs import Corpus, corpus_tokenizer
+    from darkknowledge.pretrained import load_hf_tokenizer
+    expected = load_hf_tokenizer(teacher)
+    for choice in (teacher, teacher / "tokenizer.json"):
+        tokenizer = corpus_tokenizer(Corpus(str(tmp_path)), str(choice))
+        assert tokenizer.sha256 == expected.sha256 and tokenizer.end_of_document == expected.end_of_document
+    (tmp_path / "other.json").write_text("{}")
+    _one_line_error(lambda: corpus_tokenizer(Corpus(str(tmp_path)), str(tmp_path / "other.json")),
+                    "not a valid tokenizer")
+
+
+def test_bench_of_a_folder_and_a_mistyped_run_names_the_missing_one(teacher, tmp_path, capsys):
+    """It used to say 'give runs of one kind', the missing run read as an image model."""
+    from darkknowledge.cli import main
+    assert main(["bench", str(teacher), str(tmp_path / "runs" / "studnet")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "runs/studnet does not exist" in err

@@ -462,6 +462,9 @@ def _run_export_or_bench(args: argparse.Namespace) -> int:
     from .checkpoint import write_json
     from .lm_bench import bench_causal_lms, format_lm_table
     from .pretrained import is_language_model
+    missing = [run for run in args.runs if not Path(run).exists()]
+    if missing:  # else a mistyped run reads as one of another kind than the others
+        raise DarkKnowledgeError(f"{missing[0]} does not exist; give run folders (or Hugging Face folders) to bench")
     language_models = [is_language_model(run) for run in args.runs]
     if any(language_models) and not all(language_models):
         raise DarkKnowledgeError("bench compares language models with language models and image models with image "

@@ -306,9 +306,20 @@ def load_language_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]
 
 
 def load_run_tokenizer(run_dir: str | Path, meta: dict[str, Any]) -> TextTokenizer:
-    """The run's tokenizer.json, checked against the SHA-256 and the vocabulary its model.json records."""
+    """The run's tokenizer.json, checked against the SHA-256 and the vocabulary its model.json records: one of
+    darkknowledge's, or the Hugging Face folder's that a student distilled from that folder's teacher keeps byte for
+    byte (:class:`darkknowledge.pretrained.HFTokenizer`, its SHA-256 that of the file)."""
     path = Path(run_dir) / TOKENIZER_FILE
-    tokenizer = TextTokenizer.load(path, sha256=meta["tokenizer_sha256"])
+    try:
+        tokenizer = TextTokenizer.load(path, sha256=meta["tokenizer_sha256"])
+    except DarkKnowledgeError:
+        from .pretrained import load_hf_tokenizer  # imported here: pretrained builds on this module
+        try:
+            tokenizer = load_hf_tokenizer(run_dir)
+        except DarkKnowledgeError:
+            tokenizer = None
+        if tokenizer is None or tokenizer.sha256 != meta["tokenizer_sha256"]:
+            raise
     if tokenizer.vocab_size != meta["vocab_size"]:
         raise DarkKnowledgeError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but the run's model "
                                  f"{meta['vocab_size']}; restore the run's tokenizer.json, or train the run again")

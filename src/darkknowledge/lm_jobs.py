@@ -18,7 +18,7 @@ from .data.text import TextSplits, TextTokenizer, load_corpus, split_documents, 
 from .errors import DarkKnowledgeError
 from .language_model import evaluate_language_model
 from .outputs import logits_of
-from .pretrained import load_causal_lm
+from .pretrained import HF_TOKENIZER, load_causal_lm, load_hf_tokenizer
 from .soft_targets import SoftTargets
 
 LAYOUTS = ("dense", "topk", "sampled")
@@ -236,9 +236,18 @@ def lm_run(spec: str, corpus: Corpus, config, out: str | Path, resume: bool = Fa
 
 def corpus_tokenizer(corpus: Corpus, choice: str = "bpe", vocab_size: int = 4096) -> TextTokenizer:
     """A run's tokenizer with no teacher: ``choice`` a ``tokenizer.json`` path, or ``char`` / ``bpe`` trained on the
-    corpus's training split, as the reproduction trains its own."""
+    corpus's training split, as the reproduction trains its own. A Hugging Face folder, or its tokenizer.json, gives
+    that folder's tokenizer (a labels-only twin of a student distilled from the folder's teacher)."""
     if choice not in ("char", "bpe"):
-        return TextTokenizer.load(choice)
+        path = Path(choice)
+        if path.is_dir():
+            return load_hf_tokenizer(path)
+        try:
+            return TextTokenizer.load(path)
+        except DarkKnowledgeError:
+            if path.name != HF_TOKENIZER:
+                raise
+            return load_hf_tokenizer(path.parent)  # not one darkknowledge wrote: the folder's, with its eos token
     corpus_documents = load_corpus(corpus.path, corpus.text_column)
     documents = split_documents(corpus_documents.documents, corpus.validation, corpus.test, corpus.seed)
     return TextTokenizer.train([corpus_documents.documents[n] for n in documents["train"]], choice, vocab_size)

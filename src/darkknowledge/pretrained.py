@@ -73,6 +73,14 @@ class HFTokenizer:
     def to_hf_json(self) -> str:
         return self.text
 
+    def save(self, path: str | Path) -> None:
+        """The file's own bytes (a run distilled from this folder's teacher saves it so): the same SHA-256."""
+        Path(path).write_text(self.text)
+
+    def hf_config(self) -> dict[str, Any]:
+        """``tokenizer_config.json`` beside :meth:`save`: the class that loads it and its eos token."""
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token}
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "sha256": self.sha256, "eos_token": self.eos_token}
 
