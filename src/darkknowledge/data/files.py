@@ -225,23 +225,28 @@ def load_image_folder(path: Path, image_size=None, transform: Transform | None =
     return DatasetSplits(train=train, test=test)
 
 
-def read_table(path: Path):
-    """A CSV (with a header row) or Parquet file as a pandas DataFrame, read whole; one line when it cannot be."""
+def read_table(path: Path, text: bool = False):
+    """A CSV (with a header row), Parquet or JSON Lines file as a pandas DataFrame, read whole; one line when it
+    cannot be. ``text``: a table of texts, where an empty CSV cell stays "" (not NaN)."""
     try:
         import pandas as pd
     except ImportError:
         raise DarkKnowledgeError(f"{path}: reading tables needs pandas (and pyarrow for Parquet); install the "
                                  "tables extra: pip install 'darkknowledge[tables]'") from None
     reading.check_file(path, "--data", available_bytes())  # read whole
+    suffix = path.suffix.lower()
     try:
-        frame = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        if suffix == ".jsonl":
+            return pd.read_json(path, lines=True)
+        return pd.read_csv(path, keep_default_na=False, na_values=[]) if text else pd.read_csv(path)
     except ImportError as e:
         raise DarkKnowledgeError(f"{path}: {one_line(e)}; install the tables extra: "
                                  "pip install 'darkknowledge[tables]'") from None
     except Exception as e:  # pandas raises many kinds for a malformed file
-        raise DarkKnowledgeError(f"{path}: cannot read the table ({one_line(e)}); give a CSV with a header row "
-                                 "or a Parquet file") from None
-    return frame
+        raise DarkKnowledgeError(f"{path}: cannot read the table ({one_line(e)}); give a CSV with a header row, "
+                                 "a Parquet file or JSON Lines") from None
 
 
 def load_table(path: Path, label_column: str | None = None, transform: Transform | None = None,

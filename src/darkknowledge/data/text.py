@@ -159,7 +159,7 @@ def _jsonl_texts(path: Path, field_name: str) -> dict[str, str]:
 
 def _table_texts(path: Path, column: str) -> dict[str, str]:
     from .files import read_table
-    frame = read_table(path)
+    frame = read_table(path, text=True)
     if column not in frame.columns:
         raise DarkKnowledgeError(f"{path}: no text column {column!r} (columns: "
                                  f"{', '.join(map(str, frame.columns[:12]))}); pass --text-column NAME")

@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import reading
 from ..errors import DarkKnowledgeError
-from ..memory import available_bytes
 from .base import DatasetSplits
+from .files import read_table
 from .idx import one_line, sha256_file
 from .transfer import ArrayTransferSet
 
@@ -78,26 +77,6 @@ def tokenize(tokenizer, texts: list, max_length: int) -> np.ndarray:
     return out
 
 
-def read_table(path: Path):
-    """The table at ``path`` as a pandas DataFrame, or a one-line error."""
-    try:
-        import pandas as pd
-    except ImportError:
-        raise DarkKnowledgeError(f"{path}: reading tables needs pandas (and pyarrow for Parquet); install the "
-                                 "tables extra: pip install 'darkknowledge[tables]'") from None
-    reading.check_file(path, "--data", available_bytes())  # read whole
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-        if suffix == ".jsonl":
-            return pd.read_json(path, lines=True)
-        return pd.read_csv(path, keep_default_na=False, na_values=[])  # an empty text stays "", not NaN
-    except Exception as e:  # pandas raises many kinds for a malformed file
-        raise DarkKnowledgeError(f"{path}: cannot read the table ({one_line(e)}); give a CSV with a header row, "
-                                 "a Parquet file or JSON Lines") from None
-
-
 def load_text_table(path: str | Path, text_columns: tuple[str, ...], label_column: str | None, tokenizer: str | Path,
                     max_length: int = DEFAULT_MAX_LENGTH, cache_dir: str | Path | None = None) -> DatasetSplits:
     """The training (and, with a ``split`` column, test) set of labelled text in ``path`` (see the module doc)."""
@@ -108,7 +87,7 @@ def load_text_table(path: str | Path, text_columns: tuple[str, ...], label_colum
     if not 1 <= len(text_columns) <= 2:
         raise DarkKnowledgeError(f"--text-column: give one text column, or two for sentence pairs; got "
                                  f"{len(text_columns)}")
-    frame = read_table(path)
+    frame = read_table(path, text=True)
     label_column = label_column or "label"
     for column, option in [*((c, "--text-column") for c in text_columns), (label_column, "--label-column")]:
         if column not in frame.columns:
