@@ -329,3 +329,33 @@ def test_the_windows_left_are_shared_out_once_in_contiguous_parts():
         assert windows == [*range(4, 10), *range(20, 25)]  # each once, in rank order
         sizes = [sum(stop - start for start, stop in part) for part in parts]
         assert max(sizes) - min(sizes) <= 1
+
+
+def test_store_build_under_torchrun_writes_the_store_one_process_writes(tmp_path):
+    from darkknowledge.data.text import TextTokenizer, load_corpus, split_documents, tokenise_corpus
+    from darkknowledge.language_model import LMConfig, train_language_model
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 6)
+    documents = load_corpus(corpus)
+    split = split_documents(documents.documents)
+    tokenizer = TextTokenizer.train([documents.documents[n] for n in split["train"]], "char")
+    windows = tokenise_corpus(documents, split, tokenizer, context=16).windows
+    train_language_model("gpt:layers=1,dim=16,heads=2,context=16", tokenizer, windows["train"],
+                         windows["validation"], LMConfig(epochs=1, batch_size=8), run_dir=tmp_path / "teacher",
+                         log=lambda _: None)
+    assert len(windows["train"]) > 2 * 16  # more than one chunk of 16 windows for each rank
+    build = ["store", "build", "--teacher", "teacher", "--data", "corpus", "--layout", "sampled", "--head", "2",
+             "--samples", "3"]
+    out = finished(torchrun(*build, "--out", "two", cwd=tmp_path))
+    one = one_process(*build, "--out", "one", cwd=tmp_path).stdout
+    assert out.count("bytes per token") == 1 and "tokens/s" in out  # rank 0 alone says what was built
+    (folder,) = (tmp_path / "one").iterdir()
+    assert folder.name in one and (tmp_path / "two" / folder.name).is_dir()  # the same key
+    assert_same_store(folder, tmp_path / "two" / folder.name)
+    # bad input stops every rank with the one-line error, nothing written (no rank waits for another)
+    proc = torchrun(*build[:6], "--samples", "3", "--out", "bad", cwd=tmp_path)  # --layout topk by default
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "--head and --samples are for --layout sampled" in output.decode()
+    assert not (tmp_path / "bad").exists()

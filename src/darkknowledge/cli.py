@@ -3,8 +3,8 @@
 Options may come from a TOML file (``--config FILE``, keys named like the long options) and are overridden by
 the command line. Every user-facing problem ends as one line on stderr and a non-zero exit, not a traceback.
 
-Under ``torchrun`` the commands that train (``train``, ``distill``, ``specialists train``) join torchrun's process
-group (:mod:`darkknowledge.distributed`); rank 0 alone prints.
+Under ``torchrun`` the commands that train (``train``, ``distill``, ``specialists train``) and ``store build`` join
+torchrun's process group (:mod:`darkknowledge.distributed`); rank 0 alone prints.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .devices import DEFAULT_DEVICE, DEVICE_HELP  # noqa: E402
 from .training import DECAY, OPTIMIZERS, SCHEDULES, SELECTION_METRICS, TrainConfig  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
-DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train")  # what runs under torchrun
+DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train", "store build")  # what runs under torchrun
 REPRODUCE_DATASETS = {"mnist": ("mnist",), "ensemble": ("fashion-mnist",), "regularizer": ("mnist", "fashion-mnist"),
                       "specialists": ("mnist", "fashion-mnist")}  # what reproduce --download fetches
 
@@ -304,7 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "over the training split of --data and store its next-token outputs, keyed to "
                                      "teacher, tokenizer, corpus, context and layout, in a sub-folder of --out. A "
                                      "build killed at any point resumes where it stopped when run again. Prints "
-                                     "progress, then bytes per token and tokens/s.", epilog=EPILOG)
+                                     "progress, then bytes per token and tokens/s. Under 'torchrun --nproc-per-node "
+                                     "N -m darkknowledge store build ...' each rank runs the teacher over its share "
+                                     "of the windows (--out must be seen by all); the store is the one a single "
+                                     "process builds.", epilog=EPILOG)
     p.add_argument("--teacher", type=Path, help="the teacher: a language-model run or a Hugging Face folder "
                                                 "(required); its tokenizer cuts the corpus")
     p.add_argument("--data", type=Path, metavar="CORPUS",
@@ -631,8 +634,11 @@ def _run_store(args: argparse.Namespace, say) -> None:
     if args.store_command is None:
         raise DarkKnowledgeError("store needs a subcommand: store build --teacher T --data CORPUS --out STORE")
     _require(args, "teacher", "out")
+    # Under torchrun every rank builds its share of the windows; rank 0 alone shows progress and says what it did.
+    main_rank = distributed.current().is_main
     store, report = build_store(args.teacher, _corpus(args), args.out, args.layout, top_k=args.top_k,
-                                head=args.head, samples=args.samples, log=lambda line: print(line, file=sys.stderr))
+                                head=args.head, samples=args.samples, log=lambda line: print(line, file=sys.stderr),
+                                on_chunk=None if main_rank else (lambda done, total: None))
     say(f"store {report['layout']} of {report['tokens']:,} tokens in {store.path}: "
         f"{report['bytes_per_token']:g} bytes per token, {report['tokens_per_second']:,.0f} tokens/s")
 
@@ -669,12 +675,17 @@ def _teachers(args: argparse.Namespace) -> list[Path]:
     return teachers
 
 
+def _command_name(args: argparse.Namespace) -> str:
+    """The command with its subcommand, as the user typed it: ``train``, ``specialists train``, ``store build``."""
+    return " ".join(filter(None, (args.command, getattr(args, "specialists_command", None),
+                                  getattr(args, "store_command", None))))
+
+
 def _refuse_foreign_destinations(args: argparse.Namespace) -> None:
     """Before any work: refuse an output path inside a run, store or experiment folder this command does not write
     (``destinations.py``). A reproduction checks its own folder (``experiments/folder.py``)."""
     from .destinations import EXPERIMENT, RUN, refuse_foreign_destination
-    command = " ".join(filter(None, (args.command, getattr(args, "specialists_command", None),
-                                     getattr(args, "store_command", None))))
+    command = _command_name(args)
     files = {"export": "out", "bench": "json", "report": "out", "specialists evaluate": "json"}
     if command in files and getattr(args, files[command]) is not None:  # an export's model card, a report's
         # Markdown twin and images go beside the file named: into the same folder
@@ -801,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        command = " ".join(filter(None, (args.command, getattr(args, "specialists_command", None))))
+        command = _command_name(args)
         if int(os.environ.get("WORLD_SIZE", 1)) > 1 and command not in DISTRIBUTED_COMMANDS:
             if int(os.environ.get("RANK", 0)) != 0:
                 return 1  # rank 0 says why, once
