@@ -261,11 +261,13 @@ def test_distill_from_a_store_or_online_and_foreign_stores_refused(teacher_and_c
     assert (tmp_path / "online" / "model.safetensors").read_bytes() == before
 
 
-def test_a_killed_distill_resumes_to_the_uninterrupted_student(teacher_and_corpus, tmp_path):
+@pytest.mark.parametrize("student", [STUDENT, "hf:gpt2,n_layer=1,n_embd=8,n_head=2,vocab_size=64"],
+                         ids=["gpt", "hf-padded"])  # 64 output rows for the char tokenizer's fewer tokens
+def test_a_killed_distill_resumes_to_the_uninterrupted_student(teacher_and_corpus, tmp_path, student):
     import os
     from test_reliability import _in_child
     teacher, corpus = teacher_and_corpus
-    common = ["distill", "--teacher", teacher, "--data", corpus, "--student", STUDENT, "-T", "2", *LOOP]
+    common = ["distill", "--teacher", teacher, "--data", corpus, "--student", student, "-T", "2", *LOOP]
     assert _cli(*common, "--out", tmp_path / "whole")[0] == 0
     pid = _in_child(lambda: _cli(*common, "--out", tmp_path / "killed"), kill_at_rename=6)  # after epoch 1's state
     _, status = os.waitpid(pid, 0)
@@ -325,3 +327,84 @@ def test_a_student_folder_starts_from_its_weights_and_must_share_the_teachers_to
     code, _, err = _cli(*common, "--student", tmp_path / "upper", "--out", tmp_path / "mixed")
     assert code == 1 and "another tokenizer than the teacher" in err, err
     assert not (tmp_path / "mixed").exists()
+
+
+# -- padded vocabularies: output rows past the tokenizer's tokens -----------------------------------------------
+
+def test_on_real_vocabulary_cuts_padding_keeps_an_exact_model_and_refuses_fewer_outputs():
+    from darkknowledge.lm_jobs import on_real_vocabulary
+    from darkknowledge.pretrained import RealVocabulary
+    from darkknowledge.transformer import build_language_model
+    tokenizer = TextTokenizer.train(DOCUMENTS, "char")
+    vocab = tokenizer.vocab_size
+    torch.manual_seed(0)
+    exact = build_language_model(TINY, vocab)
+    lines = []
+    assert on_real_vocabulary(exact, tokenizer, "teacher", "exact", lines.append) is exact and not lines
+    padded = build_language_model(f"hf:gpt2,n_layer=1,n_embd=16,n_head=2,vocab_size={vocab + 8}", vocab, 16).eval()
+    cut = on_real_vocabulary(padded, tokenizer, "teacher", "padded", lines.append)
+    assert isinstance(cut, RealVocabulary) and cut.model is padded
+    assert lines == [f"the teacher padded has {vocab + 8} outputs for its tokenizer's {vocab} tokens: the 8 padding "
+                     "rows past them are ignored"]
+    ids = torch.as_tensor(tokenizer.encode("the lazy dog")).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(cut(ids), padded(ids)[..., :vocab])
+    fewer = build_language_model(TINY, vocab - 3)
+    _one_line(lambda: on_real_vocabulary(fewer, tokenizer, "student", "small", lines.append),
+              f"the student small gives {vocab - 3} logits a token but its tokenizer has {vocab} tokens")
+    _one_line(lambda: build_language_model(f"hf:gpt2,n_layer=1,vocab_size={vocab - 1}", vocab, 16),
+              f"vocab_size={vocab - 1} is fewer outputs than the tokenizer's {vocab} tokens")
+
+
+@pytest.fixture(scope="module")
+def padded_folders(tmp_path_factory):
+    """Tiny GPT-2 folders saved by save_pretrained with one tokenizer of 290 tokens: a teacher of 354 output rows
+    (64 of padding) and students of 298 and 290, and a corpus of the tokenizer's words."""
+    import numpy as np
+    pytest.importorskip("transformers")
+    from test_pretrained import WORDS, _tiny_gpt2
+    root = tmp_path_factory.mktemp("padded")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for d in range(6):
+        (corpus / f"doc{d}.txt").write_text(" ".join(rng.choice(WORDS, size=150)))
+    folders = {rows: _tiny_gpt2(root / f"gpt2-{rows}", vocab_size=rows, layers=2 if rows == 354 else 1, seed=rows)
+               for rows in (354, 298, 290)}
+    return folders, corpus
+
+
+def test_padded_teacher_and_students_work_in_every_verb_on_the_real_vocabulary(padded_folders, tmp_path):
+    from darkknowledge.language_model import load_language_model
+    from safetensors.torch import load_file
+    folders, corpus = padded_folders
+    teacher, student = folders[354], folders[298]
+    code, out, err = _cli("store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores",
+                          "--layout", "topk", "--top-k", "4")
+    assert code == 0, err
+    assert "354 outputs for its tokenizer's 290 tokens: the 64 padding rows past them are ignored" in err
+    assert json.loads(next((tmp_path / "stores").glob("*/targets.json")).read_text())["vocab_size"] == 290
+    loop = [*LOOP, "--weight-decay", "0"]  # padding rows get no gradient: with no decay they stay as they were
+    common = ["distill", "--teacher", teacher, "--data", corpus, "-T", "2", *loop]
+    code, _, err = _cli(*common, "--student", student, "--store", tmp_path / "stores", "--out", tmp_path / "stored")
+    assert code == 0, err
+    assert "the student's 8 output rows past the tokenizer's 290 tokens are padding" in err
+    code, _, err = _cli(*common, "--student", folders[290], "--out", tmp_path / "online")
+    assert code == 0, err
+    code, _, err = _cli("train", "--data", corpus, "--model", "hf:gpt2,n_layer=1,n_embd=16,n_head=2,vocab_size=298",
+                        "--tokenizer", teacher, "--context", "32", "--out", tmp_path / "labels", *loop)
+    assert code == 0, err
+    # what is saved is the plain model with its own padding: 298 rows, the 8 past the tokens as they started
+    model, meta = load_language_model(tmp_path / "stored")
+    head = model.model.lm_head.weight
+    start = load_file(student / "model.safetensors")["transformer.wte.weight"]
+    assert meta["vocab_size"] == 290 and head.shape[0] == 298
+    assert torch.equal(head[290:], start[290:]) and not torch.equal(head[:290], start[:290])
+    assert load_language_model(tmp_path / "online")[0].model.lm_head.weight.shape[0] == 290
+    for model in (teacher, tmp_path / "stored", tmp_path / "online", tmp_path / "labels"):
+        code, out, err = _cli("evaluate", model, "--data", corpus, "--split", "test")
+        assert code == 0, err
+        assert json.loads(out)["tokens"] > 0 and json.loads(out)["perplexity"] < 300  # untrained: ~290, uniform over the real tokens (not 354)
+    code, out, err = _cli("export", tmp_path / "stored", "--format", "hf", "--out", tmp_path / "exported")
+    assert code == 0, err
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["vocab_size"] == 298

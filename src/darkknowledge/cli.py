@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="TOML file of options (keys as the long options)")
     p.add_argument("--model", default="mlp:1200x2,dropout=0.5,input_dropout=0.2,max_norm=3.5",
                    help="model spec, e.g. mlp:800x2, mlp:500-300,dropout=0.5, cnn:small (default: the paper's "
-                        "teacher, %(default)s)")
+                        "teacher, %(default)s); a text corpus: gpt:..., hf:ARCH,key=value,... (vocab_size=N pads "
+                        "the output layer) or a language-model folder (a run or a Hugging Face folder)")
     _add_model_options(p, "model")
     p.add_argument("--out", type=Path, help="run directory to write (required)")
     p.add_argument("--members", type=int, default=None,
@@ -258,7 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--ensemble)")
     p.add_argument("--ensemble", type=Path, help="ensemble folder written by 'train --members N', as the teacher")
     p.add_argument("--student", default="mlp:800x2", help="student model spec, or package.module:factory "
-                                                            "(default: %(default)s)")
+                                                            "(default: %(default)s); a text corpus: gpt:..., "
+                                                            "hf:ARCH,key=value,... or a language-model folder (a "
+                                                            "run or a Hugging Face folder, its output layer may be "
+                                                            "padded past the teacher's tokenizer)")
     _add_model_options(p, "student")
     p.add_argument("--init-from-teacher", action="store_true",
                    help="start the student from the teacher's weights where names and shapes agree, taking every "
@@ -609,7 +613,8 @@ def _run_language_model(args: argparse.Namespace, say) -> None:
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if distributed.current().is_main else \
         (lambda _: None)
     if args.command == "train":
-        check_language_model_spec(args.model)  # before a tokenizer is trained
+        if not Path(args.model).expanduser().is_dir():  # a folder's model is read with the run's tokenizer
+            check_language_model_spec(args.model)  # before a tokenizer is trained
         tokenizer = corpus_tokenizer(corpus, args.tokenizer or "bpe", args.vocab_size)
         model, meta = lm_run(args.model, corpus, config, args.out, args.resume, tokenizer=tokenizer,
                              device=args.device, log=log)
@@ -637,7 +642,8 @@ def _run_store(args: argparse.Namespace, say) -> None:
     # Under torchrun every rank builds its share of the windows; rank 0 alone shows progress and says what it did.
     main_rank = distributed.current().is_main
     store, report = build_store(args.teacher, _corpus(args), args.out, args.layout, top_k=args.top_k,
-                                head=args.head, samples=args.samples, log=lambda line: print(line, file=sys.stderr),
+                                head=args.head, samples=args.samples,
+                                log=(lambda line: print(line, file=sys.stderr)) if main_rank else (lambda _: None),
                                 on_chunk=None if main_rank else (lambda done, total: None))
     say(f"store {report['layout']} of {report['tokens']:,} tokens in {store.path}: "
         f"{report['bytes_per_token']:g} bytes per token, {report['tokens_per_second']:,.0f} tokens/s")

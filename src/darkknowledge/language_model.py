@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +37,7 @@ from .evaluation import device_of, evaluate_sequences
 from .losses import DEFAULT_DIVERGENCE, check_drawn_targets, describe_divergence
 from .memory import check_fits
 from .models import build_model
+from .outputs import first_logits, logits_width
 from .soft_targets import SoftTargets, module_sha256
 from .transformer import build_language_model
 
@@ -177,8 +179,13 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
             fit_key = training.run_key(fit_meta, train, validation, settings, loss)
             _adopt_stopped_run(run_dir, key, fit_key, fit_meta, train)
             _clear_other_run(run_dir, fit_key, log, refuse_others)
-        result = training.fit(model, train, validation, settings, loss, run_dir=run_dir, resume=True,
-                              meta=fit_meta, log=log, device=device)
+        padding = logits_width(model) - tokenizer.vocab_size  # output rows past the tokens (hf:...,vocab_size=N)
+        if padding:
+            log(f"the student's {padding:,} output rows past the tokenizer's {tokenizer.vocab_size:,} tokens are "
+                "padding: trained on the real tokens, kept in what is saved")
+        with first_logits(model, tokenizer.vocab_size) if padding else nullcontext():
+            result = training.fit(model, train, validation, settings, loss, run_dir=run_dir, resume=True,
+                                  meta=fit_meta, log=log, device=device)
         meta = {"kind": KIND, "spec": spec, "vocab_size": tokenizer.vocab_size, "context": train.context,
                 "tokenizer_sha256": tokenizer.sha256, "train": train.describe(),
                 "config": settings.settings() if isinstance(config, training.TrainConfig) else asdict(config),
@@ -381,7 +388,8 @@ def generate(model: nn.Module, tokenizer: TextTokenizer, prompt: str, tokens: in
     device = device_of(model)  # the ids follow the model; the draw stays on the CPU, with its seeded generator
     out = ids.tolist()
     for _ in range(tokens):
-        logits = model(torch.tensor([out[-context:]], device=device))[0, -1].double().cpu()  # any float temperature
+        logits = model(torch.tensor([out[-context:]], device=device))[0, -1, :tokenizer.vocab_size]  # no padding
+        logits = logits.double().cpu()  # any float temperature
         logits = (logits - logits.max()) / temperature  # at most 0: a tiny temperature gives -inf, never NaN
         if top_k is not None:
             cutoff = logits.topk(min(top_k, logits.numel())).values[-1]

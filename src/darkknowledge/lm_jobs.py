@@ -11,14 +11,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from .data.text import TextSplits, TextTokenizer, load_corpus, split_documents, tokenise_corpus
 from .errors import DarkKnowledgeError
 from .language_model import evaluate_language_model
-from .outputs import logits_of
-from .pretrained import HF_TOKENIZER, load_causal_lm, load_hf_tokenizer
+from .outputs import logits_width
+from .pretrained import HF_TOKENIZER, RealVocabulary, hf_spec, load_causal_lm, load_hf_tokenizer
 from .soft_targets import SoftTargets
 
 LAYOUTS = ("dense", "topk", "sampled")
@@ -72,25 +71,46 @@ def check_context(context: int, model: nn.Module, description: dict[str, Any], r
                                  f"reads ({positions} positions); give --context {positions} or less")
 
 
-def check_vocabulary(model: nn.Module, tokenizer: TextTokenizer, role: str, source: str) -> None:
-    """The model's outputs must be its tokenizer's vocabulary (one forward of one token: cheap)."""
-    with torch.no_grad():
-        width = logits_of(model(torch.zeros(1, 1, dtype=torch.int64))).shape[-1]
-    if width != tokenizer.vocab_size:
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def padding_rows(model: nn.Module, tokenizer: TextTokenizer, role: str, source: str) -> int:
+    """How many outputs the model has past its tokenizer's tokens (one forward of one token: cheap). Fewer
+    outputs than tokens are refused in one line: some token would have no logit."""
+    width = logits_width(model)
+    if width < tokenizer.vocab_size:
         raise DarkKnowledgeError(f"the {role} {source} gives {width} logits a token but its tokenizer has "
-                                 f"{tokenizer.vocab_size} tokens; the vocabularies differ: use a model and the "
+                                 f"{tokenizer.vocab_size} tokens; fewer outputs than tokens: use a model and the "
                                  "tokenizer it was trained with")
+    return width - tokenizer.vocab_size
 
 
-def load_model(source: str | Path, corpus: Corpus, role: str) -> tuple[nn.Module, TextTokenizer, Corpus]:
-    """A teacher (or a student folder) with its tokenizer, checked against ``--context`` and its vocabulary, and
-    the corpus with its context settled (unset: the model's positions, at most :data:`DEFAULT_CONTEXT`)."""
+def on_real_vocabulary(model: nn.Module, tokenizer: TextTokenizer, role: str, source: str,
+                       log: Callable[[str], None] = _to_stderr) -> nn.Module:
+    """The model scoring its tokenizer's tokens only. Published checkpoints pad their output layer to a round
+    number (152,064 rows for a tokenizer of 151,665 tokens, say): rows no token id reaches, never a label. Such a
+    model comes back cut to the tokenizer's vocabulary (:class:`darkknowledge.pretrained.RealVocabulary`, so every
+    softmax, the store's, the loss's and evaluation's, is over the real tokens; one line logged), a model with as
+    many outputs as tokens comes back as it is, and one with fewer is refused in one line."""
+    padding = padding_rows(model, tokenizer, role, source)
+    if not padding:
+        return model
+    log(f"the {role} {source} has {tokenizer.vocab_size + padding:,} outputs for its tokenizer's "
+        f"{tokenizer.vocab_size:,} tokens: the {padding:,} padding rows past them are ignored")
+    return RealVocabulary(model, tokenizer.vocab_size)
+
+
+def load_model(source: str | Path, corpus: Corpus, role: str,
+               log: Callable[[str], None] = _to_stderr) -> tuple[nn.Module, TextTokenizer, Corpus]:
+    """A teacher (or a model to evaluate) with its tokenizer, checked against ``--context`` and cut to its real
+    vocabulary (:func:`on_real_vocabulary`), and the corpus with its context settled (unset: the model's
+    positions, at most :data:`DEFAULT_CONTEXT`)."""
     model, tokenizer, description = load_causal_lm(source)
     if corpus.context is None:
         corpus = replace(corpus, context=min(positions_of(model, description) or DEFAULT_CONTEXT, DEFAULT_CONTEXT))
     check_context(corpus.context, model, description, role)
-    check_vocabulary(model, tokenizer, role, str(source))
-    return model, tokenizer, corpus
+    return on_real_vocabulary(model, tokenizer, role, str(source), log), tokenizer, corpus
 
 
 def _progress(total_label: str) -> Callable[[int, int], None]:
@@ -123,7 +143,7 @@ def build_store(teacher: str | Path, corpus: Corpus, out: str | Path, layout: st
         raise DarkKnowledgeError(f"--top-k is for --layout topk, not {layout}")
     if layout != "sampled" and (head or samples is not None):
         raise DarkKnowledgeError(f"--head and --samples are for --layout sampled, not {layout}")
-    model, tokenizer, corpus = load_model(teacher, corpus, "teacher")
+    model, tokenizer, corpus = load_model(teacher, corpus, "teacher", log)
     train = corpus.splits(tokenizer).windows["train"]
     started = time.perf_counter()
     store = SoftTargets.build(model, train, out, tokenizer_sha256=tokenizer.sha256, top_k=top_k,
@@ -184,7 +204,8 @@ def check_language_model_spec(spec: str) -> None:
 
 def _student(spec: str, tokenizer: TextTokenizer, corpus: Corpus) -> tuple[str, nn.Module | None]:
     """``(spec, first weights or None)``: a ``gpt:``/``hf:`` spec or a factory is built by the run from its seed;
-    a folder (:func:`load_causal_lm`) starts from its weights and must share the teacher's tokenizer."""
+    a folder (:func:`load_causal_lm`: a run, or a Hugging Face folder, its spec read from its config) starts from
+    its weights and must share the teacher's tokenizer; its output layer may be padded past it."""
     if not Path(spec).expanduser().is_dir():
         check_language_model_spec(spec)
         return spec, None
@@ -194,7 +215,9 @@ def _student(spec: str, tokenizer: TextTokenizer, corpus: Corpus) -> tuple[str, 
         raise DarkKnowledgeError(f"the student {spec} has another tokenizer than the teacher (SHA-256 "
                                  f"{student_tokenizer.sha256[:12]}, the teacher's {tokenizer.sha256[:12]}); teacher "
                                  "and student must share one")
-    check_vocabulary(model, tokenizer, "student", spec)
+    padding_rows(model, tokenizer, "student", spec)  # the run trains it on the real vocabulary, padding kept
+    if description["kind"] == "huggingface":  # trained in float32 (--bf16 is autocast), rebuilt from its spec
+        return hf_spec(model, tokenizer.vocab_size, spec), model.float()
     if not description.get("spec"):
         raise DarkKnowledgeError(f"the student folder {spec} does not name its architecture (no spec); give a "
                                  "gpt: or hf: spec instead")
@@ -214,7 +237,7 @@ def lm_run(spec: str, corpus: Corpus, config, out: str | Path, resume: bool = Fa
     from .language_model import Objective, train_language_model
     online = None
     if teacher is not None:
-        online, tokenizer, corpus = load_model(teacher, corpus, "teacher")
+        online, tokenizer, corpus = load_model(teacher, corpus, "teacher", log)
     elif tokenizer is None:
         raise DarkKnowledgeError("a language-model run needs a tokenizer or a teacher")
     elif corpus.context is None:

@@ -28,8 +28,12 @@ from .devices import resolve_device
 from .errors import DarkKnowledgeError
 from .language_model import evaluate_language_model, load_language_model, load_run_tokenizer
 from .outputs import logits_of
-from .transformer import GPTConfig, HFCausalLM
+from .transformer import GPTConfig, HFCausalLM, build_hf
 
+# What a config records that does not make the architecture: where and how it was saved, its special ids (an hf:
+# spec sets those of the tokenizer, not the architecture's own)
+NOT_ARCHITECTURE = ("architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version",
+                    "bos_token_id", "eos_token_id", "pad_token_id")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HF_CONFIG, HF_TOKENIZER, HF_TOKENIZER_CONFIG = "config.json", "tokenizer.json", "tokenizer_config.json"
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -171,6 +175,29 @@ def _load_hf(path: Path, dtype: str | None) -> tuple[nn.Module, HFTokenizer, dic
                                 "max_positions": hf_max_positions(config),
                                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                                 "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def hf_spec(model: HFCausalLM, vocab_size: int, source: str | Path) -> str:
+    """The ``hf:`` spec that builds a Hugging Face model's architecture again (a student folder's, so that its run
+    can be rebuilt from model.json): its model type and every setting its config changes from that type's
+    defaults, its output rows (padding included) among them. A config the spec does not rebuild exactly (a list or
+    a table of its own, say) is refused in one line."""
+    config = model.model.config
+    ours = {k: v for k, v in config.to_dict().items() if k not in NOT_ARCHITECTURE}
+    defaults = type(config)().to_dict()
+    options = {k: v for k, v in ours.items() if defaults.get(k) != v and isinstance(v, (bool, int, float, str))
+               and not (isinstance(v, str) and ("," in v or "=" in v))}
+    spec = ",".join([f"hf:{config.model_type}", *(f"{k}={v}" for k, v in options.items())])
+    with torch.device("meta"):  # the architecture only: no memory, no initialisation
+        rebuilt = build_hf(spec, vocab_size, hf_max_positions(config) or 128)
+    theirs = {k: v for k, v in rebuilt.model.config.to_dict().items() if k not in NOT_ARCHITECTURE}
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    shapes = {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    if differ or not shapes:
+        raise DarkKnowledgeError(f"the student {source}: an hf: spec cannot rebuild its architecture (settings "
+                                 f"{', '.join(differ) or 'none'} differ, weights {'alike' if shapes else 'differ'}); "
+                                 "give --student hf:ARCH,key=value,... instead")
+    return spec
 
 
 def load_hf_tokenizer(folder: str | Path) -> HFTokenizer:

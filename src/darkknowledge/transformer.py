@@ -148,17 +148,24 @@ def build_hf(spec: str, vocab_size: int, context: int) -> nn.Module:
     """``hf:gpt2,n_layer=2``: ``AutoConfig.for_model(arch, vocab_size=V, **options)`` -> ``AutoModelForCausalLM``.
 
     Built from the config alone (random weights, no download). ``context`` fills the config's position limit
-    when the architecture has one (GPT-2's ``n_positions``, Llama's ``max_position_embeddings``).
+    when the architecture has one (GPT-2's ``n_positions``, Llama's ``max_position_embeddings``). An option
+    ``vocab_size=N`` (at least V) pads the output layer to N rows, as published checkpoints do; the rows past V are
+    padding, left out of every softmax by the loop and by evaluation.
     """
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
         raise DarkKnowledgeError("hf: models need Hugging Face transformers: pip install 'darkknowledge[hf]'") from None
     arch, options = parse_hf(spec)
+    rows = options.pop("vocab_size", vocab_size)
+    if not isinstance(rows, int) or rows < vocab_size:
+        raise DarkKnowledgeError(f"model spec {spec!r}: vocab_size={rows} is fewer outputs than the tokenizer's "
+                                 f"{vocab_size} tokens; give vocab_size={vocab_size} or more (rows past the tokens "
+                                 "are padding), or leave it out")
     try:
         # the architecture's special ids belong to its own tokenizer (GPT-2's 50256), not to this vocabulary
         special = {key: None for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key not in options}
-        config = AutoConfig.for_model(arch, vocab_size=vocab_size, **{**special, **options})
+        config = AutoConfig.for_model(arch, vocab_size=rows, **{**special, **options})
         for key in ("n_positions", "max_position_embeddings"):
             if hasattr(config, key) and key not in options:
                 setattr(config, key, context)
