@@ -321,3 +321,21 @@ def test_bench_of_a_folder_and_a_mistyped_run_names_the_missing_one(teacher, tmp
     assert main(["bench", str(teacher), str(tmp_path / "runs" / "studnet")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "runs/studnet does not exist" in err
+
+
+def test_hf_spec_rebuilds_a_folders_architecture_or_refuses_in_one_line():
+    from darkknowledge.pretrained import hf_spec
+    from darkknowledge.transformer import HFCausalLM
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=298, activation_function="relu")
+    spec = hf_spec(HFCausalLM(transformers.GPT2LMHeadModel(config)), 290, "student-hf")
+    # its padded rows, and the default n_positions too: a run rebuilds it at any --context
+    assert parse_hf(spec) == ("gpt2", {"vocab_size": 298, "n_positions": 1024, "n_embd": 16, "n_layer": 1,
+                                       "n_head": 2, "activation_function": "relu"})
+    rebuilt = build_language_model(spec, 290, 32)
+    assert rebuilt.model.lm_head.weight.shape == (298, 16) and rebuilt.model.config.n_positions == 1024
+    _one_line_error(lambda: build_language_model("hf:gpt2,n_layer=1,n_positions=16", 290, 32),
+                    "windows of 32 tokens are longer than its 16 positions; give --context 16 or less")
+    config.task_specific_params = {"summarization": {"min_length": 5}}  # a table: no spec holds it
+    _one_line_error(lambda: hf_spec(HFCausalLM(transformers.GPT2LMHeadModel(config)), 290, "student-hf"),
+                    "the student student-hf: an hf: spec cannot rebuild its architecture .settings "
+                    "task_specific_params differ")

@@ -28,7 +28,7 @@ from .devices import resolve_device
 from .errors import DarkKnowledgeError
 from .language_model import evaluate_language_model, load_language_model, load_run_tokenizer
 from .outputs import logits_of
-from .transformer import GPTConfig, HFCausalLM, build_hf
+from .transformer import POSITION_KEYS, GPTConfig, HFCausalLM, build_hf
 
 # What a config records that does not make the architecture: where and how it was saved, its special ids (an hf:
 # spec sets those of the tokenizer, not the architecture's own)
@@ -185,17 +185,18 @@ def hf_spec(model: HFCausalLM, vocab_size: int, source: str | Path) -> str:
     config = model.model.config
     ours = {k: v for k, v in config.to_dict().items() if k not in NOT_ARCHITECTURE}
     defaults = type(config)().to_dict()
-    options = {k: v for k, v in ours.items() if defaults.get(k) != v and isinstance(v, (bool, int, float, str))
+    options = {k: v for k, v in ours.items() if isinstance(v, (bool, int, float, str))
+               and (defaults.get(k) != v or k in POSITION_KEYS)  # its own positions, not the context's
                and not (isinstance(v, str) and ("," in v or "=" in v))}
     spec = ",".join([f"hf:{config.model_type}", *(f"{k}={v}" for k, v in options.items())])
     with torch.device("meta"):  # the architecture only: no memory, no initialisation
-        rebuilt = build_hf(spec, vocab_size, hf_max_positions(config) or 128)
+        rebuilt = build_hf(spec, vocab_size, None)
     theirs = {k: v for k, v in rebuilt.model.config.to_dict().items() if k not in NOT_ARCHITECTURE}
     differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-    shapes = {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
-    if differ or not shapes:
+    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (rebuilt, model)]
+    if differ or shapes[0] != shapes[1]:
         raise DarkKnowledgeError(f"the student {source}: an hf: spec cannot rebuild its architecture (settings "
-                                 f"{', '.join(differ) or 'none'} differ, weights {'alike' if shapes else 'differ'}); "
+                                 f"{', '.join(differ) or 'none'} differ, weights {'alike' if shapes[0] == shapes[1] else 'differ'}); "
                                  "give --student hf:ARCH,key=value,... instead")
     return spec
 

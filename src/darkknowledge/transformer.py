@@ -144,11 +144,15 @@ def parse_value(text: str) -> bool | int | float | str:
     return text
 
 
-def build_hf(spec: str, vocab_size: int, context: int) -> nn.Module:
+POSITION_KEYS = ("n_positions", "max_position_embeddings")  # a config's position limit (GPT-2's name, most others')
+
+
+def build_hf(spec: str, vocab_size: int, context: int | None) -> nn.Module:
     """``hf:gpt2,n_layer=2``: ``AutoConfig.for_model(arch, vocab_size=V, **options)`` -> ``AutoModelForCausalLM``.
 
-    Built from the config alone (random weights, no download). ``context`` fills the config's position limit
-    when the architecture has one (GPT-2's ``n_positions``, Llama's ``max_position_embeddings``). An option
+    Built from the config alone (random weights, no download). ``context`` (None: 128) fills the config's position
+    limit when the architecture has one (GPT-2's ``n_positions``, Llama's ``max_position_embeddings``) and the spec
+    names none under either name; a named one shorter than ``context`` is refused in one line. An option
     ``vocab_size=N`` (at least V) pads the output layer to N rows, as published checkpoints do; the rows past V are
     padding, left out of every softmax by the loop and by evaluation.
     """
@@ -162,13 +166,17 @@ def build_hf(spec: str, vocab_size: int, context: int) -> nn.Module:
         raise DarkKnowledgeError(f"model spec {spec!r}: vocab_size={rows} is fewer outputs than the tokenizer's "
                                  f"{vocab_size} tokens; give vocab_size={vocab_size} or more (rows past the tokens "
                                  "are padding), or leave it out")
+    named = next((options[key] for key in POSITION_KEYS if key in options), None)
+    if isinstance(named, int) and context is not None and context > named:
+        raise DarkKnowledgeError(f"model spec {spec!r}: windows of {context} tokens are longer than its {named} "
+                                 f"positions; give --context {named} or less")
     try:
         # the architecture's special ids belong to its own tokenizer (GPT-2's 50256), not to this vocabulary
         special = {key: None for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key not in options}
         config = AutoConfig.for_model(arch, vocab_size=rows, **{**special, **options})
-        for key in ("n_positions", "max_position_embeddings"):
-            if hasattr(config, key) and key not in options:
-                setattr(config, key, context)
+        for key in POSITION_KEYS if named is None else ():  # GPT-2 reads either name as n_positions
+            if hasattr(config, key):
+                setattr(config, key, context or 128)
         return HFCausalLM(AutoModelForCausalLM.from_config(config))
     # transformers 5's typed configs refuse a value with their own exception (4's with ValueError or TypeError):
     # whatever the config or model refused, said in one line
@@ -197,7 +205,7 @@ def count_parameters(spec: str, vocab_size: int, context: int | None = None) -> 
         small = ",".join([f"hf:{arch}", *(f"{k}={v}" for k, v in options.items() if k not in layer_keys),
                           *([f"{layer_keys[0]}={n}"] if layer_keys else [])])
         with torch.device("meta"):
-            sizes.append(sum(p.numel() for p in build_hf(small, vocab_size, context or 128).parameters()))
+            sizes.append(sum(p.numel() for p in build_hf(small, vocab_size, context).parameters()))
     return sizes[0] + (layers - 1) * (sizes[1] - sizes[0])
 
 
@@ -210,5 +218,5 @@ def build_language_model(spec: str, vocab_size: int, context: int | None = None)
             config = GPTConfig(config.layers, config.dim, config.heads, context, config.dropout)
         return CausalTransformer(config, vocab_size)
     if kind == "hf":
-        return build_hf(spec, vocab_size, context or 128)
+        return build_hf(spec, vocab_size, context)
     raise DarkKnowledgeError(f"language model spec {spec!r}: kind must be gpt or hf; {GPT_HELP}; {HF_HELP}")
