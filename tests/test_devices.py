@@ -151,7 +151,7 @@ def test_generate_feeds_the_model_on_its_own_device():
     from darkknowledge.transformer import build_language_model
 
     class Chars:
-        end_of_document = 0
+        end_of_document, vocab_size = 0, 16
 
         def encode(self, text):
             return [ord(c) % 16 for c in text]

@@ -349,6 +349,14 @@ def test_on_real_vocabulary_cuts_padding_keeps_an_exact_model_and_refuses_fewer_
     ids = torch.as_tensor(tokenizer.encode("the lazy dog")).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(cut(ids), padded(ids)[..., :vocab])
+
+    class Loud(torch.nn.Module):  # its padding rows the most probable of all: generate still draws real tokens
+        def forward(self, ids):
+            logits = padded(ids)
+            return torch.cat([logits[..., :vocab], logits[..., vocab:] + 100], -1)
+    from darkknowledge.language_model import generate
+    assert generate(Loud(), tokenizer, "the", tokens=8, context=16) == generate(cut, tokenizer, "the", tokens=8,
+                                                                                context=16)
     fewer = build_language_model(TINY, vocab - 3)
     _one_line(lambda: on_real_vocabulary(fewer, tokenizer, "student", "small", lines.append),
               f"the student small gives {vocab - 3} logits a token but its tokenizer has {vocab} tokens")
