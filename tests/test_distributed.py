@@ -331,6 +331,15 @@ def test_the_windows_left_are_shared_out_once_in_contiguous_parts():
         assert max(sizes) - min(sizes) <= 1
 
 
+KILLED_STORE_BUILD = """
+import os, signal, sys
+from darkknowledge import cli, lm_jobs
+# rank 0's progress (the other ranks show none) kills it once its first chunk is on disk and recorded
+lm_jobs._progress = lambda label: lambda done, total: os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_store_build_under_torchrun_writes_the_store_one_process_writes(tmp_path):
     from darkknowledge.data.text import TextTokenizer, load_corpus, split_documents, tokenise_corpus
     from darkknowledge.language_model import LMConfig, train_language_model
@@ -354,6 +363,17 @@ def test_store_build_under_torchrun_writes_the_store_one_process_writes(tmp_path
     (folder,) = (tmp_path / "one").iterdir()
     assert folder.name in one and (tmp_path / "two" / folder.name).is_dir()  # the same key
     assert_same_store(folder, tmp_path / "two" / folder.name)
+    # killed on rank 0 after its first chunk (torchrun then stops rank 1): a rerun resumes to the same store
+    script = tmp_path / "killed_build.py"
+    script.write_text(KILLED_STORE_BUILD)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), *build, "--out", "killed"], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert not json.loads((tmp_path / "killed" / folder.name / "targets.json").read_text())["complete"]
+    resumed = one_process(*build, "--out", "killed", cwd=tmp_path)
+    assert "resuming there" in resumed.stderr, resumed.stderr
+    assert_same_store(folder, tmp_path / "killed" / folder.name)
     # bad input stops every rank with the one-line error, nothing written (no rank waits for another)
     proc = torchrun(*build[:6], "--samples", "3", "--out", "bad", cwd=tmp_path)  # --layout topk by default
     output, _ = proc.communicate(timeout=300)
