@@ -195,9 +195,10 @@ def hf_spec(model: HFCausalLM, vocab_size: int, source: str | Path) -> str:
     differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
     shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (rebuilt, model)]
     if differ or shapes[0] != shapes[1]:
+        weights = "alike" if shapes[0] == shapes[1] else "differ"
         raise DarkKnowledgeError(f"the student {source}: an hf: spec cannot rebuild its architecture (settings "
-                                 f"{', '.join(differ) or 'none'} differ, weights {'alike' if shapes[0] == shapes[1] else 'differ'}); "
-                                 "give --student hf:ARCH,key=value,... instead")
+                                 f"{', '.join(differ) or 'none'} differ, weights {weights}); give --student "
+                                 "hf:ARCH,key=value,... instead")
     return spec
 
 
