@@ -824,11 +824,12 @@ def sample_targets(head_p: Tensor, head_ids: Tensor, picks: Tensor, mass: Tensor
     frequencies, order = (counts / draws * mass.float().unsqueeze(-1)).sort(dim=-1, descending=True, stable=True)
     drawn, unused = drawn.gather(-1, order), counts.gather(-1, order) == 0
     # the columns left over get the smallest ids not in the row: among the first `width` unused ones
-    candidates = torch.arange(min(classes, 2 * width), device=picks.device)
+    candidates = min(classes, 2 * width)
     ids = torch.cat([head_ids, drawn], -1)
-    taken = ((candidates[None, :, None] == ids[:, None, :]) &
-             ~torch.cat([torch.zeros_like(head_ids, dtype=torch.bool), unused], -1)[:, None, :]).any(-1)
-    free = candidates[taken.long().argsort(dim=-1, stable=True)]  # [n, candidates], the free ones first
+    listed = ~torch.cat([torch.zeros_like(head_ids, dtype=torch.bool), unused], -1) & (ids < candidates)
+    taken = torch.zeros(n, candidates + 1, dtype=torch.uint8, device=picks.device).scatter_(
+        -1, torch.where(listed, ids, candidates), 1)[:, :candidates]  # column `candidates`: ids past them
+    free = taken.argsort(dim=-1, stable=True)  # [n, candidates], the free ids first
     slot = (unused.long().cumsum(-1) - 1).clamp_min(0)
     drawn = torch.where(unused, free.gather(-1, slot), drawn)
     probabilities = torch.cat([head_p.float(), frequencies], -1)
