@@ -15,9 +15,13 @@ same information fits in far fewer, as one row of bytes:
 - P as a 16-bit fraction, ``round(P * 65535)`` (within 7.7e-6).
 
 The head's absolute probabilities come back from P: ``p_max = (1 - P) / sum_i exp(-q_i STEP)``, so a decoded row
-sums to one and only the ratios within the head carry the 8-bit error. (Storing no P and taking
-``1 - sum(head)`` needs absolute head probabilities, i.e. ``p_max`` in another byte or two: it saves nothing.)
-At V = 4,096 (12-bit ids): h = 16, K = 16 is 48 + 16 + 2 = 66 bytes; h = 12, K = 16 is 56; h = 6, K = 10 is 32.
+sums to one and only the ratios within the head carry the 8-bit error. At V = 4,096 (12-bit ids): h = 16, K = 16
+is 48 + 16 + 2 = 66 bytes; h = 12, K = 21 is 64; h = 6, K = 10 is 32.
+
+Measured (a 6-epoch ``gpt:layers=2,dim=96`` Shakespeare model, V = 4,096, 5,120 positions; mean KL of the
+unquantised sampled row to the decoded one): log8 2e-5 to 4e-5 nats over the five layouts of the ``compact``
+plan, e4m3 6e-5 to 3.3e-4; e4m3 of the absolute p with P taken as ``1 - sum(head)`` instead of stored (2 bytes
+saved) 2e-3 to 5e-3, 50 to 120 times log8's: so P is stored and the head kept relative to its maximum.
 
 Encoding and decoding are vectorised over rows (numpy bit (un)packing, no loop over rows); a batch decodes only
 its rows. :meth:`CompactCodec.decode` gives :class:`darkknowledge.losses.TopKTargets` in exactly the convention
