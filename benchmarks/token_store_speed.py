@@ -6,10 +6,10 @@
     writing is timed) and read throughput (random batches of windows gathered as training reads them), tokens/s.
 (b) One training step of a student (``--spec``) on 16 windows of 128 tokens: labels only; distilling from the
     top-32 store (and, for comparison, from the dense store and, at T = 1, from the compact 16 + 16 store, whose
-    rows are decoded batch by batch); and distilling "online", running ``--members`` teacher models on every batch. Timed back to back
-    in one process, best of ``--repeats``, in CPU time of the one thread (the machine is shared: wall time counts
-    the other processes' turns, CPU time what the step costs); the ratios are the issue's targets (store step
-    <= 1.15x labels; online >= 5x the store).
+    rows are decoded batch by batch); and distilling "online", running ``--members`` teacher models on every
+    batch. Timed back to back in one process, best of ``--repeats``, in CPU time of the one thread (the machine
+    is shared: wall time counts the other processes' turns, CPU time what the step costs); the ratios are the
+    issue's targets (store step <= 1.15x labels; online >= 5x the store).
 
     python benchmarks/token_store_speed.py [--tokens 65536] [--members 10] [--repeats 5]
 

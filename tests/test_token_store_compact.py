@@ -114,7 +114,8 @@ def test_the_one_file_store_of_images_has_the_compact_layout_too(tmp_path):
     teacher = torch.nn.Linear(12, 40)
     sampled = SoftTargets.compute(teacher, data, tmp_path, samples=6, head=4)
     compact = SoftTargets.compute(teacher, data, tmp_path, samples=6, head=4, compact="log8")
-    assert compact.layout == "compact" and compact.bytes_per_case == CompactCodec(40, 4, 6).bytes_per_row == 8 + 4 + 2  # 6-bit ids
+    # 10 ids of 6 bits in 8 bytes, a byte a head probability, 2 of P
+    assert compact.layout == "compact" and compact.bytes_per_case == CompactCodec(40, 4, 6).bytes_per_row == 8 + 4 + 2
     reopened = SoftTargets.open(compact.path)
     assert reopened.key == compact.key and reopened.describe()["quant"] == "log8"
     rows = torch.arange(300)

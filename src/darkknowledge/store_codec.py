@@ -157,8 +157,8 @@ class CompactCodec:
         _, head_ids, picks, mass = self.unpack(rows)
         ids = torch.cat([head_ids, picks], -1)
         ok = (ids < self.vocab_size).all(-1)
-        if self.head:
-            ok &= ~(head_ids[:, :, None] == torch.cat([head_ids, picks], -1)[:, None, :]).sum(-1).gt(1).any(-1)
+        if self.head:  # each head id once among all the row's ids
+            ok &= ((head_ids[:, :, None] == ids[:, None, :]).sum(-1) == 1).all(-1)
         else:
             ok &= mass == 1
         return ok.numpy()
