@@ -1,13 +1,15 @@
 """What the per-token store costs and buys, at a 4,096-token vocabulary (the ``reproduce lm`` sizes).
 
-(a) Store size and speed, for the dense float16 layout and top-k at K in 128, 32, 8: bytes per token, write
+(a) Store size and speed, for the dense float16 layout, top-k at K in 128, 32, 8, the sampled layout of 16 exact
+    tokens + 16 draws and the same packed (compact, log8): bytes per token, write
     throughput (the members' forward pass excluded: rows are made from random logits, so only summarising and
     writing is timed) and read throughput (random batches of windows gathered as training reads them), tokens/s.
 (b) One training step of a student (``--spec``) on 16 windows of 128 tokens: labels only; distilling from the
-    top-32 store (and, for comparison, from the dense store); and distilling "online", running ``--members`` teacher models on every batch. Timed back to back
-    in one process, best of ``--repeats``, in CPU time of the one thread (the machine is shared: wall time counts
-    the other processes' turns, CPU time what the step costs); the ratios are the issue's targets (store step
-    <= 1.15x labels; online >= 5x the store).
+    top-32 store (and, for comparison, from the dense store and, at T = 1, from the compact 16 + 16 store, whose
+    rows are decoded batch by batch); and distilling "online", running ``--members`` teacher models on every
+    batch. Timed back to back in one process, best of ``--repeats``, in CPU time of the one thread (the machine
+    is shared: wall time counts the other processes' turns, CPU time what the step costs); the ratios are the
+    issue's targets (store step <= 1.15x labels; online >= 5x the store).
 
     python benchmarks/token_store_speed.py [--tokens 65536] [--members 10] [--repeats 5]
 
@@ -31,6 +33,9 @@ from darkknowledge.soft_targets import SoftTargets
 from darkknowledge.transformer import build_language_model
 
 VOCAB, CONTEXT, BATCH = 4096, 128, 16
+HEADED = dict(samples=16, head=16)  # today's best sampled store (results/lm-stores)
+LAYOUTS = {"dense": {}, "top-128": dict(top_k=128), "top-32": dict(top_k=32), "top-8": dict(top_k=8),
+           "top16+16": HEADED, "top16+16-log8": dict(HEADED, compact="log8")}
 
 
 class RandomTeacher(torch.nn.Module):
@@ -47,10 +52,10 @@ class RandomTeacher(torch.nn.Module):
 def store_speed(windows: TokenWindows, folder: Path) -> None:
     print(f"(a) store of {windows.num_tokens:,} tokens, V = {VOCAB:,}")
     teacher = RandomTeacher()
-    for k in (None, 128, 32, 8):
+    for name, layout in LAYOUTS.items():
         # Time the rows' making and writing, not the teacher: subtract a pass of the teacher alone.
         started = time.perf_counter()
-        store = SoftTargets.build(teacher, windows, folder, tokenizer_sha256="benchmark", top_k=k, batch_windows=16)
+        store = SoftTargets.build(teacher, windows, folder, tokenizer_sha256="benchmark", batch_windows=16, **layout)
         write = time.perf_counter() - started
         started = time.perf_counter()
         with torch.no_grad():
@@ -63,16 +68,18 @@ def store_speed(windows: TokenWindows, folder: Path) -> None:
             store.targets(windows.positions(torch.from_numpy(rng.integers(0, len(windows), BATCH))), 1.0)
             reads += BATCH * CONTEXT
         read = reads / (time.perf_counter() - started)
-        name = "dense" if k is None else f"top-{k}"
-        print(f"  {name:>8}: {store.bytes_per_case:6.0f} B/token ({VOCAB * 2 / store.bytes_per_case:5.1f}x smaller "
+        print(f"  {name:>13}: {store.bytes_per_case:6.0f} B/token ({VOCAB * 2 / store.bytes_per_case:5.1f}x smaller "
               f"than dense float16), write {windows.num_tokens / write:9,.0f} tokens/s, read {read:9,.0f} tokens/s")
 
 
 def step_cost(windows: TokenWindows, folder: Path, spec: str, member_spec: str, members: int, repeats: int) -> None:
     torch.manual_seed(0)
     teachers = [build_language_model(member_spec, VOCAB).eval() for _ in range(members)]
-    stores = {kind: SoftTargets.build(teachers[:1], windows, folder, tokenizer_sha256="benchmark", top_k=k, log=print)
-              for kind, k in (("store", 32), ("dense", None))}
+    # each store and the T its student distils at (draws: T = 1 only)
+    stores = {kind: (SoftTargets.build(teachers[:1], windows, folder, tokenizer_sha256="benchmark", log=print,
+                                       **LAYOUTS[layout]), t)
+              for kind, layout, t in (("store", "top-32", 2.0), ("dense", "dense", 2.0),
+                                      ("compact", "top16+16-log8", 1.0))}
     student = build_language_model(spec, VOCAB)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
@@ -86,8 +93,9 @@ def step_cost(windows: TokenWindows, folder: Path, spec: str, member_spec: str, 
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
         elif kind in stores:
             # as fit reads a store: one row per token position (case), the logits flattened to match
-            loss = distillation_loss(logits.reshape(-1, VOCAB), labels=labels.reshape(-1), temperature=2.0,
-                                     hard_weight=0.5, **stores[kind].targets(windows.positions(indices), 2.0)).total
+            store, t = stores[kind]
+            loss = distillation_loss(logits.reshape(-1, VOCAB), labels=labels.reshape(-1), temperature=t,
+                                     hard_weight=0.5, **store.targets(windows.positions(indices), t)).total
         else:
             with torch.no_grad():
                 probs = torch.stack([torch.softmax(t(ids) / 2.0, -1) for t in teachers]).mean(0)
@@ -97,7 +105,7 @@ def step_cost(windows: TokenWindows, folder: Path, spec: str, member_spec: str, 
         optimizer.step()
         return time.thread_time() - started
 
-    kinds = ("labels", "store", "dense", "online")
+    kinds = ("labels", "store", "dense", "compact", "online")
     best = {kind: min(step(kind) for _ in range(repeats)) for kind in kinds}  # alternated below for fairness
     for _ in range(repeats):
         for kind in kinds:
@@ -107,7 +115,8 @@ def step_cost(windows: TokenWindows, folder: Path, spec: str, member_spec: str, 
     for kind in kinds:
         print(f"  {kind:>7}: {1000 * best[kind]:7.1f} ms ({BATCH * CONTEXT / best[kind]:7,.0f} tokens/s)")
     print(f"  store / labels = {best['store'] / best['labels']:.3f} (target <= 1.15; dense store "
-          f"{best['dense'] / best['labels']:.3f}); "
+          f"{best['dense'] / best['labels']:.3f}; compact 16 + 16 store at T = 1 "
+          f"{best['compact'] / best['labels']:.3f}); "
           f"online / store = {best['online'] / best['store']:.1f} (target >= 5)")
 
 

@@ -4,6 +4,7 @@ written, the numbers come from the evaluation code, a rerun reuses every stage, 
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -42,14 +43,21 @@ def test_writes_results_report_and_plot_with_every_stage(quick_run):
     assert set(r["models"]) >= {"baseline", "ensemble", "student-T1", "student-T2", "half-labels"}
     assert [row["store"] for row in r["top_k"]] == (["dense"] + [f"top{k}" for k in QUICK.top_ks]
                                                      + [f"sampled{k}" for k in QUICK.sampled]
-                                                     + [f"top{h}+sampled{k}" for h, k in QUICK.sampled_tails])
+                                                     + [f"top{h}+sampled{k}" for h, k in QUICK.sampled_tails]
+                                                     + [f"top{h}+{k}-{q}" for h, k, q in QUICK.compact])
     assert r["top_k"][1]["bytes_per_token"] == 4 * QUICK.top_ks[0] + 8
-    for sampled in r["top_k"][-2:]:  # distilled at T = 1, so measured against the dense store's student at T = 1
+    for sampled in r["top_k"][-3:]:  # distilled at T = 1, so measured against the dense store's student at T = 1
         assert sampled["run"] == f"student-T1-{sampled['store']}" and sampled["dense_run"] == "student-T1"
-        assert r["stores"][sampled["store"]]["layout"] == "sampled"
+    assert [r["stores"][row["store"]]["layout"] for row in r["top_k"][-3:]] == ["sampled", "sampled", "compact"]
     head, draws = QUICK.sampled_tails[0]
     assert r["stores"][f"top{head}+sampled{draws}"]["head"] == head
-    assert r["top_k"][-1]["bytes_per_token"] == 4 * (head + draws) + 8
+    assert r["top_k"][-2]["bytes_per_token"] == 4 * (head + draws) + 8
+    # the compact row: the same head and draws packed, ids in ceil(log2 V) bits, a byte a head probability, P
+    (head, draws, quant), = QUICK.compact
+    bits = math.ceil(math.log2(TextTokenizer.load(quick_run / "tokenizer.json").vocab_size))
+    assert r["stores"][f"top{head}+{draws}-{quant}"]["quant"] == quant
+    assert r["top_k"][-1]["bytes_per_token"] == math.ceil((head + draws) * bits / 8) + head + 2
+    assert f"top{head}+{draws}-{quant}" in (quick_run / "report.md").read_text()
     # each sparse store's share of the dense gain has its block-bootstrap interval; dense's share is 1 by definition
     assert "interval_of_dense_gain_accuracy" not in r["top_k"][0]
     for row in r["top_k"][1:]:
@@ -84,7 +92,7 @@ def test_rerun_reuses_every_stage_and_generate_samples(quick_run, capsys):
     assert after["stage_seconds"] == before["stage_seconds"] and after["training_seconds"] > 0
     assert out.count("finished run of these settings, reused") == len(json.loads(
         (quick_run / "results.json").read_text())["stage_seconds"]) - 1 - len(QUICK.top_ks) - len(QUICK.sampled) \
-        - len(QUICK.sampled_tails)
+        - len(QUICK.sampled_tails) - len(QUICK.compact)
     assert main(["generate", str(quick_run / "runs" / "baseline"), "--prompt", "KING.", "--tokens", "12"]) == 0
     assert capsys.readouterr().out.startswith("KING.")
     assert main(["generate", str(quick_run / "runs" / "baseline"), "--top-k", "0"]) == 1
@@ -169,7 +177,8 @@ def test_jobs_trains_the_independent_runs_in_processes_to_the_same_numbers(quick
     assert "runs in 2 processes: baseline, member-0" in printed and "[member-0] epoch 1/" in printed
     # the main process trained nothing itself: each run it names was finished by a worker
     assert printed.count("finished run of these settings, reused") == 1 + QUICK.members + 1 + \
-        len(QUICK.temperatures) + 1 + len(QUICK.top_ks) + len(QUICK.sampled) + len(QUICK.sampled_tails)
+        len(QUICK.temperatures) + 1 + len(QUICK.top_ks) + len(QUICK.sampled) + len(QUICK.sampled_tails) + \
+        len(QUICK.compact)
     one, two = (json.loads((folder / "results.json").read_text()) for folder in (quick_run, out))
     assert two["models"] == one["models"] and two["chosen_on_validation"] == one["chosen_on_validation"]
     assert main(["reproduce", "mnist", "--quick", "--jobs", "2"]) == 1

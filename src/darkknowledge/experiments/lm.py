@@ -9,11 +9,12 @@ Stages (each a folder under ``OUT/runs``, reused when finished, resumed at the l
   members      ``members`` models of the same spec and recipe differing only in seed
   stores       the members' mean distribution per training token: dense float16 (the T sweep; the members run
                once), top-k for each K of the K sweep summarised from the dense rows, chunk by chunk, and
-               sampled stores (K draws a position from the dense rows) when the plan asks for them
+               sampled stores (K draws a position from the dense rows) and compact ones (the same draws packed
+               into bytes, :mod:`darkknowledge.store_codec`) when the plan asks for them
   students     the same spec distilled from the dense store at every T (soft 1 + hard 0.5, the paper's speech
                recipe); T chosen on validation log-loss
   deployment   a half-width student distilled at the chosen T against the same half-width model on labels only;
-               students from the top-k stores at the chosen T and from the sampled stores at T = 1 (quality
+               students from the top-k stores at the chosen T and from the sampled and compact stores at T = 1 (quality
                against bytes per token)
 Test windows give the final numbers; the share of the gain, (student - baseline) / (ensemble - baseline), comes
 with a 95% bootstrap interval that resamples whole test windows (blocks of ``context`` tokens).
@@ -77,6 +78,8 @@ class Plan:
     sampled: tuple[int, ...] = ()  # sampled stores, K draws a position; their students distil at T = 1
     # sampled stores with a head, (h, K): the h most probable tokens exact and K draws from the rest; at T = 1
     sampled_tails: tuple[tuple[int, int], ...] = ()
+    # compact stores, (h, K, quant): a sampled store's rows packed (ids in ceil(log2 V) bits, the head in 8); T = 1
+    compact: tuple[tuple[int, int, str], ...] = ()
     max_train_tokens: int | None = 400_000
     max_eval_tokens: int | None = None
     sample_tokens: int = 200
@@ -88,7 +91,7 @@ QUICK = Plan(tokenizer="char", context=32, spec="gpt:layers=1,dim=16,heads=2,con
              training=LMConfig(epochs=1, batch_size=16, lr=1e-2), student_training=LMConfig(epochs=1, batch_size=16,
                                                                                          lr=1e-2),
              members=3, temperatures=(1, 2), top_ks=(8,), sampled=(8,), sampled_tails=((4, 4),),
-             max_train_tokens=4096, max_eval_tokens=1024,
+             compact=((4, 4, "log8"),), max_train_tokens=4096, max_eval_tokens=1024,
              sample_tokens=40)
 # Every model 6 epochs instead of 2 (results/lm/sizing: two members trained 6 epochs gain three times as much
 # log-loss from being ensembled) and half the works (21 of 42, 818,000 tokens) as the test split instead of a
@@ -100,6 +103,12 @@ SIX_EPOCHS = replace(FULL, test_fraction=0.5, sampled=(32,), training=replace(FU
 # so its baseline, members and dense store are SIX_EPOCHS's.
 STORES = replace(SIX_EPOCHS, temperatures=(1,), top_ks=(64,), sampled=(),
                  sampled_tails=((8, 24), (16, 16), (24, 8), (32, 32)))
+# The smallest store that keeps the gain (issue 31): STORES's models beside compact stores at two budgets, at
+# V = 4,096 (12-bit ids): at most 64 bytes a token, (16, 14) 63 B and (12, 21) 64 B (more draws kept more of the
+# gain in results/lm-stores: 8 + 24 draws 95%, 24 + 8 85%); at most 32, (6, 10) and (4, 13), 32 B. With
+# top-32 and the sampled 16 + 16 (136 B) they were measured against; (16, 16) packed shows what the packing costs.
+COMPACT = replace(STORES, top_ks=(32,), sampled_tails=((16, 16),),
+                  compact=((16, 16, "log8"), (16, 14, "log8"), (12, 21, "log8"), (6, 10, "log8"), (4, 13, "log8")))
 # FULL's models and recipe on fewer tokens: a first measurement of the pipeline at about half an hour of one core.
 SMALL = replace(FULL, max_train_tokens=100_000, max_eval_tokens=65_536, training=replace(FULL.training, epochs=1),
                 student_training=replace(FULL.student_training, epochs=1))
@@ -113,6 +122,8 @@ PLANS = {  # the line each shows in 'reproduce --help'
     "quick": Named(QUICK, "tiny models, a few thousand tokens: a smoke test of every stage; numbers mean nothing"),
     "6epochs": Named(SIX_EPOCHS, "results/lm-6epochs: full with every model 6 epochs, half the works as test"),
     "stores": Named(STORES, "results/lm-stores: 6epochs at T = 1 with top-h + sampled stores and top-64"),
+    "compact": Named(COMPACT, "issue 31: stores's models with compact stores of <= 64 and <= 32 bytes a token, "
+                              "beside top-32 and top-16 + 16 draws"),
     "small": Named(SMALL, "results/lm-small: full's models on 100,000 training tokens, 1 epoch; about 30 min"),
     "sampled-sizing": Named(SAMPLED_SIZING, "results/lm/sizing: 3 one-layer members, 100,000 tokens, T = 1; "
                                             "sampled-32 against top-32"),
@@ -227,7 +238,7 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     quick = plan_name == "quick"
     if corpus is not None:
         plan = replace(plan, corpus=corpus)
-    if (plan.sampled or plan.sampled_tails) and 1 not in plan.temperatures:
+    if (plan.sampled or plan.sampled_tails or plan.compact) and 1 not in plan.temperatures:
         raise DarkKnowledgeError("a plan with sampled stores must sweep T = 1: their students are compared with "
                                  "the dense store's student at T = 1")
     out = Path(out)
@@ -273,11 +284,15 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
         stores[name] = SoftTargets.build(members if k is None else stores["dense"], train, runs / "token-targets",
                                          tokenizer_sha256=tokenizer.sha256, top_k=k, log=log)
         seconds[f"store-{name}"] = round(stores[name].header.get("build_seconds", 0.0), 3)
-    sampled = {_sampled_name(h, k): (h, k) for h, k in [(0, k) for k in plan.sampled] + list(plan.sampled_tails)}
-    for name, (h, k) in sampled.items():
+    # the stores of draws, distilled at T = 1: sampled (quant None) and compact
+    sampled = {_sampled_name(h, k, q): (h, k, q) for h, k, q in
+               [(0, k, None) for k in plan.sampled] + [(h, k, None) for h, k in plan.sampled_tails]
+               + list(plan.compact)}
+    for name, (h, k, quant) in sampled.items():
         log(f"[store {name}]")
         stores[name] = SoftTargets.build(stores["dense"], train, runs / "token-targets",
-                                         tokenizer_sha256=tokenizer.sha256, samples=k, head=h, log=log)
+                                         tokenizer_sha256=tokenizer.sha256, samples=k, head=h, compact=quant,
+                                         log=log)
         seconds[f"store-{name}"] = round(stores[name].header.get("build_seconds", 0.0), 3)
     dense = stores["dense"].path
 
@@ -343,7 +358,10 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     return results
 
 
-def _sampled_name(head: int, draws: int) -> str:
+def _sampled_name(head: int, draws: int, quant: str | None = None) -> str:
+    """``top16+sampled16`` (a sampled store), ``top16+16-log8`` (compact)."""
+    if quant is not None:
+        return f"top{head}+{draws}-{quant}" if head else f"sampled{draws}-{quant}"
     return f"top{head}+sampled{draws}" if head else f"sampled{draws}"
 
 
