@@ -24,9 +24,10 @@ def test_lm_plans_are_the_settings_their_run_scripts_built():
                                               training=replace(full.training, epochs=6),
                                               student_training=replace(full.student_training, epochs=6))
     # issue 31's plan (no committed folder yet): the stores plan with compact stores beside top-32 and 16 + 16
-    assert lm.PLANS["compact"].plan == replace(lm.PLANS["stores"].plan, top_ks=(32,), sampled_tails=((16, 16),),
-                                               compact=((16, 16, "log8"), (16, 14, "log8"), (12, 21, "log8"),
-                                                        (6, 10, "log8"), (4, 13, "log8")))
+    assert lm.PLANS["compact"].plan == replace(lm.PLANS["stores"].plan, members=3, top_ks=(32,),
+                                               sampled_tails=((16, 16),),
+                                               compact=((16, 14, "log8"), (12, 21, "log8"), (6, 10, "log8"),
+                                                        (4, 13, "log8")))
     # results/lm-small/run.py
     assert lm.PLANS["small"].plan == replace(full, max_train_tokens=100_000, max_eval_tokens=65_536,
                                              training=replace(full.training, epochs=1),

@@ -18,10 +18,9 @@ from .errors import DarkKnowledgeError
 from .language_model import evaluate_language_model
 from .outputs import logits_width
 from .pretrained import HF_TOKENIZER, RealVocabulary, hf_spec, load_causal_lm, load_hf_tokenizer
-from .soft_targets import SoftTargets
+from .soft_targets import DRAWN, SoftTargets
 
 LAYOUTS = ("dense", "topk", "sampled", "compact")
-DRAWN = ("sampled", "compact")  # layouts of --head exact tokens and --samples draws
 DEFAULT_CONTEXT = 1024  # the longest window a corpus is cut into when --context is not given
 SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 
