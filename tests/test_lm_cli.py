@@ -155,25 +155,26 @@ def test_store_build_prints_its_size_and_speed_and_a_rerun_reuses_it(teacher_and
     assert code == 0 and len(list((tmp_path / "stores").iterdir())) == 1  # the same key: reused
 
 
-def test_a_killed_store_build_resumes_to_the_uninterrupted_store(teacher_and_corpus, tmp_path):
+@pytest.mark.parametrize("layout", ["sampled", "compact"])
+def test_a_killed_store_build_resumes_to_the_uninterrupted_store(teacher_and_corpus, tmp_path, layout):
     import os
     import signal
     from darkknowledge.lm_jobs import Corpus, build_store
     from test_reliability import _in_child
     teacher, corpus = teacher_and_corpus
     data = Corpus(str(corpus), context=16)
-    whole, _ = build_store(teacher, data, tmp_path / "whole", "sampled", head=2, samples=3, log=lambda _: None,
+    whole, _ = build_store(teacher, data, tmp_path / "whole", layout, head=2, samples=3, log=lambda _: None,
                            on_chunk=lambda *_: None)
 
     def killed():
-        build_store(teacher, data, tmp_path / "killed", "sampled", head=2, samples=3, log=lambda _: None,
+        build_store(teacher, data, tmp_path / "killed", layout, head=2, samples=3, log=lambda _: None,
                     on_chunk=lambda done, total: os.kill(os.getpid(), signal.SIGKILL))
     _, status = os.waitpid(_in_child(killed), 0)
     assert os.WIFSIGNALED(status)
     partial = json.loads(next((tmp_path / "killed").glob("*/targets.json")).read_text())
     assert not partial["complete"] and 0 < partial["positions_done"] < partial["positions"]
     lines = []
-    resumed, _ = build_store(teacher, data, tmp_path / "killed", "sampled", head=2, samples=3, log=lines.append,
+    resumed, _ = build_store(teacher, data, tmp_path / "killed", layout, head=2, samples=3, log=lines.append,
                              on_chunk=lambda *_: None)
     assert any("resuming there" in line for line in lines)
     assert resumed.header["checksums"] == whole.header["checksums"]  # the same bytes as one uninterrupted build
@@ -186,7 +187,10 @@ def test_bad_input_to_store_build_is_one_line_and_writes_nothing(teacher_and_cor
     for extra, message in [(["--context", "32"], "--context 32 is longer than the teacher"),
                            (["--data", small], "needs at least 3: add documents"),
                            (["--layout", "sampled"], "needs --samples"),
-                           (["--layout", "dense", "--top-k", "3"], "--top-k is for --layout topk")]:
+                           (["--layout", "dense", "--top-k", "3"], "--top-k is for --layout topk"),
+                           (["--layout", "compact"], "--layout compact needs --samples"),
+                           (["--layout", "sampled", "--samples", "3", "--quant", "e4m3"],
+                            "--quant is for --layout compact")]:
         argv = ["store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores", *extra]
         code, _, err = _cli(*argv)
         assert code == 1 and err.count("\n") == 1 and message in err, err
@@ -259,6 +263,37 @@ def test_distill_from_a_store_or_online_and_foreign_stores_refused(teacher_and_c
     code, _, err = _cli(*common[:-len(LOOP)], "--epochs", "1", "--no-progress", "--out", tmp_path / "online")
     assert code == 1 and "choose another --out" in err, err
     assert (tmp_path / "online" / "model.safetensors").read_bytes() == before
+
+
+def test_distill_from_a_compact_store_at_t1_and_a_damaged_one_refused(teacher_and_corpus, tmp_path):
+    teacher, corpus = teacher_and_corpus
+    stores = tmp_path / "stores"
+    build = ["store", "build", "--teacher", teacher, "--data", corpus, "--out", stores, "--head", "4",
+             "--samples", "6"]
+    code, out, err = _cli(*build, "--layout", "compact", "--quant", "e4m3")
+    assert code == 0, err
+    # the vocabulary of the char tokenizer here: 7-bit ids; 10 ids, 4 head bytes and 2 of P
+    vocab = json.loads(next(stores.glob("*/targets.json")).read_text())["vocab_size"]
+    bits = max(1, math.ceil(math.log2(vocab)))
+    assert f"store compact of" in out and f"{math.ceil(10 * bits / 8) + 4 + 2:g} bytes per token" in out, out
+    code, out, _ = _cli(*build, "--layout", "sampled")
+    assert code == 0 and f"{4 * 10 + 8:g} bytes per token" in out
+    compact = next(f for f in stores.iterdir() if json.loads((f / "targets.json").read_text())["layout"] == "compact")
+    shutil.rmtree(stores / next(f.name for f in stores.iterdir() if f != compact))
+    common = ["distill", "--teacher", teacher, "--data", corpus, "--student", STUDENT, *LOOP, "--store", stores]
+    code, _, err = _cli(*common, "-T", "2", "--out", tmp_path / "hot")
+    assert code == 1 and err.count("\n") == 1 and "temperature 1 only" in err, err
+    code, _, err = _cli(*common, "-T", "1", "--out", tmp_path / "student")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "student" / "model.json").read_text())
+    assert math.isfinite(meta["history"][-1]["val_log_loss"])
+    # a header damaged in place is refused in one line, and nothing is trained
+    header = json.loads((compact / "targets.json").read_text())
+    header["arrays"]["rows"][1][1] += 1
+    (compact / "targets.json").write_text(json.dumps(header))
+    code, _, err = _cli(*common, "-T", "1", "--out", tmp_path / "damaged")
+    assert code == 1 and err.count("\n") == 1 and "targets.json" in err, err
+    assert not (tmp_path / "damaged").exists()
 
 
 def test_a_killed_distill_resumes_to_the_uninterrupted_student(teacher_and_corpus, tmp_path):

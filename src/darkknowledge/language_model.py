@@ -36,7 +36,7 @@ from .evaluation import device_of, evaluate_sequences
 from .losses import DEFAULT_DIVERGENCE, check_drawn_targets, describe_divergence
 from .memory import check_fits
 from .models import build_model
-from .soft_targets import SoftTargets, module_sha256
+from .soft_targets import DRAWN, SoftTargets, module_sha256
 from .transformer import build_language_model
 
 KIND = "language-model"
@@ -77,7 +77,7 @@ class Objective:
         if self.teacher is not None:  # what the teacher is, once: the run's key holds it
             object.__setattr__(self, "_teacher_sha256", module_sha256(self.teacher))
         if self.store is not None:  # up front, before any training
-            if self.store.layout == "sampled":
+            if self.store.layout in DRAWN:
                 check_drawn_targets(self.divergence)
             self.store.check_temperature(self.temperature)
 

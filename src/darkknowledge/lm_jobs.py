@@ -21,7 +21,8 @@ from .outputs import logits_of
 from .pretrained import HF_TOKENIZER, load_causal_lm, load_hf_tokenizer
 from .soft_targets import SoftTargets
 
-LAYOUTS = ("dense", "topk", "sampled")
+LAYOUTS = ("dense", "topk", "sampled", "compact")
+DRAWN = ("sampled", "compact")  # layouts of --head exact tokens and --samples draws
 DEFAULT_CONTEXT = 1024  # the longest window a corpus is cut into when --context is not given
 SPLIT_NAMES = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
 
@@ -107,31 +108,37 @@ def _progress(total_label: str) -> Callable[[int, int], None]:
 
 
 def build_store(teacher: str | Path, corpus: Corpus, out: str | Path, layout: str = "topk", *,
-                top_k: int | None = None, head: int = 0, samples: int | None = None,
+                top_k: int | None = None, head: int = 0, samples: int | None = None, quant: str | None = None,
                 log: Callable[[str], None] = print,
                 on_chunk: Callable[[int, int], None] | None = None) -> tuple[SoftTargets, dict[str, Any]]:
     """The teacher's per-token outputs over the corpus's training windows, computed once into ``out`` (a folder
     of stores, each in its key's sub-folder: keyed to teacher, tokenizer, corpus, context and layout); a killed
-    build resumes where it stopped. Returns the store and what to report (bytes per token, tokens/s)."""
+    build resumes where it stopped. Returns the store and what to report (bytes per token, tokens/s).
+    ``layout="compact"``: the sampled layout's draws packed by :class:`darkknowledge.store_codec.CompactCodec`,
+    its head quantised by ``quant`` (default ``log8``)."""
     if layout not in LAYOUTS:
         raise DarkKnowledgeError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout == "topk" and top_k is None:
         top_k = 32
-    if layout == "sampled" and samples is None:
-        raise DarkKnowledgeError("--layout sampled needs --samples K (draws a token; e.g. --head 16 --samples 16)")
+    if layout in DRAWN and samples is None:
+        raise DarkKnowledgeError(f"--layout {layout} needs --samples K (draws a token; e.g. --head 16 --samples 16)")
     if layout != "topk" and top_k is not None:
         raise DarkKnowledgeError(f"--top-k is for --layout topk, not {layout}")
-    if layout != "sampled" and (head or samples is not None):
-        raise DarkKnowledgeError(f"--head and --samples are for --layout sampled, not {layout}")
+    if layout not in DRAWN and (head or samples is not None):
+        raise DarkKnowledgeError(f"--head and --samples are for --layout sampled or compact, not {layout}")
+    if layout != "compact" and quant is not None:
+        raise DarkKnowledgeError(f"--quant is for --layout compact, not {layout}")
+    if layout == "compact" and quant is None:
+        quant = "log8"
     model, tokenizer, corpus = load_model(teacher, corpus, "teacher")
     train = corpus.splits(tokenizer).windows["train"]
     started = time.perf_counter()
     store = SoftTargets.build(model, train, out, tokenizer_sha256=tokenizer.sha256, top_k=top_k,
-                               samples=samples, head=head, log=log,
+                               samples=samples, head=head, compact=quant, log=log,
                                on_chunk=on_chunk or _progress(f"store {layout}"))
     seconds = store.header.get("build_seconds") or (time.perf_counter() - started)
     return store, {"store": str(store.path), "layout": store.layout, "top_k": store.top_k, "head": store.head,
-                   "tokens": len(store), "bytes_per_token": store.bytes_per_case,
+                   **({"quant": quant} if quant else {}), "tokens": len(store), "bytes_per_token": store.bytes_per_case,
                    "tokens_per_second": len(store) / max(seconds, 1e-9)}
 
 

@@ -785,9 +785,7 @@ def sampled_targets(logits: Tensor, draws: int, generator: torch.Generator | Non
     The soft cross-entropy against them, ``-sum_i (c_i / draws) log q_i``, is an unbiased estimate of the one
     against the full distribution, and so is its gradient ``q - c / draws`` (sparse logit sampling, Anshumann et
     al., 2025), where a top-k summary is biased toward the head. Only at T = 1: the frequencies estimate the
-    distribution at the temperature it was drawn at. Columns past the distinct tokens drawn hold other tokens at
-    probability 0 (their logit the lowest float16, as targets must be finite), so every row has ``head + draws``
-    distinct ids.
+    distribution at the temperature it was drawn at. The columns are laid out by :func:`sample_targets`.
 
     ``head = h > 0`` keeps the h most probable tokens exact and draws only from the rest, renormalised, each
     draw weighing the rest's total mass ``P``: the estimate ``P c_j / draws`` of the tail is still unbiased, and
@@ -797,21 +795,46 @@ def sampled_targets(logits: Tensor, draws: int, generator: torch.Generator | Non
     if head:
         head_p, head_ids = probs.topk(head, -1)
         rest = probs.scatter(-1, head_ids, 0.0)
-        mass = rest.sum(-1, keepdim=True)
+        mass = rest.sum(-1)
         # a row whose head holds all the mass: draw anywhere outside the head, the draws then weigh 0
-        rest = torch.where(mass > 0, rest, torch.ones_like(rest).scatter(-1, head_ids, 0.0))
+        rest = torch.where(mass.unsqueeze(-1) > 0, rest, torch.ones_like(rest).scatter(-1, head_ids, 0.0))
     else:
-        rest, mass = probs, 1.0
+        head_p, head_ids = probs[:, :0], torch.zeros_like(probs[:, :0], dtype=torch.long)
+        rest, mass = probs, torch.ones_like(probs[:, 0])
     picks = torch.multinomial(rest, draws, replacement=True, generator=generator)
-    counts = torch.zeros_like(probs).scatter_add_(-1, picks, torch.ones_like(picks, dtype=probs.dtype))
-    estimate = counts / draws * mass
-    if head:
-        estimate = estimate.scatter(-1, head_ids, head_p)
-    # the head and the tokens drawn first, then distinct tokens never drawn
-    frequencies, indices = estimate.topk(head + draws, -1)
-    empty = torch.full(logits.shape[:-1], -math.inf)
-    logits = frequencies.log().clamp_min(torch.finfo(torch.float16).min)
-    return TopKTargets(logits, indices, empty, torch.zeros_like(empty))
+    return sample_targets(head_p, head_ids, picks, mass, probs.shape[-1])
+
+
+def sample_targets(head_p: Tensor, head_ids: Tensor, picks: Tensor, mass: Tensor, classes: int) -> TopKTargets:
+    """The top-k targets ``[n, h + K]`` of a sample: the head's tokens ``head_ids`` ``[n, h]`` at their
+    probabilities ``head_p`` (most probable first), then the distinct tokens among the draws ``picks`` ``[n, K]``
+    (none in the head) at ``mass * count / K`` (most often drawn first), then distinct tokens never drawn at
+    probability 0 (their logit the lowest float16, as targets must be finite), so every row has ``h + K`` distinct
+    ids; the tail is empty. Built from the ``h + K`` ids alone (no ``[n, C]`` row): a compact store decodes its
+    rows through it (:mod:`darkknowledge.store_codec`)."""
+    n, draws = picks.shape
+    width = head_ids.shape[-1] + draws
+    picks = picks.sort(-1).values
+    first = torch.ones_like(picks, dtype=torch.bool)
+    first[:, 1:] = picks[:, 1:] != picks[:, :-1]
+    run = first.long().cumsum(-1) - 1  # each draw's distinct token, counted from 0
+    counts = torch.zeros(n, draws, dtype=torch.float32, device=picks.device).scatter_add_(
+        -1, run, torch.ones_like(picks, dtype=torch.float32))
+    drawn = torch.zeros_like(picks).scatter_(-1, run, picks)  # the distinct tokens, then zeros (counts 0)
+    frequencies, order = (counts / draws * mass.float().unsqueeze(-1)).sort(dim=-1, descending=True, stable=True)
+    drawn, unused = drawn.gather(-1, order), counts.gather(-1, order) == 0
+    # the columns left over get the smallest ids not in the row: among the first `width` unused ones
+    candidates = torch.arange(min(classes, 2 * width), device=picks.device)
+    ids = torch.cat([head_ids, drawn], -1)
+    taken = ((candidates[None, :, None] == ids[:, None, :]) &
+             ~torch.cat([torch.zeros_like(head_ids, dtype=torch.bool), unused], -1)[:, None, :]).any(-1)
+    free = candidates[taken.long().argsort(dim=-1, stable=True)]  # [n, candidates], the free ones first
+    slot = (unused.long().cumsum(-1) - 1).clamp_min(0)
+    drawn = torch.where(unused, free.gather(-1, slot), drawn)
+    probabilities = torch.cat([head_p.float(), frequencies], -1)
+    logits = probabilities.log().clamp_min(torch.finfo(torch.float16).min)
+    empty = torch.full((n,), -math.inf, device=picks.device)
+    return TopKTargets(logits, torch.cat([head_ids, drawn], -1), empty, torch.zeros_like(empty))
 
 
 def tail_logsumexp_at(t: TopKTargets, s: float, dtype: torch.dtype, tail: int) -> Tensor:

@@ -156,22 +156,23 @@ class TokenizerFile(_Schema):
 
 class KeyParts(_Schema):
     transfer_set: str
-    layout: Literal["full", "topk", "sampled"]
+    layout: Literal["full", "topk", "sampled", "compact"]
     top_k: Positive | None
     dtype: Literal["float32", "float16"]
 
 
 class StoredArray(_Schema):
-    dtype: Literal["<f4", "<f2", "<u2", "<i4"]
+    dtype: Literal["<f4", "<f2", "<u2", "<i4", "|u1"]
     shape: list[Count]
     offset: Count
     nbytes: Count
     sha256: Sha256
 
 
-_ITEMSIZE = {"<f4": 4, "<f2": 2, "<u2": 2, "<i4": 4}
+_ITEMSIZE = {"<f4": 4, "<f2": 2, "<u2": 2, "<i4": 4, "|u1": 1}
 _STORE_ARRAYS = {"full": {"logits"}, "topk": {"topk_logits", "topk_indices", "tail_logsumexp", "tail_mean"}}
 _STORE_ARRAYS["sampled"] = _STORE_ARRAYS["topk"]  # draws are kept as a top-k summary with an empty tail
+_STORE_ARRAYS["compact"] = {"rows"}  # the same draws packed, a row of bytes a case (its width: the store checks)
 
 
 class StoreHeader(_Schema):
@@ -180,7 +181,7 @@ class StoreHeader(_Schema):
     format: Literal["darkknowledge/soft-targets-1"]
     key: Sha256
     key_parts: KeyParts
-    layout: Literal["full", "topk", "sampled"]
+    layout: Literal["full", "topk", "sampled", "compact"]
     top_k: Positive | None
     dtype: Literal["float32", "float16"]
     num_cases: Positive
@@ -206,6 +207,8 @@ class StoreHeader(_Schema):
         for name, a in self.arrays.items():
             rows = [self.num_cases, self.num_members] + ([width] if name in ("logits", "topk_logits",
                                                                                 "topk_indices") else [])
+            if name == "rows":  # a compact row's bytes, whatever they are here
+                rows.append(a.shape[-1] if len(a.shape) == 3 else -1)
             if a.shape != rows:
                 raise ValueError(f"array {name} must have shape {rows} (num_cases, num_members, classes or top_k)")
             if a.nbytes != math.prod(a.shape) * _ITEMSIZE[a.dtype]:
@@ -629,7 +632,7 @@ class TokenStoreHeader(_Schema):
     format: Literal["darkknowledge/token-targets-1"]
     key: Sha256
     key_parts: dict[str, Any]
-    layout: Literal["dense", "topk", "sampled"]
+    layout: Literal["dense", "topk", "sampled", "compact"]
     top_k: Positive | None
     vocab_size: Positive
     members: Positive

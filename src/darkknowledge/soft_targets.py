@@ -21,6 +21,10 @@ and every layout; a batch is read by its rows (``targets(rows, T)``), one row pe
   most probable classes are kept exact and only the rest is drawn. The draws are seeded by the store's key and
   the row (a language model's store: the window), so a store computed in other batches, by other ranks or
   resumed after a kill holds the same rows.
+- ``compact`` layout: the rows of a sampled store (the same draws for the same key and row) packed into one uint8
+  array ``[N, 1, bytes]`` by :class:`darkknowledge.store_codec.CompactCodec` (ids in ``ceil(log2 C)`` bits, the
+  head's probabilities in 8 bits, ``quant`` ``log8`` or ``e4m3``): 66 bytes a row at h = 16, K = 16 and C = 4,096
+  where the sampled layout takes 136. A batch decodes only its rows, into the targets a sampled store gives.
 
 **Two forms on disk**, read the same way (the arrays of both are seen as ``[N, M, ...]``):
 
@@ -77,13 +81,15 @@ from .data.transfer import UINT8_PIXELS, as_transfer_set, batches, cases_per_ite
 from .evaluation import autocast, device_of, precision_of, to_device
 from .losses import TopKTargets, sampled_targets, tail_logsumexp_at, topk_targets
 from .outputs import logits_of
+from .store_codec import QUANTS, CompactCodec
 
 FORMAT = "darkknowledge/soft-targets-1"  # a store in one file and its header (compute)
 FOLDER_FORMAT = "darkknowledge/token-targets-1"  # a store in a folder of array files (build)
 FOLDER_HEADER = "targets.json"
 RANK_PROGRESS = "targets.rank{}.json"  # under torchrun: the window ranges one rank has written
 ROW_TOLERANCE = 0.05  # |log sum of a row's probabilities| a float16 row of a true distribution stays within
-LAYOUTS = ("full", "topk", "sampled")
+LAYOUTS = ("full", "topk", "sampled", "compact")
+DRAWN = ("sampled", "compact")  # the layouts of draws at T = 1
 DENSE = ("full", "dense")  # the full layout, as a one-file store and a folder store name it
 STORAGE_DTYPES = {"float32": "<f4", "float16": "<f2"}
 PREPROCESSING = "uint8 / 255"
@@ -162,6 +168,11 @@ class SoftTargets:
         return self.header["key_parts"].get("head", 0)
 
     @property
+    def codec(self) -> CompactCodec | None:
+        """Of a compact store: how its rows are packed (None for the other layouts)."""
+        return _codec(self.header["key_parts"], self.num_classes)
+
+    @property
     def num_classes(self) -> int:
         """Classes (of a language model's store: its vocabulary)."""
         return self.header["vocab_size" if self._in_folder else "num_classes"]
@@ -197,10 +208,15 @@ class SoftTargets:
         if self._in_folder:
             return {"folder": str(self.path), "layout": self.layout, "top_k": self.top_k, "head": self.head,
                     "key": self.key, "members": self.members_in_teacher, "positions": len(self),
-                    "bytes_per_token": self.bytes_per_case}
+                    "bytes_per_token": self.bytes_per_case, **self._quant}
         return {"key": self.key, "layout": self.layout, "top_k": self.top_k, "combine": self.combine,
                 "members": self.members_in_teacher, "dtype": self.header["dtype"],
-                **({"head": self.head} if self.layout == "sampled" else {})}
+                **({"head": self.head} if self.layout in DRAWN else {}), **self._quant}
+
+    @property
+    def _quant(self) -> dict[str, str]:
+        """A compact store's quantisation, for what describes it (no field for the other layouts: their keys)."""
+        return {"quant": self.header["key_parts"]["quant"]} if self.layout == "compact" else {}
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -223,10 +239,15 @@ class SoftTargets:
         return self._rows("logits", self._as_index(indices)).float()
 
     def topk(self, indices) -> TopKTargets:
-        """The stored top-k summary ``[B, M, k]`` (top-k layout; sampled: the draws, ``[B, 1, h + K]``)."""
+        """The stored top-k summary ``[B, M, k]`` (top-k layout; sampled: the draws, ``[B, 1, h + K]``; compact:
+        the same, decoded from the batch's rows only)."""
         if self.layout in DENSE:
             raise DarkKnowledgeError("this store holds full logits, not a top-k summary")
         rows = self._as_index(indices)
+        if self.layout == "compact":
+            t = self.codec.decode(np.take(self._arrays["rows"], rows, axis=0))
+            return TopKTargets(*(getattr(t, name).unsqueeze(1) for name in
+                                 ("logits", "indices", "tail_logsumexp", "tail_mean")))
         indices = torch.from_numpy(np.take(self._arrays["topk_indices"], rows, axis=0).astype(np.int64))
         return TopKTargets(self._rows("topk_logits", rows).float(), indices, self._rows("tail_logsumexp", rows),
                            self._rows("tail_mean", rows))
@@ -291,8 +312,8 @@ class SoftTargets:
 
     @classmethod
     def compute(cls, teacher: nn.Module, transfer_set, store_dir: str | os.PathLike | None = None, *,
-                top_k: int | None = None, samples: int | None = None, head: int = 0, dtype: str = "float32",
-                combine: str | None = None, batch_size: int = 2048, bf16: bool | str = False,
+                top_k: int | None = None, samples: int | None = None, head: int = 0, compact: str | None = None,
+                dtype: str = "float32", combine: str | None = None, batch_size: int = 2048, bf16: bool | str = False,
                 log: Callable[[str], None] | None = None) -> SoftTargets:
         """The teacher's outputs over ``transfer_set``, from ``store_dir`` if an intact store of the same key is
         there, else computed in one batched pass of each member and written there (on the device the teacher's
@@ -302,7 +323,8 @@ class SoftTargets:
         ``teacher``: any module mapping inputs to logits, or an :class:`Ensemble` (its members' logits are kept;
         ``combine`` defaults to the ensemble's rule). ``top_k``: keep only the k largest logits per case (and
         member). ``samples=K``: the sampled layout, K classes drawn per case at T = 1, and ``head=h`` with it the h
-        most probable kept exact. ``dtype``: ``float32`` or ``float16`` for the stored logits.
+        most probable kept exact; ``compact="log8"`` or ``"e4m3"`` with them: the same draws packed into bytes
+        (the compact layout). ``dtype``: ``float32`` or ``float16`` for the stored logits.
         ``store_dir=None``: in memory only.
         """
         log = log or (lambda _: None)
@@ -313,7 +335,7 @@ class SoftTargets:
         if len(transfer_set) == 0:
             raise DarkKnowledgeError("the transfer set is empty; soft targets need at least one case")
         members = teacher_members(teacher)
-        layout = _layout(top_k, samples, head)
+        layout = _layout(top_k, samples, head, compact=compact)
         # Top-k of several members: per-member top-k for the arithmetic mean, top-k of the mean logits otherwise;
         # draws of several members: from their arithmetic mixture, or from the softmax of their mean logits.
         stored_combine = None
@@ -325,7 +347,8 @@ class SoftTargets:
             "transfer_set": transfer_set.fingerprint(),
             "preprocessing": {"inputs": _preprocessing(transfer_set), "jitter": 0, **_precision_key(bf16)},
             "layout": layout, "top_k": top_k if samples is None else head + samples, "dtype": dtype,
-            "stored_combine": stored_combine, **({"head": head} if layout == "sampled" else {}),
+            "stored_combine": stored_combine, **({"head": head} if layout in DRAWN else {}),
+            **({"quant": compact} if compact else {}),
         }
         key = store_files.key_of(key_parts)
         header_path = Path(store_dir) / f"{key[:16]}.json" if store_dir is not None else None
@@ -397,8 +420,7 @@ class SoftTargets:
         num_classes, chunks = _stored_logits(teacher, transfer_set, range(items.start, items.stop), key_parts,
                                              batch_size, bf16)
         num_classes = next(c for c in workers.all_gather_json(num_classes) if c is not None)
-        specs = _array_specs(key_parts["layout"], num_cases, _stored_members(key_parts), num_classes,
-                             key_parts["top_k"], key_parts["dtype"])
+        specs = _array_specs(key_parts, num_cases, _stored_members(key_parts), num_classes)
         def write_share():
             with store_files.RowFiles.one_file(specs, tmp) as files:
                 row = rows.start
@@ -439,8 +461,7 @@ class SoftTargets:
         M (default: the members the stored layout keeps of the teacher described in ``key_parts``).
         """
         num_members = _stored_members(key_parts) if num_members is None else num_members
-        specs = _array_specs(key_parts["layout"], num_cases, num_members, num_classes, key_parts["top_k"],
-                             key_parts["dtype"])
+        specs = _array_specs(key_parts, num_cases, num_members, num_classes)
         writer = store_files.Writer(specs, Path(header_path).with_suffix(".bin") if header_path is not None else None)
         try:
             if header_path is not None:
@@ -463,12 +484,13 @@ class SoftTargets:
     @classmethod
     def build(cls, teacher: nn.Module | list[nn.Module] | SoftTargets, windows, folder: str | os.PathLike, *,
               tokenizer_sha256: str, top_k: int | None = None, samples: int | None = None, head: int = 0,
-              batch_windows: int = 16, on_chunk: Callable[[int, int], None] | None = None,
+              compact: str | None = None, batch_windows: int = 16, on_chunk: Callable[[int, int], None] | None = None,
               log: Callable[[str], None] = print) -> SoftTargets:
         """A language model's store over ``windows`` (one row per token position) in a folder of ``folder``:
         reuse an intact store of this key, resume a partial one, or compute it; ``top_k=None`` is dense,
         ``samples=K`` the sampled layout (K draws a position), ``head=h`` with it: the h most probable tokens
-        kept exact and the K draws made from the rest.
+        kept exact and the K draws made from the rest; ``compact="log8"`` or ``"e4m3"`` with them: the same
+        draws packed into one row of bytes a position (:mod:`darkknowledge.store_codec`).
 
         ``teacher``: a model, a list of members (their mean distribution), or a dense store of one teacher over
         the same windows, whose rows are summarised without running the members again (top-k of its logits).
@@ -489,12 +511,13 @@ class SoftTargets:
                                                  teacher.transfer_fingerprint != windows.fingerprint()):
             raise DarkKnowledgeError(f"a store as teacher must be a dense store over these windows, got "
                                      f"{teacher.layout} {teacher.path}")
-        layout = _layout(top_k, samples, head, windows.vocab_size)
+        layout = _layout(top_k, samples, head, windows.vocab_size, compact)
         parts = {"format": FOLDER_FORMAT, "windows": windows.fingerprint(), "tokenizer": tokenizer_sha256,
                  "members": [f"store:{m.key}" if isinstance(m, SoftTargets) else module_sha256(m) for m in members],
                  "vocab_size": windows.vocab_size, "layout": "dense" if layout == "full" else layout,
                  "top_k": top_k if samples is None else head + samples,
-                 **({"head": head} if head else {})}  # without a head, the keys of stores made before heads
+                 **({"head": head} if head else {}),  # without a head, the keys of stores made before heads
+                 **({"quant": compact} if compact else {})}
         key = store_files.key_of(parts)
         folder = Path(folder) / key[:16]
         with store_files.store_lock(folder / FOLDER_HEADER, workers, log, "token store"):  # one build at a time
@@ -512,6 +535,8 @@ class SoftTargets:
         files = store_files.map_array_files(folder, _folder_specs(header))
         if "logits" in files:
             arrays = {"logits": files["logits"][:, None]}
+        elif "rows" in files:  # compact: one row of bytes a position
+            arrays = {"rows": files["rows"][:, None]}
         else:  # the tail's two numbers side by side in one file
             arrays = {"topk_logits": files["topk_logits"][:, None], "topk_indices": files["topk_indices"][:, None],
                       "tail_logsumexp": files["tail"][:, None, 0], "tail_mean": files["tail"][:, None, 1]}
@@ -550,8 +575,7 @@ class SoftTargets:
                       "positions": windows.num_tokens, "context": windows.context, "windows": len(windows),
                       "tokenizer": parts["tokenizer"], "windows_fingerprint": parts["windows"], "complete": False,
                       "positions_done": 0, "windows_done": [],
-                      "arrays": _folder_arrays(parts["layout"], windows.num_tokens, windows.vocab_size,
-                                               parts["top_k"])}
+                      "arrays": _folder_arrays(parts, windows.num_tokens)}
             store_files.create_array_files(folder, _folder_specs(header))
             for stale in _rank_progress_files(folder):  # of an earlier build of these rows, now all zeros
                 stale.unlink()
@@ -565,6 +589,10 @@ class SoftTargets:
             context = self.header["context"]
             for first in range(start * context, stop * context, batch_positions):
                 rows = slice(first, min(first + batch_positions, stop * context))
+                if self.layout == "compact":  # a zero row decodes to a distribution, but not a valid one
+                    if not self.codec.valid(self._arrays["rows"][rows, 0]).all():
+                        return f"rows recorded as written (windows {start}..{stop}) hold no compact rows"
+                    continue
                 if self.layout in DENSE:
                     kept = self.member_logits(rows)
                 else:
@@ -626,6 +654,9 @@ class SoftTargets:
         if _key_problem(header) or (expected_key and header["key"] != expected_key):
             raise DarkKnowledgeError(f"soft-target store {header_path} was made for another teacher, transfer "
                                      "set or settings (key mismatch)")
+        if problem := _compact_problem(header):
+            raise DarkKnowledgeError(f"soft-target store {header_path}: {problem}; delete it: the store is computed "
+                                     "again")
         data_path = header_path.parent / header["data_file"]
         if not data_path.is_file():
             raise DarkKnowledgeError(f"soft-target store data {data_path} is missing")
@@ -644,9 +675,11 @@ class SoftTargets:
 # Both forms: settings, keys, draws
 # ---------------------------------------------------------------------------------------------------------------
 
-def _layout(top_k: int | None, samples: int | None, head: int, classes: int | None = None) -> str:
-    """The layout the sizes ask for (``full``, ``topk`` or ``sampled``), after refusing (one line) sizes no store
-    can have; ``classes``: the number of classes when known before the teacher runs (a vocabulary)."""
+def _layout(top_k: int | None, samples: int | None, head: int, classes: int | None = None,
+            compact: str | None = None) -> str:
+    """The layout the sizes ask for (``full``, ``topk``, ``sampled`` or ``compact``), after refusing (one line)
+    sizes no store can have; ``classes``: the number of classes when known before the teacher runs (a
+    vocabulary)."""
     most = f", {classes}" if classes else ""
     for name, k in (("top_k", top_k), ("samples", samples)):
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= (classes or k)):
@@ -658,13 +691,47 @@ def _layout(top_k: int | None, samples: int | None, head: int, classes: int | No
                  or head + samples > (classes or head + samples)):
         raise DarkKnowledgeError(f"head is for a sampled store (samples=K), an integer >= 0 with head + samples at "
                                  f"most the number of classes{most}; got head {head!r}, samples {samples!r}")
+    if compact is not None and (samples is None or compact not in QUANTS):
+        raise DarkKnowledgeError(f"compact is a quantisation of a sampled store's head ({' or '.join(QUANTS)}, "
+                                 f"with samples=K); got compact {compact!r}, samples {samples!r}")
+    if compact is not None:
+        return "compact"
     return "full" if top_k is None and samples is None else "topk" if samples is None else "sampled"
+
+
+def _compact_problem(header: dict[str, Any]) -> str | None:
+    """Why a one-file compact store's header does not describe rows its codec reads, or None."""
+    if header["layout"] != "compact":
+        return None
+    try:
+        codec = _codec(header["key_parts"], header["num_classes"])
+    except (DarkKnowledgeError, KeyError, TypeError):
+        return "its key_parts hold no compact store's head, samples and quant (edited or damaged)"
+    if header["arrays"]["rows"]["shape"][-1] != codec.bytes_per_row:
+        return f"its rows are not the {codec.bytes_per_row} bytes its codec writes (edited or damaged)"
+    return None
+
+
+def _codec(key_parts: dict[str, Any], classes: int) -> CompactCodec | None:
+    """How a compact store of these key parts packs its rows (None for the other layouts)."""
+    if key_parts["layout"] != "compact":
+        return None
+    head = key_parts.get("head", 0)
+    return CompactCodec(classes, head, key_parts["top_k"] - head, key_parts["quant"])
 
 
 def _key_problem(header: dict[str, Any]) -> str | None:
     if header["key"] != store_files.key_of(header["key_parts"]):
         return "its header's key is not the hash of its key_parts (edited or damaged)"
     return None
+
+
+def draws_key(key_parts: dict[str, Any]) -> str:
+    """What seeds a store's draws: its key, and for a compact store the key of the sampled store of the same
+    settings, so the two hold the same draws and differ only by the compact row's quantisation."""
+    if key_parts["layout"] != "compact":
+        return store_files.key_of(key_parts)
+    return store_files.key_of({**{k: v for k, v in key_parts.items() if k != "quant"}, "layout": "sampled"})
 
 
 def drawn_rows(logits: Tensor, key: str, draws: int, head: int, first: int, group: int = 1) -> TopKTargets:
@@ -684,10 +751,14 @@ def drawn_rows(logits: Tensor, key: str, draws: int, head: int, first: int, grou
 # A store in a folder: its header, its files, and its build's progress
 # ---------------------------------------------------------------------------------------------------------------
 
-def _folder_arrays(layout: str, positions: int, vocab_size: int, top_k: int | None) -> dict[str, list]:
-    """The header's ``arrays`` (name -> [dtype, shape]): float16 logits, the tail's two numbers in one file."""
+def _folder_arrays(parts: dict[str, Any], positions: int) -> dict[str, list]:
+    """The header's ``arrays`` (name -> [dtype, shape]) of a store of these key parts: float16 logits, the tail's
+    two numbers in one file; a compact store's one row of bytes a position."""
+    layout, vocab_size, top_k = parts["layout"], parts["vocab_size"], parts["top_k"]
     if layout == "dense":
         return {"logits": ["<f2", [positions, vocab_size]]}
+    if layout == "compact":
+        return {"rows": ["|u1", [positions, _codec(parts, vocab_size).bytes_per_row]]}
     index_dtype = "<u2" if vocab_size <= 1 << 16 else "<i4"
     return {"topk_logits": ["<f2", [positions, top_k]], "topk_indices": [index_dtype, [positions, top_k]],
             "tail": ["<f4", [positions, 2]]}
@@ -728,8 +799,11 @@ def _folder_header_problem(header: dict[str, Any]) -> str | None:
         return "its header's members is not the number of members in its key_parts"
     if header["positions"] != header["windows"] * header["context"]:
         return "its header's positions is not windows x context"
-    if header["arrays"] != _folder_arrays(header["layout"], header["positions"], header["vocab_size"],
-                                          header["top_k"]):
+    try:
+        arrays = _folder_arrays(parts, header["positions"])
+    except (DarkKnowledgeError, KeyError, TypeError):  # a compact store's settings the codec refuses
+        return "its key_parts do not describe a store (a compact store's head, samples or quant is damaged)"
+    if header["arrays"] != arrays:
         return "its header's arrays are not those of its layout and sizes"
     return None
 
@@ -763,6 +837,7 @@ def _fill(members: list, windows, folder: Path, header: dict, batch_windows: int
     for m in members if source is None else ():
         m.eval()
     context, started = windows.context, time.perf_counter()
+    codec = _codec(header["key_parts"], windows.vocab_size)
     known = _windows_done(header)
     mine = store_files.rank_share(store_files.missing(known, len(windows)), workers)
     done_here: list[list[int]] = []
@@ -793,9 +868,11 @@ def _fill(members: list, windows, folder: Path, header: dict, batch_windows: int
                 else:
                     head = header["key_parts"].get("head", 0)  # a sampled store's draws seeded by window
                     t = (topk_targets(logits, header["top_k"]) if header["layout"] == "topk" else
-                         drawn_rows(logits, header["key"], header["top_k"] - head, head, start, context))
-                    rows = {"topk_logits": t.logits.numpy(), "topk_indices": t.indices.numpy(),
-                            "tail": torch.stack([t.tail_logsumexp, t.tail_mean], -1).numpy()}
+                         drawn_rows(logits, draws_key(header["key_parts"]), header["top_k"] - head, head, start,
+                                    context))
+                    rows = {"rows": codec.encode(t)} if codec is not None else {
+                        "topk_logits": t.logits.numpy(), "topk_indices": t.indices.numpy(),
+                        "tail": torch.stack([t.tail_logsumexp, t.tail_mean], -1).numpy()}
                 files.write(start * context, rows)
                 files.sync()
                 # Only after the rows are on disk is their range recorded: a kill never leaves rows counted
@@ -866,7 +943,7 @@ def _header(key_parts: dict[str, Any], num_cases: int, specs: dict[str, tuple[st
 
 def _stored_members(key_parts: dict[str, Any]) -> int:
     """Rows of outputs a case keeps: one per member, but one for mean logits and for draws."""
-    mixed = key_parts.get("stored_combine") == "mean-logits" or key_parts["layout"] == "sampled"
+    mixed = key_parts.get("stored_combine") == "mean-logits" or key_parts["layout"] in DRAWN
     return 1 if mixed else len(key_parts["teacher"])
 
 
@@ -902,12 +979,16 @@ def _compatible_rules(stored_combine: str) -> tuple[str, ...]:
     return ("arithmetic",) if stored_combine == "arithmetic" else ("geometric", "logits")
 
 
-def _array_specs(layout: str, n: int, m: int, c: int, k: int | None, dtype: str) -> dict[str, tuple[str, tuple]]:
+def _array_specs(key_parts: dict[str, Any], n: int, m: int, c: int) -> dict[str, tuple[str, tuple]]:
+    """The arrays ``[n, m, ...]`` of a one-file store of these key parts over ``c`` classes."""
+    layout, k = key_parts["layout"], key_parts["top_k"]
     if layout not in LAYOUTS:
         raise DarkKnowledgeError(f"store layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    logit_dtype = STORAGE_DTYPES[dtype]
+    logit_dtype = STORAGE_DTYPES[key_parts["dtype"]]
     if layout == "full":
         return {"logits": (logit_dtype, (n, m, c))}
+    if layout == "compact":
+        return {"rows": ("|u1", (n, m, _codec(key_parts, c).bytes_per_row))}
     index_dtype = "<u2" if c <= 1 << 16 else "<i4"  # 10,000 classes: 2 bytes per index
     return {"topk_logits": (logit_dtype, (n, m, k)), "topk_indices": (index_dtype, (n, m, k)),
             "tail_logsumexp": ("<f4", (n, m)), "tail_mean": ("<f4", (n, m))}
@@ -927,7 +1008,9 @@ def _chunk_arrays(chunk, key_parts: dict[str, Any], first_row: int) -> dict[str,
     else:  # the members' mixture at T = 1 (mean logits were averaged already), one row of draws a case
         mixture = chunk.log_softmax(-1).logsumexp(1) - math.log(chunk.shape[1])
         head = key_parts["head"]
-        t = drawn_rows(mixture, store_files.key_of(key_parts), key_parts["top_k"] - head, head, first_row)
+        t = drawn_rows(mixture, draws_key(key_parts), key_parts["top_k"] - head, head, first_row)
+        if layout == "compact":
+            return {"rows": _codec(key_parts, chunk.shape[-1]).encode(t)[:, None]}
         t = TopKTargets(*(getattr(t, name).unsqueeze(1) for name in
                           ("logits", "indices", "tail_logsumexp", "tail_mean")))
     return {"topk_logits": t.logits.numpy(), "topk_indices": t.indices.numpy(),
@@ -974,6 +1057,6 @@ def _teacher_chunks(teacher: nn.Module, transfer_set, items: range, batch_size: 
 
 def check_layout_temperature(layout: str, temperature: float) -> None:
     """Refuse (one line) a temperature a store of ``layout`` cannot distil at, before one is computed."""
-    if layout == "sampled" and temperature != 1:
+    if layout in DRAWN and temperature != 1:
         raise DarkKnowledgeError(f"a sampled store holds draws at T = 1, so it distils at temperature 1 only, "
                                  f"got {temperature}; use temperature 1 or a dense or top-k store")
