@@ -1,31 +1,35 @@
 """Every way of storing a language model's teacher outputs, measured on the same rows (issue 31, items 2 and 3).
 
-For each codec, on one sample of a dense store's rows (``p``: the dense distribution at T = 1):
+For each codec, on one sample of teacher rows (``p``: the dense distribution at T = 1, from float16 logits):
 
-- bytes per token, from the encoded arrays themselves;
-- encode and decode tokens/s on one core (encode: from the dense logits to the stored bytes, the top-k or the
-  draws included; decode: from the bytes to what the loss reads, e.g. a ``TopKTargets``);
+- bytes per token, counted from the encoded arrays themselves;
+- encode and decode tokens/s on one core, in CPU time (encode: from the dense logits to the stored bytes, the
+  top-k or the draws included; decode: from the bytes to what the loss reads, e.g. a ``TopKTargets``);
 - the mean over positions of ``KL(r || p)``, ``r`` the rebuilt distribution: listed ids get their stored
-  probabilities; a top-k row's tail mass ``exp(tail_logsumexp - Z)`` is spread evenly over the unlisted ids (what
-  the loss assumes at T = 1); a sampled row's tail is empty. ``KL(p || r)`` where it is finite (never for sampled
-  rows: ``r`` is 0 off the draws);
-- the mean of ``|CE(r, q) - CE(p, q)|``, the soft cross-entropy's error against ``q``, a weaker model's dense
-  distribution (the smoke test's weaker model, or ``--weaker RUN`` with ``--experiment``).
+  probabilities; a top-k row's tail mass ``exp(tail_logsumexp - Z)`` is spread evenly over the unlisted ids; a
+  sampled row's tail is empty. ``KL(p || r)`` where it is finite (never for sampled rows: ``r`` is 0 off the
+  draws). A sampled row is an unbiased estimate of ``p``, not an approximation of it: its KL per row is large
+  though the mean of its draws is ``p``;
+- against ``q``, a weaker model's dense distribution: the mean of ``|CE(r, q) - CE(p, q)|`` and of the signed
+  error (``ce_bias``; draws err both ways, a summary one way).
 
 Codecs: dense float16 (the reference), ``topk`` (the folder store's arrays: float16 logits, 16-bit ids at
-V <= 65,536, the tail's two float32 numbers), ``sampled`` with a head (``soft_targets.drawn_rows``, the same
-arrays), ``darkknowledge.store_codec.CompactCodec`` when the package has it, and DistillKit's
-``LogprobCompressor`` imported from a checkout given by ``--distillkit PATH`` (its rebuild: its own ``densify``
-with the missing mass spread evenly, ``symmetric_uniform``; the ``zero`` rebuild is recorded beside it).
+V <= 65,536, the tail's two float32 numbers: 4k + 8 bytes), ``sampled`` with a head (``soft_targets.drawn_rows``,
+the same arrays: 4 (h + K) + 8 bytes), ``darkknowledge.store_codec.CompactCodec`` when the package has it, and
+DistillKit's ``LogprobCompressor`` imported from a checkout given by ``--distillkit PATH`` (nothing of it is copied
+here; its rebuild is its own ``densify`` with the missing mass spread evenly, ``symmetric_uniform``; the ``zero``
+rebuild's KL is recorded beside it).
 
-    python benchmarks/store_codecs.py --store RUNS/lm-compact/runs/token-targets/KEY \\
-        [--positions 20000] [--distillkit PATH] [--weaker RUNS/lm-compact/runs/baseline --experiment RUNS/lm-compact] \\
-        [--out results/store-codecs]
+Teacher rows: a dense folder store (``--store``), or language-model runs computed on the training windows of the
+``reproduce lm`` folder that trained them (``--teacher RUN... --experiment OUT``: the rows a dense store of them
+would hold); ``--weaker RUN`` gives q. Without either, a small teacher and a weaker model are trained here for
+seconds on Shakespeare (``$DARKKNOWLEDGE_DATA/shakespeare``) and the numbers are a smoke test (the JSON says so);
+``--quick`` makes that tiny (the tests)::
 
-Without ``--store`` nothing is read: a small teacher and a weaker model are trained for a few seconds on
-Shakespeare (``$DARKKNOWLEDGE_DATA/shakespeare``) and the numbers are a smoke test (the JSON says so). ``--quick``
-makes everything tiny (the tests). ``distillkit_store`` turns DistillKit's rebuilt rows into one of our top-k
-folder stores (see its docstring).
+    python benchmarks/store_codecs.py --store RUNS/lm/runs/token-targets/KEY [--positions 20000] \\
+        [--distillkit PATH] [--weaker RUNS/lm/runs/baseline --experiment RUNS/lm] [--out results/store-codecs]
+
+``distillkit_store`` turns DistillKit's rebuilt rows into one of our top-k folder stores (see its docstring).
 """
 
 from __future__ import annotations
@@ -293,26 +297,31 @@ def store_rows(path: str, positions: int, seed: int) -> tuple[torch.Tensor, dict
                     "vocab_size": store.num_classes, "store_positions": len(store)}, chosen
 
 
-def weaker_rows(run: str, experiment: str, header_context: int, windows_fingerprint: str, chosen: np.ndarray,
-                data_dir: str | None) -> torch.Tensor:
-    """A weaker model's logits (a run folder) at the store's rows, over the training windows of the ``reproduce
-    lm`` folder ``experiment`` that made the store (its tokenizer.json and data.json, the corpus in the data dir),
-    checked against the store's windows fingerprint."""
+def experiment_windows(experiment: str, context: int, data_dir: str | None):
+    """The training windows of a ``reproduce lm`` folder (its tokenizer.json and data.json; the corpus from the
+    data dir), without writing there."""
     from darkknowledge.data.datasets import resolve_data_dir
     from darkknowledge.data.text import TextTokenizer, TokenWindows, load_corpus, tokenise_corpus
-    from darkknowledge.language_model import load_language_model
     out = Path(experiment)
+    if not (out / "data.json").is_file() or not (out / "tokenizer.json").is_file():
+        raise DarkKnowledgeError(f"--experiment {experiment}: no data.json and tokenizer.json there; give the "
+                                 "folder of the reproduce lm run")
     record = checkpoint.read_json(out / "data.json", "data")
     tokenizer = TextTokenizer.load(out / "tokenizer.json", sha256=record["tokenizer"]["sha256"])
     corpus = load_corpus(resolve_data_dir(data_dir) / "shakespeare")
-    train = tokenise_corpus(corpus, record["documents"], tokenizer, header_context).windows["train"]
-    train = TokenWindows(train.ids.numpy()[:record["tokens"]["train"] + 1], header_context, "train",
-                         train.vocab_size)
-    if train.fingerprint() != windows_fingerprint:
-        raise DarkKnowledgeError(f"--experiment {experiment}: its training windows are not the store's; give the "
-                                 "reproduce lm folder that built the store")
-    model, _ = load_language_model(run)
-    return logits_at(model.eval(), train, chosen)
+    # only the training split is needed: one document of the others keeps tokenise_corpus's windows non-empty
+    documents = {split: names if split == "train" else names[:1] for split, names in record["documents"].items()}
+    train = tokenise_corpus(corpus, documents, tokenizer, context).windows["train"]
+    return TokenWindows(train.ids.numpy()[:record["tokens"]["train"] + 1], context, "train", train.vocab_size)
+
+
+def run_models(runs: list[str]) -> tuple[torch.nn.Module, int]:
+    """Language-model runs as one model (several: their mean distribution, as a store of them holds) and its
+    context."""
+    from darkknowledge.language_model import EnsembleLM, load_language_model
+    loaded = [load_language_model(run) for run in runs]
+    models = [model.eval() for model, _ in loaded]
+    return (models[0] if len(models) == 1 else EnsembleLM(models)), loaded[0][1]["context"]
 
 
 def logits_at(model: torch.nn.Module, windows, chosen: np.ndarray, batch: int = 16) -> torch.Tensor:
@@ -471,30 +480,53 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", help="a dense token store folder (without it: a smoke test on a small teacher "
-                                        "trained here)")
+    parser.add_argument("--store", help="a dense token store folder (without it or --teacher: a smoke test on a "
+                                        "small teacher trained here)")
     parser.add_argument("--positions", type=int, default=20_000, help="rows sampled, as whole windows (20,000)")
     parser.add_argument("--distillkit", help="a DistillKit checkout's root: its codec runs beside ours")
-    parser.add_argument("--weaker", help="with --store: a language-model run folder, q of the cross-entropy error")
-    parser.add_argument("--experiment", help="with --weaker: the reproduce lm folder that built the store")
+    parser.add_argument("--teacher", nargs="+", metavar="RUN", help="instead of --store: language-model runs "
+                        "(their mean distribution) whose outputs are computed here on the --experiment's windows")
+    parser.add_argument("--weaker", help="a language-model run folder: q of the cross-entropy error (with "
+                                         "--experiment)")
+    parser.add_argument("--experiment", help="the reproduce lm folder whose training windows the store or the "
+                                             "runs are over (for --teacher and --weaker)")
     parser.add_argument("--data-dir", help="where shakespeare/ is (default $DARKKNOWLEDGE_DATA)")
     parser.add_argument("--out", default="results/store-codecs", help="folder for codecs.json, codecs.md, "
                                                                       "codecs.png")
     parser.add_argument("--quick", action="store_true", help="everything tiny: a smoke test of the script")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if (args.weaker is None) != (args.experiment is None) or (args.weaker and not args.store):
-        parser.error("--weaker and --experiment go together, with --store")
+    if args.store and args.teacher:
+        parser.error("give --store or --teacher, not both")
+    if (args.weaker or args.teacher) and not args.experiment:
+        parser.error("--teacher and --weaker need --experiment (the reproduce lm folder of their windows)")
+    if args.weaker and not (args.store or args.teacher):
+        parser.error("--weaker is for --store or --teacher (the smoke test trains its own)")
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    if args.store:
-        logits, source, chosen = store_rows(args.store, args.positions, args.seed)
+    if args.store or args.teacher:
+        windows = None
+        if args.store:
+            logits, source, chosen = store_rows(args.store, args.positions, args.seed)
+        else:
+            teacher, context = run_models(args.teacher)
+            windows = experiment_windows(args.experiment, context, args.data_dir)
+            chosen = sample_windows(len(windows), args.positions, context, args.seed)
+            logits = logits_at(teacher, windows, chosen)
+            source = {"teacher": [str(Path(r).resolve()) for r in args.teacher], "context": context,
+                      "vocab_size": windows.vocab_size, "windows_fingerprint": windows.fingerprint(),
+                      "experiment": str(Path(args.experiment).resolve())}
         weaker = None
         if args.weaker:
-            header = SoftTargets.open(args.store, verify=False).header
-            weaker = weaker_rows(args.weaker, args.experiment, source["context"], header["windows_fingerprint"],
-                                 chosen, args.data_dir)
+            model, context = run_models([args.weaker])
+            if windows is None:
+                windows = experiment_windows(args.experiment, context, args.data_dir)
+                fingerprint = SoftTargets.open(args.store, verify=False).header["windows_fingerprint"]
+                if windows.fingerprint() != fingerprint:
+                    raise DarkKnowledgeError(f"--experiment {args.experiment}: its training windows are not the "
+                                             "store's; give the reproduce lm folder that built the store")
+            weaker = logits_at(model, windows, chosen)
             source["weaker"] = str(Path(args.weaker).resolve())
     else:
         logits, weaker, source = smoke_rows(args.positions if not args.quick else min(args.positions, 256),

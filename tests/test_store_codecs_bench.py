@@ -113,6 +113,32 @@ def test_a_dense_store_is_sampled_by_whole_windows(dense_store, tmp_path):
     assert torch.equal(rows, store.member_logits(windows.positions(torch.from_numpy(chosen)))[:, 0].half())
 
 
+@pytest.mark.skipif(not (DATA / "shakespeare").is_dir(), reason="Shakespeare corpus not found; set DARKKNOWLEDGE_DATA")
+def test_runs_of_an_experiment_give_the_rows_their_dense_store_would_hold(tmp_path):
+    from darkknowledge import checkpoint
+    from darkknowledge.data.text import TextTokenizer, load_corpus, tokenise_corpus
+    from darkknowledge.language_model import LMConfig, train_language_model
+    corpus = load_corpus(DATA / "shakespeare")
+    names = sorted(corpus.documents)
+    documents = {"train": names[:1], "validation": names[1:2], "test": names[2:3]}
+    tokenizer = TextTokenizer.train([corpus.documents[names[0]][:20_000]], "char")
+    splits = tokenise_corpus(corpus, documents, tokenizer, 8)
+    out = tmp_path / "lm"
+    out.mkdir()
+    tokenizer.save(out / "tokenizer.json")
+    checkpoint.write_json(out / "data.json", {**splits.describe(), "tokens": {"train": 800}})
+    train = type(splits.windows["train"])(splits.windows["train"].ids.numpy()[:801], 8, "train", tokenizer.vocab_size)
+    train_language_model("gpt:layers=1,dim=16,heads=2,context=8", tokenizer, train, splits.windows["validation"],
+                         LMConfig(epochs=1), run_dir=out / "teacher", log=lambda _: None)
+    result = store_codecs.main(["--teacher", str(out / "teacher"), "--weaker", str(out / "teacher"),
+                                "--experiment", str(out), "--positions", "32", "--data-dir", str(DATA),
+                                "--out", str(tmp_path / "codecs")])
+    assert result["source"]["windows_fingerprint"] == train.fingerprint() and result["positions"] == 32
+    assert all(r["ce_abs_error"] is not None for r in result["codecs"])
+    with pytest.raises(DarkKnowledgeError, match="no data.json and tokenizer.json"):
+        store_codecs.main(["--teacher", str(out / "teacher"), "--experiment", str(tmp_path), "--out", str(tmp_path)])
+
+
 def test_a_store_that_is_not_dense_is_refused_in_one_line(dense_store, tmp_path):
     store, windows = dense_store
     topk = SoftTargets.build(store, windows, store.path.parent, tokenizer_sha256="test", top_k=4,
