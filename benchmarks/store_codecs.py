@@ -40,6 +40,7 @@ import importlib
 import json
 import math
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -202,17 +203,13 @@ def distillkit_codecs(path: str | None, vocab_size: int) -> tuple[list[Codec], l
 
 
 def _git_head(root: Path) -> str | None:
-    """The commit a checkout is at (read from .git, no git needed), or what ``DISTILLKIT_COMMIT`` says for an
-    exported tree."""
-    head = root / ".git" / "HEAD"
-    if head.is_file():
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            target = root / ".git" / ref[5:]
-            return target.read_text().strip() if target.is_file() else None
-        return ref
-    marker = root / "COMMIT"
-    return marker.read_text().strip() if marker.is_file() else None
+    """The commit a git checkout is at (None: not a checkout, or no git here)."""
+    try:
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -165,6 +165,8 @@ def test_distillkit_runs_beside_ours_and_its_rows_become_a_topk_store(dense_stor
     assert all(r["kl_dense_to_rebuilt"] is not None for r in theirs.values())
     assert all(r["kl_rebuilt_to_dense_zero_tail"] >= 0 for r in theirs.values())
     assert result["distillkit"]["path"] == str(Path(DISTILLKIT).resolve())
+    if (Path(DISTILLKIT) / ".git").exists():  # a clone: its commit is recorded
+        assert len(result["distillkit"]["commit"]) == 40
 
     made = store_codecs.distillkit_store(str(store.path), str(tmp_path / "stores"), DISTILLKIT, "budget")
     assert made.layout == "topk" and made.top_k == 50 and made.transfer_fingerprint == windows.fingerprint()
