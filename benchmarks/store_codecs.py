@@ -511,6 +511,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="everything tiny: a smoke test of the script")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.positions < 1:
+        parser.error(f"--positions must be at least 1, got {args.positions}")
     if args.store and args.teacher:
         parser.error("give --store or --teacher, not both")
     if (args.weaker or args.teacher) and not args.experiment:
