@@ -224,7 +224,11 @@ def lm_table(r: Results) -> str:
 
 
 def store_name(store: str) -> str:
-    """``top16+sampled16`` as "top-16 + 16 drawn from the rest", ``sampled32`` as "sampled-32"."""
+    """``top16+sampled16`` as "top-16 + 16 drawn from the rest", ``sampled32`` as "sampled-32", the compact
+    ``top16+14-log8`` as "compact top-16 + 14 drawn (log8)"."""
+    packed = re.fullmatch(r"top(\d+)\+(\d+)-(\w+)", store)
+    if packed:
+        return f"compact top-{packed[1]} + {packed[2]} drawn ({packed[3]})"
     head, _, drawn = store.partition("+sampled")
     if drawn:
         return f"{store_name(head)} + {drawn} drawn from the rest"
