@@ -450,11 +450,17 @@ def _plot(path: Path, r: dict[str, Any]) -> None:
         left.axhline(100 * r["models"][name]["test_accuracy"], linestyle=style, color="grey", label=name)
     left.set(xscale="log", xlabel="temperature T", ylabel="test next-token accuracy (%)")
     left.legend(fontsize=8)
-    rows = r["top_k"]
-    right.plot([row["bytes_per_token"] for row in rows], [100 * row["test_accuracy"] for row in rows], marker="o")
-    for row in rows:
-        right.annotate(row["store"], (row["bytes_per_token"], 100 * row["test_accuracy"]), fontsize=8)
-    right.set(xscale="log", xlabel="store bytes per token", ylabel="test next-token accuracy (%)")
+    # each store's student as a share of the dense store's student's log-loss gain, with its 95% interval
+    rows = [row for row in r["top_k"] if row["share_of_dense_gain_log_loss"] is not None]
+    share = [100 * row["share_of_dense_gain_log_loss"] for row in rows]
+    interval = [[100 * v for v in row.get("interval_of_dense_gain_log_loss",
+                                          [row["share_of_dense_gain_log_loss"]] * 2)] for row in rows]
+    right.errorbar([row["bytes_per_token"] for row in rows], share, fmt="o",
+                   yerr=[[s - low for s, (low, _) in zip(share, interval)],
+                         [high - s for s, (_, high) in zip(share, interval)]])
+    for row, y in zip(rows, share):
+        right.annotate(row["store"], (row["bytes_per_token"], y), fontsize=7)
+    right.set(xscale="log", xlabel="store bytes per token", ylabel="share of the dense gain, log-loss (%)")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
