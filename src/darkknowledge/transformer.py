@@ -144,14 +144,12 @@ def parse_value(text: str) -> bool | int | float | str:
     return text
 
 
-def build_hf(spec: str, vocab_size: int, context: int) -> nn.Module:
-    """``hf:gpt2,n_layer=2``: ``AutoConfig.for_model(arch, vocab_size=V, **options)`` -> ``AutoModelForCausalLM``.
-
-    Built from the config alone (random weights, no download). ``context`` fills the config's position limit
-    when the architecture has one (GPT-2's ``n_positions``, Llama's ``max_position_embeddings``).
-    """
+def hf_config(spec: str, vocab_size: int, context: int):
+    """The transformers config of ``hf:ARCH,key=value,...``: ``AutoConfig.for_model(arch, vocab_size=V,
+    **options)``. ``context`` fills the config's position limit when the architecture has one (GPT-2's
+    ``n_positions``, Llama's ``max_position_embeddings``) and the spec does not give it."""
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
     except ImportError:
         raise DarkKnowledgeError("hf: models need Hugging Face transformers: pip install 'darkknowledge[hf]'") from None
     arch, options = parse_hf(spec)
@@ -159,15 +157,32 @@ def build_hf(spec: str, vocab_size: int, context: int) -> nn.Module:
         # the architecture's special ids belong to its own tokenizer (GPT-2's 50256), not to this vocabulary
         special = {key: None for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key not in options}
         config = AutoConfig.for_model(arch, vocab_size=vocab_size, **{**special, **options})
-        for key in ("n_positions", "max_position_embeddings"):
-            if hasattr(config, key) and key not in options:
-                setattr(config, key, context)
-        return HFCausalLM(AutoModelForCausalLM.from_config(config))
-    # transformers 5's typed configs refuse a value with their own exception (4's with ValueError or TypeError):
-    # whatever the config or model refused, said in one line
+    # transformers 5's typed configs refuse a value with their own exception (4's with ValueError or TypeError)
     except Exception as error:  # noqa: BLE001
-        why = " ".join(str(error).split()) or type(error).__name__
-        raise DarkKnowledgeError(f"model spec {spec!r}: transformers cannot build it: {why}") from None
+        raise _cannot_build(spec, error) from None
+    positions = ("n_positions", "max_position_embeddings")  # GPT-2 names one an alias of the other
+    if not any(key in options for key in positions):
+        for key in positions:
+            if hasattr(config, key):
+                setattr(config, key, context)
+    return config
+
+
+def build_hf(spec: str, vocab_size: int, context: int) -> nn.Module:
+    """``hf:gpt2,n_layer=2``: the :func:`hf_config` of the spec -> ``AutoModelForCausalLM``, built from the config
+    alone (random weights, no download)."""
+    config = hf_config(spec, vocab_size, context)
+    from transformers import AutoModelForCausalLM
+    try:
+        return HFCausalLM(AutoModelForCausalLM.from_config(config))
+    except Exception as error:  # noqa: BLE001  (a config the model class refuses)
+        raise _cannot_build(spec, error) from None
+
+
+def _cannot_build(spec: str, error: Exception) -> DarkKnowledgeError:
+    """Whatever transformers refused in a spec's config or model, said in one line."""
+    why = " ".join(str(error).split()) or type(error).__name__
+    return DarkKnowledgeError(f"model spec {spec!r}: transformers cannot build it: {why}")
 
 
 def count_parameters(spec: str, vocab_size: int, context: int | None = None) -> int:
