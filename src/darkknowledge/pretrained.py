@@ -28,11 +28,15 @@ from .devices import resolve_device
 from .errors import DarkKnowledgeError
 from .language_model import evaluate_language_model, load_language_model, load_run_tokenizer
 from .outputs import logits_of
-from .transformer import GPTConfig, HFCausalLM
+from .transformer import CausalTransformer, GPTConfig, HFCausalLM, hf_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HF_CONFIG, HF_TOKENIZER, HF_TOKENIZER_CONFIG = "config.json", "tokenizer.json", "tokenizer_config.json"
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# what a config holds that is not its architecture: bookkeeping, the dtype the weights came in, the vocabulary
+# (every run gives its own); the rest of what differs from the architecture's defaults is a spec's
+NOT_ARCHITECTURE = ("transformers_version", "architectures", "_name_or_path", "model_type", "dtype", "torch_dtype",
+                    "vocab_size")
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")  # a folder that names no eos token: the usual ones
 
 
@@ -266,6 +270,37 @@ def student_from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Mod
     else:
         _set_layer_count(inner_student.config, layers)
     return student
+
+
+def spec_of(model: nn.Module) -> str:
+    """The ``gpt:`` or ``hf:`` spec that builds ``model``'s architecture again (a run records it, and reloads its
+    weights into what it builds): a ``gpt:`` model's config as it is; a Hugging Face model's config as
+    ``hf:ARCH,key=value,...`` with every value that differs from the architecture's defaults, and its positions
+    and special ids always (a spec builds them from the run's context and sets no ids). A config such a spec
+    cannot rebuild (a list or a table of its own, a text with commas) is refused in one line."""
+    if isinstance(model, CausalTransformer):
+        return str(model.config)
+    inner = model.model if isinstance(model, HFCausalLM) else model
+    config = getattr(inner, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise DarkKnowledgeError(f"a {type(inner).__name__} has no gpt: or transformers config to name its "
+                                 "architecture by; give a gpt: or hf: spec instead")
+    from transformers import AutoConfig
+    defaults, values = AutoConfig.for_model(config.model_type).to_dict(), config.to_dict()
+    always = ("n_positions", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    options = {key: value for key, value in values.items() if key not in NOT_ARCHITECTURE and value is not None
+               and (key in always or key not in defaults or defaults[key] != value)
+               and isinstance(value, (bool, int, float, str)) and not (isinstance(value, str) and
+                                                                       ("," in value or "=" in value))}
+    spec = ",".join([f"hf:{config.model_type}", *(f"{key}={value}" for key, value in options.items())])
+    rebuilt = hf_config(spec, config.vocab_size, 1).to_dict()
+    differ = sorted(key for key in set(values) | set(rebuilt)
+                    if key not in NOT_ARCHITECTURE and values.get(key) != rebuilt.get(key))
+    if differ:
+        raise DarkKnowledgeError(f"the {config.model_type} config cannot be written as an hf: spec ({differ[0]} = "
+                                 f"{values.get(differ[0])!r} does not come back from one); give --student hf:... "
+                                 "instead")
+    return spec
 
 
 def _set_layer_count(config: Any, layers: list[int]) -> None:
