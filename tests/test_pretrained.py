@@ -424,23 +424,18 @@ def test_distill_starts_a_student_from_the_teachers_layers_and_it_evaluates_and_
 
 def test_a_run_without_student_init_keeps_the_key_it_had():
     """Runs finished before --student-init existed are reused by key: the key of a run without it is unchanged."""
-    import hashlib as hashes
+    from dataclasses import asdict
     from darkknowledge.language_model import Objective, run_key
 
     class Windows:
         def fingerprint(self):
             return "f" * 64
     config = LMConfig(epochs=1, batch_size=8)
-    before = hashes.sha256(json.dumps({"spec": "gpt:layers=1", "tokenizer": "t", "train": "f" * 64,
-                                       "config": dataclasses_asdict(config), "objective": Objective().describe()},
-                                      sort_keys=True).encode()).hexdigest()
+    before = hashlib.sha256(json.dumps({"spec": "gpt:layers=1", "tokenizer": "t", "train": "f" * 64,
+                                        "config": asdict(config), "objective": Objective().describe()},
+                                       sort_keys=True).encode()).hexdigest()
     assert run_key("gpt:layers=1", "t", Windows(), config, Objective()) == before
     assert run_key("gpt:layers=1", "t", Windows(), config, Objective(), {"teacher_layers": [0]}) != before
-
-
-def dataclasses_asdict(config):
-    import dataclasses
-    return dataclasses.asdict(config)
 
 
 def test_dtype_bfloat16_loads_the_teacher_in_bfloat16_for_a_store_and_for_evaluate(deep_teacher, corpus_folder,
@@ -455,6 +450,15 @@ def test_dtype_bfloat16_loads_the_teacher_in_bfloat16_for_a_store_and_for_evalua
     assert len(list((tmp_path / "stores").glob("*/targets.json"))) == 2
     code, out, err = _cli("evaluate", deep_teacher, "--data", corpus_folder, "--dtype", "bfloat16")
     assert code == 0 and json.loads(out)["dtype"] == "bfloat16", err
+    # a store of the bfloat16 teacher serves a distill that loads it so, and only that one
+    assert _cli(*build[:-1], tmp_path / "bf16-stores", "--dtype", "bfloat16")[0] == 0
+    distill = ["distill", "--teacher", deep_teacher, "--data", corpus_folder, "--store", tmp_path / "bf16-stores",
+               "--student", "hf:gpt2,n_layer=1,n_embd=16,n_head=2", "-T", "1", "--epochs", "1", "--batch-size", "8",
+               "--no-progress"]
+    code, _, err = _cli(*distill, "--out", tmp_path / "float32-teacher")
+    assert code == 1 and "in another --dtype" in err and not (tmp_path / "float32-teacher").exists(), err
+    code, _, err = _cli(*distill, "--dtype", "bfloat16", "--out", tmp_path / "bfloat16-teacher")
+    assert code == 0, err
     code, _, err = _cli(*build, "--dtype", "float64")
     assert code == 2 and err.count("\n") == 1 and "invalid choice: 'float64'" in err, err
     config = tmp_path / "options.toml"

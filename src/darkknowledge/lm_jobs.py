@@ -178,7 +178,8 @@ def _store_for(folder: str | Path, teacher: nn.Module, windows, tokenizer: TextT
             continue
         if teacher_sha in store.header["key_parts"]["members"]:
             return store
-        problems.append(f"token store {candidate} was built from another teacher; build one from this teacher")
+        problems.append(f"token store {candidate} was built from another teacher (or this one "
+                        "in another --dtype); build one from this teacher")
     raise DarkKnowledgeError(problems[0] if len(problems) == 1 else
                              f"none of the {len(found)} stores in {folder} is this teacher's over this corpus "
                              f"and tokenizer ({problems[0]})")
