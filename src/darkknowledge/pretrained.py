@@ -288,10 +288,8 @@ def spec_of(model: nn.Module) -> str:
     from transformers import AutoConfig
     defaults, values = AutoConfig.for_model(config.model_type).to_dict(), config.to_dict()
     always = ("n_positions", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
-    options = {key: value for key, value in values.items() if key not in NOT_ARCHITECTURE and value is not None
-               and (key in always or key not in defaults or defaults[key] != value)
-               and isinstance(value, (bool, int, float, str)) and not (isinstance(value, str) and
-                                                                       ("," in value or "=" in value))}
+    options = {key: value for key, value in values.items() if key not in NOT_ARCHITECTURE and _fits_a_spec(value)
+               and (key in always or key not in defaults or defaults[key] != value)}
     spec = ",".join([f"hf:{config.model_type}", *(f"{key}={value}" for key, value in options.items())])
     rebuilt = hf_config(spec, config.vocab_size, 1).to_dict()
     differ = sorted(key for key in set(values) | set(rebuilt)
@@ -301,6 +299,11 @@ def spec_of(model: nn.Module) -> str:
                                  f"{values.get(differ[0])!r} does not come back from one); give --student hf:... "
                                  "instead")
     return spec
+
+
+def _fits_a_spec(value: Any) -> bool:
+    """Whether ``key=value`` in a spec carries ``value``: a bool, a number, a text without the spec's separators."""
+    return isinstance(value, (bool, int, float)) or (isinstance(value, str) and "," not in value and "=" not in value)
 
 
 def _set_layer_count(config: Any, layers: list[int]) -> None:
