@@ -131,10 +131,10 @@ def train_config(config: LMConfig) -> training.TrainConfig:
 
 
 def run_key(spec: str, tokenizer_sha256: str, train: TokenWindows, config: LMConfig | training.TrainConfig,
-            objective: Objective) -> str:
+            objective: Objective, init: dict[str, Any] | None = None) -> str:
     settings = config.settings() if isinstance(config, training.TrainConfig) else asdict(config)
     parts = {"spec": spec, "tokenizer": tokenizer_sha256, "train": train.fingerprint(), "config": settings,
-             "objective": objective.describe()}
+             "objective": objective.describe(), **({"init": init} if init else {})}  # no init: the keys of old runs
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -142,8 +142,8 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
                          config: LMConfig | training.TrainConfig = LMConfig(), objective: Objective = Objective(),
                          run_dir: str | Path | None = None, log: Callable[[str], None] = print,
                          device: str | torch.device | None = "cpu", *, model: nn.Module | None = None,
-                         refuse_others: bool = False,
-                         data: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                         refuse_others: bool = False, data: dict[str, Any] | None = None,
+                         init: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train (or resume, or reuse a finished run of the same key) and return ``(best model on the CPU,
     model.json meta)``. ``device``: where it trains (``auto``: CUDA when present). One writer per run folder: its
     lock is held for the whole job.
@@ -152,12 +152,13 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
     the student's first weights (e.g. a pretrained folder's) instead of ``spec``'s seeded ones; ``spec`` still
     names its architecture. ``refuse_others``: a folder holding a run of other settings is refused in one line and
     left as it is (the command line's rule) instead of trained again. ``data``: what model.json records of the
-    corpus."""
+    corpus. ``init``: what ``model``'s first weights are (e.g. ``{"teacher_layers": [0, 2]}``), in the run's key
+    and model.json, so that a run started from other weights is not reused or resumed."""
     with checkpoint.open_run(run_dir):
         if objective.store is not None:  # a store of other windows, tokenizer or vocabulary: refused in one line
             SoftTargets.open(objective.store.path, windows=train, tokenizer_sha256=tokenizer.sha256,
                              vocab_size=tokenizer.vocab_size, verify=False)
-        key = run_key(spec, tokenizer.sha256, train, config, objective)
+        key = run_key(spec, tokenizer.sha256, train, config, objective, init)
         run_dir = Path(run_dir) if run_dir is not None else None
         finished = _reusable_run(run_dir, key, tokenizer, log) if run_dir is not None else None
         if finished is not None:
@@ -174,7 +175,7 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
                                   teacher_device=objective.teacher_device, divergence=objective.divergence,
                                   beta=objective.beta)
         # the spec lets the loop rebuild its best model on resume (the model registry knows gpt: and hf: specs)
-        fit_meta = {"spec": spec, "tokenizer_sha256": tokenizer.sha256}
+        fit_meta = {"spec": spec, "tokenizer_sha256": tokenizer.sha256, **({"init": init} if init else {})}
         if run_dir is not None:
             fit_key = training.run_key(fit_meta, train, validation, settings, loss)
             _adopt_stopped_run(run_dir, key, fit_key, fit_meta, train)
@@ -189,7 +190,7 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
         meta = {"kind": KIND, "spec": spec, "vocab_size": tokenizer.vocab_size, "context": train.context,
                 "tokenizer_sha256": tokenizer.sha256, "train": train.describe(),
                 "config": settings.settings() if isinstance(config, training.TrainConfig) else asdict(config),
-                **({"data": data} if data is not None else {}),
+                **({"data": data} if data is not None else {}), **({"init": init} if init else {}),
                 **objective.describe(), "best_epoch": result.best_epoch,
                 "history": _per_epoch(result.history, train.num_tokens), "run_key": key}
         model.cpu()
