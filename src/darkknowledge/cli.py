@@ -32,7 +32,7 @@ from .ensemble import COMBINE_RULES  # noqa: E402
 from .losses import DEFAULT_DIVERGENCE, DIVERGENCES  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
 from .devices import DEFAULT_DEVICE, DEVICE_HELP  # noqa: E402
-from .training import DECAY, OPTIMIZERS, SCHEDULES, SELECTION_METRICS, TrainConfig  # noqa: E402
+from .training import DECAY, OPTIMIZERS, SCHEDULES, SELECTION_METRICS, STRATEGIES, TrainConfig  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
 DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train")  # what runs under torchrun
@@ -108,6 +108,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="sgd (with --momentum) or adamw (default: %(default)s); --lr is the peak rate of either")
     g.add_argument("--grad-accumulation", type=int, default=d.grad_accumulation, metavar="N",
                    help="split each step's batch into N micro-batches: the same step in less memory (default: 1)")
+    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="under torchrun: ddp keeps a whole copy of the model on every rank; fsdp shards its weights, "
+                        "gradients and optimizer state over the ranks (FSDP2), for a student too large for one "
+                        "device, each transformer block gathered only while it runs. One process ignores it "
+                        "(default: %(default)s)")
     g.add_argument("--clip-grad-norm", type=float, default=None, metavar="X",
                    help="clip the gradient's global L2 norm to X before each step (default: no clipping)")
     g.add_argument("--warmup", type=float, default=d.warmup, metavar="F",
@@ -643,7 +648,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
                        seed=args.seed, patience=args.patience, step_epochs=args.step_epochs,
                        progress=not args.no_progress, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation,
                        clip_grad_norm=args.clip_grad_norm, fp16=args.fp16, warmup=args.warmup,
-                       select_by=args.select_by, decay=args.decay or ("weights" if _is_corpus(args) else "all"))
+                       select_by=args.select_by, decay=args.decay or ("weights" if _is_corpus(args) else "all"),
+                       strategy=args.strategy)
 
 
 def _summary(model, result, out: Path) -> str:
