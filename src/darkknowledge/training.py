@@ -512,6 +512,10 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
         log(f"reusing {run_dir}: already trained ({start_epoch} epochs)" if finished
             else f"resuming {run_dir} after epoch {start_epoch}")
     epochs.share_state()
+    if epochs.sharded:
+        from .sharding import blocks
+        log(f"strategy fsdp: {len(blocks(model))} transformer block(s) and the rest of the model sharded over "
+            f"{workers.world_size} ranks")
 
     def validation(epoch: int) -> dict[str, Any]:
         if hooks.validate is not None:
