@@ -45,9 +45,11 @@ def shard(model: nn.Module, optimizer: torch.optim.Optimizer,
         fully_shard(block, mesh=mesh)
     fully_shard(net, mesh=mesh)  # moves this rank's shards to the mesh's device
     net_optimizer = make_optimizer(net.parameters())
-    whole = _by_name(model, optimizer)
-    if any(whole["state"].values()):  # resumed moments, cut into this rank's shards
-        set_optimizer_state_dict(net, net_optimizer, whole, options=StateDictOptions(full_state_dict=True))
+    names = _parameter_names(model, optimizer)
+    state = {names[i]: value for i, value in optimizer.state_dict()["state"].items()}
+    if any(state.values()):  # resumed moments, cut into this rank's shards
+        set_optimizer_state_dict(net, net_optimizer, {"state": state, "param_groups": _groups(net, net_optimizer)},
+                                 options=StateDictOptions(full_state_dict=True))
     return net, net_optimizer
 
 
@@ -61,13 +63,11 @@ def gather_weights(net: nn.Module, model: nn.Module, workers: Workers) -> None:
 def gather_optimizer(net: nn.Module, net_optimizer: torch.optim.Optimizer, model: nn.Module,
                      optimizer: torch.optim.Optimizer, workers: Workers) -> None:
     """``net_optimizer``'s state, whole, into ``model``'s ``optimizer`` on rank 0 (a collective)."""
-    state = get_optimizer_state_dict(net, net_optimizer, options=_FULL_ON_MAIN)
+    whole = get_optimizer_state_dict(net, net_optimizer, options=_FULL_ON_MAIN)  # empty on the other ranks
     if workers.is_main:
-        order = _parameter_names(model, optimizer)
-        index = {name: i for i, name in enumerate(order)}
-        optimizer.load_state_dict({"state": {index[name]: value for name, value in state["state"].items()},
-                                   "param_groups": [{**group, "params": [index[n] for n in group["params"]]}
-                                                    for group in state["param_groups"]]})
+        index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+        optimizer.load_state_dict({"state": {index[name]: value for name, value in whole["state"].items()},
+                                   "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -76,10 +76,9 @@ def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list
     return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """``optimizer``'s state dict keyed by parameter names, the form FSDP's state-dict functions read."""
-    order = _parameter_names(model, optimizer)
-    state = optimizer.state_dict()
-    return {"state": {order[i]: value for i, value in state["state"].items()},
-            "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
-                             for group in state["param_groups"]]}
+def _groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """``optimizer``'s own parameter groups, their parameters by name (the form FSDP's state-dict functions read).
+    Only the state crosses between the whole and the sharded optimizer: each keeps its own settings (the whole
+    one's fused SGD has no kernel for sharded tensors)."""
+    names = _parameter_names(model, optimizer)
+    return [{**group, "params": [names[i] for i in group["params"]]} for group in optimizer.state_dict()["param_groups"]]
