@@ -14,7 +14,9 @@ Under torchrun (:mod:`darkknowledge.distributed`) the same loop is data-parallel
 order of cases and the same global batches, takes its own slice of each (its shard of the data and of the
 soft-target store), and DistributedDataParallel averages the gradients, weighted so the step is the one a single
 process takes on the whole batch. Nothing in a checkpoint depends on the number of workers, so a run stopped with
-N workers resumes with any other number. Rank 0 alone writes checkpoints and logs.
+N workers resumes with any other number. Rank 0 alone writes checkpoints and logs. With ``strategy="fsdp"`` a
+sharded copy of the model trains instead of DDP's whole one (:mod:`darkknowledge.sharding`); the checkpoints are
+the same.
 """
 
 from __future__ import annotations
