@@ -81,4 +81,5 @@ def _groups(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str
     Only the state crosses between the whole and the sharded optimizer: each keeps its own settings (the whole
     one's fused SGD has no kernel for sharded tensors)."""
     names = _parameter_names(model, optimizer)
-    return [{**group, "params": [names[i] for i in group["params"]]} for group in optimizer.state_dict()["param_groups"]]
+    return [{**group, "params": [names[i] for i in group["params"]]}
+            for group in optimizer.state_dict()["param_groups"]]

@@ -122,9 +122,10 @@ class TrainConfig:
                   ("epoch_order", self.epoch_order in EPOCH_ORDERS, f"one of {', '.join(EPOCH_ORDERS)}"),
                   ("decay", self.decay in DECAY, f"one of {', '.join(DECAY)}"),
                   ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
-                  # torch's gradient scaler would skip a step on the ranks whose shards overflowed only
+                  # torch's gradient scaler looks for overflows in this rank's shards only: the ranks could disagree
+                  # on skipping a step
                   ("fp16", not (self.fp16 and self.strategy == "fsdp"), "off with strategy fsdp (its gradient "
-                   "scaler does not see sharded gradients); use bf16")]
+                   "scaler would decide on each rank's shard alone); use bf16")]
         for name, ok, allowed in checks:
             if not ok:
                 raise DarkKnowledgeError(f"training option {name} must be {allowed}, got {getattr(self, name)!r}")
