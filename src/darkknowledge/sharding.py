@@ -50,6 +50,7 @@ def shard(model: nn.Module, optimizer: torch.optim.Optimizer,
     if any(state.values()):  # resumed moments, cut into this rank's shards
         set_optimizer_state_dict(net, net_optimizer, {"state": state, "param_groups": _groups(net, net_optimizer)},
                                  options=StateDictOptions(full_state_dict=True))
+    optimizer.state.clear()  # the moments live in the shards now; rank 0 gathers them back to save them
     return net, net_optimizer
 
 
