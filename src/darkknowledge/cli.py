@@ -32,7 +32,7 @@ from .ensemble import COMBINE_RULES  # noqa: E402
 from .losses import DEFAULT_DIVERGENCE, DIVERGENCES  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
 from .devices import DEFAULT_DEVICE, DEVICE_HELP  # noqa: E402
-from .training import DECAY, OPTIMIZERS, SCHEDULES, SELECTION_METRICS, TrainConfig  # noqa: E402
+from .training import DECAY, OPTIMIZERS, SCHEDULES, SELECTION_METRICS, STRATEGIES, TrainConfig  # noqa: E402
 from .pretrained import DTYPES  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
@@ -140,6 +140,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                         f"({_recipe_default('optimizer')})")
     g.add_argument("--grad-accumulation", type=int, default=d.grad_accumulation, metavar="N",
                    help="split each step's batch into N micro-batches: the same step in less memory (default: 1)")
+    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="under torchrun: ddp keeps a whole copy of the model on every rank; fsdp shards its weights, "
+                        "gradients and optimizer state over the ranks (FSDP2), for a student too large for one "
+                        "device, each transformer block gathered only while it runs. One process ignores it "
+                        "(default: %(default)s)")
     g.add_argument("--clip-grad-norm", type=float, default=None, metavar="X",
                    help="clip the gradient's global L2 norm to X before each step (default: no clipping)")
     g.add_argument("--warmup", type=float, default=None, metavar="F",
@@ -719,7 +724,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, momentum=args.momentum, jitter=args.jitter,
                        bf16=args.bf16, seed=args.seed, patience=args.patience, step_epochs=args.step_epochs,
                        progress=not args.no_progress, grad_accumulation=args.grad_accumulation,
-                       clip_grad_norm=args.clip_grad_norm, fp16=args.fp16, **_recipe(args))
+                       clip_grad_norm=args.clip_grad_norm, fp16=args.fp16, strategy=args.strategy, **_recipe(args))
 
 
 def _summary(model, result, out: Path) -> str:

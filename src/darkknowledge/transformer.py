@@ -78,6 +78,8 @@ class Block(nn.Module):
 class CausalTransformer(nn.Module):
     """Token and position embeddings, ``layers`` blocks, a final norm and an output layer tied to the embedding."""
 
+    _no_split_modules = ["Block"]  # Hugging Face's name for a model's blocks: FSDP's units (sharding.blocks)
+
     def __init__(self, config: GPTConfig, vocab_size: int):
         super().__init__()
         self.config, self.vocab_size = config, vocab_size
