@@ -335,12 +335,38 @@ def test_decay_weights_leaves_biases_and_norms_alone_and_all_decays_every_parame
             assert torch.equal(after[name], before[name]) != norm_decays, (decay, name)
 
 
-def test_a_language_model_on_a_corpus_decays_its_weights_alone_by_default(teacher_and_corpus, tmp_path):
+def test_a_corpus_run_trains_with_the_corpus_recipe_and_an_option_given_wins(teacher_and_corpus, tmp_path):
+    from darkknowledge.cli import CORPUS_RECIPE
     _, corpus = teacher_and_corpus
-    code, _, err = _cli("train", "--data", corpus, "--model", STUDENT, "--tokenizer", "char", "--context", "16",
-                        "--out", tmp_path / "run", *LOOP, "--weight-decay", "0.1")
+    plain = ["train", "--data", corpus, "--model", STUDENT, "--tokenizer", "char", "--context", "16", "--epochs", "1",
+             "--batch-size", "8", "--no-progress"]
+    code, _, err = _cli(*plain, "--out", tmp_path / "recipe")
     assert code == 0, err
-    assert json.loads((tmp_path / "run" / "model.json").read_text())["config"]["decay"] == "weights"
+    config = json.loads((tmp_path / "recipe" / "model.json").read_text())["config"]
+    assert {name: config[name] for name in CORPUS_RECIPE} == CORPUS_RECIPE
+    assert CORPUS_RECIPE == {"optimizer": "adamw", "lr": 3e-3, "schedule": "cosine", "warmup": 0.05,
+                             "weight_decay": 0.1, "decay": "weights", "select_by": "log_loss"}
+    code, _, err = _cli(*plain, "--lr", "0.01", "--schedule", "onecycle", "--out", tmp_path / "mine")
+    assert code == 0, err
+    config = json.loads((tmp_path / "mine" / "model.json").read_text())["config"]
+    assert config["lr"] == 0.01 and config["schedule"] == "onecycle" and config["optimizer"] == "adamw"
+    assert config.get("warmup", 0) == 0  # onecycle warms up on its own: the recipe's warm-up is not added (a
+    # setting at its default is left out of the record)
+
+
+def test_an_image_run_keeps_the_image_defaults_and_help_names_both(teacher_and_corpus):
+    from darkknowledge.cli import CORPUS_RECIPE, _train_config, build_parser
+    _, corpus = teacher_and_corpus
+    parser = build_parser()
+    image = _train_config(parser.parse_args(["train", "--dataset", "digits", "--out", "x"]))
+    default = TrainConfig()
+    assert {name: getattr(image, name) for name in CORPUS_RECIPE} == \
+        {name: getattr(default, name) for name in CORPUS_RECIPE}
+    text = _train_config(parser.parse_args(["distill", "--data", str(corpus), "--out", "x", "--weight-decay", "0"]))
+    assert text.optimizer == "adamw" and text.lr == 3e-3 and text.weight_decay == 0
+    helps = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices["distill"]._actions}
+    assert "0.05 for images and tables, 0.003 for a text corpus" in helps["lr"]
+    assert "sgd for images and tables, adamw for a text corpus" in helps["optimizer"]
 
 
 def test_a_student_folder_starts_from_its_weights_and_must_share_the_teachers_tokenizer(teacher_and_corpus, tmp_path):
@@ -444,6 +470,11 @@ def test_padded_teacher_and_students_work_in_every_verb_on_the_real_vocabulary(p
     assert meta["vocab_size"] == 290 and head.shape[0] == 298
     assert torch.equal(head[290:], start[290:]) and not torch.equal(head[:290], start[:290])
     assert load_language_model(tmp_path / "online")[0].model.lm_head.weight.shape[0] == 290
+    # a student of the padded teacher's layers keeps its output layer, padding and all: its spec says so
+    code, _, err = _cli(*common, "--student-init", "teacher-layers=1", "--out", tmp_path / "layers")
+    assert code == 0, err
+    model, meta = load_language_model(tmp_path / "layers")
+    assert "vocab_size=354" in meta["spec"] and model.model.lm_head.weight.shape[0] == 354
     for model in (teacher, tmp_path / "stored", tmp_path / "online", tmp_path / "labels"):
         code, out, err = _cli("evaluate", model, "--data", corpus, "--split", "test")
         assert code == 0, err
@@ -452,3 +483,27 @@ def test_padded_teacher_and_students_work_in_every_verb_on_the_real_vocabulary(p
     code, out, err = _cli("export", tmp_path / "stored", "--format", "hf", "--out", tmp_path / "exported")
     assert code == 0, err
     assert json.loads((tmp_path / "exported" / "config.json").read_text())["vocab_size"] == 298
+
+
+def test_a_gpt_student_from_the_teachers_layers_reads_the_runs_context_and_reloads(teacher_and_corpus, tmp_path):
+    """A gpt: teacher of context 16 distilled at --context 8: the student keeps the first 8 rows of the teacher's
+    position table, so the run rebuilds it from its spec and context and loads its weights."""
+    from darkknowledge.language_model import load_language_model
+    teacher, corpus = teacher_and_corpus
+    code, _, err = _cli("distill", "--teacher", teacher, "--data", corpus, "--student-init", "teacher-layers=0",
+                        "--context", "8", "-T", "1", "--epochs", "1", "--batch-size", "8", "--lr", "1e-9",
+                        "--no-progress", "--out", tmp_path / "run")
+    assert code == 0, err
+    student, meta = load_language_model(tmp_path / "run")
+    start = load_language_model(teacher)[0].state_dict()
+    assert meta["spec"] == "gpt:layers=1,dim=16,heads=2,context=8" and meta["init"] == {"teacher_layers": [0]}
+    for name, value in student.state_dict().items():
+        torch.testing.assert_close(value, start[name][:8] if name == "position.weight" else start[name], atol=1e-6,
+                                   rtol=0, msg=name)
+    code, _, err = _cli("distill", "--data", corpus, "--student-init", "teacher-layers=0", "--out", tmp_path / "x",
+                        "-T", "1")
+    assert code == 1 and "needs --teacher" in err, err
+    code, _, err = _cli("distill", "--teacher", teacher, "--dataset", "digits", "--student-init", "teacher-layers=0",
+                        "--out", tmp_path / "x", "-T", "1")
+    assert code == 1 and "--student-init and --dtype are for a language model on a text corpus" in err, err
+    assert not (tmp_path / "x").exists()

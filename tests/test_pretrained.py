@@ -28,12 +28,17 @@ def _one_line_error(work, match: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def splits(tmp_path_factory):
+def corpus_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(0)
     for d in range(6):
         (folder / f"doc{d}.txt").write_text(" ".join(rng.choice(WORDS, size=150)))
-    corpus = load_corpus(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def splits(corpus_folder):
+    corpus = load_corpus(corpus_folder)
     documents = split_documents(corpus.documents, seed=0)
     tokenizer = TextTokenizer.train([corpus.documents[n] for n in documents["train"]], "char")
     return tokenise_corpus(corpus, documents, tokenizer, context=16)
@@ -48,6 +53,17 @@ def test_hf_spec_values_are_typed():
     assert untied.model.lm_head.weight.data_ptr() != untied.model.transformer.wte.weight.data_ptr()
     _one_line_error(lambda: build_language_model("hf:gpt2,n_layer=1,tie_word_embeddings=maybe", 20, 16),
                     "transformers cannot build it.*tie_word_embeddings")
+
+
+def test_an_hf_spec_keeps_the_positions_it_gives_and_takes_the_context_otherwise():
+    """GPT-2's max_position_embeddings is an alias of n_positions: a spec's n_positions was overwritten by the
+    run's context through it (a student of a teacher's 64 positions rebuilt with 16 could not load its weights)."""
+    assert build_language_model("hf:gpt2,n_layer=1,n_embd=16,n_head=2,n_positions=64", 20, 16).model.config \
+        .n_positions == 64
+    assert build_language_model("hf:gpt2,n_layer=1,n_embd=16,n_head=2", 20, 16).model.config.n_positions == 16
+    assert build_language_model("hf:llama,num_hidden_layers=1,hidden_size=16,num_attention_heads=2,"
+                                "intermediate_size=32,max_position_embeddings=64", 20, 16).model.config \
+        .max_position_embeddings == 64
 
 
 @pytest.mark.parametrize("tied", ["true", "false"])
@@ -222,6 +238,34 @@ def test_a_student_starts_from_the_teachers_layers(teacher, kind):
     _one_line_error(lambda: parse_student_init("layers=a"), "teacher-layers=I,J")
 
 
+@pytest.mark.parametrize("arch, options", [
+    ("gpt2", dict(n_layer=3, n_embd=16, n_head=2, n_positions=48, bos_token_id=0, eos_token_id=0,
+                  activation_function="gelu", tie_word_embeddings=False)),
+    ("llama", dict(num_hidden_layers=3, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                   intermediate_size=24, max_position_embeddings=48)),
+    ("qwen2", dict(num_hidden_layers=3, hidden_size=16, num_attention_heads=2, num_key_value_heads=2,
+                   intermediate_size=24, max_position_embeddings=48))])
+def test_the_spec_of_a_student_from_the_teachers_layers_builds_it_again(arch, options):
+    from darkknowledge.pretrained import spec_of, student_from_teacher_layers
+    from darkknowledge.transformer import HFCausalLM
+    config = transformers.AutoConfig.for_model(arch, vocab_size=40, **options)
+    torch.manual_seed(0)
+    student = student_from_teacher_layers(HFCausalLM(transformers.AutoModelForCausalLM.from_config(config)), [0, 2])
+    spec = spec_of(student, 40, "of layers 0,2")
+    assert spec.startswith(f"hf:{arch},") and "vocab_size" not in spec
+    rebuilt = build_language_model(spec, 40, 16)  # a run's context below the teacher's positions: kept at 48
+    rebuilt.load_state_dict(student.state_dict())  # strict: every name and shape the same
+    assert rebuilt.model.config.num_hidden_layers == 2
+    ids = torch.randint(0, 40, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(ids), student.eval()(ids), rtol=0, atol=0)
+    gpt = student_from_teacher_layers(build_language_model("gpt:layers=3,dim=16,heads=2,context=16", 40), [1])
+    assert spec_of(gpt, 40, "of layer 1") == "gpt:layers=1,dim=16,heads=2,context=16"
+    student.model.config.scaling = {"factor": 2.0}  # a table no key=value spec holds
+    _one_line_error(lambda: spec_of(student, 40, "of layers 0,2"),
+                    "the student of layers 0,2: an hf: spec cannot rebuild its architecture .settings scaling differ")
+
+
 # --- export, evaluate and bench of language-model runs ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -323,19 +367,123 @@ def test_bench_of_a_folder_and_a_mistyped_run_names_the_missing_one(teacher, tmp
     assert len(err.splitlines()) == 1 and "runs/studnet does not exist" in err
 
 
-def test_hf_spec_rebuilds_a_folders_architecture_or_refuses_in_one_line():
-    from darkknowledge.pretrained import hf_spec
+def test_the_spec_of_a_folder_rebuilds_its_architecture_or_refuses_in_one_line():
+    from darkknowledge.pretrained import spec_of
     from darkknowledge.transformer import HFCausalLM
     config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=298, activation_function="relu")
-    spec = hf_spec(HFCausalLM(transformers.GPT2LMHeadModel(config)), 290, "student-hf")
-    # its padded rows, and the default n_positions too: a run rebuilds it at any --context
+    spec = spec_of(HFCausalLM(transformers.GPT2LMHeadModel(config)), 290, "student-hf")
+    # its padded rows, and the default n_positions too: a run rebuilds it at any --context; its special ids,
+    # which an hf: spec otherwise leaves unset
     assert parse_hf(spec) == ("gpt2", {"vocab_size": 298, "n_positions": 1024, "n_embd": 16, "n_layer": 1,
-                                       "n_head": 2, "activation_function": "relu"})
+                                       "n_head": 2, "activation_function": "relu", "bos_token_id": 50256,
+                                       "eos_token_id": 50256})
     rebuilt = build_language_model(spec, 290, 32)
     assert rebuilt.model.lm_head.weight.shape == (298, 16) and rebuilt.model.config.n_positions == 1024
     _one_line_error(lambda: build_language_model("hf:gpt2,n_layer=1,n_positions=16", 290, 32),
                     "windows of 32 tokens are longer than its 16 positions; give --context 16 or less")
     config.task_specific_params = {"summarization": {"min_length": 5}}  # a table: no spec holds it
-    _one_line_error(lambda: hf_spec(HFCausalLM(transformers.GPT2LMHeadModel(config)), 290, "student-hf"),
+    _one_line_error(lambda: spec_of(HFCausalLM(transformers.GPT2LMHeadModel(config)), 290, "student-hf"),
                     "the student student-hf: an hf: spec cannot rebuild its architecture .settings "
                     "task_specific_params differ")
+
+
+# --- distill --student-init and --dtype from the command line -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def deep_teacher(tmp_path_factory):
+    """A 3-layer GPT-2 folder whose output layer is its tokenizer's vocabulary (290 tokens, no padding rows)."""
+    return _tiny_gpt2(tmp_path_factory.mktemp("deep") / "teacher-hf", vocab_size=290, layers=3)
+
+
+def _cli(*argv):
+    import contextlib
+    import io
+    from darkknowledge.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_distill_starts_a_student_from_the_teachers_layers_and_it_evaluates_and_exports(deep_teacher, corpus_folder,
+                                                                                        tmp_path):
+    distill = ["distill", "--teacher", deep_teacher, "--data", corpus_folder, "-T", "1", "--epochs", "1",
+               "--batch-size", "8", "--lr", "1e-9", "--no-progress"]
+    code, _, err = _cli(*distill, "--student-init", "teacher-layers=0,2", "--out", tmp_path / "run")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["init"] == {"teacher_layers": [0, 2]}
+    assert meta["spec"].startswith("hf:gpt2,") and "n_layer=2" in meta["spec"] and "n_positions=64" in meta["spec"]
+    # a rate of 1e-9: the run's weights are still the teacher's layers 0 and 2 (renumbered 0 and 1), its
+    # embeddings, final norm and output layer
+    student = load_language_model(tmp_path / "run")[0].state_dict()
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(deep_teacher, local_files_only=True).state_dict()
+    kept = {"transformer.h.0.": "transformer.h.0.", "transformer.h.1.": "transformer.h.2."}
+    for name, value in student.items():
+        inner = name.removeprefix("model.")
+        source = next((inner.replace(s, t, 1) for s, t in kept.items() if inner.startswith(s)), inner)
+        torch.testing.assert_close(value, teacher[source], atol=1e-6, rtol=0, msg=name)
+    # the kept layers are in the run's key: other layers are another run, not the finished one reused
+    code, _, err = _cli(*distill, "--student-init", "teacher-layers=0,2", "--out", tmp_path / "run")
+    assert code == 0 and "reused" in err, err
+    code, _, err = _cli(*distill, "--student-init", "teacher-layers=1,2", "--out", tmp_path / "run")
+    assert code == 1 and "choose another --out" in err, err
+    code, out, err = _cli("evaluate", tmp_path / "run", "--data", corpus_folder)
+    assert code == 0 and json.loads(out)["tokens"] > 0, err
+    code, out, err = _cli("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "student-hf")
+    assert code == 0 and "max |logit difference|" in out, err
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "student-hf", local_files_only=True)
+    assert exported.config.n_layer == 2 and exported.config.n_positions == 64
+    for argv, match in [(["--student-init", "teacher-layers=0,3"], "the teacher has 3 layers"),
+                        (["--student-init", "layers=1"], "teacher-layers=I,J"),
+                        (["--student-init", "teacher-layers=0", "--student", "hf:gpt2,n_layer=1"], "not both")]:
+        code, _, err = _cli(*distill, *argv, "--out", tmp_path / "refused")
+        last = err.strip().splitlines()[-1]  # after transformers' own progress bar of loading the teacher
+        assert code == 1 and last.startswith("darkknowledge: error:") and match in last, err
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_run_without_student_init_keeps_the_key_it_had():
+    """Runs finished before --student-init existed are reused by key: the key of a run without it is unchanged."""
+    from dataclasses import asdict
+    from darkknowledge.language_model import Objective, run_key
+
+    class Windows:
+        def fingerprint(self):
+            return "f" * 64
+    config = LMConfig(epochs=1, batch_size=8)
+    before = hashlib.sha256(json.dumps({"spec": "gpt:layers=1", "tokenizer": "t", "train": "f" * 64,
+                                        "config": asdict(config), "objective": Objective().describe()},
+                                       sort_keys=True).encode()).hexdigest()
+    assert run_key("gpt:layers=1", "t", Windows(), config, Objective()) == before
+    assert run_key("gpt:layers=1", "t", Windows(), config, Objective(), {"teacher_layers": [0]}) != before
+
+
+def test_dtype_bfloat16_loads_the_teacher_in_bfloat16_for_a_store_and_for_evaluate(deep_teacher, corpus_folder,
+                                                                                   tmp_path):
+    build = ["store", "build", "--teacher", deep_teacher, "--data", corpus_folder, "--layout", "topk", "--top-k", "4",
+             "--out", tmp_path / "stores"]
+    code, _, err = _cli(*build, "--dtype", "bfloat16")
+    assert code == 0, err
+    assert "bfloat16 weights" in err
+    code, _, err = _cli(*build)  # auto: the folder's own float32, another teacher's store
+    assert code == 0 and "float32 weights" in err, err
+    assert len(list((tmp_path / "stores").glob("*/targets.json"))) == 2
+    code, out, err = _cli("evaluate", deep_teacher, "--data", corpus_folder, "--dtype", "bfloat16")
+    assert code == 0 and json.loads(out)["dtype"] == "bfloat16", err
+    # a store of the bfloat16 teacher serves a distill that loads it so, and only that one
+    assert _cli(*build[:-1], tmp_path / "bf16-stores", "--dtype", "bfloat16")[0] == 0
+    distill = ["distill", "--teacher", deep_teacher, "--data", corpus_folder, "--store", tmp_path / "bf16-stores",
+               "--student", "hf:gpt2,n_layer=1,n_embd=16,n_head=2", "-T", "1", "--epochs", "1", "--batch-size", "8",
+               "--no-progress"]
+    code, _, err = _cli(*distill, "--out", tmp_path / "float32-teacher")
+    assert code == 1 and "in another --dtype" in err and not (tmp_path / "float32-teacher").exists(), err
+    code, _, err = _cli(*distill, "--dtype", "bfloat16", "--out", tmp_path / "bfloat16-teacher")
+    assert code == 0, err
+    code, _, err = _cli(*build, "--dtype", "float64")
+    assert code == 2 and err.count("\n") == 1 and "invalid choice: 'float64'" in err, err
+    config = tmp_path / "options.toml"
+    config.write_text('dtype = "half"\n')
+    code, _, err = _cli("distill", "--config", config, "--teacher", deep_teacher, "--data", corpus_folder, "-T", "1",
+                        "--out", tmp_path / "run")
+    assert code == 1 and err.count("\n") == 1 and "--dtype must be one of auto, float32" in err, err

@@ -102,7 +102,10 @@ def test_the_section_shows_the_flow_the_issue_asks_for():
 def test_the_section_runs_as_written_on_a_folder_saved_by_transformers(folder, monkeypatch, capsys):
     from darkknowledge.language_model import load_language_model
     commands, python = section()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # this checkout's package first: a relative PYTHONPATH (src) means nothing in the folder the commands run in,
+    # and an installed darkknowledge elsewhere would run instead
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     perplexity, times = {}, {}
     for words in commands:
         started = time.perf_counter()

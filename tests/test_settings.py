@@ -136,3 +136,14 @@ def test_warmup_and_the_selection_metric_reach_the_loop_from_the_command_line(tm
     assert len(err) == 1 and "warmup must be 0 with the onecycle schedule" in err[0]
     assert main(["train", "--out", str(tmp_path / "other"), "--warmup", "1"]) == 1
     assert "warmup must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_the_strategy_is_checked_and_stays_out_of_the_run_key():
+    with pytest.raises(DarkKnowledgeError, match="training option strategy must be one of ddp, fsdp, got 'zero'"):
+        TrainConfig(strategy="zero")
+    # how the ranks share a run is not what it learns: a run keeps its key (and resumes) under either strategy
+    assert TrainConfig(strategy="fsdp").settings() == TrainConfig().settings()
+    assert "strategy" not in TrainConfig(strategy="fsdp").settings()
+    parser = build_parser()
+    assert parser.parse_args(["train", "--strategy", "fsdp"]).strategy == "fsdp"
+    assert parser.parse_args(["distill", "--teacher", "t", "--strategy", "fsdp"]).strategy == "fsdp"

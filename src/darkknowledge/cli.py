@@ -32,12 +32,21 @@ from .ensemble import COMBINE_RULES  # noqa: E402
 from .losses import DEFAULT_DIVERGENCE, DIVERGENCES  # noqa: E402
 from .errors import DarkKnowledgeError  # noqa: E402
 from .devices import DEFAULT_DEVICE, DEVICE_HELP  # noqa: E402
-from .training import DECAY, OPTIMIZERS, SCHEDULES, SELECTION_METRICS, TrainConfig  # noqa: E402
+from .training import DECAY, OPTIMIZERS, SCHEDULES, SELECTION_METRICS, STRATEGIES, TrainConfig  # noqa: E402
+from .pretrained import DTYPES  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
 DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train", "store build")  # what runs under torchrun
 REPRODUCE_DATASETS = {"mnist": ("mnist",), "ensemble": ("fashion-mnist",), "regularizer": ("mnist", "fashion-mnist"),
                       "specialists": ("mnist", "fashion-mnist")}  # what reproduce --download fetches
+# A language model on a text corpus trains with a transformer's usual recipe, not with the image defaults of
+# TrainConfig: AdamW, a warm-up then a cosine decay, weight decay on the weights alone (not biases and norms'
+# gains; LMConfig's 0.1), the epoch kept by validation log-loss. Each option given on the command line or in a
+# --config file wins over its entry; _recipe resolves them.
+CORPUS_RECIPE = {"optimizer": "adamw", "lr": 3e-3, "schedule": "cosine", "warmup": 0.05, "weight_decay": 0.1,
+                 "decay": "weights", "select_by": "log_loss"}
+IMAGE_RECIPE = {name: getattr(TrainConfig(), name) for name in CORPUS_RECIPE}
+STUDENT_DEFAULT = "mlp:800x2"  # distill's --student when none is given
 
 
 def _add_data_options(p: argparse.ArgumentParser, default_dataset: str | None = "digits",
@@ -85,16 +94,38 @@ def _add_corpus_options(g) -> None:
                         "each for validation and test; default: %(default)s)")
 
 
+def _recipe_default(name: str) -> str:
+    """What --help says an option of the recipe defaults to: the image value and the text corpus's."""
+    def shown(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    return f"default: {shown(IMAGE_RECIPE[name])} for images and tables, {shown(CORPUS_RECIPE[name])} for a text corpus"
+
+
+def _add_dtype_option(g, loaded: str, note: str = "") -> None:
+    """--dtype: the weights of the Hugging Face folder a command loads (docs/language-models-cli.md)."""
+    g.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+                   help=f"{loaded} in this dtype when it is a Hugging Face folder: auto keeps the folder's own "
+                        "(config.json's), or float32, bfloat16, float16 (default: %(default)s)" + note)
+
+
+def _dtype(args: argparse.Namespace) -> str | None:
+    return None if args.dtype == "auto" else args.dtype
+
+
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=d.epochs, help="epochs (default: %(default)s)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of SGD (default: %(default)s)")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate of the optimizer ({_recipe_default('lr')})")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default: %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty (default: %(default)s)")
-    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
-                   help="learning-rate schedule (default: %(default)s: warm-up then cosine to zero; step: halved every tenth of the epochs)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help=f"L2 penalty, decoupled with adamw ({_recipe_default('weight_decay')})")
+    g.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="learning-rate schedule: onecycle: a tenth warming up, then cosine to zero; cosine: cosine to "
+                        "zero after --warmup; step: halved every tenth of the epochs "
+                        f"({_recipe_default('schedule')})")
     g.add_argument("--step-epochs", type=int, default=None, metavar="N",
                    help="with --schedule step: halve every N epochs instead of every tenth of the run, so a shorter "
                         "run follows a longer one's rates (e.g. retraining to an epoch chosen on validation)")
@@ -104,22 +135,27 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp16", action="store_true", help="float16 autocast with a gradient scaler (CUDA only)")
     g.add_argument("--device", default=None, help=f"where to train: {DEVICE_HELP} (default: {DEFAULT_DEVICE}, "
                                                   "CUDA when present)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help="sgd (with --momentum) or adamw (default: %(default)s); --lr is the peak rate of either")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="sgd (with --momentum) or adamw; --lr is the peak rate of either "
+                        f"({_recipe_default('optimizer')})")
     g.add_argument("--grad-accumulation", type=int, default=d.grad_accumulation, metavar="N",
                    help="split each step's batch into N micro-batches: the same step in less memory (default: 1)")
+    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="under torchrun: ddp keeps a whole copy of the model on every rank; fsdp shards its weights, "
+                        "gradients and optimizer state over the ranks (FSDP2), for a student too large for one "
+                        "device, each transformer block gathered only while it runs. One process ignores it "
+                        "(default: %(default)s)")
     g.add_argument("--clip-grad-norm", type=float, default=None, metavar="X",
                    help="clip the gradient's global L2 norm to X before each step (default: no clipping)")
-    g.add_argument("--warmup", type=float, default=d.warmup, metavar="F",
+    g.add_argument("--warmup", type=float, default=None, metavar="F",
                    help="the first fraction F of all steps warms the rate up linearly, then --schedule follows "
-                        "(not with onecycle, which warms up already; default: 0)")
+                        f"(not with onecycle, which warms up already; {_recipe_default('warmup')})")
     g.add_argument("--decay", choices=DECAY, default=None,
                    help="what --weight-decay shrinks: all parameters, or the weights alone (not biases and norms' "
-                        "gains, the usual for transformers) (default: weights for a language model on a text "
-                        "corpus, all otherwise)")
-    g.add_argument("--select-by", choices=SELECTION_METRICS, default=d.select_by,
+                        f"gains, the usual for transformers) ({_recipe_default('decay')})")
+    g.add_argument("--select-by", choices=SELECTION_METRICS, default=None,
                    help="the validation metric that chooses the epoch kept and counts --patience: errors, or "
-                        "log_loss (per case; per token for language models) (default: %(default)s)")
+                        f"log_loss (per case; per token for language models) ({_recipe_default('select_by')})")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
     g.add_argument("--patience", type=int, default=None,
                    help="stop after N epochs without a better validation metric (default: train all epochs)")
@@ -258,11 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directory of the teacher; repeat for an ensemble of several runs (required, or "
                         "--ensemble)")
     p.add_argument("--ensemble", type=Path, help="ensemble folder written by 'train --members N', as the teacher")
-    p.add_argument("--student", default="mlp:800x2", help="student model spec, or package.module:factory "
-                                                            "(default: %(default)s); a text corpus: gpt:..., "
-                                                            "hf:ARCH,key=value,... or a language-model folder (a "
-                                                            "run or a Hugging Face folder, its output layer may be "
-                                                            "padded past the teacher's tokenizer)")
+    p.add_argument("--student", default=STUDENT_DEFAULT, help="student model spec, or package.module:factory "
+                                                                "(default: %(default)s); a text corpus: gpt:..., "
+                                                                "hf:ARCH,key=value,... or a language-model folder "
+                                                                "(a run or a Hugging Face folder, its output layer "
+                                                                "may be padded past the teacher's tokenizer)")
     _add_model_options(p, "student")
     p.add_argument("--init-from-teacher", action="store_true",
                    help="start the student from the teacher's weights where names and shapes agree, taking every "
@@ -279,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a text corpus: the teacher's outputs from this store ('store build --out'), which must "
                         "be this teacher's over this corpus and tokenizer (default: the teacher runs online, on "
                         "--teacher-device)")
+    g.add_argument("--student-init", default=None, metavar="teacher-layers=I,J,...",
+                   help="a text corpus: the student is the teacher's architecture with only these of its layers "
+                        "(from 0), each started from that layer's weights, and the teacher's embeddings, final norm "
+                        "and output layer (DistilBERT's start; instead of --student), e.g. teacher-layers=0,2,4")
+    _add_dtype_option(g, "the teacher's weights", "; a student folder always trains in float32 (--bf16 "
+                                                     "autocasts)")
     _add_training_options(p)
     _add_distillation_options(p)
     _add_store_options(p)
@@ -297,8 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   f"{DEFAULT_DEVICE}, as for training)")
     _add_data_options(p, default_dataset=None,
                       dataset_help="dataset to evaluate on (default: the one the model was trained on)")
-    _add_corpus_options(p.add_argument_group("text corpus (--data a folder of .txt files, a .jsonl or a table with "
-                                             "--text-column: a language model evaluated per token)"))
+    g = p.add_argument_group("text corpus (--data a folder of .txt files, a .jsonl or a table with --text-column: a "
+                             "language model evaluated per token)")
+    _add_corpus_options(g)
+    _add_dtype_option(g, "the model's weights")
 
     p = sub.add_parser("store", help="teacher outputs computed once, for language models",
                        description="Soft-target stores of a language-model teacher over a text corpus.", epilog=EPILOG)
@@ -340,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the field of a .jsonl (default: text) or the column of a .csv/.parquet table holding each "
                         "document's text")
     _add_corpus_options(p)
+    _add_dtype_option(p, "the teacher's weights")
 
     p = sub.add_parser("demo", help="teacher, baseline and distilled student on the embedded digits, in a minute",
                        description="Train a teacher, a small baseline and a distilled student on scikit-learn's "
@@ -632,8 +677,16 @@ def _run_language_model(args: argparse.Namespace, say) -> None:
         if len(teachers) != 1:
             raise DarkKnowledgeError("distill --data CORPUS takes one --teacher (a language-model run or a Hugging "
                                      "Face folder)")
+        layers = None
+        if args.student_init is not None:
+            from .pretrained import parse_student_init
+            layers = parse_student_init(args.student_init)
+            if args.student != STUDENT_DEFAULT:
+                raise DarkKnowledgeError("give --student-init teacher-layers=... (a student of the teacher's "
+                                         "architecture) or --student, not both")
         model, meta = lm_run(args.student, corpus, config, args.out, args.resume, teacher=teachers[0],
                              store=args.store, device=args.device, teacher_device=args.teacher_device,
+                             student_init=layers, dtype=_dtype(args),
                              objective={"temperature": args.temperature, "soft_weight": args.soft_weight,
                                         "hard_weight": args.hard_weight, "divergence": args.divergence,
                                         "beta": args.beta}, log=log)
@@ -650,20 +703,28 @@ def _run_store(args: argparse.Namespace, say) -> None:
     # Under torchrun every rank builds its share of the windows; rank 0 alone shows progress and says what it did.
     main_rank = distributed.current().is_main
     store, report = build_store(args.teacher, _corpus(args), args.out, args.layout, top_k=args.top_k,
-                                head=args.head, samples=args.samples, quant=args.quant,
+                                head=args.head, samples=args.samples, quant=args.quant, dtype=_dtype(args),
                                 log=(lambda line: print(line, file=sys.stderr)) if main_rank else (lambda _: None),
                                 on_chunk=None if main_rank else (lambda done, total: None))
     say(f"store {report['layout']} of {report['tokens']:,} tokens in {store.path}: "
         f"{report['bytes_per_token']:g} bytes per token, {report['tokens_per_second']:,.0f} tokens/s")
 
 
+def _recipe(args: argparse.Namespace) -> dict:
+    """The recipe's settings of this run: each option given, else :data:`CORPUS_RECIPE`'s for a text corpus and
+    the image defaults otherwise. The recipe's warm-up is for a schedule without its own: none with onecycle."""
+    recipe = CORPUS_RECIPE if _is_corpus(args) else IMAGE_RECIPE
+    chosen = {name: recipe[name] if getattr(args, name) is None else getattr(args, name) for name in recipe}
+    if args.warmup is None and chosen["schedule"] == "onecycle":
+        chosen["warmup"] = 0.0
+    return chosen
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                       weight_decay=args.weight_decay, schedule=args.schedule, jitter=args.jitter, bf16=args.bf16,
-                       seed=args.seed, patience=args.patience, step_epochs=args.step_epochs,
-                       progress=not args.no_progress, optimizer=args.optimizer, grad_accumulation=args.grad_accumulation,
-                       clip_grad_norm=args.clip_grad_norm, fp16=args.fp16, warmup=args.warmup,
-                       select_by=args.select_by, decay=args.decay or ("weights" if _is_corpus(args) else "all"))
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, momentum=args.momentum, jitter=args.jitter,
+                       bf16=args.bf16, seed=args.seed, patience=args.patience, step_epochs=args.step_epochs,
+                       progress=not args.no_progress, grad_accumulation=args.grad_accumulation,
+                       clip_grad_norm=args.clip_grad_norm, fp16=args.fp16, strategy=args.strategy, **_recipe(args))
 
 
 def _summary(model, result, out: Path) -> str:
@@ -734,6 +795,11 @@ def run(args: argparse.Namespace) -> int:
                                      "files in --data-dir (or $DARKKNOWLEDGE_DATA) and run it without --download")
         for name in REPRODUCE_DATASETS[args.experiment]:
             load_dataset(name, args.data_dir, download=True)
+    if args.command in ("distill", "evaluate") and (getattr(args, "student_init", None) is not None or
+                                                    args.dtype != "auto") and not _is_corpus(args):
+        raise DarkKnowledgeError(f"--student-init and --dtype are for a language model on a text corpus (--data "
+                                 f"CORPUS), not for {args.command} of an image or table model (distill "
+                                 "--init-from-teacher starts such a student from its teacher)")
     if args.command == "train" and args.members is not None:
         _require(args, "out")
         done = jobs.train_ensemble(args.model, _data_choice(args, "digits"), _train_config(args), args.out,
@@ -762,7 +828,8 @@ def run(args: argparse.Namespace) -> int:
         say(_summary(model, result, args.out))
     elif args.command == "evaluate" and _is_corpus(args):
         from .lm_jobs import evaluate_lm_run
-        print(json.dumps(evaluate_lm_run(args.run, _corpus(args), args.split, args.device), indent=2))
+        print(json.dumps(evaluate_lm_run(args.run, _corpus(args), args.split, args.device, _dtype(args)),
+                         indent=2))
     elif args.command == "store":
         _run_store(args, say)
     elif args.command == "evaluate":

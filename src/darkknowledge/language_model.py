@@ -17,10 +17,10 @@ context, the tokenizer's SHA-256, the data it saw, metrics, the run's key) and `
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, schemas, training
+from . import checkpoint, distributed, schemas, training
 from .data.text import TextTokenizer, TokenWindows
 from .errors import DarkKnowledgeError, OtherKindOfRun
 from .ensemble import ensemble_logits
@@ -131,10 +131,10 @@ def train_config(config: LMConfig) -> training.TrainConfig:
 
 
 def run_key(spec: str, tokenizer_sha256: str, train: TokenWindows, config: LMConfig | training.TrainConfig,
-            objective: Objective) -> str:
+            objective: Objective, init: dict[str, Any] | None = None) -> str:
     settings = config.settings() if isinstance(config, training.TrainConfig) else asdict(config)
     parts = {"spec": spec, "tokenizer": tokenizer_sha256, "train": train.fingerprint(), "config": settings,
-             "objective": objective.describe()}
+             "objective": objective.describe(), **({"init": init} if init else {})}  # no init: the keys of old runs
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -142,8 +142,8 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
                          config: LMConfig | training.TrainConfig = LMConfig(), objective: Objective = Objective(),
                          run_dir: str | Path | None = None, log: Callable[[str], None] = print,
                          device: str | torch.device | None = "cpu", *, model: nn.Module | None = None,
-                         refuse_others: bool = False,
-                         data: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                         refuse_others: bool = False, data: dict[str, Any] | None = None,
+                         init: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Train (or resume, or reuse a finished run of the same key) and return ``(best model on the CPU,
     model.json meta)``. ``device``: where it trains (``auto``: CUDA when present). One writer per run folder: its
     lock is held for the whole job.
@@ -152,17 +152,31 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
     the student's first weights (e.g. a pretrained folder's) instead of ``spec``'s seeded ones; ``spec`` still
     names its architecture. ``refuse_others``: a folder holding a run of other settings is refused in one line and
     left as it is (the command line's rule) instead of trained again. ``data``: what model.json records of the
-    corpus."""
-    with checkpoint.open_run(run_dir):
+    corpus. ``init``: what ``model``'s first weights are (e.g. ``{"teacher_layers": [0, 2]}``), in the run's key
+    and model.json, so that a run started from other weights is not reused or resumed.
+
+    Under torchrun every rank calls it alike: rank 0 alone holds the lock, reuses, tidies and writes the folder;
+    all train (:func:`darkknowledge.training.fit`) and return the same model."""
+    workers = distributed.current()
+    log = log if workers.is_main else training.silent
+    with contextlib.ExitStack() as held:
+        if run_dir is not None:  # a refusal (the folder in use) stops every rank
+            workers.on_main(lambda: held.enter_context(checkpoint.open_run(run_dir)))
         if objective.store is not None:  # a store of other windows, tokenizer or vocabulary: refused in one line
             SoftTargets.open(objective.store.path, windows=train, tokenizer_sha256=tokenizer.sha256,
                              vocab_size=tokenizer.vocab_size, verify=False)
-        key = run_key(spec, tokenizer.sha256, train, config, objective)
+        key = run_key(spec, tokenizer.sha256, train, config, objective, init)
         run_dir = Path(run_dir) if run_dir is not None else None
-        finished = _reusable_run(run_dir, key, tokenizer, log) if run_dir is not None else None
-        if finished is not None:
+        finished = None
+
+        def reusable() -> bool:  # rank 0 looks (and tidies the folder); the other ranks then load what it found
+            nonlocal finished
+            finished = _reusable_run(run_dir, key, tokenizer, log)
+            return finished is not None
+
+        if run_dir is not None and workers.on_main(reusable):
             log(f"{run_dir}: finished run of these settings, reused")
-            return finished
+            return finished if finished is not None else load_language_model(run_dir)
         if model is None:
             check_fits(spec, (train.context,), tokenizer.vocab_size)  # before a spec of any size is built
             torch.manual_seed(config.seed)
@@ -174,28 +188,33 @@ def train_language_model(spec: str, tokenizer: TextTokenizer, train: TokenWindow
                                   teacher_device=objective.teacher_device, divergence=objective.divergence,
                                   beta=objective.beta)
         # the spec lets the loop rebuild its best model on resume (the model registry knows gpt: and hf: specs)
-        fit_meta = {"spec": spec, "tokenizer_sha256": tokenizer.sha256}
+        fit_meta = {"spec": spec, "tokenizer_sha256": tokenizer.sha256, **({"init": init} if init else {})}
         if run_dir is not None:
             fit_key = training.run_key(fit_meta, train, validation, settings, loss)
-            _adopt_stopped_run(run_dir, key, fit_key, fit_meta, train)
-            _clear_other_run(run_dir, fit_key, log, refuse_others)
+
+            def prepare() -> None:
+                _adopt_stopped_run(run_dir, key, fit_key, fit_meta, train)
+                _clear_other_run(run_dir, fit_key, log, refuse_others)
+            workers.on_main(prepare)
         padding = logits_width(model) - tokenizer.vocab_size  # output rows past the tokens (hf:...,vocab_size=N)
         if padding:
             log(f"the student's {padding:,} output rows past the tokenizer's {tokenizer.vocab_size:,} tokens are "
                 "padding: trained on the real tokens, kept in what is saved")
-        with first_logits(model, tokenizer.vocab_size) if padding else nullcontext():
+        with first_logits(model, tokenizer.vocab_size) if padding else contextlib.nullcontext():
             result = training.fit(model, train, validation, settings, loss, run_dir=run_dir, resume=True,
                                   meta=fit_meta, log=log, device=device)
         meta = {"kind": KIND, "spec": spec, "vocab_size": tokenizer.vocab_size, "context": train.context,
                 "tokenizer_sha256": tokenizer.sha256, "train": train.describe(),
                 "config": settings.settings() if isinstance(config, training.TrainConfig) else asdict(config),
-                **({"data": data} if data is not None else {}),
+                **({"data": data} if data is not None else {}), **({"init": init} if init else {}),
                 **objective.describe(), "best_epoch": result.best_epoch,
                 "history": _per_epoch(result.history, train.num_tokens), "run_key": key}
         model.cpu()
         if run_dir is not None:
-            save_language_model(run_dir, model, tokenizer, meta)
-            _drop_resume_files(run_dir)
+            def commit() -> None:
+                save_language_model(run_dir, model, tokenizer, meta)
+                _drop_resume_files(run_dir)
+            workers.on_main(commit)
         return model.eval(), meta
 
 

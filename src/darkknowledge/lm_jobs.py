@@ -17,8 +17,10 @@ from .data.text import TextSplits, TextTokenizer, load_corpus, split_documents, 
 from .errors import DarkKnowledgeError
 from .language_model import evaluate_language_model
 from .outputs import logits_width
-from .pretrained import HF_TOKENIZER, RealVocabulary, hf_spec, load_causal_lm, load_hf_tokenizer
+from .pretrained import (HF_TOKENIZER, RealVocabulary, load_causal_lm, load_hf_tokenizer, spec_of,
+                         student_from_teacher_layers)
 from .soft_targets import DRAWN, SoftTargets
+from .transformer import CausalTransformer
 
 LAYOUTS = ("dense", "topk", "sampled", "compact")
 DEFAULT_CONTEXT = 1024  # the longest window a corpus is cut into when --context is not given
@@ -101,12 +103,13 @@ def on_real_vocabulary(model: nn.Module, tokenizer: TextTokenizer, role: str, so
     return RealVocabulary(model, tokenizer.vocab_size)
 
 
-def load_model(source: str | Path, corpus: Corpus, role: str,
+def load_model(source: str | Path, corpus: Corpus, role: str, dtype: str | None = None,
                log: Callable[[str], None] = _to_stderr) -> tuple[nn.Module, TextTokenizer, Corpus]:
     """A teacher (or a model to evaluate) with its tokenizer, checked against ``--context`` and cut to its real
     vocabulary (:func:`on_real_vocabulary`), and the corpus with its context settled (unset: the model's
-    positions, at most :data:`DEFAULT_CONTEXT`)."""
-    model, tokenizer, description = load_causal_lm(source)
+    positions, at most :data:`DEFAULT_CONTEXT`). ``dtype``: a Hugging Face folder's weights (float32, bfloat16,
+    float16; None: the folder's own)."""
+    model, tokenizer, description = load_causal_lm(source, dtype)
     if corpus.context is None:
         corpus = replace(corpus, context=min(positions_of(model, description) or DEFAULT_CONTEXT, DEFAULT_CONTEXT))
     check_context(corpus.context, model, description, role)
@@ -128,13 +131,13 @@ def _progress(total_label: str) -> Callable[[int, int], None]:
 
 def build_store(teacher: str | Path, corpus: Corpus, out: str | Path, layout: str = "topk", *,
                 top_k: int | None = None, head: int = 0, samples: int | None = None, quant: str | None = None,
-                log: Callable[[str], None] = print,
+                dtype: str | None = None, log: Callable[[str], None] = print,
                 on_chunk: Callable[[int, int], None] | None = None) -> tuple[SoftTargets, dict[str, Any]]:
     """The teacher's per-token outputs over the corpus's training windows, computed once into ``out`` (a folder
-    of stores, each in its key's sub-folder: keyed to teacher, tokenizer, corpus, context and layout); a killed
-    build resumes where it stopped. Returns the store and what to report (bytes per token, tokens/s).
-    ``layout="compact"``: the sampled layout's draws packed by :class:`darkknowledge.store_codec.CompactCodec`,
-    its head quantised by ``quant`` (default ``log8``)."""
+    of stores, each in its key's sub-folder: keyed to teacher (its weights in ``dtype``), tokenizer, corpus,
+    context and layout); a killed build resumes where it stopped. Returns the store and what to report (bytes per
+    token, tokens/s). ``layout="compact"``: the sampled layout's draws packed by
+    :class:`darkknowledge.store_codec.CompactCodec`, its head quantised by ``quant`` (default ``log8``)."""
     if layout not in LAYOUTS:
         raise DarkKnowledgeError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout == "topk" and top_k is None:
@@ -149,8 +152,9 @@ def build_store(teacher: str | Path, corpus: Corpus, out: str | Path, layout: st
         raise DarkKnowledgeError(f"--quant is for --layout compact, not {layout}")
     if layout == "compact" and quant is None:
         quant = "log8"
-    model, tokenizer, corpus = load_model(teacher, corpus, "teacher", log)
+    model, tokenizer, corpus = load_model(teacher, corpus, "teacher", dtype, log)
     train = corpus.splits(tokenizer).windows["train"]
+    log(f"teacher {teacher}: {_weights_dtype(model)} weights, context {corpus.context}")
     started = time.perf_counter()
     store = SoftTargets.build(model, train, out, tokenizer_sha256=tokenizer.sha256, top_k=top_k,
                                samples=samples, head=head, compact=quant, log=log,
@@ -161,17 +165,22 @@ def build_store(teacher: str | Path, corpus: Corpus, out: str | Path, layout: st
                    "tokens_per_second": len(store) / max(seconds, 1e-9)}
 
 
-def evaluate_lm_run(run: str | Path, corpus: Corpus, split: str = "test",
-                    device: str | None = None) -> dict[str, Any]:
+def _weights_dtype(model: nn.Module) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def evaluate_lm_run(run: str | Path, corpus: Corpus, split: str = "test", device: str | None = None,
+                    dtype: str | None = None) -> dict[str, Any]:
     """Per-token log-loss, perplexity and next-token accuracy of a language model (a run or a folder
-    :func:`load_causal_lm` reads) on a split of ``corpus``, split as training split it."""
+    :func:`load_causal_lm` reads, a folder's weights in ``dtype``) on a split of ``corpus``, split as training
+    split it."""
     if split not in SPLIT_NAMES:
         raise DarkKnowledgeError(f"split must be train, val or test, got {split!r}")
     from .devices import resolve_device
-    model, tokenizer, corpus = load_model(run, corpus, "model")
+    model, tokenizer, corpus = load_model(run, corpus, "model", dtype)
     windows = corpus.splits(tokenizer).windows[SPLIT_NAMES[split]]
     result = evaluate_language_model(model.to(resolve_device(device)), windows)
-    return {"run": str(run), "data": corpus.path, "split": split,
+    return {"run": str(run), "data": corpus.path, "split": split, "dtype": _weights_dtype(model),
             "context": corpus.context, "tokens": result["tokens"], "log_loss": result["log_loss"],
             "perplexity": result["perplexity"], "accuracy": result["accuracy"]}
 
@@ -194,7 +203,8 @@ def _store_for(folder: str | Path, teacher: nn.Module, windows, tokenizer: TextT
             continue
         if teacher_sha in store.header["key_parts"]["members"]:
             return store
-        problems.append(f"token store {candidate} was built from another teacher; build one from this teacher")
+        problems.append(f"token store {candidate} was built from another teacher (or this one "
+                        "in another --dtype); build one from this teacher")
     raise DarkKnowledgeError(problems[0] if len(problems) == 1 else
                              f"none of the {len(found)} stores in {folder} is this teacher's over this corpus "
                              f"and tokenizer ({problems[0]})")
@@ -208,14 +218,29 @@ def check_language_model_spec(spec: str) -> None:
                                  f"package.module:factory or a model folder, not {spec!r}")
 
 
+def _student_from_teacher(teacher: nn.Module, layers: list[int], tokenizer: TextTokenizer,
+                          context: int) -> tuple[str, nn.Module]:
+    """``(spec, first weights)`` of a student made of the teacher's ``layers`` (``--student-init
+    teacher-layers=...``), in float32 whatever the teacher's dtype, its output layer the teacher's (padding rows
+    and all); a ``gpt:`` one reads the run's ``context`` positions (the first rows of the teacher's table), as the
+    run rebuilds it."""
+    whole = teacher.model if isinstance(teacher, RealVocabulary) else teacher  # a padded teacher, cut to its tokens
+    student = student_from_teacher_layers(whole, layers).float()
+    if isinstance(student, CausalTransformer) and student.config.context != context:
+        student.config = replace(student.config, context=context)
+        student.position = nn.Embedding.from_pretrained(student.position.weight[:context].detach().clone(),
+                                                        freeze=False)
+    return spec_of(student, tokenizer.vocab_size, f"of the teacher's layers {','.join(map(str, layers))}"), student
+
+
 def _student(spec: str, tokenizer: TextTokenizer, corpus: Corpus) -> tuple[str, nn.Module | None]:
     """``(spec, first weights or None)``: a ``gpt:``/``hf:`` spec or a factory is built by the run from its seed;
     a folder (:func:`load_causal_lm`: a run, or a Hugging Face folder, its spec read from its config) starts from
-    its weights and must share the teacher's tokenizer; its output layer may be padded past it."""
+    its weights, in float32, and must share the teacher's tokenizer; its output layer may be padded past it."""
     if not Path(spec).expanduser().is_dir():
         check_language_model_spec(spec)
         return spec, None
-    model, student_tokenizer, description = load_causal_lm(spec)
+    model, student_tokenizer, description = load_causal_lm(spec, "float32")
     check_context(corpus.context, model, description, "student")
     if student_tokenizer.sha256 != tokenizer.sha256:
         raise DarkKnowledgeError(f"the student {spec} has another tokenizer than the teacher (SHA-256 "
@@ -223,7 +248,7 @@ def _student(spec: str, tokenizer: TextTokenizer, corpus: Corpus) -> tuple[str, 
                                  "and student must share one")
     padding_rows(model, tokenizer, "student", spec)  # the run trains it on the real vocabulary, padding kept
     if description["kind"] == "huggingface":  # trained in float32 (--bf16 is autocast), rebuilt from its spec
-        return hf_spec(model, tokenizer.vocab_size, spec), model.float()
+        return spec_of(model, tokenizer.vocab_size, spec), model.float()
     if not description.get("spec"):
         raise DarkKnowledgeError(f"the student folder {spec} does not name its architecture (no spec); give a "
                                  "gpt: or hf: spec instead")
@@ -233,22 +258,29 @@ def _student(spec: str, tokenizer: TextTokenizer, corpus: Corpus) -> tuple[str, 
 def lm_run(spec: str, corpus: Corpus, config, out: str | Path, resume: bool = False, *,
            tokenizer: TextTokenizer | None = None, teacher: str | Path | None = None, store: str | Path | None = None,
            objective: dict[str, Any] | None = None, device: str | None = None, teacher_device: str | None = None,
+           student_init: list[int] | None = None, dtype: str | None = None,
            log: Callable[[str], None] = print) -> tuple[nn.Module, dict[str, Any]]:
     """Train ``spec`` (a spec, a factory or a folder) on ``corpus`` into the run folder ``out``, on the one loop
     (``config``: a :class:`darkknowledge.training.TrainConfig`): on labels without ``teacher`` (``tokenizer``: the
     one to use), else distilled from the teacher (its tokenizer), read from ``store`` or run online on
-    ``teacher_device``. ``objective``: temperature, soft_weight, hard_weight, divergence, beta. A folder holding a
-    run of other settings is refused; a killed run continues with ``resume``."""
+    ``teacher_device``. ``objective``: temperature, soft_weight, hard_weight, divergence, beta.
+    ``student_init``: the teacher's layers the student starts from (its architecture, ``spec`` unused). ``dtype``:
+    the teacher folder's weights (None: the folder's own). A folder holding a run of other settings is refused; a
+    killed run continues with ``resume``."""
     from . import checkpoint
     from .language_model import Objective, train_language_model
     online = None
     if teacher is not None:
-        online, tokenizer, corpus = load_model(teacher, corpus, "teacher", log)
+        online, tokenizer, corpus = load_model(teacher, corpus, "teacher", dtype, log)
     elif tokenizer is None:
         raise DarkKnowledgeError("a language-model run needs a tokenizer or a teacher")
     elif corpus.context is None:
         corpus = replace(corpus, context=128)
-    spec, first = _student(spec, tokenizer, corpus)
+    if student_init is not None and online is None:
+        raise DarkKnowledgeError("--student-init teacher-layers=... starts a student from a teacher's layers: give "
+                                 "--teacher")
+    spec, first = _student(spec, tokenizer, corpus) if student_init is None else \
+        _student_from_teacher(online, student_init, tokenizer, corpus.context)
     splits = corpus.splits(tokenizer)
     train, validation = splits.windows["train"], splits.windows["validation"]
     if (Path(out) / checkpoint.STATE_META).exists():
@@ -260,7 +292,8 @@ def lm_run(spec: str, corpus: Corpus, config, out: str | Path, resume: bool = Fa
         soft = {"teacher": online, "teacher_device": teacher_device}
     goal = Objective(**soft, **(objective or {})) if soft else Objective()
     return train_language_model(spec, tokenizer, train, validation, config, goal, out, log=log, device=device,
-                                model=first, refuse_others=True, data=corpus.describe(splits))
+                                model=first, refuse_others=True, data=corpus.describe(splits),
+                                init={"teacher_layers": student_init} if student_init is not None else None)
 
 
 def corpus_tokenizer(corpus: Corpus, choice: str = "bpe", vocab_size: int = 4096) -> TextTokenizer:

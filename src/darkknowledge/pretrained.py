@@ -28,15 +28,16 @@ from .devices import resolve_device
 from .errors import DarkKnowledgeError
 from .language_model import evaluate_language_model, load_language_model, load_run_tokenizer
 from .outputs import logits_of
-from .transformer import POSITION_KEYS, GPTConfig, HFCausalLM, build_hf
+from .transformer import POSITION_KEYS, CausalTransformer, GPTConfig, HFCausalLM, build_hf
 
-# What a config records that does not make the architecture: where and how it was saved, its special ids (an hf:
-# spec sets those of the tokenizer, not the architecture's own)
-NOT_ARCHITECTURE = ("architectures", "dtype", "torch_dtype", "_name_or_path", "transformers_version",
-                    "bos_token_id", "eos_token_id", "pad_token_id")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HF_CONFIG, HF_TOKENIZER, HF_TOKENIZER_CONFIG = "config.json", "tokenizer.json", "tokenizer_config.json"
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# what a config holds that is not its architecture: bookkeeping, the dtype the weights came in, the vocabulary
+# (every run gives its own; rows padded past it are a spec's vocab_size); the rest of what differs from the
+# architecture's defaults is a spec's
+NOT_ARCHITECTURE = ("transformers_version", "architectures", "_name_or_path", "model_type", "dtype", "torch_dtype",
+                    "vocab_size")
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")  # a folder that names no eos token: the usual ones
 
 
@@ -177,31 +178,6 @@ def _load_hf(path: Path, dtype: str | None) -> tuple[nn.Module, HFTokenizer, dic
                                 "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def hf_spec(model: HFCausalLM, vocab_size: int, source: str | Path) -> str:
-    """The ``hf:`` spec that builds a Hugging Face model's architecture again (a student folder's, so that its run
-    can be rebuilt from model.json): its model type and every setting its config changes from that type's
-    defaults, its output rows (padding included) among them. A config the spec does not rebuild exactly (a list or
-    a table of its own, say) is refused in one line."""
-    config = model.model.config
-    ours = {k: v for k, v in config.to_dict().items() if k not in NOT_ARCHITECTURE}
-    defaults = type(config)().to_dict()
-    options = {k: v for k, v in ours.items() if isinstance(v, (bool, int, float, str))
-               and (defaults.get(k) != v or k in POSITION_KEYS)  # its own positions, not the context's
-               and not (isinstance(v, str) and ("," in v or "=" in v))}
-    spec = ",".join([f"hf:{config.model_type}", *(f"{k}={v}" for k, v in options.items())])
-    with torch.device("meta"):  # the architecture only: no memory, no initialisation
-        rebuilt = build_hf(spec, vocab_size, None)
-    theirs = {k: v for k, v in rebuilt.model.config.to_dict().items() if k not in NOT_ARCHITECTURE}
-    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (rebuilt, model)]
-    if differ or shapes[0] != shapes[1]:
-        weights = "alike" if shapes[0] == shapes[1] else "differ"
-        raise DarkKnowledgeError(f"the student {source}: an hf: spec cannot rebuild its architecture (settings "
-                                 f"{', '.join(differ) or 'none'} differ, weights {weights}); give --student "
-                                 "hf:ARCH,key=value,... instead")
-    return spec
-
-
 def load_hf_tokenizer(folder: str | Path) -> HFTokenizer:
     """The folder's ``tokenizer.json``, its eos token named by ``tokenizer_config.json`` (else a usual name)."""
     folder = Path(folder)
@@ -295,6 +271,48 @@ def student_from_teacher_layers(teacher: nn.Module, layers: list[int]) -> nn.Mod
     else:
         _set_layer_count(inner_student.config, layers)
     return student
+
+
+def spec_of(model: nn.Module, vocab_size: int, source: str) -> str:
+    """The ``gpt:`` or ``hf:`` spec that builds ``model``'s architecture again for a run whose tokenizer has
+    ``vocab_size`` tokens (the run records it, and reloads its weights into what it builds): a student folder's
+    (``source`` names it) or a student made of a teacher's layers. A ``gpt:`` model's config as it is; a Hugging
+    Face model's config as ``hf:ARCH,key=value,...`` with every value that differs from the architecture's
+    defaults, its positions and special ids always (a spec builds them from the run's context and sets no ids),
+    and its output rows when padded past the tokenizer's. A config such a spec does not rebuild setting for
+    setting and weight shape for weight shape (a list or a table of its own, a text with commas) is refused in one
+    line."""
+    if isinstance(model, CausalTransformer):
+        return str(model.config)
+    inner = model.model if isinstance(model, HFCausalLM) else model
+    config = getattr(inner, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise DarkKnowledgeError(f"the student {source}: a {type(inner).__name__} has no gpt: or transformers "
+                                 "config to name its architecture by; give a gpt: or hf: spec instead")
+    from transformers import AutoConfig
+    defaults, values = AutoConfig.for_model(config.model_type).to_dict(), config.to_dict()
+    always = (*POSITION_KEYS, "bos_token_id", "eos_token_id", "pad_token_id")
+    options = {key: value for key, value in values.items() if key not in NOT_ARCHITECTURE and _fits_a_spec(value)
+               and (key in always or key not in defaults or defaults[key] != value)}
+    padded = {"vocab_size": config.vocab_size} if config.vocab_size != vocab_size else {}
+    spec = ",".join([f"hf:{config.model_type}", *(f"{key}={value}" for key, value in {**padded, **options}.items())])
+    with torch.device("meta"):  # the architecture only: no memory, no initialisation
+        rebuilt = build_hf(spec, vocab_size, None)
+    theirs = rebuilt.model.config.to_dict()
+    differ = sorted(key for key in set(values) | set(theirs)
+                    if key not in NOT_ARCHITECTURE and values.get(key) != theirs.get(key))
+    shapes = [{key: value.shape for key, value in m.state_dict().items()} for m in (rebuilt.model, inner)]
+    if differ or shapes[0] != shapes[1]:
+        weights = "alike" if shapes[0] == shapes[1] else "differ"
+        raise DarkKnowledgeError(f"the student {source}: an hf: spec cannot rebuild its architecture (settings "
+                                 f"{', '.join(differ) or 'none'} differ, weights {weights}); give --student "
+                                 "hf:ARCH,key=value,... instead")
+    return spec
+
+
+def _fits_a_spec(value: Any) -> bool:
+    """Whether ``key=value`` in a spec carries ``value``: a bool, a number, a text without the spec's separators."""
+    return isinstance(value, (bool, int, float)) or (isinstance(value, str) and "," not in value and "=" not in value)
 
 
 def _set_layer_count(config: Any, layers: list[int]) -> None:

@@ -14,7 +14,9 @@ Under torchrun (:mod:`darkknowledge.distributed`) the same loop is data-parallel
 order of cases and the same global batches, takes its own slice of each (its shard of the data and of the
 soft-target store), and DistributedDataParallel averages the gradients, weighted so the step is the one a single
 process takes on the whole batch. Nothing in a checkpoint depends on the number of workers, so a run stopped with
-N workers resumes with any other number. Rank 0 alone writes checkpoints and logs.
+N workers resumes with any other number. Rank 0 alone writes checkpoints and logs. With ``strategy="fsdp"`` a
+sharded copy of the model trains instead of DDP's whole one (:mod:`darkknowledge.sharding`); the checkpoints are
+the same.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ DECAY = ("all", "weights")  # what chooses the epoch kept: validation errors or 
 # How each epoch's order of cases is seeded: fit's own, or the one the language-model loop drew before it folded
 # into fit (seed * 1000 + epoch, epochs from 1), kept so the committed results/lm* runs reproduce exactly.
 EPOCH_ORDERS = ("fit", "language-model")
+# How torchrun's ranks share the training: DDP (a whole copy of the model each) or FSDP2 (a shard each, for a
+# student too large for one device; see sharding.py). One process trains alone whatever the strategy.
+STRATEGIES = ("ddp", "fsdp")
 # Settings added after runs were saved: left out of a run's key while at their defaults, so older runs resume.
 _NEWER_SETTINGS = {"optimizer": "sgd", "optimizer_options": {}, "grad_accumulation": 1, "clip_grad_norm": None,
                    "fp16": False, "step_epochs": None, "warmup": 0.0, "select_by": "errors", "epoch_order": "fit",
@@ -96,6 +101,7 @@ class TrainConfig:
     select_by: str = "errors"  # the validation metric that chooses the epoch kept (and counts patience)
     epoch_order: str = "fit"  # how each epoch's order is seeded (see EPOCH_ORDERS)
     decay: str = "all"  # what weight_decay shrinks (see DECAY): all parameters, or the weights alone
+    strategy: str = "ddp"  # under torchrun: see STRATEGIES (how the run is shared, not what it learns: no key)
 
     def __post_init__(self):
         # Numbers keep the ranges the command line gives them (constraints.RANGES); unset ones are left out.
@@ -114,7 +120,12 @@ class TrainConfig:
                    "0 with the onecycle schedule (it warms up over its first tenth already)"),
                   ("select_by", self.select_by in SELECTION_METRICS, f"one of {', '.join(SELECTION_METRICS)}"),
                   ("epoch_order", self.epoch_order in EPOCH_ORDERS, f"one of {', '.join(EPOCH_ORDERS)}"),
-                  ("decay", self.decay in DECAY, f"one of {', '.join(DECAY)}")]
+                  ("decay", self.decay in DECAY, f"one of {', '.join(DECAY)}"),
+                  ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)}"),
+                  # torch's gradient scaler looks for overflows in this rank's shards only: the ranks could disagree
+                  # on skipping a step
+                  ("fp16", not (self.fp16 and self.strategy == "fsdp"), "off with strategy fsdp (its gradient "
+                   "scaler would decide on each rank's shard alone); use bf16")]
         for name, ok, allowed in checks:
             if not ok:
                 raise DarkKnowledgeError(f"training option {name} must be {allowed}, got {getattr(self, name)!r}")
@@ -124,19 +135,21 @@ class TrainConfig:
         return "fp16" if self.fp16 else "bf16" if self.bf16 else "fp32"
 
     def settings(self) -> dict[str, Any]:
-        """What the run's key and sidecar record: every field but ``progress``; an optimizer class by its name;
-        settings newer than the saved runs left out while at their defaults."""
+        """What the run's key and sidecar record: every field but ``progress`` and ``strategy`` (a run resumes
+        under any); an optimizer class by its name; settings newer than the saved runs left out while at their
+        defaults."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "progress" or (f.name in _NEWER_SETTINGS and value == _NEWER_SETTINGS[f.name]):
+            if f.name in ("progress", "strategy") or (f.name in _NEWER_SETTINGS and value == _NEWER_SETTINGS[f.name]):
                 continue
             out[f.name] = f"{value.__module__}.{value.__qualname__}" if isinstance(value, type) else value
         return out
 
-    def make_optimizer(self, parameters) -> torch.optim.Optimizer:
+    def make_optimizer(self, parameters, fused: bool = True) -> torch.optim.Optimizer:
         """The optimizer; its learning rate is set every step by :meth:`learning_rate`. With ``decay="weights"``
-        the parameters of fewer than two dimensions (biases, norms' gains) are in a group without weight decay."""
+        the parameters of fewer than two dimensions (biases, norms' gains) are in a group without weight decay.
+        ``fused``: SGD's fused step where the tensors allow it (FSDP's sharded tensors have no fused kernel)."""
         flat = list(parameters)
         parameters = flat
         if self.decay == "weights" and self.weight_decay:
@@ -146,7 +159,7 @@ class TrainConfig:
         if self.optimizer == "sgd":
             # One fused pass over each tensor, not torch's CPU default of one per operation: the same update up to
             # rounding, a 1.8x faster step for the MNIST teacher (benchmarks/teacher_speed.py).
-            fusable = not {"fused", "foreach"} & set(self.optimizer_options) and all(
+            fusable = fused and not {"fused", "foreach"} & set(self.optimizer_options) and all(
                 p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in flat)
             return torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                                    **({"fused": True} if fusable else {}), **self.optimizer_options)
@@ -465,7 +478,12 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
                                  f"{workers.world_size} cases (batch size {config.batch_size}, {len(train)} cases); "
                                  "use fewer workers or a larger batch")
     check_jitter(config.jitter, input_shape(train))
-    model.to(workers.device)
+    sharded = config.strategy == "fsdp" and workers.distributed
+    if sharded and (hooks.validate is not None or hooks.keep is not None):
+        raise DarkKnowledgeError("strategy fsdp trains a sharded copy of the model, which fit's validate and keep "
+                                 "hooks do not see; use strategy ddp")
+    if not sharded:  # a sharded model stays whole on the CPU; its shards go to the device (sharding.shard)
+        model.to(workers.device)
     objective.prepare(train, config, workers.device)
     if isinstance(objective, Distillation) and (objective.teacher is not None or objective.store is not None):
         log(f"distillation: soft targets from the {objective.soft_source()}")
@@ -497,12 +515,15 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
         log(f"reusing {run_dir}: already trained ({start_epoch} epochs)" if finished
             else f"resuming {run_dir} after epoch {start_epoch}")
     epochs.share_state()
+    if epochs.sharded:
+        from .sharding import blocks
+        log(f"strategy fsdp: {len(blocks(model))} transformer block(s) and the rest of the model sharded over "
+            f"{workers.world_size} ranks")
 
     def validation(epoch: int) -> dict[str, Any]:
         if hooks.validate is not None:
             return {f"val_{k}": v for k, v in hooks.validate(model, epoch).items()}
-        return _validation_record("val", _evaluate(model, val, config.precision, workers),
-                                  per_token=cases_per_item(val) > 1)
+        return _validation_record("val", epochs.evaluate(val), per_token=cases_per_item(val) > 1)
 
     def kept(epoch: int) -> nn.Module:
         return hooks.keep(model, epoch) if hooks.keep is not None else model
@@ -522,10 +543,11 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
             break
         started = time.perf_counter()
         record = {"epoch": epoch + 1, **epochs.train_one(epoch)}
+        epochs.gather(optimizer=run_dir is not None)
         if val is not None:
             record.update(validation(epoch + 1))
         for name, data in monitor.items():  # logged only: selection above uses val alone
-            watched = _evaluate(model, data, config.precision, workers)
+            watched = epochs.evaluate(data)
             record.update({f"{name}_errors": watched.errors, f"{name}_error_rate": 1 - watched.accuracy})
         elapsed += time.perf_counter() - started
         record["seconds"] = round(elapsed, 3)
@@ -554,13 +576,17 @@ def _fit(model: nn.Module, train, val, config: TrainConfig | None, objective, ru
 
 
 class _Epochs:
-    """The training itself: the model (wrapped for DDP under torchrun), its optimizer and gradient scaler, and
-    one epoch (:meth:`train_one`) as steps (:meth:`_step`) over micro-batches (:meth:`_micro_step`)."""
+    """The training itself: the model and its optimizer (what a checkpoint holds), the ``net`` that trains and
+    its ``net_optimizer`` (under torchrun the model wrapped for DDP, or a sharded copy under FSDP; else the model
+    itself), the gradient scaler, and one epoch (:meth:`train_one`) as steps (:meth:`_step`) over micro-batches
+    (:meth:`_micro_step`)."""
 
     def __init__(self, model: nn.Module, train, config: TrainConfig, objective, workers: Workers,
                  optimizer: torch.optim.Optimizer, sampler=None):
         self.model, self.net, self.train, self.config = model, model, train, config
         self.objective, self.workers, self.optimizer, self.sampler = objective, workers, optimizer, sampler
+        self.net_optimizer = optimizer
+        self.sharded = config.strategy == "fsdp" and workers.distributed
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.fp16)
         self.constrain = getattr(model, "apply_constraints", None)
         self.ignore_index = getattr(train, "ignore_index", None)
@@ -569,13 +595,37 @@ class _Epochs:
         self.total_steps = self.steps_per_epoch * config.epochs
 
     def share_state(self) -> None:
-        """Under torchrun: rank 0's weights and optimizer state everywhere, and the model wrapped for DDP."""
+        """Under torchrun: rank 0's weights and optimizer state everywhere, and the model wrapped for DDP or its
+        sharded copy made for FSDP."""
         if not self.workers.distributed:
             return
         _share_weights_and_optimizer(self.model, self.optimizer, self.workers)
         device = self.workers.device
+        if self.sharded:
+            from . import sharding  # torch.distributed.fsdp, imported only where it is used
+            self.net, self.net_optimizer = sharding.shard(
+                self.model, self.optimizer, lambda params: self.config.make_optimizer(params, fused=False),
+                self.workers)
+            self.constrain = getattr(self.net, "apply_constraints", None)
+            return
         self.net = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None,
                                            gradient_as_bucket_view=True)  # no copy of the gradients
+
+    def gather(self, optimizer: bool) -> None:
+        """Under FSDP, after an epoch: the trained weights (and the ``optimizer`` state, for a checkpoint) whole
+        in the model on rank 0, where they are kept and saved; every rank calls it."""
+        if self.sharded:
+            from . import sharding
+            sharding.gather_weights(self.net, self.model, self.workers)
+            if optimizer:
+                sharding.gather_optimizer(self.net, self.net_optimizer, self.model, self.optimizer, self.workers)
+
+    def evaluate(self, data) -> Evaluation:
+        """The trained model on ``data``: each rank evaluates its shard of ``data``; under FSDP every rank the
+        whole set, so that all run the same forward passes, which gather each block's weights together."""
+        if self.sharded:
+            return evaluate(self.net, data, bf16=self.config.precision)
+        return _evaluate(self.model, data, self.config.precision, self.workers)
 
     def epoch_seed(self, epoch: int) -> int:
         """The seed of this epoch's order, jitter and dropout masks."""
@@ -613,13 +663,13 @@ class _Epochs:
         torch.manual_seed(self.epoch_seed(epoch) + workers.rank)  # dropout masks
         steps = self.plan(epoch)
         reader = self.feeder.batches([indices for _, parts in steps for indices, _ in parts])
-        self.model.train()
+        self.net.train()
         sums: dict[str, torch.Tensor] = {}
         counts = torch.zeros(2, dtype=torch.long, device=workers.device)  # errors, cases counted
         bar = tqdm(steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                    disable=not (config.progress and workers.is_main), file=sys.stderr, mininterval=0.5)
         for step, (batch_size, parts) in enumerate(bar):
-            for group in self.optimizer.param_groups:
+            for group in self.net_optimizer.param_groups:
                 group["lr"] = config.learning_rate(epoch * self.steps_per_epoch + step, self.total_steps)
             for part, (_, offsets) in enumerate(parts):
                 last = part == len(parts) - 1
@@ -631,7 +681,7 @@ class _Epochs:
         cases_seen = max(int(totals[-1]), 1)
         if not bool(torch.isfinite(totals).all()):  # before anything of this epoch is saved
             raise TrainingDiverged.in_epoch(epoch + 1)
-        return {"lr": self.optimizer.param_groups[0]["lr"],
+        return {"lr": self.net_optimizer.param_groups[0]["lr"],
                 **{f"train_{k}": float(v) / cases_seen for k, v in zip(names, totals)},
                 "train_errors": int(totals[-2]), "train_error_rate": int(totals[-2]) / cases_seen}
 
@@ -641,8 +691,9 @@ class _Epochs:
         device, workers = self.workers.device, self.workers
         inputs = translate(to_device(inputs, device), offsets, self.config.jitter)
         labels = labels.to(device, non_blocking=labels.is_pinned())
-        # The gradients are summed over the ranks only on a step's last micro-batch.
-        with nullcontext() if last or not workers.distributed else self.net.no_sync():
+        # DDP sums the gradients over the ranks only on a step's last micro-batch; FSDP reduces each micro-batch's
+        # into the shards (a whole gradient would not fit).
+        with nullcontext() if last or not workers.distributed or self.sharded else self.net.no_sync():
             with autocast(self.config.precision, device):
                 logits = logits_of(self.net(inputs))
             cases = _cases(logits, labels, case_rows(self.train, indices), self.ignore_index)
@@ -656,7 +707,7 @@ class _Epochs:
             else:  # a micro-batch with no case of this rank's: it still joins the gradient sum
                 loss, terms = logits.sum() * 0.0, {}
             # Each micro-batch's mean loss weighted by its share of the step's batch: the gradient is the whole
-            # batch's mean loss, as one process computes it (DDP averages over the ranks).
+            # batch's mean loss, as one process computes it (DDP and FSDP average over the ranks).
             self.scaler.scale(loss * (len(indices) * workers.world_size / batch_size)).backward()
         for key, value in terms.items():  # sums stay tensors: no per-step synchronisation to Python
             sums[key] = sums.get(key, 0) + value.detach() * len(cases[1])
@@ -666,11 +717,11 @@ class _Epochs:
     def _step(self) -> None:
         """The optimizer's step on the summed gradients (clipped if asked), then the model's constraints."""
         if self.config.clip_grad_norm is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip_grad_norm)
-        self.scaler.step(self.optimizer)
+            self.scaler.unscale_(self.net_optimizer)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.config.clip_grad_norm)
+        self.scaler.step(self.net_optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.net_optimizer.zero_grad(set_to_none=True)
         if self.constrain is not None:
             self.constrain()
 

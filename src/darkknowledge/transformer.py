@@ -78,6 +78,8 @@ class Block(nn.Module):
 class CausalTransformer(nn.Module):
     """Token and position embeddings, ``layers`` blocks, a final norm and an output layer tied to the embedding."""
 
+    _no_split_modules = ["Block"]  # Hugging Face's name for a model's blocks: FSDP's units (sharding.blocks)
+
     def __init__(self, config: GPTConfig, vocab_size: int):
         super().__init__()
         self.config, self.vocab_size = config, vocab_size
@@ -147,17 +149,18 @@ def parse_value(text: str) -> bool | int | float | str:
 POSITION_KEYS = ("n_positions", "max_position_embeddings")  # a config's position limit (GPT-2's name, most others')
 
 
-def build_hf(spec: str, vocab_size: int, context: int | None) -> nn.Module:
-    """``hf:gpt2,n_layer=2``: ``AutoConfig.for_model(arch, vocab_size=V, **options)`` -> ``AutoModelForCausalLM``.
+def hf_config(spec: str, vocab_size: int, context: int | None):
+    """The transformers config of ``hf:ARCH,key=value,...``: ``AutoConfig.for_model(arch, vocab_size=V,
+    **options)``.
 
-    Built from the config alone (random weights, no download). ``context`` (None: 128) fills the config's position
-    limit when the architecture has one (GPT-2's ``n_positions``, Llama's ``max_position_embeddings``) and the spec
-    names none under either name; a named one shorter than ``context`` is refused in one line. An option
-    ``vocab_size=N`` (at least V) pads the output layer to N rows, as published checkpoints do; the rows past V are
-    padding, left out of every softmax by the loop and by evaluation.
+    ``context`` (None: 128) fills the config's position limit when the architecture has one (GPT-2's
+    ``n_positions``, Llama's ``max_position_embeddings``) and the spec names none under either name; a named one
+    shorter than ``context`` is refused in one line. An option ``vocab_size=N`` (at least V) pads the output layer
+    to N rows, as published checkpoints do; the rows past V are padding, left out of every softmax by the loop and
+    by evaluation.
     """
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
     except ImportError:
         raise DarkKnowledgeError("hf: models need Hugging Face transformers: pip install 'darkknowledge[hf]'") from None
     arch, options = parse_hf(spec)
@@ -174,15 +177,30 @@ def build_hf(spec: str, vocab_size: int, context: int | None) -> nn.Module:
         # the architecture's special ids belong to its own tokenizer (GPT-2's 50256), not to this vocabulary
         special = {key: None for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key not in options}
         config = AutoConfig.for_model(arch, vocab_size=rows, **{**special, **options})
-        for key in POSITION_KEYS if named is None else ():  # GPT-2 reads either name as n_positions
-            if hasattr(config, key):
-                setattr(config, key, context or 128)
-        return HFCausalLM(AutoModelForCausalLM.from_config(config))
-    # transformers 5's typed configs refuse a value with their own exception (4's with ValueError or TypeError):
-    # whatever the config or model refused, said in one line
+    # transformers 5's typed configs refuse a value with their own exception (4's with ValueError or TypeError)
     except Exception as error:  # noqa: BLE001
-        why = " ".join(str(error).split()) or type(error).__name__
-        raise DarkKnowledgeError(f"model spec {spec!r}: transformers cannot build it: {why}") from None
+        raise _cannot_build(spec, error) from None
+    for key in POSITION_KEYS if named is None else ():  # GPT-2 reads either name as n_positions
+        if hasattr(config, key):
+            setattr(config, key, context or 128)
+    return config
+
+
+def build_hf(spec: str, vocab_size: int, context: int | None) -> nn.Module:
+    """``hf:gpt2,n_layer=2``: the :func:`hf_config` of the spec -> ``AutoModelForCausalLM``, built from the config
+    alone (random weights, no download)."""
+    config = hf_config(spec, vocab_size, context)
+    from transformers import AutoModelForCausalLM
+    try:
+        return HFCausalLM(AutoModelForCausalLM.from_config(config))
+    except Exception as error:  # noqa: BLE001  (a config the model class refuses)
+        raise _cannot_build(spec, error) from None
+
+
+def _cannot_build(spec: str, error: Exception) -> DarkKnowledgeError:
+    """Whatever transformers refused in a spec's config or model, said in one line."""
+    why = " ".join(str(error).split()) or type(error).__name__
+    return DarkKnowledgeError(f"model spec {spec!r}: transformers cannot build it: {why}")
 
 
 def count_parameters(spec: str, vocab_size: int, context: int | None = None) -> int:
