@@ -148,6 +148,7 @@ def test_store_build_prints_its_size_and_speed_and_a_rerun_reuses_it(teacher_and
     assert code == 0, err
     assert "24 bytes per token" in out and "tokens/s" in out  # 4 x (2 + 2) + 8 bytes of tail
     assert "tokens/s so far" in err  # progress while it runs
+    assert "weights on cpu" in err  # where the teacher ran (--device; auto here, a machine without CUDA)
     header = json.loads(next((tmp_path / "stores").glob("*/targets.json")).read_text())
     assert header["complete"] and header["layout"] == "topk"
     code, out2, _ = _cli("store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores",
@@ -190,7 +191,9 @@ def test_bad_input_to_store_build_is_one_line_and_writes_nothing(teacher_and_cor
                            (["--layout", "dense", "--top-k", "3"], "--top-k is for --layout topk"),
                            (["--layout", "compact"], "--layout compact needs --samples"),
                            (["--layout", "sampled", "--samples", "3", "--quant", "e4m3"],
-                            "--quant is for --layout compact")]:
+                            "--quant is for --layout compact"),
+                           *([(["--device", "cuda"], "this machine has no CUDA device")]
+                             if not torch.cuda.is_available() else [])]:
         argv = ["store", "build", "--teacher", teacher, "--data", corpus, "--out", tmp_path / "stores", *extra]
         code, _, err = _cli(*argv)
         assert code == 1 and err.count("\n") == 1 and message in err, err

@@ -375,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --layout sampled or compact: the H most probable tokens kept exact (default: 0)")
     p.add_argument("--samples", type=int, default=None, metavar="K",
                    help="with --layout sampled or compact: tokens drawn a position from the rest (required there)")
+    p.add_argument("--device", default=None, help=f"where the teacher runs: {DEVICE_HELP} (default: "
+                                                  f"{DEFAULT_DEVICE}; under torchrun on CUDA, each rank's own GPU)")
     p.add_argument("--quant", choices=("log8", "e4m3"), default=None,
                    help="with --layout compact: how the head's probabilities take a byte each: log8, log p below the "
                         "row's most probable token in steps of 1/16 nat over 0..15.9 nats; e4m3, that gap as an fp8 "
@@ -703,7 +705,8 @@ def _run_store(args: argparse.Namespace, say) -> None:
     # Under torchrun every rank builds its share of the windows; rank 0 alone shows progress and says what it did.
     main_rank = distributed.current().is_main
     store, report = build_store(args.teacher, _corpus(args), args.out, args.layout, top_k=args.top_k,
-                                head=args.head, samples=args.samples, quant=args.quant, dtype=_dtype(args),
+                                head=args.head, samples=args.samples, quant=args.quant, device=args.device,
+                                dtype=_dtype(args),
                                 log=(lambda line: print(line, file=sys.stderr)) if main_rank else (lambda _: None),
                                 on_chunk=None if main_rank else (lambda done, total: None))
     say(f"store {report['layout']} of {report['tokens']:,} tokens in {store.path}: "

@@ -14,7 +14,9 @@ from typing import Any, Callable
 from torch import nn
 
 from .data.text import TextSplits, TextTokenizer, load_corpus, split_documents, tokenise_corpus
+from .devices import resolve_device
 from .errors import DarkKnowledgeError
+from .evaluation import device_of
 from .language_model import evaluate_language_model
 from .outputs import logits_width
 from .pretrained import (HF_TOKENIZER, RealVocabulary, load_causal_lm, load_hf_tokenizer, spec_of,
@@ -131,13 +133,14 @@ def _progress(total_label: str) -> Callable[[int, int], None]:
 
 def build_store(teacher: str | Path, corpus: Corpus, out: str | Path, layout: str = "topk", *,
                 top_k: int | None = None, head: int = 0, samples: int | None = None, quant: str | None = None,
-                dtype: str | None = None, log: Callable[[str], None] = print,
+                dtype: str | None = None, device: str | None = None, log: Callable[[str], None] = print,
                 on_chunk: Callable[[int, int], None] | None = None) -> tuple[SoftTargets, dict[str, Any]]:
     """The teacher's per-token outputs over the corpus's training windows, computed once into ``out`` (a folder
     of stores, each in its key's sub-folder: keyed to teacher (its weights in ``dtype``), tokenizer, corpus,
     context and layout); a killed build resumes where it stopped. Returns the store and what to report (bytes per
     token, tokens/s). ``layout="compact"``: the sampled layout's draws packed by
-    :class:`darkknowledge.store_codec.CompactCodec`, its head quantised by ``quant`` (default ``log8``)."""
+    :class:`darkknowledge.store_codec.CompactCodec`, its head quantised by ``quant`` (default ``log8``).
+    ``device``: where the teacher runs (None: the default device; under torchrun on CUDA each rank's own GPU)."""
     if layout not in LAYOUTS:
         raise DarkKnowledgeError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if layout == "topk" and top_k is None:
@@ -153,8 +156,9 @@ def build_store(teacher: str | Path, corpus: Corpus, out: str | Path, layout: st
     if layout == "compact" and quant is None:
         quant = "log8"
     model, tokenizer, corpus = load_model(teacher, corpus, "teacher", dtype, log)
+    model = model.to(resolve_device(device))
     train = corpus.splits(tokenizer).windows["train"]
-    log(f"teacher {teacher}: {_weights_dtype(model)} weights, context {corpus.context}")
+    log(f"teacher {teacher}: {_weights_dtype(model)} weights on {device_of(model)}, context {corpus.context}")
     started = time.perf_counter()
     store = SoftTargets.build(model, train, out, tokenizer_sha256=tokenizer.sha256, top_k=top_k,
                                samples=samples, head=head, compact=quant, log=log,
