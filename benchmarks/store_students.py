@@ -149,6 +149,8 @@ def store_students(experiment: str, stores: list[str], out: str, runs: str | Non
         with multiprocessing.get_context("spawn").Pool(min(jobs, len(named))) as pool:
             for run in pool.imap_unordered(functools.partial(train_student, plan, experiment, data_dir, runs), named):
                 print(f"[{run} done]", file=sys.stderr, flush=True)
+            pool.close()  # and joined, rather than terminated on leaving: no worker is killed mid-exit
+            pool.join()
     students = {store: train_student(plan, experiment, data_dir, runs, (store, path), splits) for store, path in named}
 
     evaluated = {run: scores(experiment_model(experiment, run, plan), splits) for run in ("baseline", "student-T1")}

@@ -29,10 +29,14 @@ def quick(tmp_path_factory):
     return out, results, experiment_splits(QUICK, out, str(DATA))
 
 
+def dense_store(out):
+    return next(h.parent for h in (out / "runs" / "token-targets").glob("*/targets.json")
+                if SoftTargets.open(h.parent, verify=False).layout in DENSE)
+
+
 def test_a_topk_store_of_the_dense_rows_gets_a_student_and_a_share(quick, tmp_path):
     out, results, splits = quick
-    stores = [SoftTargets.open(h.parent, verify=False) for h in (out / "runs" / "token-targets").glob("*/targets.json")]
-    dense = next(store for store in stores if store.layout in DENSE)
+    dense = SoftTargets.open(dense_store(out), verify=False)
     top4 = SoftTargets.build(dense, splits.windows["train"], tmp_path / "stores", top_k=4,
                              tokenizer_sha256=splits.tokenizer.sha256, log=lambda _: None)
     # a codec's own bytes a token, as store_codecs.py's codecs.json gives them, for the store named like it
@@ -57,6 +61,20 @@ def test_a_topk_store_of_the_dense_rows_gets_a_student_and_a_share(quick, tmp_pa
     assert "| top 4 | 12.5 (stored 24) |" in (tmp_path / "res" / "store_students.md").read_text()
     # a rerun reuses the finished student (same key): the same numbers
     assert store_students.main(args)["rows"] == first["rows"]
+
+
+def test_the_dense_store_itself_gives_the_experiments_own_student(quick, tmp_path):
+    """The recipe is exactly reproduce lm's: its dense store trains here the student-T1 it trained there."""
+    out, results, _ = quick
+    assert store_students.experiment_plan(out, None) == ("quick", QUICK)  # read back from results.json
+    dense = dense_store(out)
+    # twice, two spawned processes at a time: the numbers do not depend on --jobs
+    rows = store_students.main(["--experiment", str(out), "--store", f"dense={dense}", f"again={dense}",
+                                "--out", str(tmp_path), "--data-dir", str(DATA), "--jobs", "2"])["rows"]
+    theirs = {k: v for k, v in rows[1].items() if k.startswith(("val_", "test_"))}
+    for row in rows[2:]:
+        assert {k: v for k, v in row.items() if k.startswith(("val_", "test_"))} == theirs
+        assert row["share_of_dense_gain_log_loss"] == pytest.approx(1)
 
 
 def test_a_store_over_other_windows_is_refused_in_one_line_before_training(quick, tmp_path):
