@@ -153,19 +153,18 @@ def store_students(experiment: str, stores: list[str], out: str, runs: str | Non
             pool.join()
     students = {store: train_student(plan, experiment, data_dir, runs, (store, path), splits) for store, path in named}
 
-    evaluated = {run: scores(experiment_model(experiment, run, plan), splits) for run in ("baseline", "student-T1")}
+    baseline, dense = (scores(experiment_model(experiment, run, plan), splits) for run in ("baseline", "student-T1"))
     rows = [{"store": "none (labels only)", "run": str(experiment / "runs" / "baseline"), "bytes_per_token": 0,
-             **model_row(evaluated["baseline"])},
+             **model_row(baseline)},
             {"store": "dense", "run": str(experiment / "runs" / "student-T1"),
-             "bytes_per_token": _dense_bytes(experiment, train, splits), **model_row(evaluated["student-T1"])}]
+             "bytes_per_token": _dense_bytes(experiment, train, splits), **model_row(dense)}]
     for store, path in named:
-        evaluated[store] = scores(load_language_model(runs / students[store])[0], splits)
+        evaluated = scores(load_language_model(runs / students[store])[0], splits)
         row = {"store": store, "path": str(path.resolve()), "key": opened[store].key, "layout": opened[store].layout,
                "run": str(runs / students[store]), "bytes_per_token": opened[store].bytes_per_case,
-               "codec_bytes_per_token": codec_size.get(store), **model_row(evaluated[store])}
+               "codec_bytes_per_token": codec_size.get(store), **model_row(evaluated)}
         for metric in METRICS:  # the same block bootstrap as reproduce lm's, the dense store's student as the top
-            share = block_bootstrap_share(evaluated["baseline"]["test"], evaluated["student-T1"]["test"],
-                                          evaluated[store]["test"], metric)
+            share = block_bootstrap_share(baseline["test"], dense["test"], evaluated["test"], metric)
             row[f"share_of_dense_gain_{metric}"] = share["share"]
             row[f"interval_of_dense_gain_{metric}"] = [share["low"], share["high"]]
         rows.append(row)

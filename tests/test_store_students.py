@@ -68,8 +68,8 @@ def test_the_dense_store_itself_gives_the_experiments_own_student(quick, tmp_pat
     out, results, _ = quick
     assert store_students.experiment_plan(out, None) == ("quick", QUICK)  # read back from results.json
     dense = dense_store(out)
-    # twice, two spawned processes at a time: the numbers do not depend on --jobs
-    rows = store_students.main(["--experiment", str(out), "--store", f"dense={dense}", f"again={dense}",
+    # twice, two spawned processes at a time: the numbers do not depend on --jobs (nor on a store's name)
+    rows = store_students.main(["--experiment", str(out), "--store", f"baseline={dense}", f"again={dense}",
                                 "--out", str(tmp_path), "--data-dir", str(DATA), "--jobs", "2"])["rows"]
     theirs = {k: v for k, v in rows[1].items() if k.startswith(("val_", "test_"))}
     for row in rows[2:]:
