@@ -169,6 +169,33 @@ def prepare_data(plan: Plan, out: Path, data_dir: str | None, log: Callable[[str
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write(path, tokenizer.save)
         log(f"tokenizer: {tokenizer.kind}, {tokenizer.vocab_size} tokens ({time.perf_counter() - started:.0f} s)")
+    splits = _windows(plan, corpus, documents, tokenizer)
+    record = {**splits.describe(), "tokens": {n: w.num_tokens for n, w in splits.windows.items()}}
+    checkpoint.write_json(data_record, record)
+    if corpus.skipped_empty:
+        log(f"skipped {corpus.skipped_empty} empty document(s)")
+    return splits
+
+
+def experiment_splits(plan: Plan, out: str | Path, data_dir: str | None):
+    """The splits of a prepared experiment folder ``out`` (its data.json and tokenizer.json), exactly as
+    :func:`reproduce_lm` trained on them, without writing there: for work beside a finished experiment."""
+    out = Path(out)
+    if not (out / "data.json").is_file() or not (out / "tokenizer.json").is_file():
+        raise DarkKnowledgeError(f"{out} holds no data.json and tokenizer.json; give a reproduce lm folder")
+    recorded = schemas.check(schemas.DataRecord, checkpoint.read_json(out / "data.json", "data"), out / "data.json",
+                             "run reproduce lm there again")
+    corpus = load_corpus(_corpus_folder(plan, data_dir))
+    if recorded["corpus_sha256"] != corpus.fingerprint() or recorded["documents"] != split_documents(
+            corpus.documents, plan.validation_fraction, plan.test_fraction, plan.split_seed):
+        raise DarkKnowledgeError(f"{out} was made from another corpus or split than this plan's; give the plan "
+                                 "that made it")
+    tokenizer = TextTokenizer.load(out / "tokenizer.json", sha256=recorded["tokenizer"]["sha256"])
+    return _windows(plan, corpus, recorded["documents"], tokenizer)
+
+
+def _windows(plan: Plan, corpus, documents: dict, tokenizer: TextTokenizer):
+    """The corpus tokenised into the plan's windows, each split cut to the plan's token limits."""
     splits = tokenise_corpus(corpus, documents, tokenizer, plan.context)
     for name, limit in (("train", plan.max_train_tokens), ("validation", plan.max_eval_tokens),
                         ("test", plan.max_eval_tokens)):
@@ -176,11 +203,19 @@ def prepare_data(plan: Plan, out: Path, data_dir: str | None, log: Callable[[str
             windows = splits.windows[name]
             splits.windows[name] = type(windows)(windows.ids.numpy()[:limit + 1], plan.context, name,
                                                  windows.vocab_size)
-    record = {**splits.describe(), "tokens": {n: w.num_tokens for n, w in splits.windows.items()}}
-    checkpoint.write_json(data_record, record)
-    if corpus.skipped_empty:
-        log(f"skipped {corpus.skipped_empty} empty document(s)")
     return splits
+
+
+def plan_from_json(recorded: dict[str, Any]) -> Plan:
+    """The Plan a results.json records (``plan``, as :func:`jsonable` wrote it: lists for tuples)."""
+    def tuples(value):
+        return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+
+    try:
+        return Plan(**{name: LMConfig(**value) if name in ("training", "student_training") else tuples(value)
+                       for name, value in recorded.items()})
+    except TypeError as error:
+        raise DarkKnowledgeError(f"results.json records a plan this version cannot read ({error})") from None
 
 
 # One run of the experiment: its name, spec and recipe, and the store (None: labels only) and temperature it is
@@ -197,16 +232,16 @@ def _train_task(plan: Plan, out: Path, data_dir: str | None, task: Task) -> str:
         _worker_data["splits"] = prepare_data(plan, out, data_dir, log=lambda _: None)
     splits = _worker_data["splits"]
     train_language_model(spec, splits.tokenizer, splits.windows["train"], splits.windows["validation"], config,
-                         _objective(plan, splits, store, temperature), out / "runs" / name,
+                         student_objective(plan, splits, store, temperature), out / "runs" / name,
                          log=lambda line: print(f"[{name}] {line}", flush=True))
     return name
 
 
-def _objective(plan: Plan, splits, store: Path | None, temperature: float) -> Objective:
+def student_objective(plan: Plan, splits, store: Path | None, temperature: float) -> Objective:
     """A task's objective: labels only, or the plan's soft and hard weights on the store at ``store``."""
     if store is None:
         return Objective()
-    # verify=False: the store was checked when reproduce_lm built or reused it a moment ago
+    # verify=False: the caller checked the store a moment ago (reproduce_lm when it built or reused it)
     targets = SoftTargets.open(store, windows=splits.windows["train"], tokenizer_sha256=splits.tokenizer.sha256,
                                vocab_size=splits.tokenizer.vocab_size, verify=False)
     return Objective(targets, temperature, plan.soft_weight, plan.hard_weight)
@@ -256,7 +291,7 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
         name, spec, config, store, temperature = task
         log(f"[{name}]")
         model, meta = train_language_model(spec, tokenizer, train, val, config,
-                                           _objective(plan, splits, store, temperature), runs / name, log=log)
+                                           student_objective(plan, splits, store, temperature), runs / name, log=log)
         # milliseconds: a --quick stage can take less than the 0.05 s a coarser rounding would make 0
         seconds[name] = round(sum(epoch["seconds"] for epoch in meta["history"]), 3)
         return model
@@ -303,7 +338,7 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     for t in plan.temperatures:
         name = f"student-T{t:g}"
         evaluated[name] = scores(students[name])
-        sweep.append({"run": name, "temperature": t, **_row(evaluated[name])})
+        sweep.append({"run": name, "temperature": t, **model_row(evaluated[name])})
     chosen = min(sweep, key=lambda r: (r["val_log_loss"], r["temperature"]))
     t_chosen = chosen["temperature"]
 
@@ -317,12 +352,12 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     evaluated["half-labels"] = scores(labelled["half-labels"])
     # Each sparse store's student, and the dense store's student at the same T it is measured against.
     top_k_rows = [{"store": "dense", "run": chosen["run"], "dense_run": chosen["run"],
-                   "bytes_per_token": stores["dense"].bytes_per_case, **_row(evaluated[chosen["run"]])}]
+                   "bytes_per_token": stores["dense"].bytes_per_case, **model_row(evaluated[chosen["run"]])}]
     for store, name, dense_run in ([(f"top{k}", f"student-T{t_chosen:g}-top{k}", chosen["run"]) for k in plan.top_ks]
                                    + [(name, f"student-T1-{name}", "student-T1") for name in sampled]):
         evaluated[name] = scores(deployed[name])
         top_k_rows.append({"store": store, "run": name, "dense_run": dense_run,
-                           "bytes_per_token": stores[store].bytes_per_case, **_row(evaluated[name])})
+                           "bytes_per_token": stores[store].bytes_per_case, **model_row(evaluated[name])})
     for row in top_k_rows:  # each store's student against the labels-only baseline, as a share of dense's gain
         for metric in ("accuracy", "log_loss"):
             row[f"share_of_dense_gain_{metric}"] = _share(row[f"test_{metric}"], evaluated["baseline"]["test"][metric],
@@ -344,11 +379,11 @@ def reproduce_lm(out: str | Path, quick: bool = False, data_dir: str | None = No
     results = {
         "command": command, "quick": quick, "plan_name": plan_name, "plan": jsonable(asdict(plan)), "paper": PAPER,
         "data": checkpoint.read_json(out / "data.json", "data"),
-        "models": {name: _row(e) for name, e in evaluated.items()},
+        "models": {name: model_row(e) for name, e in evaluated.items()},
         "temperature_sweep": sweep, "chosen_on_validation": {"run": chosen["run"], "temperature": t_chosen},
         "share_transferred": shares, "share_by_temperature": per_t_shares,
-        "deployment": {"half_width_distilled": _row(evaluated[half_distilled]),
-                       "half_width_labels_only": _row(evaluated["half-labels"]), "spec": plan.half_spec},
+        "deployment": {"half_width_distilled": model_row(evaluated[half_distilled]),
+                       "half_width_labels_only": model_row(evaluated["half-labels"]), "spec": plan.half_spec},
         "top_k": top_k_rows, "stores": {name: s.describe() for name, s in stores.items()},
         "samples": samples, "stage_seconds": seconds, "training_seconds": round(sum(seconds.values()), 1),
         "total_seconds": round(time.perf_counter() - started, 1),
@@ -370,7 +405,8 @@ def _load(run: Path):
     return load_language_model(run)[0]
 
 
-def _row(evaluation: dict[str, Any]) -> dict[str, Any]:
+def model_row(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """A model's row of results.json: log-loss, perplexity and accuracy on validation and test."""
     return {f"{split}_{k}": evaluation[split][k] for split in ("val", "test")
             for k in ("log_loss", "perplexity", "accuracy")}
 
