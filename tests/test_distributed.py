@@ -122,10 +122,10 @@ def test_ddp_on_two_processes_trains_the_model_one_process_trains(tmp_path):
     assert max_difference(tmp_path / "student-one", tmp_path / "student-two") <= TOLERANCE
 
 
-def test_a_run_stopped_with_two_workers_resumes_with_one(tmp_path):
-    epochs = 8  # the horizon of TOLERANCE: rounding differences grow over long noisy runs (README)
-    two = torchrun(*TRAIN, "--epochs", epochs, "--out", "run", cwd=tmp_path)
-    state = tmp_path / "run" / checkpoint.STATE_META
+def stop_after_epoch_2(two, run, epochs: int) -> int:
+    """Kill the torchrun job ``two`` once its run folder records epoch 2; the epoch it stopped at, checked to be
+    part-way."""
+    state = run / checkpoint.STATE_META
     while two.poll() is None:
         if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
             kill_tree(two.pid)
@@ -134,6 +134,13 @@ def test_a_run_stopped_with_two_workers_resumes_with_one(tmp_path):
     two.wait()
     stopped_at = json.loads(state.read_text())["epoch"]
     assert 2 <= stopped_at < epochs, "the run was not stopped part-way"
+    return stopped_at
+
+
+def test_a_run_stopped_with_two_workers_resumes_with_one(tmp_path):
+    epochs = 8  # the horizon of TOLERANCE: rounding differences grow over long noisy runs (README)
+    two = torchrun(*TRAIN, "--epochs", epochs, "--out", "run", cwd=tmp_path)
+    stopped_at = stop_after_epoch_2(two, tmp_path / "run", epochs)
 
     out = one_process(*TRAIN, "--epochs", epochs, "--out", "run", "--resume", cwd=tmp_path).stderr
     assert f"resuming run after epoch {stopped_at}" in out
@@ -438,15 +445,7 @@ def test_a_run_stopped_under_fsdp_resumes_under_fsdp_to_the_uninterrupted_run(tm
     fsdp = ["--out", "run", "--strategy", "fsdp"]
     train = [*TRAIN, "--optimizer", "adamw", "--lr", "0.001"]  # AdamW: moments and a step count to cut and gather
     two = torchrun(*train, "--epochs", epochs, *fsdp, cwd=tmp_path)
-    state = tmp_path / "run" / checkpoint.STATE_META
-    while two.poll() is None:
-        if state.exists() and json.loads(state.read_text())["epoch"] >= 2:
-            kill_tree(two.pid)
-            break
-        time.sleep(0.005)
-    two.wait()
-    stopped_at = json.loads(state.read_text())["epoch"]
-    assert 2 <= stopped_at < epochs, "the run was not stopped part-way"
+    stopped_at = stop_after_epoch_2(two, tmp_path / "run", epochs)
     # the saved state is the one DDP saves: whole weights and AdamW's moments, by parameter index
     saved = checkpoint.read_training_state(tmp_path / "run")
     assert [group["params"] for group in saved["optimizer_param_groups"]] == [list(range(6))]  # 3 layers
