@@ -177,7 +177,37 @@ def store_students(experiment: str, stores: list[str], out: str, runs: str | Non
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(out / "store_students.json", result)
     checkpoint.atomic_write(out / "store_students.md", lambda p: Path(p).write_text(table(result)))
+    if (experiment / "results.json").is_file():
+        plot(result, checkpoint.read_json(experiment / "results.json", "results"), out / "shares.png")
     return result
+
+
+def plot(result: dict[str, Any], experiment_results: dict[str, Any], path: Path) -> None:
+    """Every store's student as a share of the dense store's log-loss gain (95% interval) against its bytes a
+    token: the experiment's own stores, then these (at their codec's own size where one is known)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ours = [r for r in experiment_results["top_k"] if r["store"] != "dense"]
+    theirs = [r for r in result["rows"] if "share_of_dense_gain_log_loss" in r]
+    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=110)
+    for rows, label, size in ((ours, "darkknowledge", "bytes_per_token"),
+                              (theirs, "another codec's rows (at its own size)", "codec_bytes_per_token")):
+        x = [r.get(size) or r["bytes_per_token"] for r in rows]
+        y = [100 * r["share_of_dense_gain_log_loss"] for r in rows]
+        low, high = zip(*[[100 * v for v in r["interval_of_dense_gain_log_loss"]] for r in rows]) if rows else ((), ())
+        ax.errorbar(x, y, yerr=[[a - b for a, b in zip(y, low)], [b - a for a, b in zip(y, high)]], fmt="o",
+                    label=label)
+        for r, xi, yi in zip(rows, x, y):
+            ax.annotate(r["store"], (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for target in (90, 95):
+        ax.axhline(target, color="grey", linestyle=":", linewidth=0.8)
+    ax.set(xscale="log", xlabel="bytes a token", ylabel="share of the dense store's log-loss gain (%)",
+           title="Store size against the student's share (test, 95% block bootstrap)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _dense_bytes(experiment: Path, train, splits) -> int | None:

@@ -26,7 +26,9 @@ RESULTS = ROOT / "results"
 EXPRESSION = re.compile(r"\{\{(.+?)\}\}", re.S)
 README_BLOCKS = ("results-table", "lm-table", "lm-stores-table")  # README.md's generated blocks, <!-- NAME --> ... <!-- /NAME -->
 LM_HEADLINE = "lm_6epochs"  # the §4-on-text run the front page quotes: every model 6 epochs, half the works as test
-LM_STORES = ("lm-6epochs", "lm-stores")  # the runs whose stores the front page's store table lists
+LM_STORES = ("lm-6epochs", "lm-stores", "lm-compact")  # the runs whose stores the front page's store table lists
+# students from other tools' stores over lm-compact's windows (benchmarks/store_students.py), in the same table
+STORE_STUDENTS = "store-students"
 
 
 def readme_block(name: str) -> re.Pattern:
@@ -235,15 +237,23 @@ def store_name(store: str) -> str:
     return re.sub(r"^(top|sampled)(\d+)$", r"\1-\2", store)
 
 
-def store_table(runs: dict[str, Results]) -> str:
+def store_table(runs: dict[str, Results], others: Results | None = None) -> str:
     """README's store table: each run's sparse stores (``runs``: folder name to results), each as a share of the
-    gain of its own run's dense-store student over its baseline, with the run it comes from."""
+    gain of its own run's dense-store student over its baseline, with the run it comes from; then ``others``
+    (a store_students.json: students from other tools' stores, at the size that tool's own encoding takes)."""
     rows = []
     for folder, r in runs.items():
         dense = r.top_k[0].bytes_per_token
         rows += [[store_name(row.store), num(row.bytes_per_token), f"1/{dense / row.bytes_per_token:.0f}",
                   pct(row.test_accuracy, 2), num(row.test_log_loss, 4), share_of_dense(row, "accuracy"),
                   share_of_dense(row, "log_loss"), f"[{folder}](results/{folder}/README.md)"] for row in r.top_k[1:]]
+    if others is not None:
+        dense = next(row.bytes_per_token for row in others.rows if row.store == "dense")
+        rows += [[row.store.replace("distillkit", "DistillKit"), num(row.codec_bytes_per_token),
+                  f"1/{dense / row.codec_bytes_per_token:.0f}", pct(row.test_accuracy, 2), num(row.test_log_loss, 4),
+                  share_of_dense(row, "accuracy"), share_of_dense(row, "log_loss"),
+                  f"[{STORE_STUDENTS}](results/{STORE_STUDENTS}/README.md)"]
+                 for row in others.rows if row.get("codec_bytes_per_token")]
     return table(["store", "bytes/token", "of dense", "test accuracy", "test log-loss", "share of the dense gain "
                   "(accuracy)", "share (log-loss)", "run"], rows)
 
@@ -321,7 +331,8 @@ def readme_blocks() -> dict[str, str]:
     """What each of README's generated blocks holds, rendered from the committed results."""
     results = load_results()
     return {"results-table": summary_table(results, link="results"), "lm-table": lm_table(results[LM_HEADLINE]),
-            "lm-stores-table": store_table({name: results[name.replace("-", "_")] for name in LM_STORES})}
+            "lm-stores-table": store_table({name: results[name.replace("-", "_")] for name in LM_STORES},
+                                           load_json(f"results/{STORE_STUDENTS}/store_students.json"))}
 
 
 def main() -> int:
