@@ -7,7 +7,8 @@ distillation step, and image epochs, each beside what it is compared with, in on
   device sizing buys): seconds (best of ``--repeats``) and peak memory above the inputs (CUDA only).
 - ``llm``: a Llama-style pair (``transformers.LlamaConfig``: ~1.24B teacher, ~257M student, both with the vocabulary
   above; ``--small``: tiny ones) on 8 x 1,024-token windows of random ids, bf16 autocast on CUDA, AdamW (fused on
-  CUDA), through ``fit``: labels only; the teacher online; a top-32 token store; plus a hand-written online step with
+  CUDA), through ``fit``: labels only; the teacher online; a top-32 token store; a compact store (issue 31:
+  12 exact + 21 drawn, packed, at T = 1); plus a hand-written online step with
   the naive KL, and the store's build; tokens/s each and the ratios the issue targets.
 - ``images``: an ``mlp:800x2`` on MNIST (``--small``: digits), one epoch each: a hand-written loop that keeps the
   data on the device, ``fit`` on labels, ``fit`` from a store, ``fit`` with the teacher online; seconds each.
@@ -54,6 +55,7 @@ SMALL = {"vocab": 512, "positions": 256, "batch": 2, "context": 32, "windows": 8
          "student": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1)}
 TOP_K, HEAD, DRAWS, T = 32, 16, 16, 2.0
+COMPACT_HEAD, COMPACT_DRAWS = 12, 21  # the compact layout docs/language-models.md recommends (64 B at V = 4,096)
 
 
 def synchronize(device: torch.device) -> None:
@@ -161,12 +163,18 @@ def llm_speed(size: dict, device: torch.device, repeats: int) -> dict:
         synchronize(device)
         out["store_build_tokens_per_s"] = tokens / (time.perf_counter() - started)
         out["store_bytes_per_token"] = store.bytes_per_case
+        # issue 31's compact rows (12 exact + 21 drawn), decoded per batch on the host: at T = 1, as draws must be
+        compact = SoftTargets.build(teacher, windows, Path(folder) / "store", tokenizer_sha256="benchmark",
+                                    head=COMPACT_HEAD, samples=COMPACT_DRAWS, compact="log8", batch_windows=batch,
+                                    log=lambda _: None)
+        out["compact_store_bytes_per_token"] = compact.bytes_per_case
         runs = {"labels": HardTargets(), "online": Distillation(T, teacher=teacher),
-                "store": Distillation(T, store=store)}
+                "store": Distillation(T, store=store), "compact_store": Distillation(1.0, store=compact)}
         for name, objective in runs.items():
             out[f"{name}_tokens_per_s"] = tokens / timed(epoch(objective), device, repeats)
     out["online_naive_tokens_per_s"] = naive_online(teacher, student, windows, config, device, repeats)
     out["store_vs_labels_time"] = out["labels_tokens_per_s"] / out["store_tokens_per_s"]
+    out["compact_store_vs_labels_time"] = out["labels_tokens_per_s"] / out["compact_store_tokens_per_s"]
     out["store_vs_online_naive_speed"] = out["store_tokens_per_s"] / out["online_naive_tokens_per_s"]
     return out
 

@@ -311,7 +311,8 @@ def test_the_gpu_benchmark_runs_small_and_writes_every_field(tmp_path):
         assert result["loss"][variant]["seconds"] > 0 and "peak_mb" in result["loss"][variant]
     for field in ("labels", "online", "store", "online_naive", "store_build"):
         assert result["llm"][f"{field}_tokens_per_s"] > 0
-    assert {"store_vs_labels_time", "store_vs_online_naive_speed", "store_bytes_per_token"} <= set(result["llm"])
+    assert {"store_vs_labels_time", "store_vs_online_naive_speed", "store_bytes_per_token",
+            "compact_store_vs_labels_time"} <= set(result["llm"])
     for field in ("hand_loop", "fit", "store", "online_teacher"):
         assert result["images"][f"{field}_seconds"] > 0
     assert {"fit_vs_hand_loop", "store_vs_fit"} <= set(result["images"])
