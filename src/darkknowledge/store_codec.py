@@ -23,10 +23,10 @@ unquantised sampled row to the decoded one): log8 2e-5 to 4e-5 nats over the fiv
 plan, e4m3 6e-5 to 3.3e-4; e4m3 of the absolute p with P taken as ``1 - sum(head)`` instead of stored (2 bytes
 saved) 2e-3 to 5e-3, 50 to 120 times log8's: so P is stored and the head kept relative to its maximum.
 
-Encoding and decoding are vectorised over rows (numpy bit (un)packing, no loop over rows); a batch decodes only
-its rows. :meth:`CompactCodec.decode` gives :class:`darkknowledge.losses.TopKTargets` in exactly the convention
-of ``sampled_targets`` (through :func:`darkknowledge.losses.sample_targets`), so the loss reads compact rows as it
-reads sampled ones.
+Encoding and decoding are vectorised over rows (numpy bit packing; unpacking by torch shifts and masks, so rows
+kept on a GPU decode there), no loop over rows; a batch decodes only its rows. :meth:`CompactCodec.decode` gives
+:class:`darkknowledge.losses.TopKTargets` in exactly the convention of ``sampled_targets`` (through
+:func:`darkknowledge.losses.sample_targets`), so the loss reads compact rows as it reads sampled ones.
 """
 
 from __future__ import annotations
@@ -153,8 +153,9 @@ class CompactCodec:
         return head_p, ids[:, :h], ids[:, h:], mass
 
     def decode(self, rows: np.ndarray | Tensor) -> TopKTargets:
-        """Rows ``[n, bytes_per_row]`` (numpy, or a uint8 tensor on any device, decoded there) as the targets ``[n, h + K]`` of ``sampled_targets``: log-probabilities as
-        logits (finite), an empty tail (``tail_logsumexp`` -inf, ``tail_mean`` 0)."""
+        """Rows ``[n, bytes_per_row]`` (numpy, or a uint8 tensor on any device, decoded there) as the targets
+        ``[n, h + K]`` of ``sampled_targets``: log-probabilities as logits (finite), an empty tail
+        (``tail_logsumexp`` -inf, ``tail_mean`` 0)."""
         head_p, head_ids, picks, mass = self.unpack(rows)
         return sample_targets(head_p, head_ids, picks, mass, self.vocab_size)
 
