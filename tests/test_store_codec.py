@@ -101,3 +101,30 @@ def test_rows_not_written_by_the_codec_are_told_apart_and_bad_settings_refused()
         CompactCodec(4096, 16, 8).encode(cut)
     with pytest.raises(DarkKnowledgeError, match=r"rows \[n, 32\]"):
         codec.encode(cut)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quant", ["log8", "e4m3"])
+@pytest.mark.parametrize("vocab", [2, 4096, 4097, 131072])
+@pytest.mark.parametrize("head", [0, 1, 12])
+def test_rows_decode_as_a_tensor_on_their_device_to_the_same_bits_as_the_numpy_rows(vocab, head, quant, device):
+    head = min(head, vocab - 1)
+    samples = min(21, vocab - head)
+    codec = CompactCodec(vocab, head, samples, quant)
+    rng = np.random.default_rng(vocab + head)
+    n = 300
+    head_ids = np.stack([rng.permutation(vocab)[:head] for _ in range(n)]) if head else np.zeros((n, 0), int)
+    head_p = np.sort(rng.random((n, head)), -1)[:, ::-1] / (2 * max(head, 1))
+    rows = codec.pack(head_p, head_ids, rng.integers(0, vocab, (n, samples)), 1 - head_p.sum(-1))
+    from_numpy = codec.decode(rows)
+    on_device = codec.decode(torch.from_numpy(rows).to(device))
+    for name in ("logits", "indices", "tail_logsumexp", "tail_mean"):
+        value = getattr(on_device, name)
+        assert value.device.type == device
+        assert torch.equal(value.cpu(), getattr(from_numpy, name)), name
+    assert np.array_equal(codec.valid(torch.from_numpy(rows).to(device)), codec.valid(rows))
+    with pytest.raises(DarkKnowledgeError, match="uint8"):
+        codec.decode(torch.from_numpy(rows).long())

@@ -130,3 +130,42 @@ def test_the_one_file_store_of_images_has_the_compact_layout_too(tmp_path):
     with pytest.raises(DarkKnowledgeError) as raised:
         SoftTargets.open(compact.path)
     assert "\n" not in str(raised.value)
+
+
+def test_a_resident_compact_store_stays_packed_and_decodes_the_stores_targets(splits, teacher, tmp_path):  # noqa: F811
+    from darkknowledge import feeding
+    train, sha = splits.windows["train"], splits.tokenizer.sha256
+    compact = SoftTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, compact="log8", **SETTINGS)
+    cpu = torch.device("cpu")
+    resident = feeding.ResidentTargets(compact, 1.0, cpu, rows_per_read=7)
+    assert resident.packed.dtype == torch.uint8 and resident.packed.shape == (len(compact), compact.bytes_per_case)
+    rows = torch.tensor([5, 0, len(compact) - 1, 5])
+    got, want = resident.targets(rows)["topk_targets"], compact.targets(rows, 1.0)["topk_targets"]
+    for name in ("logits", "indices", "tail_logsumexp", "tail_mean"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    # made resident when its packed bytes fit, though its decoded targets would not
+    packed = len(compact) * compact.bytes_per_case / feeding.RESIDENT_SHARE
+    assert feeding.ResidentTargets.of(compact, 1.0, cpu, int(packed)) is not None
+    assert feeding.ResidentTargets.of(compact, 1.0, cpu, int(packed) - 8) is None
+    with pytest.raises(DarkKnowledgeError, match="temperature 1 only"):
+        feeding.ResidentTargets.of(compact, 2.0, cpu, 1 << 30)
+
+
+@pytest.mark.parametrize("free", [0, 1 << 30])
+def test_fit_fed_ahead_from_a_compact_store_trains_the_model_it_trains_as_read(splits, teacher, tmp_path,  # noqa: F811
+                                                                               monkeypatch, free):
+    from darkknowledge import feeding
+    from darkknowledge.training import Distillation, TrainConfig, fit
+    train, sha = splits.windows["train"], splits.tokenizer.sha256
+    store = SoftTargets.build(teacher, train, tmp_path, tokenizer_sha256=sha, compact="log8", **SETTINGS)
+    models = []
+    for ahead in (False, True):
+        if ahead:  # fit's CUDA feeding path on the CPU: resident (packed rows decoded per batch) or read ahead
+            monkeypatch.setattr(feeding, "AHEAD_DEVICES", ("cuda", "cpu"))
+            monkeypatch.setattr(feeding, "free_bytes", lambda device: free)
+        torch.manual_seed(1)
+        student = build_language_model(TINY, train.vocab_size)
+        fit(student, train, None, TrainConfig(epochs=1, batch_size=8, lr=0.1, progress=False),
+            Distillation(1.0, store=store, hard_weight=0.5), device="cpu", log=lambda _: None)
+        models.append(student.state_dict())
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])

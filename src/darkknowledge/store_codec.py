@@ -23,14 +23,15 @@ unquantised sampled row to the decoded one): log8 2e-5 to 4e-5 nats over the fiv
 plan, e4m3 6e-5 to 3.3e-4; e4m3 of the absolute p with P taken as ``1 - sum(head)`` instead of stored (2 bytes
 saved) 2e-3 to 5e-3, 50 to 120 times log8's: so P is stored and the head kept relative to its maximum.
 
-Encoding and decoding are vectorised over rows (numpy bit (un)packing, no loop over rows); a batch decodes only
-its rows. :meth:`CompactCodec.decode` gives :class:`darkknowledge.losses.TopKTargets` in exactly the convention
-of ``sampled_targets`` (through :func:`darkknowledge.losses.sample_targets`), so the loss reads compact rows as it
-reads sampled ones.
+Encoding and decoding are vectorised over rows (numpy bit packing; unpacking by torch shifts and masks, so rows
+kept on a GPU decode there), no loop over rows; a batch decodes only its rows. :meth:`CompactCodec.decode` gives
+:class:`darkknowledge.losses.TopKTargets` in exactly the convention of ``sampled_targets`` (through
+:func:`darkknowledge.losses.sample_targets`), so the loss reads compact rows as it reads sampled ones.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -127,27 +128,34 @@ class CompactCodec:
 
     # -- decoding ------------------------------------------------------------------------------------------------
 
-    def unpack(self, rows: np.ndarray) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def unpack(self, rows: np.ndarray | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(head probabilities ``[n, h]``, head ids ``[n, h]``, draws ``[n, K]``, P ``[n]``) of rows
-        ``[n, bytes_per_row]``: the inverse of :meth:`pack`, up to the quantisation."""
-        rows = np.ascontiguousarray(rows, dtype=np.uint8).reshape(-1, self.bytes_per_row)
-        n, h, width = len(rows), self.head, self.head + self.samples
-        bits = np.unpackbits(rows[:, :self._id_bytes], axis=-1, count=width * self.id_bits, bitorder="little")
-        ids = bits.reshape(n, width, self.id_bits).astype(np.int64) @ (1 << np.arange(self.id_bits, dtype=np.int64))
-        codes = rows[:, self._id_bytes:self._id_bytes + h]
-        if self.quant == "log8":
-            below_max = codes.astype(np.float32) * STEP
-        else:
-            below_max = torch.from_numpy(np.ascontiguousarray(codes)).view(torch.float8_e4m3fn).float().numpy()
-        mass = rows[:, -2:].copy().view("<u2")[:, 0].astype(np.float32) / MASS_SCALE
-        ratios = np.exp(-below_max)
-        head_p = ratios * ((1 - mass) / np.maximum(ratios.sum(-1), 1e-38))[:, None] if h else ratios
-        ids = torch.from_numpy(ids)
-        return torch.from_numpy(head_p), ids[:, :h], ids[:, h:], torch.from_numpy(mass)
+        ``[n, bytes_per_row]`` (a numpy array, or a uint8 tensor on any device: the parts come back on its
+        device, so a store's rows kept on a GPU are decoded there): the inverse of :meth:`pack`, up to the
+        quantisation. The same bits on every device: ids and P are integer and exactly rounded float32 work, and
+        a head code's ratio to the maximum is looked up in a table made once on the host."""
+        if isinstance(rows, np.ndarray):  # copied only where not already writable contiguous bytes (a memmap)
+            rows = torch.from_numpy(np.require(rows, np.uint8, ["C", "W"]))
+        if rows.dtype != torch.uint8:
+            raise DarkKnowledgeError(f"compact rows are uint8 bytes, got {rows.dtype}: decode the store's rows")
+        rows = rows.reshape(-1, self.bytes_per_row)
+        h, b = self.head, self.id_bits
+        # id j's bits start at bit j b: gather the bytes they span as one little-endian integer, shift and mask
+        start = torch.arange(h + self.samples, device=rows.device) * b
+        word = torch.zeros(len(rows), h + self.samples, dtype=torch.int64, device=rows.device)
+        for k in range((b + 14) // 8):  # bytes an id spans at a shift of up to 7 bits
+            byte = (start // 8 + k).clamp_max(self._id_bytes - 1)  # bytes past the ids only feed masked bits
+            word |= rows.index_select(1, byte).long() << (8 * k)
+        ids = (word >> (start % 8)) & ((1 << b) - 1)
+        ratios = _ratio_table(self.quant).to(rows.device)[rows[:, self._id_bytes:self._id_bytes + h].long()]
+        mass = (rows[:, -2].long() | rows[:, -1].long() << 8).float() / MASS_SCALE
+        head_p = ratios * ((1 - mass) / _row_sum(ratios).clamp_min(1e-38))[:, None] if h else ratios
+        return head_p, ids[:, :h], ids[:, h:], mass
 
-    def decode(self, rows: np.ndarray) -> TopKTargets:
-        """Rows ``[n, bytes_per_row]`` as the targets ``[n, h + K]`` of ``sampled_targets``: log-probabilities as
-        logits (finite), an empty tail (``tail_logsumexp`` -inf, ``tail_mean`` 0)."""
+    def decode(self, rows: np.ndarray | Tensor) -> TopKTargets:
+        """Rows ``[n, bytes_per_row]`` (numpy, or a uint8 tensor on any device, decoded there) as the targets
+        ``[n, h + K]`` of ``sampled_targets``: log-probabilities as logits (finite), an empty tail
+        (``tail_logsumexp`` -inf, ``tail_mean`` 0)."""
         head_p, head_ids, picks, mass = self.unpack(rows)
         return sample_targets(head_p, head_ids, picks, mass, self.vocab_size)
 
@@ -161,4 +169,38 @@ class CompactCodec:
             ok &= ((head_ids[:, :, None] == ids[:, None, :]).sum(-1) == 1).all(-1)
         else:
             ok &= mass == 1
-        return ok.numpy()
+        return ok.cpu().numpy()
+
+
+@functools.cache
+def _ratio_table(quant: str) -> Tensor:
+    """``exp(-below_max)`` of each of the 256 head codes (float32, numpy's exp, as the codec has always used)."""
+    codes = np.arange(256, dtype=np.uint8)
+    if quant == "log8":
+        below_max = codes.astype(np.float32) * STEP
+    else:
+        below_max = torch.from_numpy(codes).view(torch.float8_e4m3fn).float().numpy()
+    with np.errstate(over="ignore"):  # a negative e4m3 code (never written) is an infinite ratio, as before
+        return torch.from_numpy(np.exp(-below_max))
+
+
+def _row_sum(x: Tensor) -> Tensor:
+    """Sums of the rows of ``x`` in numpy's pairwise order (up to 8 columns one by one; else 8 strided partial
+    sums added pairwise, then the rest one by one; halves past 128), so that a row decodes to the same bits on
+    any device as it did when the codec summed with numpy."""
+    n = x.shape[-1]
+    if n > 128:
+        half = n // 2 - n // 2 % 8
+        return _row_sum(x[:, :half]) + _row_sum(x[:, half:])
+    if n < 8:
+        total = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+        for j in range(n):
+            total = total + x[:, j]
+        return total
+    r = x[:, :8].clone()
+    for i in range(8, n - n % 8, 8):
+        r += x[:, i:i + 8]
+    total = ((r[:, 0] + r[:, 1]) + (r[:, 2] + r[:, 3])) + ((r[:, 4] + r[:, 5]) + (r[:, 6] + r[:, 7]))
+    for j in range(n - n % 8, n):
+        total = total + x[:, j]
+    return total
