@@ -203,7 +203,7 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
                    help="with --samples: store the draws compact, class ids in ceil(log2 classes) bits and the "
                         "head's probabilities in a byte each (log8: log p in steps of 1/16 nat; e4m3: fp8), e.g. "
                         "9 bytes a case at --samples 8 --head 2 on the digits' 10 classes, where the sampled store "
-                        "took 75 (default: not packed, the sampled layout)")
+                        "took about 75 (default: not packed, the sampled layout)")
 
 
 def _add_model_options(p: argparse.ArgumentParser, role: str) -> None:
