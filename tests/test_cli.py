@@ -76,6 +76,26 @@ def test_distill_from_a_sampled_store_on_the_command_line(teacher_run, tmp_path,
     assert not (tmp_path / "hot").exists()
 
 
+def test_distill_from_a_compact_store_on_the_command_line(teacher_run, tmp_path, capsys):
+    """--quant packs the sampled draws (issue 31's compact layout for images too): a smaller store that trains."""
+    sizes = {}
+    for quant in (None, "log8"):
+        store_dir = tmp_path / f"store-{quant}"
+        code, _, err = run_cli(capsys, "distill", "--teacher", teacher_run, "--student", "mlp:16", "-T", "1",
+                               "--samples", "8", "--head", "2", *(("--quant", quant) if quant else ()),
+                               "--store-dir", store_dir, "--out", tmp_path / f"student-{quant}", *FAST)
+        assert code == 0, err
+        header = json.loads(next(store_dir.glob("*.json")).read_text())
+        assert header["layout"] == ("compact" if quant else "sampled")
+        assert header["key_parts"].get("quant") == quant
+        sizes[quant] = sum(f.stat().st_size for f in store_dir.iterdir() if f.suffix != ".json")
+    assert sizes["log8"] < sizes[None] / 4, sizes
+    code, _, err = run_cli(capsys, "distill", "--teacher", teacher_run, "--student", "mlp:16", "-T", "1",
+                           "--quant", "log8", "--out", tmp_path / "unsampled", *FAST)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "--samples" in err, err
+    assert not (tmp_path / "unsampled").exists()
+
+
 def test_toml_config_gives_defaults_and_the_command_line_overrides_them(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text('model = "mlp:8"\nepochs = 2\nbatch-size = 256\nno_progress = true\n')

@@ -268,7 +268,7 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
                 soft_weight: float = 1.0, hard_weight: float = 0.0, out: str | Path | None = None,
                 resume: bool = False, log: Callable[[str], None] | None = None, *, combine: str = "arithmetic",
                 store_dir: str | Path | None = None, top_k: int | None = None, samples: int | None = None,
-                head: int = 0, store_dtype: str = "float32", monitor: Callable | None = None, options: dict[str, Any] | None = None,
+                head: int = 0, compact: str | None = None, store_dtype: str = "float32", monitor: Callable | None = None, options: dict[str, Any] | None = None,
                 device: str | None = None, teacher_device: str | None = None, divergence: str = DEFAULT_DIVERGENCE,
                 beta: float | None = None, loss_chunk_mb: float | None = None,
                 init_from_teacher: bool = False) -> tuple[Any, FitResult]:
@@ -278,7 +278,8 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
     Without jitter the teacher's outputs are computed once over the transfer set: into the soft-target store in
     ``store_dir`` (reused by every later student of the same teacher and data) when it is given, an ensemble's
     or a top-k store in memory otherwise, and a single teacher's logits in memory when neither. ``samples`` (with
-    ``head``): the sampled layout of :meth:`darkknowledge.soft_targets.SoftTargets.compute`, for T = 1. With
+    ``head``): the sampled layout of :meth:`darkknowledge.soft_targets.SoftTargets.compute`, for T = 1, packed into
+    the compact layout when ``compact`` (``log8`` or ``e4m3``) is given. With
     jitter the teacher runs online on every batch, under the run's precision as when its outputs are computed once.
     ``monitor`` as for :func:`train_run`; ``divergence``, ``beta`` and ``loss_chunk_mb`` (its ``chunk_mb``) as for
     :class:`darkknowledge.training.Distillation`. ``init_from_teacher``: the student starts from the teacher's
@@ -311,7 +312,7 @@ def distill_run(teacher_dir: TeacherSource, spec: str, data: DataChoice, config:
         if config.jitter == 0:
             if store_dir is not None or isinstance(teacher, Ensemble) or top_k is not None or samples is not None:
                 store = SoftTargets.compute(teacher, train, store_dir, top_k=top_k, samples=samples, head=head,
-                                            dtype=store_dtype,
+                                            compact=compact, dtype=store_dtype,
                                             combine=combine, bf16=config.precision, log=log)
             else:
                 cached = cache_teacher_logits(teacher, train, config.precision)
