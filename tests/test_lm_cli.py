@@ -284,6 +284,9 @@ def test_distill_from_a_compact_store_at_t1_and_a_damaged_one_refused(teacher_an
     compact = next(f for f in stores.iterdir() if json.loads((f / "targets.json").read_text())["layout"] == "compact")
     shutil.rmtree(stores / next(f.name for f in stores.iterdir() if f != compact))
     common = ["distill", "--teacher", teacher, "--data", corpus, "--student", STUDENT, *LOOP, "--store", stores]
+    code, _, err = _cli(*common, "-T", "1", "--samples", "6", "--quant", "log8", "--out", tmp_path / "layout")
+    assert code == 1 and err.count("\n") == 1 and "store build --layout" in err, err  # not silently ignored
+    assert not (tmp_path / "layout").exists()
     code, _, err = _cli(*common, "-T", "2", "--out", tmp_path / "hot")
     assert code == 1 and err.count("\n") == 1 and "temperature 1 only" in err, err
     code, _, err = _cli(*common, "-T", "1", "--out", tmp_path / "student")

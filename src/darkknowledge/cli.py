@@ -681,6 +681,12 @@ def _run_language_model(args: argparse.Namespace, say) -> None:
     else:
         teachers = _teachers(args)
         _require(args, "temperature")
+        # a corpus store's layout is chosen once, when it is built; distill reads whichever store --store names
+        given = [flag for flag, value in (("--top-k", args.top_k), ("--samples", args.samples), ("--head", args.head),
+                                          ("--quant", args.quant)) if value]
+        if given:
+            raise DarkKnowledgeError(f"{', '.join(given)}: on a text corpus the store's layout is chosen by "
+                                     "'store build --layout ...'; build the store with them and give it to --store")
         if len(teachers) != 1:
             raise DarkKnowledgeError("distill --data CORPUS takes one --teacher (a language-model run or a Hugging "
                                      "Face folder)")
