@@ -34,6 +34,7 @@ from .errors import DarkKnowledgeError  # noqa: E402
 from .devices import DEFAULT_DEVICE, DEVICE_HELP  # noqa: E402
 from .training import DECAY, OPTIMIZERS, SCHEDULES, SELECTION_METRICS, STRATEGIES, TrainConfig  # noqa: E402
 from .pretrained import DTYPES  # noqa: E402
+from .store_codec import QUANTS  # noqa: E402
 
 EPILOG = "Paper: Hinton, Vinyals & Dean (2015), Distilling the Knowledge in a Neural Network."
 DISTRIBUTED_COMMANDS = ("train", "distill", "specialists train", "store build")  # what runs under torchrun
@@ -199,7 +200,7 @@ def _add_store_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--head", type=int, default=0, metavar="H",
                    help="with --samples: the H most probable classes kept exact, the K draws made from the rest "
                         "(default: 0)")
-    g.add_argument("--quant", choices=("log8", "e4m3"), default=None,
+    g.add_argument("--quant", choices=QUANTS, default=None,
                    help="with --samples: store the draws compact, class ids in ceil(log2 classes) bits and the "
                         "head's probabilities in a byte each (log8: log p in steps of 1/16 nat; e4m3: fp8), e.g. "
                         "9 bytes a case at --samples 8 --head 2 on the digits' 10 classes, where the sampled store "
@@ -382,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --layout sampled or compact: tokens drawn a position from the rest (required there)")
     p.add_argument("--device", default=None, help=f"where the teacher runs: {DEVICE_HELP} (default: "
                                                   f"{DEFAULT_DEVICE}; under torchrun on CUDA, each rank's own GPU)")
-    p.add_argument("--quant", choices=("log8", "e4m3"), default=None,
+    p.add_argument("--quant", choices=QUANTS, default=None,
                    help="with --layout compact: how the head's probabilities take a byte each: log8, log p below the "
                         "row's most probable token in steps of 1/16 nat over 0..15.9 nats; e4m3, that gap as an fp8 "
                         "e4m3 number (finer within 1 nat, coarser past 2; log8 rebuilt rows closer in our "
@@ -839,7 +840,8 @@ def run(args: argparse.Namespace) -> int:
             teachers, args.student, _data_choice(args, jobs.teacher_data(teachers)), _train_config(args),
             args.temperature, args.soft_weight, args.hard_weight, args.out, args.resume, combine=args.combine,
             store_dir=args.store_dir or Path(args.out).parent / "soft-targets", top_k=args.top_k,
-            samples=args.samples, head=args.head, compact=args.quant, store_dtype=args.store_dtype, options=_model_options(args.student_options, "student"),
+            samples=args.samples, head=args.head, compact=args.quant, store_dtype=args.store_dtype,
+            options=_model_options(args.student_options, "student"),
             device=args.device, teacher_device=args.teacher_device, divergence=args.divergence, beta=args.beta,
             loss_chunk_mb=args.loss_chunk_mb, init_from_teacher=args.init_from_teacher)
         say(_summary(model, result, args.out))

@@ -180,7 +180,6 @@ def evaluate_lm_run(run: str | Path, corpus: Corpus, split: str = "test", device
     split it."""
     if split not in SPLIT_NAMES:
         raise DarkKnowledgeError(f"split must be train, val or test, got {split!r}")
-    from .devices import resolve_device
     model, tokenizer, corpus = load_model(run, corpus, "model", dtype)
     windows = corpus.splits(tokenizer).windows[SPLIT_NAMES[split]]
     result = evaluate_language_model(model.to(resolve_device(device)), windows)
